@@ -1,0 +1,41 @@
+"""The ``mergeflow`` command line: one sub-command per library entry point.
+
+Each command module exposes ``register(subparsers)`` which adds its parser and sets
+``func`` (called with the parsed namespace). Modules are imported lazily so that
+``mergeflow --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mergeflow.errors import MergeflowError
+
+# Modules that register sub-commands; each has ``register(subparsers)``.
+COMMAND_MODULES = [
+    "mergeflow.commands.pipeline",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergeflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MergeflowError as err:
+        print(f"mergeflow: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
