@@ -1,0 +1,25 @@
+# mergeflow: evolutionary model merging as a reproducible Snakemake pipeline.
+# Stages live in workflow/rules/*.smk; the library in workflow/mergeflow; config keys in config/README.md.
+from snakemake.utils import min_version, validate
+
+min_version("8.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/zoo.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/check.smk"
+include: "workflow/rules/respond.smk"
+include: "workflow/rules/final.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

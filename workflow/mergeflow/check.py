@@ -1,0 +1,149 @@
+"""The check stage: fail fast, naming the culprit, before any model is evaluated or merged.
+
+Every model must load its config and tokenizer, hold its weights as safetensors (never pickles),
+share architecture, tensor names and shapes with the base, and share the base's vocabulary.
+Every task's splits must load with the columns the evaluator needs. Reading only safetensors
+headers keeps the check cheap even for large models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mergeflow.errors import MergeflowError
+
+# Config fields that must agree for two models to be merged tensor by tensor.
+ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "intermediate_size", "vocab_size")
+SPLIT_COLUMNS = ("item_id", "prompt", "choices", "answer", "target")
+
+
+def safetensors_files(name: str, model_dir: Path) -> list[Path]:
+    """The weight files of a model directory, checked against its index when sharded."""
+    if not model_dir.is_dir():
+        raise MergeflowError(f"model {name!r}: directory {str(model_dir)!r} does not exist")
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (model_dir / s).exists()]
+        if missing:
+            raise MergeflowError(f"model {name!r}: safetensors file {missing[0]!r} named in {index.name} is missing from {str(model_dir)!r}")
+        return [model_dir / s for s in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+        hint = f" (found {pickles}; mergeflow never unpickles weights: convert them to safetensors)" if pickles else ""
+        raise MergeflowError(f"model {name!r}: no safetensors file in {str(model_dir)!r}{hint}")
+    return files
+
+
+def tensor_shapes(name: str, model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, read from the safetensors headers only."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in safetensors_files(name, model_dir):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as err:
+            raise MergeflowError(f"model {name!r}: cannot read safetensors file {str(path)!r}: {err}") from err
+    return shapes
+
+
+def _load_config(name: str, location: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise MergeflowError(f"model {name!r}: cannot load its config from {location!r}: {err}") from err
+
+
+def _load_tokenizer(name: str, location: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise MergeflowError(f"model {name!r}: cannot load its tokenizer from {location!r}: {err}") from err
+
+
+def resolve_model_dir(spec: dict) -> Path:
+    """A local directory for a model spec; hub models are fetched (config, tokenizer, safetensors)."""
+    if "path" in spec:
+        return Path(spec["path"])
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(spec["hub"], revision=spec.get("revision"),
+                                  allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+
+
+def check_models(models: dict[str, dict], base: str) -> dict:
+    """Check every model against the base; returns a summary per model."""
+    summary = {}
+    base_dir = resolve_model_dir(models[base])
+    base_cfg = _load_config(base, str(base_dir), models[base].get("trust_remote_code", False)).to_dict()
+    base_shapes = tensor_shapes(base, base_dir)
+    base_vocab = _load_tokenizer(base, str(base_dir), models[base].get("trust_remote_code", False)).get_vocab()
+    for name, spec in models.items():
+        model_dir = resolve_model_dir(spec)
+        trust = spec.get("trust_remote_code", False)
+        cfg = _load_config(name, str(model_dir), trust).to_dict()
+        for field in ARCH_FIELDS:
+            if cfg.get(field) != base_cfg.get(field):
+                raise MergeflowError(f"model {name!r}: config field {field!r} is {cfg.get(field)!r} but the base "
+                                     f"{base!r} has {base_cfg.get(field)!r}")
+        shapes = tensor_shapes(name, model_dir)
+        for key, shape in base_shapes.items():
+            if key not in shapes:
+                raise MergeflowError(f"model {name!r}: tensor {key!r} of the base {base!r} is missing")
+            if shapes[key] != shape:
+                raise MergeflowError(f"model {name!r}: tensor {key!r} has shape {list(shapes[key])} but the base "
+                                     f"{base!r} has {list(shape)}")
+        extra = sorted(set(shapes) - set(base_shapes))
+        if extra:
+            raise MergeflowError(f"model {name!r}: tensor {extra[0]!r} is not in the base {base!r}")
+        vocab = _load_tokenizer(name, str(model_dir), trust).get_vocab()
+        if vocab != base_vocab:
+            diff = sorted(set(vocab.items()) ^ set(base_vocab.items()))[:3]
+            raise MergeflowError(f"model {name!r}: its tokenizer's vocabulary differs from the base {base!r} "
+                                 f"({len(vocab)} vs {len(base_vocab)} tokens; e.g. {diff})")
+        n_params = 0
+        for shape in shapes.values():
+            count = 1
+            for d in shape:
+                count *= d
+            n_params += count
+        summary[name] = {"location": str(model_dir), "model_type": cfg.get("model_type"),
+                         "tensors": len(shapes), "parameters": n_params, "vocab_size": len(vocab)}
+    return summary
+
+
+def check_split(task: str, split: str, path: Path) -> int:
+    import pandas as pd
+
+    if not path.exists():
+        raise MergeflowError(f"task {task!r}: split file {str(path)!r} does not exist")
+    frame = pd.read_parquet(path)
+    missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise MergeflowError(f"task {task!r}: split file {str(path)!r} lacks columns {missing}")
+    if len(frame) == 0:
+        raise MergeflowError(f"task {task!r}: split {split!r} ({str(path)!r}) is empty")
+    return len(frame)
+
+
+def run_check(models: dict[str, dict], base: str, splits: dict[str, dict[str, str]], out: Path) -> dict:
+    """Check models and task splits, then write ``check.json``."""
+    report = {
+        "base_model": base,
+        "models": check_models(models, base),
+        "tasks": {task: {split: check_split(task, split, Path(p)) for split, p in files.items()}
+                  for task, files in splits.items()},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return report

@@ -1,0 +1,159 @@
+"""The data stage: load a task's source with ``datasets``, render prompts, and split it.
+
+A task's source is a local parquet / jsonl / csv file or a hub dataset (id, config, split). The
+stage writes ``data/{task}/{split}.parquet`` for the disjoint splits ``search`` (fitness during
+the search) and ``test`` (the final table), with the columns the evaluator reads: ``item_id``,
+``prompt``, ``choices``, ``answer`` (gold index; -1 for generative tasks), ``target`` (gold text),
+and ``subscenario`` where the source has one.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mergeflow.errors import MergeflowError
+
+SPLITS = ("search", "test")
+LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+def load_source(task: str, source: dict) -> pd.DataFrame:
+    """Load a task's rows with ``datasets``: a local file (``path``) or a hub id (``hub``)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if "path" in source:
+        path = Path(source["path"])
+        if not path.exists():
+            raise MergeflowError(f"task {task!r}: source file {str(path)!r} does not exist")
+        fmt = LOCAL_FORMATS.get(path.suffix)
+        if fmt is None:
+            raise MergeflowError(f"task {task!r}: source {str(path)!r} must end in one of {sorted(LOCAL_FORMATS)}")
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    else:
+        ds = datasets.load_dataset(source["hub"], source.get("name"), split=source.get("split", "test"),
+                                   revision=source.get("revision"))
+    frame = ds.to_pandas()
+    if len(frame) == 0:
+        raise MergeflowError(f"task {task!r}: source {source} has no rows")
+    return frame
+
+
+def template_fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def _require_columns(task: str, frame: pd.DataFrame, columns: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise MergeflowError(
+            f"task {task!r}: {what} names column(s) {missing} that the dataset lacks; "
+            f"its columns are {list(frame.columns)}"
+        )
+
+
+def _choices_list(value) -> list[str]:
+    if isinstance(value, dict) and "text" in value:  # e.g. ARC's {"text": [...], "label": [...]}
+        value = value["text"]
+    return [str(v) for v in list(value)]
+
+
+def _gold_index(task: str, item_id: str, answer, choices: list[str]) -> int:
+    if isinstance(answer, (int, np.integer)) and 0 <= int(answer) < len(choices):
+        return int(answer)
+    if str(answer) in choices:
+        return choices.index(str(answer))
+    letters = [chr(ord("A") + i) for i in range(len(choices))]
+    if str(answer) in letters:
+        return letters.index(str(answer))
+    raise MergeflowError(f"task {task!r}, item {item_id!r}: answer {answer!r} is neither an index nor one of the choices")
+
+
+def render_items(task: str, frame: pd.DataFrame, cfg: dict) -> pd.DataFrame:
+    """Turn source rows into evaluator items (without few-shot context)."""
+    template = cfg["template"]
+    scorer = cfg["scorer"]
+    fields = template_fields(template)
+    _require_columns(task, frame, fields, f"template {template!r}")
+    _require_columns(task, frame, [cfg["answer"]], "'answer'")
+    if scorer == "mc_loglik":
+        _require_columns(task, frame, [cfg["choices"]], "'choices'")
+    id_col = cfg.get("id_column")
+    if id_col is not None:
+        _require_columns(task, frame, [id_col], "'id_column'")
+    sub_col = cfg.get("subscenario")
+    if sub_col is not None:
+        _require_columns(task, frame, [sub_col], "'subscenario'")
+
+    rows = []
+    for pos, rec in enumerate(frame.to_dict("records")):
+        item_id = str(rec[id_col]) if id_col else f"{task}-{pos:06d}"
+        prompt = template.format(**{f: rec[f] for f in fields})
+        if scorer == "mc_loglik":
+            choices = _choices_list(rec[cfg["choices"]])
+            gold = _gold_index(task, item_id, rec[cfg["answer"]], choices)
+            target = choices[gold]
+        else:
+            choices, gold, target = [], -1, str(rec[cfg["answer"]])
+        row = {"item_id": item_id, "prompt": prompt, "choices": choices, "answer": gold, "target": target}
+        if sub_col is not None:
+            row["subscenario"] = str(rec[sub_col])
+        rows.append(row)
+    items = pd.DataFrame(rows)
+    dup = items["item_id"][items["item_id"].duplicated()]
+    if len(dup):
+        raise MergeflowError(f"task {task!r}: item ids are not unique (e.g. {dup.iloc[0]!r})")
+    return items
+
+
+def fewshot_prefix(examples: pd.DataFrame, separator: str, delimiter: str) -> str:
+    return "".join(p + delimiter + t + separator for p, t in zip(examples["prompt"], examples["target"]))
+
+
+def split_task(task: str, cfg: dict, seed: int, frame: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """Disjoint, seeded ``search`` and ``test`` splits (and a few-shot pool) of a task."""
+    if frame is None:
+        frame = load_source(task, cfg["source"])
+    items = render_items(task, frame, cfg)
+    sizes = {s: int(cfg["splits"][s]) for s in SPLITS}
+    for split, n in sizes.items():
+        if n <= 0:
+            raise MergeflowError(f"task {task!r}: split {split!r} is empty (splits.{split} = {n})")
+    shots = cfg.get("fewshot", {})
+    k = int(shots.get("k", 0))
+    pool = int(shots.get("pool", 4 * k)) if k else 0
+    need = sizes["test"] + sizes["search"] + pool
+    if len(items) < need:
+        raise MergeflowError(
+            f"task {task!r}: the source has {len(items)} items but the splits need {need} "
+            f"(test {sizes['test']} + search {sizes['search']} + few-shot pool {pool})"
+        )
+    order = np.random.default_rng(seed).permutation(len(items))
+    parts = {"test": items.iloc[order[: sizes["test"]]],
+             "search": items.iloc[order[sizes["test"]: sizes["test"] + sizes["search"]]]}
+    if k:
+        pool_items = items.iloc[order[sizes["test"] + sizes["search"]: need]]
+        shot_rng = np.random.default_rng([seed, 1])
+        for split, part in parts.items():
+            prefixes = [fewshot_prefix(pool_items.iloc[shot_rng.choice(len(pool_items), k, replace=False)],
+                                       shots.get("separator", "\n"), cfg.get("target_delimiter", " "))
+                        for _ in range(len(part))]
+            parts[split] = part.assign(prompt=[p + q for p, q in zip(prefixes, part["prompt"])])
+    return {split: part.reset_index(drop=True) for split, part in parts.items()}
+
+
+def write_splits(parts: dict[str, pd.DataFrame], out: dict[str, str | Path]) -> None:
+    for split, path in out.items():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        parts[split].to_parquet(path, index=False)
+
+
+def read_split(path: str | Path) -> pd.DataFrame:
+    frame = pd.read_parquet(path)
+    if len(frame) == 0:
+        raise MergeflowError(f"split file {str(path)!r} is empty")
+    return frame

@@ -1,0 +1,29 @@
+"""Logging and thread setup shared by the workflow's scripts and the CLI."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+
+def setup_job(log_file: str | Path | None = None, threads: int | None = None) -> logging.Logger:
+    """Send mergeflow's log (and Python warnings) to ``log_file`` and stderr; pin torch's threads.
+
+    Pinning the thread count makes CPU results independent of how many cores a machine has idle
+    and keeps a job within the cores the scheduler gave it.
+    """
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        handlers=handlers, force=True)
+    logging.captureWarnings(True)
+    warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+    return logging.getLogger("mergeflow")

@@ -1,0 +1,18 @@
+# Load each task's source, render prompts, and write disjoint search / test splits.
+
+
+rule data:
+    input:
+        task_source_input,
+    output:
+        search="results/data/{task}/search.parquet",
+        test="results/data/{task}/test.parquet",
+    params:
+        task=lambda wc: config["tasks"][wc.task],
+        seed=config["seed"],
+    log:
+        "results/logs/data/{task}.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/data.py"

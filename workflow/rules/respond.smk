@@ -1,0 +1,22 @@
+# Score a model on one split of one task: per-item correctness and gold log-likelihood.
+
+
+rule respond:
+    input:
+        check=ancient("results/check.json"),
+        items="results/data/{task}/{split}.parquet",
+        model=respond_model_input,
+    output:
+        "results/responses/{task}/{split}/{model}.parquet",
+    params:
+        model=lambda wc: config["models"][wc.model],
+        scorer=lambda wc: config["tasks"][wc.task]["scorer"],
+        delimiter=lambda wc: config["tasks"][wc.task].get("target_delimiter", " "),
+        evaluation=config["evaluation"],
+    threads: 1
+    log:
+        "results/logs/respond/{task}/{split}/{model}.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/respond.py"
