@@ -71,10 +71,13 @@ def _load_tokenizer(name: str, location: str, trust_remote_code: bool):
         raise MergeflowError(f"model {name!r}: cannot load its tokenizer from {location!r}: {err}") from err
 
 
-def resolve_model_dir(spec: dict) -> Path:
+def resolve_model_dir(name: str, spec: dict) -> Path:
     """A local directory for a model spec; hub models are fetched (config, tokenizer, safetensors)."""
     if "path" in spec:
-        return Path(spec["path"])
+        path = Path(spec["path"])
+        if not path.is_dir():
+            raise MergeflowError(f"model {name!r}: directory {str(path)!r} does not exist")
+        return path
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(spec["hub"], revision=spec.get("revision"),
@@ -84,12 +87,12 @@ def resolve_model_dir(spec: dict) -> Path:
 def check_models(models: dict[str, dict], base: str) -> dict:
     """Check every model against the base; returns a summary per model."""
     summary = {}
-    base_dir = resolve_model_dir(models[base])
+    base_dir = resolve_model_dir(base, models[base])
     base_cfg = _load_config(base, str(base_dir), models[base].get("trust_remote_code", False)).to_dict()
     base_shapes = tensor_shapes(base, base_dir)
     base_vocab = _load_tokenizer(base, str(base_dir), models[base].get("trust_remote_code", False)).get_vocab()
     for name, spec in models.items():
-        model_dir = resolve_model_dir(spec)
+        model_dir = resolve_model_dir(name, spec)
         trust = spec.get("trust_remote_code", False)
         cfg = _load_config(name, str(model_dir), trust).to_dict()
         for field in ARCH_FIELDS:

@@ -33,7 +33,12 @@ def load_source(task: str, source: dict) -> pd.DataFrame:
         fmt = LOCAL_FORMATS.get(path.suffix)
         if fmt is None:
             raise MergeflowError(f"task {task!r}: source {str(path)!r} must end in one of {sorted(LOCAL_FORMATS)}")
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        if _local_rows(path, fmt) == 0:
+            raise MergeflowError(f"task {task!r}: source {str(path)!r} has no rows")
+        try:
+            ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        except Exception as err:
+            raise MergeflowError(f"task {task!r}: cannot load source {str(path)!r}: {err}") from err
     else:
         ds = datasets.load_dataset(source["hub"], source.get("name"), split=source.get("split", "test"),
                                    revision=source.get("revision"))
@@ -41,6 +46,15 @@ def load_source(task: str, source: dict) -> pd.DataFrame:
     if len(frame) == 0:
         raise MergeflowError(f"task {task!r}: source {source} has no rows")
     return frame
+
+
+def _local_rows(path: Path, fmt: str) -> int | None:
+    """Row count of a local file where it is cheap to know (``datasets`` fails on empty files)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_metadata(path).num_rows
+    return None if path.stat().st_size else 0
 
 
 def template_fields(template: str) -> list[str]:

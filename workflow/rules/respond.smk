@@ -4,7 +4,7 @@
 rule respond:
     input:
         check=ancient("results/check.json"),
-        items="results/data/{task}/{split}.parquet",
+        split_file="results/data/{task}/{split}.parquet",
         model=respond_model_input,
     output:
         "results/responses/{task}/{split}/{model}.parquet",

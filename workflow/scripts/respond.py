@@ -2,5 +2,5 @@ from mergeflow.evaluate import respond
 from mergeflow.logs import setup_job
 
 setup_job(snakemake.log[0], snakemake.threads)
-respond(snakemake.params.model, snakemake.input.items, snakemake.params.scorer, snakemake.params.delimiter,
+respond(snakemake.params.model, snakemake.input.split_file, snakemake.params.scorer, snakemake.params.delimiter,
         snakemake.params.evaluation, snakemake.output[0])

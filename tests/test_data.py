@@ -1,0 +1,91 @@
+"""The data stage: rendering, disjoint seeded splits, few-shot prompts, and clear errors."""
+
+import pandas as pd
+import pytest
+
+from mergeflow.data import split_task
+from mergeflow.errors import MergeflowError
+
+
+def _source(tmp_path, n=50, fmt="parquet"):
+    frame = pd.DataFrame({
+        "qid": [f"q{i}" for i in range(n)],
+        "question": [f"what is {i} plus 1 ?" for i in range(n)],
+        "options": [[str(i + 1), str(i), str(i + 2)] for i in range(n)],
+        "label": [0] * n,
+        "topic": ["a" if i % 2 else "b" for i in range(n)],
+    })
+    path = tmp_path / f"src.{fmt}"
+    if fmt == "parquet":
+        frame.to_parquet(path)
+    else:
+        frame.to_json(path, orient="records", lines=True)
+    return path
+
+
+def _cfg(path, **over):
+    cfg = {"source": {"path": str(path)}, "template": "Q: {question}\nA:", "choices": "options", "answer": "label",
+           "id_column": "qid", "subscenario": "topic", "scorer": "mc_loglik", "splits": {"search": 30, "test": 10}}
+    cfg.update(over)
+    return cfg
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_splits_are_disjoint_seeded_and_rendered(tmp_path, fmt):
+    path = _source(tmp_path, fmt=fmt)
+    parts = split_task("t", _cfg(path), seed=3)
+    assert len(parts["search"]) == 30 and len(parts["test"]) == 10
+    assert not set(parts["search"]["item_id"]) & set(parts["test"]["item_id"])
+    row = parts["test"].iloc[0]
+    n = int(row["item_id"][1:])
+    assert row["prompt"] == f"Q: what is {n} plus 1 ?\nA:"
+    assert list(row["choices"]) == [str(n + 1), str(n), str(n + 2)] and row["target"] == str(n + 1)
+    assert set(parts["search"]["subscenario"]) == {"a", "b"}
+    again = split_task("t", _cfg(path), seed=3)
+    pd.testing.assert_frame_equal(parts["search"], again["search"])
+    other = split_task("t", _cfg(path), seed=4)
+    assert list(other["search"]["item_id"]) != list(parts["search"]["item_id"])
+
+
+def test_fewshot_examples_come_from_outside_both_splits(tmp_path):
+    path = _source(tmp_path)
+    parts = split_task("t", _cfg(path, fewshot={"k": 2, "pool": 5}), seed=0)
+    evaluated = set(parts["search"]["item_id"]) | set(parts["test"]["item_id"])
+    prompt = parts["test"]["prompt"].iloc[0]
+    assert prompt.count("Q: ") == 3
+    shots = [int(line.split()[3]) for line in prompt.split("\n") if line.startswith("Q:")][:2]
+    assert all(f"q{s}" not in evaluated for s in shots)
+
+
+def test_generative_task_keeps_answer_text(tmp_path):
+    path = _source(tmp_path)
+    parts = split_task("t", _cfg(path, scorer="exact_match", answer="qid"), seed=0)
+    row = parts["test"].iloc[0]
+    assert row["answer"] == -1 and row["target"] == row["item_id"] and len(row["choices"]) == 0
+
+
+def test_template_column_missing_is_named(tmp_path):
+    with pytest.raises(MergeflowError, match=r"task 't': template .* names column\(s\) \['passage'\]"):
+        split_task("t", _cfg(_source(tmp_path), template="{passage} {question}"), seed=0)
+
+
+def test_empty_split_is_named(tmp_path):
+    with pytest.raises(MergeflowError, match="split 'test' is empty"):
+        split_task("t", _cfg(_source(tmp_path), splits={"search": 10, "test": 0}), seed=0)
+
+
+def test_too_few_items_are_named(tmp_path):
+    with pytest.raises(MergeflowError, match="has 50 items but the splits need 60"):
+        split_task("t", _cfg(_source(tmp_path), splits={"search": 50, "test": 10}), seed=0)
+
+
+def test_empty_source_is_named(tmp_path):
+    path = tmp_path / "empty.parquet"
+    pd.DataFrame({"question": pd.Series([], dtype=str)}).to_parquet(path)
+    with pytest.raises(MergeflowError, match="has no rows"):
+        split_task("t", _cfg(path), seed=0)
+
+
+def test_missing_source_file_is_named(tmp_path):
+    with pytest.raises(MergeflowError, match="source file .*nope.parquet' does not exist"):
+        split_task("t", _cfg(tmp_path / "nope.parquet"), seed=0)
