@@ -1,14 +1,11 @@
 # mergeflow: evolutionary model merging as a reproducible Snakemake pipeline.
 # Stages live in workflow/rules/*.smk; the library in workflow/mergeflow; config keys in config/README.md.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("8.0")
 
 
 configfile: "config/config.yaml"
-
-
-validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"

@@ -8,6 +8,7 @@ written by the zoo).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import yaml
@@ -75,17 +76,50 @@ def check_config(config: dict) -> None:
                 raise MergeflowError(f"config: run {run!r} names task {task!r}, which is not one of tasks {sorted(config['tasks'])}")
 
 
-def load_config(path: str | Path) -> dict:
-    """Read a config file, validate it against the schema (filling defaults) and cross-check it."""
-    from snakemake.utils import validate
+def _resolve(schema: dict, root: dict) -> dict:
+    while "$ref" in schema:
+        node = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        schema = node
+    return schema
 
+
+def fill_defaults(instance, schema: dict, root: dict) -> None:
+    """Insert the schema's ``default`` values for absent keys, recursively (objects only)."""
+    schema = _resolve(schema, root)
+    if not isinstance(instance, dict):
+        return
+    for key, sub in schema.get("properties", {}).items():
+        sub = _resolve(sub, root)
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if key in instance:
+            fill_defaults(instance[key], sub, root)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key in set(instance) - set(schema.get("properties", {})):
+            fill_defaults(instance[key], extra, root)
+
+
+def validate_config(config: dict) -> dict:
+    """Validate against the JSON schema, fill defaults, cross-check; errors name the key at fault."""
+    import jsonschema
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    if errors:
+        err = jsonschema.exceptions.best_match(errors)
+        where = ".".join(str(p) for p in err.absolute_path) or "top level"
+        raise MergeflowError(f"config: at {where}: {err.message}")
+    fill_defaults(config, schema, schema)
+    check_config(config)
+    return config
+
+
+def load_config(path: str | Path) -> dict:
+    """Read and validate a config file."""
     path = Path(path)
     if not path.exists():
         raise MergeflowError(f"config file {str(path)!r} does not exist")
-    config = yaml.safe_load(path.read_text())
-    try:
-        validate(config, str(SCHEMA))
-    except Exception as err:  # snakemake wraps jsonschema's error; keep its message
-        raise MergeflowError(f"config {str(path)!r}: {err}") from err
-    check_config(config)
-    return config
+    return validate_config(yaml.safe_load(path.read_text()))

@@ -81,11 +81,32 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts in one batched tokenizer call, each distinct text encoded once."""
+    unique = list(dict.fromkeys(texts))
+    ids = dict(zip(unique, tokenizer(unique, add_special_tokens=False)["input_ids"])) if unique else {}
+    return [ids[t] for t in texts]
+
+
 def _context_ids(tokenizer, prompt: str, settings: EvalSettings) -> list[int]:
-    ids = _encode(tokenizer, prompt)
-    if settings.add_bos and tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
+    return _contexts(tokenizer, [prompt], settings)[0]
+
+
+def _contexts(tokenizer, prompts: list[str], settings: EvalSettings) -> list[list[int]]:
+    bos = [tokenizer.bos_token_id] if settings.add_bos and tokenizer.bos_token_id is not None else []
+    return [bos + ids for ids in _encode_many(tokenizer, prompts)]
+
+
+def _padded(seqs: list[list[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack sequences into an id matrix and an attention mask (right-padded unless ``left``)."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for r, s in enumerate(seqs):
+        lo = width - len(s) if left else 0
+        ids[r, lo:lo + len(s)] = s
+        mask[r, lo:lo + len(s)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], settings: EvalSettings,
@@ -96,7 +117,6 @@ def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], set
     that predict continuation tokens go through the log-softmax, which matters for large vocabularies.
     """
     device = next(model.parameters()).device
-    pad = 0
     out = np.empty(len(requests), dtype=np.float64)
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
     t0 = time.perf_counter()
@@ -104,32 +124,21 @@ def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], set
     with torch.inference_mode():
         for b in range(n_batches):
             idx = order[b * settings.batch_size:(b + 1) * settings.batch_size]
-            seqs, spans = [], []
-            for i in idx:
-                ctx, cont = requests[i]
-                full = (ctx + cont)[-(settings.max_length + 1):]
-                seqs.append(full[:-1])
-                # positions (in the input) whose next-token prediction is a continuation token
-                spans.append((len(full) - 1 - len(cont), len(full) - 1))
-            width = max(len(s) for s in seqs)
-            input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(seqs), width), dtype=torch.long)
-            rows, cols, targets, owner = [], [], [], []
-            for r, (s, (lo, hi)) in enumerate(zip(seqs, spans)):
-                input_ids[r, : len(s)] = torch.tensor(s)
-                attention[r, : len(s)] = 1
-                full = s + [requests[idx[r]][1][-1]]
-                for p in range(lo, hi):
-                    rows.append(r)
-                    cols.append(p)
-                    targets.append(full[p + 1])
-                    owner.append(r)
+            fulls = [(requests[i][0] + requests[i][1])[-(settings.max_length + 1):] for i in idx]
+            cont_len = torch.tensor([len(requests[i][1]) for i in idx])
+            full_ids, mask = _padded(fulls, 0)
+            input_ids, attention = full_ids[:, :-1], mask[:, :-1]
+            # Position p of the input predicts token p + 1; a continuation of length c ending at
+            # the sequence's last token is predicted from positions len - 1 - c .. len - 2.
+            ends = torch.tensor([len(f) - 1 for f in fulls])
+            rows = torch.repeat_interleave(torch.arange(len(idx)), cont_len)
+            first = torch.repeat_interleave(torch.cumsum(cont_len, 0) - cont_len, cont_len)
+            cols = (ends - cont_len)[rows] + torch.arange(len(rows)) - first
+            targets = full_ids[rows, cols + 1]
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-            picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)].float()
-            logprobs = torch.log_softmax(picked, dim=-1)
-            token_lp = logprobs[torch.arange(len(targets), device=device), torch.tensor(targets, device=device)]
-            sums = torch.zeros(len(seqs), dtype=torch.float64, device=device)
-            sums.index_add_(0, torch.tensor(owner, device=device), token_lp.double())
+            logprobs = torch.log_softmax(logits[rows.to(device), cols.to(device)].float(), dim=-1)
+            token_lp = logprobs.gather(1, targets.to(device)[:, None])[:, 0].double()
+            sums = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows.to(device), token_lp)
             out[idx] = sums.cpu().numpy()
             if progress and (b + 1) % max(1, n_batches // 10) == 0:
                 log.info("%s: batch %d/%d (%.1fs)", progress, b + 1, n_batches, time.perf_counter() - t0)
@@ -164,19 +173,14 @@ def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts: list[str] = [""] * len(prompts)
-    contexts = [_context_ids(tokenizer, p, settings)[-settings.max_length:] for p in prompts]
+    contexts = [c[-settings.max_length:] for c in _contexts(tokenizer, prompts, settings)]
     order = sorted(range(len(prompts)), key=lambda i: -len(contexts[i]))
     n_batches = math.ceil(len(order) / settings.batch_size)
     with torch.inference_mode():
         for b in range(n_batches):
             idx = order[b * settings.batch_size:(b + 1) * settings.batch_size]
-            width = max(len(contexts[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ctx = contexts[i]
-                input_ids[r, width - len(ctx):] = torch.tensor(ctx)
-                attention[r, width - len(ctx):] = 1
+            input_ids, attention = _padded([contexts[i] for i in idx], pad_id, left=True)
+            width = input_ids.shape[1]
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  max_new_tokens=settings.max_new_tokens, do_sample=False, pad_token_id=pad_id)
             for r, i in enumerate(idx):
@@ -196,13 +200,10 @@ def evaluate_items(model, tokenizer, items: pd.DataFrame, scorer: str, settings:
         raise MergeflowError(f"unknown scorer {scorer!r}; use one of {list(SCORERS)}")
     if len(items) == 0:
         raise MergeflowError("no items to evaluate")
-    contexts = [_context_ids(tokenizer, p, settings) for p in items["prompt"]]
+    contexts = _contexts(tokenizer, list(items["prompt"]), settings)
     if scorer == "mc_loglik":
-        requests, owners = [], []
-        for i, (ctx, choices) in enumerate(zip(contexts, items["choices"])):
-            for c in choices:
-                requests.append((ctx, _encode(tokenizer, delimiter + str(c))))
-                owners.append(i)
+        conts = iter(_encode_many(tokenizer, [delimiter + str(c) for choices in items["choices"] for c in choices]))
+        requests = [(ctx, next(conts)) for ctx, choices in zip(contexts, items["choices"]) for _ in choices]
         scores = continuation_logliks(model, requests, settings, progress)
         correct = np.zeros(len(items), dtype=np.int8)
         loglik = np.zeros(len(items), dtype=np.float64)
@@ -213,7 +214,8 @@ def evaluate_items(model, tokenizer, items: pd.DataFrame, scorer: str, settings:
             correct[i] = int(np.argmax(s) == gold)
             loglik[i] = s[gold]
     else:
-        requests = [(ctx, _encode(tokenizer, delimiter + str(t))) for ctx, t in zip(contexts, items["target"])]
+        targets = _encode_many(tokenizer, [delimiter + str(t) for t in items["target"]])
+        requests = list(zip(contexts, targets))
         loglik = continuation_logliks(model, requests, settings, progress)
         generations = generate_greedy(model, tokenizer, list(items["prompt"]), settings, progress=progress)
         correct = np.array([_numbers_equal(extract_number(g), extract_number(str(t)))

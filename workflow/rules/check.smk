@@ -8,7 +8,7 @@ rule check:
     output:
         "results/check.json",
     params:
-        models=config["models"],
+        models=canonical(config["models"]),
         base=config["base_model"],
         splits={task: split_files(task) for task in config["tasks"]},
     log:

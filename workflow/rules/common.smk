@@ -1,15 +1,13 @@
 # Input functions and config cross-checks shared by every stage.
-import os
 import sys
 from pathlib import Path
 
-# The library is importable by every job (local, --sdm conda, cluster) without an install.
-LIBRARY = str(Path(workflow.basedir) / "workflow")
-sys.path.insert(0, LIBRARY)
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [LIBRARY, os.environ.get("PYTHONPATH")] if p)
+# The library is importable here without an install; jobs find it through the link
+# workflow/scripts/mergeflow, since Snakemake puts a script's directory on its sys.path.
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
 from mergeflow.config import (
-    check_config,
+    validate_config,
     local_model_dir,
     run_tasks,
     zoo_model_dirs,
@@ -17,10 +15,20 @@ from mergeflow.config import (
 )
 from mergeflow.errors import MergeflowError
 
+# Schema (keys, types, defaults) and cross-references, before any job is planned.
 try:
-    check_config(config)
+    validate_config(config)
 except MergeflowError as err:
     raise WorkflowError(str(err))
+
+def canonical(value):
+    """A config subtree with keys sorted, so that params compare equal when only key order changed."""
+    if isinstance(value, dict):
+        return {k: canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return value
+
 
 SPLITS = ["search", "test"]
 MODELS = list(config["models"])

@@ -8,7 +8,7 @@ rule data:
         search="results/data/{task}/search.parquet",
         test="results/data/{task}/test.parquet",
     params:
-        task=lambda wc: config["tasks"][wc.task],
+        task=lambda wc: canonical(config["tasks"][wc.task]),
         seed=config["seed"],
     log:
         "results/logs/data/{task}.log",

@@ -22,7 +22,7 @@ rule provenance:
     output:
         "results/runs/{run}/provenance.json",
     params:
-        config=config,
+        config=canonical(config),
         run=lambda wc: wc.run,
     log:
         "results/logs/provenance/{run}.log",

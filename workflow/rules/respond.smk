@@ -9,10 +9,10 @@ rule respond:
     output:
         "results/responses/{task}/{split}/{model}.parquet",
     params:
-        model=lambda wc: config["models"][wc.model],
+        model=lambda wc: canonical(config["models"][wc.model]),
         scorer=lambda wc: config["tasks"][wc.task]["scorer"],
         delimiter=lambda wc: config["tasks"][wc.task].get("target_delimiter", " "),
-        evaluation=config["evaluation"],
+        evaluation=canonical(config["evaluation"]),
     threads: 1
     log:
         "results/logs/respond/{task}/{split}/{model}.log",

@@ -8,7 +8,7 @@ if config.get("zoo"):
         output:
             [str(p) for p in zoo_task_files(config).values()],
         params:
-            zoo={k: config["zoo"][k] for k in ("seed", "tasks", "task_items")},
+            zoo=canonical({k: config["zoo"][k] for k in ("seed", "tasks", "task_items")}),
         log:
             "results/logs/zoo/tasks.log",
         conda:
@@ -20,7 +20,7 @@ if config.get("zoo"):
         output:
             directory("results/zoo/base"),
         params:
-            zoo={k: config["zoo"][k] for k in ("seed", "model", "base")},
+            zoo=canonical({k: config["zoo"][k] for k in ("seed", "model", "base")}),
         threads: max(1, workflow.cores)
         log:
             "results/logs/zoo/base.log",
@@ -38,11 +38,13 @@ if config.get("zoo"):
         wildcard_constraints:
             expert="|".join(ZOO_EXPERTS),
         params:
-            zoo=lambda wc: {
-                "seed": config["zoo"]["seed"],
-                "checkpoint_every": config["zoo"]["checkpoint_every"],
-                "experts": config["zoo"]["experts"],
-            },
+            zoo=lambda wc: canonical(
+                {
+                    "seed": config["zoo"]["seed"],
+                    "checkpoint_every": config["zoo"]["checkpoint_every"],
+                    "experts": config["zoo"]["experts"],
+                }
+            ),
         threads: max(1, workflow.cores)
         log:
             "results/logs/zoo/{expert}.log",
