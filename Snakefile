@@ -13,10 +13,12 @@ include: "workflow/rules/zoo.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/check.smk"
 include: "workflow/rules/respond.smk"
+include: "workflow/rules/irt.smk"
+include: "workflow/rules/evolve.smk"
 include: "workflow/rules/final.smk"
 
 
 rule all:
     input:
-        final_outputs(),
+        all_outputs(),
     default_target: True

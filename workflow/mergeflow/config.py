@@ -77,11 +77,12 @@ def check_config(config: dict) -> None:
 
 
 def _resolve(schema: dict, root: dict) -> dict:
+    """Follow ``$ref``; keys beside the reference (such as ``default``) take precedence."""
     while "$ref" in schema:
         node = root
         for part in schema["$ref"].lstrip("#/").split("/"):
             node = node[part]
-        schema = node
+        schema = {**node, **{k: v for k, v in schema.items() if k != "$ref"}}
     return schema
 
 

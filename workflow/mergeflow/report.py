@@ -1,4 +1,4 @@
-"""The final stage's table: each model's accuracy on each task's test split."""
+"""The final stage: merged models with their lineage, test-split tables, and run comparisons."""
 
 from __future__ import annotations
 
@@ -7,38 +7,99 @@ from itertools import product
 from pathlib import Path
 
 import pandas as pd
+import yaml
+
+MERGED = "merged"
 
 
-def accuracy_table(responses: dict[tuple[str, str], str | Path]) -> pd.DataFrame:
-    """One row per (model, task): accuracy, its standard error and the item count."""
-    rows = []
-    for (task, model), path in responses.items():
-        correct = pd.read_parquet(path)["correct"].astype(float)
-        acc = float(correct.mean())
-        rows.append({"model": model, "task": task, "accuracy": acc,
-                     "stderr": math.sqrt(acc * (1 - acc) / len(correct)), "items": len(correct)})
-    return pd.DataFrame(rows)
+def accuracy_row(path: str | Path, model: str, task: str) -> dict:
+    correct = pd.read_parquet(path)["correct"].astype(float)
+    acc = float(correct.mean())
+    return {"model": model, "task": task, "accuracy": acc,
+            "stderr": math.sqrt(acc * (1 - acc) / len(correct)), "items": len(correct)}
 
 
-def markdown_summary(table: pd.DataFrame, tasks: list[str]) -> str:
-    wide = table.pivot(index="model", columns="task", values="accuracy")
-    wide = wide.reindex(index=list(dict.fromkeys(table["model"])), columns=tasks)
-    lines = ["# Test-split accuracy", "",
-             "| model | " + " | ".join(tasks) + " |",
-             "|---|" + "---|" * len(tasks)]
-    for model, row in wide.iterrows():
-        lines.append(f"| {model} | " + " | ".join(f"{row[t]:.3f}" for t in tasks) + " |")
+def search_cost(history_path: str | Path) -> dict:
+    """Items evaluated and wall time spent by a search (from its history and job benchmarks)."""
+    history = pd.read_parquet(history_path)
+    evolve_dir = Path(history_path).parent
+    wall = sum(float(pd.read_csv(f, sep="\t")["s"].sum()) for f in sorted(evolve_dir.glob("gen_*/benchmark/*.tsv")))
+    return {"candidates": len(history), "search_items": int(history["items"].sum()), "search_wall_s": wall}
+
+
+def final_table(run: str, response_files: list[str], merged_files: list[str], history_path: str | None,
+                tasks: list[str], models: list[str], table_out: str | Path, summary_out: str | Path) -> pd.DataFrame:
+    """Write ``test.parquet`` and ``summary.md``. ``response_files`` are ordered tasks × models;
+    ``merged_files`` (one per task) are the run's final merge, when the run searched."""
+    rows = [accuracy_row(path, model, task) for (task, model), path in zip(product(tasks, models), response_files)]
+    cost = {}
+    if merged_files:
+        cost = search_cost(history_path)
+        rows += [{**accuracy_row(path, MERGED, task), **cost} for task, path in zip(tasks, merged_files)]
+    table = pd.DataFrame(rows).assign(run=run)
+    Path(table_out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(table_out, index=False)
+    Path(summary_out).write_text(markdown_summary(table, tasks, f"Run {run!r}: test-split accuracy"))
+    return table
+
+
+def markdown_summary(table: pd.DataFrame, tasks: list[str], title: str) -> str:
+    """Accuracy per model and task, with the search cost of merged models."""
+    has_cost = "search_items" in table.columns
+    header = "| model | " + " | ".join(tasks) + (" | items evaluated in search | search wall time (s) |" if has_cost else " |")
+    lines = [f"# {title}", "", header, "|---|" + "---|" * (len(tasks) + (2 if has_cost else 0))]
+    for model, group in table.groupby("model", sort=False):
+        acc = group.set_index("task")["accuracy"]
+        cells = [f"{acc[t]:.3f}" if t in acc else "" for t in tasks]
+        if has_cost:
+            first = group.iloc[0]
+            cells += ["" if pd.isna(first.get("search_items")) else f"{int(first['search_items']):,}",
+                      "" if pd.isna(first.get("search_wall_s")) else f"{first['search_wall_s']:.0f}"]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
     items = table.groupby("task")["items"].first()
-    lines += ["", "Items per task: " + ", ".join(f"{t} {items[t]}" for t in tasks) + ".", ""]
+    lines += ["", "Test items per task: " + ", ".join(f"{t} {items[t]}" for t in tasks if t in items) + ".", ""]
     return "\n".join(lines)
 
 
-def final_table(response_files: list[str], tasks: list[str], models: list[str], table_out: str | Path,
-                summary_out: str | Path) -> pd.DataFrame:
-    """Write ``test.parquet`` and ``summary.md``; ``response_files`` are ordered tasks x models."""
-    responses = dict(zip(product(tasks, models), response_files))
-    table = accuracy_table(responses)
-    Path(table_out).parent.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(table_out, index=False)
-    Path(summary_out).write_text(markdown_summary(table, tasks))
+def compare_runs(tables: dict[str, str], out: str | Path) -> pd.DataFrame:
+    """One table over runs: the endpoints and baseline once, then each run's merge."""
+    frames = [pd.read_parquet(path) for path in tables.values()]
+    first = frames[0]
+    shared = first[first["model"] != MERGED]
+    merged = [f[f["model"] == MERGED].assign(model=f"merged ({run})") for run, f in zip(tables, frames)]
+    table = pd.concat([shared, *merged], ignore_index=True)
+    tasks = list(dict.fromkeys(table["task"]))
+    Path(out).write_text(markdown_summary(table, tasks, "All runs: test-split accuracy"))
     return table
+
+
+def merge_with_lineage(recipe_path: str, out_dir: str, lineage: dict, history_path: str | None = None) -> None:
+    """Materialise a recipe as an HF directory whose model card also records where it came from."""
+    from mergeflow.evolve.stages import best_row
+    from mergeflow.merge import load_recipe, merge_to_dir, recipe_hash
+
+    recipe = load_recipe(recipe_path)
+    merge_to_dir(recipe, out_dir)
+    lines = ["", "## Lineage", "", f"- recipe hash: `{recipe_hash(recipe)}`"]
+    lines += [f"- {key}: {value}" for key, value in lineage.items()]
+    if history_path:
+        history = pd.read_parquet(history_path)
+        best = best_row(history)
+        lines += [f"- found in generation {int(best['generation'])} as candidate {int(best['index'])} of "
+                  f"{len(history)} evaluated", f"- search fitness: {best['fitness']:.4f}"]
+    card = Path(out_dir) / "README.md"
+    card.write_text(card.read_text() + "\n".join(lines) + "\n")
+
+
+def baseline_merge(baseline: dict, base: str, sources: list[str], recipe_out: str, model_out: str) -> None:
+    """The uniform baseline: every source with the same weight, merged with ``baseline.method``."""
+    from mergeflow.merge import merge_to_dir, recipe_from_dict, save_recipe
+
+    recipe = recipe_from_dict({
+        "merge_method": baseline["method"],
+        "base_model": base,
+        "models": [{"model": s, "parameters": {"weight": baseline["weight"]}} for s in sources],
+        "dtype": "float32",
+    })
+    save_recipe(recipe, recipe_out)
+    merge_to_dir(recipe, model_out)

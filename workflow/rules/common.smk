@@ -33,13 +33,17 @@ def canonical(value):
 SPLITS = ["search", "test"]
 MODELS = list(config["models"])
 EVAL_MODELS = [config["base_model"]] + list(config["endpoints"])
+# Models of the final tables: the endpoints and, once a run searches, the uniform baseline merge.
+TABLE_MODELS = EVAL_MODELS + (["baseline"] if any("evolve" in r for r in config["runs"].values()) else [])
 CONDA_ENV = "../../envs/mergeflow.yaml"
 
 
 wildcard_constraints:
     task="|".join(config["tasks"]),
     split="|".join(SPLITS),
-    model="|".join(MODELS),
+    model="|".join(MODELS + ["baseline"]),
+    g=r"\d+",
+    k=r"\d+",
     run="|".join(config["runs"]),
 
 
@@ -67,16 +71,110 @@ def all_split_files(wildcards):
 
 
 def respond_model_input(wildcards):
+    if wildcards.model == "baseline":
+        return ["results/baseline/model"]
     return model_inputs(wildcards.model)
 
 
-def final_responses(wildcards):
-    return [f"results/responses/{task}/test/{model}.parquet" for task in run_tasks(config, wildcards.run)
-            for model in EVAL_MODELS]
+# --- evolution runs ---------------------------------------------------------------------------
+from dataclasses import asdict
+
+from mergeflow.evolve.stages import EvolveConfig
+
+EVOLVE = {run: EvolveConfig.from_config(config, run) for run in config["runs"] if "evolve" in config["runs"][run]}
+BASELINE = "baseline"
 
 
-def final_outputs():
+def generations(run):
+    return config["runs"][run]["evolve"]["generations"]
+
+
+def evolve_params(wildcards):
+    """The run's search settings; the number of generations is left out so that extending a
+    finished search reruns nothing it already did."""
+    return canonical(asdict(EVOLVE[wildcards.run]))
+
+
+def evolve_dir(run):
+    return f"results/runs/{run}/evolve"
+
+
+def anchored_tasks():
+    return sorted({t for cfg in EVOLVE.values() if cfg.fitness == "anchors" for t in cfg.tasks})
+
+
+def anchors_file(run, task):
+    a = EVOLVE[run].anchors
+    return f"results/anchors/{task}/{a.get('strategy', 'irt')}-{a.get('n', 20)}-seed{a.get('seed', 0)}.parquet"
+
+
+def search_model_inputs(wildcards):
+    return [p for name in [config["base_model"], *config["endpoints"]] for p in model_inputs(name)]
+
+
+def evaluate_inputs(wildcards):
+    cfg = EVOLVE[wildcards.run]
+    inputs = {
+        "candidates": f"{evolve_dir(wildcards.run)}/gen_{wildcards.g}/candidates.parquet",
+        "splits": [f"results/data/{t}/search.parquet" for t in cfg.tasks],
+        "models": search_model_inputs(wildcards),
+    }
+    if cfg.fitness == "anchors":
+        inputs["anchors"] = [anchors_file(wildcards.run, t) for t in cfg.tasks]
+        inputs["irt"] = [f"results/irt/{t}/items.parquet" for t in cfg.tasks]
+    return inputs
+
+
+def previous_generation(wildcards):
+    g = int(wildcards.g)
+    if g == 0:
+        return {}
+    prev = f"{evolve_dir(wildcards.run)}/gen_{g - 1}"
+    return {"state": f"{prev}/optimizer.pkl", "history": f"{prev}/history.parquet"}
+
+
+def shard_files(wildcards):
+    return [f"{evolve_dir(wildcards.run)}/gen_{wildcards.g}/fitness_{k}.parquet"
+            for k in range(EVOLVE[wildcards.run].shards)]
+
+
+def last_generation(run):
+    return f"{evolve_dir(run)}/gen_{generations(run) - 1}"
+
+
+def calibration_checkpoints(wildcards):
+    if not (config.get("zoo") and config["irt"]["calibration"]["checkpoints"]):
+        return []
+    return [f"results/zoo/checkpoints/{e}" for e in sorted(config["zoo"]["experts"])]
+
+
+def endpoint_search_responses(wildcards):
+    return [f"results/responses/{wildcards.task}/search/{m}.parquet" for m in EVAL_MODELS]
+
+
+def model_spec(name):
+    if name == BASELINE:
+        return {"path": "results/baseline/model"}
+    return config["models"][name]
+
+
+def final_table_inputs(wildcards):
+    tasks = run_tasks(config, wildcards.run)
+    inputs = {"responses": [f"results/responses/{t}/test/{m}.parquet" for t in tasks for m in TABLE_MODELS]}
+    if wildcards.run in EVOLVE:
+        inputs["merged"] = [f"results/runs/{wildcards.run}/final/responses/{t}.parquet" for t in tasks]
+        inputs["history"] = f"{evolve_dir(wildcards.run)}/history.parquet"
+    return inputs
+
+
+def all_outputs():
     outputs = []
     for run in config["runs"]:
         outputs += [f"results/runs/{run}/final/summary.md", f"results/runs/{run}/provenance.json"]
+        if run in EVOLVE and EVOLVE[run].multi_objective:
+            outputs.append(f"results/runs/{run}/final/pareto.parquet")
+        if run in EVOLVE and EVOLVE[run].save_weights:
+            outputs += [f"{evolve_dir(run)}/gen_{g}/best/model" for g in range(generations(run))]
+    if EVOLVE:
+        outputs.append("results/summary.md")
     return outputs

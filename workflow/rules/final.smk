@@ -1,21 +1,107 @@
-# Per run: the comparison table on each task's test split, and the run's provenance.
+# Per run: the final merge, its test-split scores, the comparison table, and provenance.
+
+
+rule baseline_model:
+    input:
+        models=search_model_inputs,
+    output:
+        recipe="results/baseline/recipe.yaml",
+        model=directory("results/baseline/model"),
+    params:
+        baseline=canonical(config["baseline"]),
+        base=model_spec(config["base_model"])["path"],
+        sources=[model_spec(m)["path"] for m in config["endpoints"]],
+    log:
+        "results/logs/baseline.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/baseline.py"
+
+
+rule final_model:
+    input:
+        recipe=lambda wc: f"{last_generation(wc.run)}/best/recipe.yaml",
+        history="results/runs/{run}/evolve/history.parquet",
+        models=search_model_inputs,
+    output:
+        directory("results/runs/{run}/final/model"),
+    params:
+        lineage=lambda wc: {"run": wc.run, "generations": generations(wc.run)},
+    log:
+        "results/logs/final/{run}/model.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/merge_recipe.py"
+
+
+rule final_respond:
+    input:
+        split_file="results/data/{task}/test.parquet",
+        model="results/runs/{run}/final/model",
+    output:
+        "results/runs/{run}/final/responses/{task}.parquet",
+    params:
+        model=lambda wc: {"path": f"results/runs/{wc.run}/final/model"},
+        scorer=lambda wc: config["tasks"][wc.task]["scorer"],
+        delimiter=lambda wc: config["tasks"][wc.task].get("target_delimiter", " "),
+        evaluation=canonical(config["evaluation"]),
+    threads: 1
+    log:
+        "results/logs/final/{run}/respond_{task}.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/respond.py"
 
 
 rule final:
     input:
-        final_responses,
+        unpack(final_table_inputs),
     output:
         summary="results/runs/{run}/final/summary.md",
         table="results/runs/{run}/final/test.parquet",
     params:
+        run=lambda wc: wc.run,
         tasks=lambda wc: run_tasks(config, wc.run),
-        models=EVAL_MODELS,
+        models=TABLE_MODELS,
     log:
         "results/logs/final/{run}.log",
     conda:
         CONDA_ENV
     script:
         "../scripts/final.py"
+
+
+rule pareto:
+    input:
+        "results/runs/{run}/evolve/history.parquet",
+    output:
+        "results/runs/{run}/final/pareto.parquet",
+    params:
+        tasks=lambda wc: EVOLVE[wc.run].tasks,
+    log:
+        "results/logs/final/{run}/pareto.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/pareto.py"
+
+
+rule compare:
+    input:
+        [f"results/runs/{run}/final/test.parquet" for run in config["runs"]],
+    output:
+        "results/summary.md",
+    params:
+        runs=list(config["runs"]),
+    log:
+        "results/logs/compare.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/compare.py"
 
 
 rule provenance:

@@ -9,7 +9,7 @@ rule respond:
     output:
         "results/responses/{task}/{split}/{model}.parquet",
     params:
-        model=lambda wc: canonical(config["models"][wc.model]),
+        model=lambda wc: canonical(model_spec(wc.model)),
         scorer=lambda wc: config["tasks"][wc.task]["scorer"],
         delimiter=lambda wc: config["tasks"][wc.task].get("target_delimiter", " "),
         evaluation=canonical(config["evaluation"]),

@@ -1,0 +1,103 @@
+"""The optimizer side of the search: Nevergrad ask / tell across process boundaries.
+
+The evolution loop is a static DAG of jobs (``ask(g)``, ``evaluate(g, shard)``, ``tell(g)``), so
+the optimizer lives on disk between them. ``asked.pkl`` holds the optimizer together with the
+candidates it just proposed (tell needs the very same candidate objects); ``optimizer.pkl`` the
+state after tell. Both are caches: ``history.parquet`` — every genome and loss ever told — is
+the source of truth, and :func:`replay` rebuilds the optimizer from it alone.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mergeflow.errors import MergeflowError
+
+# The loss a candidate gets when its merge or its fitness is not finite: worse than any real one
+# (losses are negated accuracies in [-1, 0]) yet finite, which every optimizer can digest.
+WORST_LOSS = 1.0
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """What defines an optimizer's trajectory: its name, the genome size, population and seed.
+
+    The number of generations is deliberately absent: the optimizer is built without a budget, so
+    extending a finished search with more generations leaves the earlier ones unchanged.
+    """
+
+    optimizer: str
+    dim: int
+    population: int
+    seed: int
+    objectives: int = 1
+
+
+def make_optimizer(settings: SearchSettings):
+    """A fresh Nevergrad optimizer over [0, 1]^dim, seeded, told the population as its workers."""
+    import nevergrad as ng
+
+    if settings.optimizer not in ng.optimizers.registry:
+        close = [n for n in ng.optimizers.registry if n.lower() == settings.optimizer.lower()]
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise MergeflowError(f"unknown Nevergrad optimizer {settings.optimizer!r}{hint}")
+    param = ng.p.Array(shape=(settings.dim,), lower=0.0, upper=1.0)
+    param.random_state = np.random.RandomState(settings.seed)
+    return ng.optimizers.registry[settings.optimizer](parametrization=param, budget=None,
+                                                      num_workers=settings.population)
+
+
+def ask_generation(optimizer, population: int) -> list:
+    return [optimizer.ask() for _ in range(population)]
+
+
+def tell_generation(optimizer, candidates: list, losses: list) -> None:
+    for candidate, loss in zip(candidates, losses):
+        optimizer.tell(candidate, loss)
+
+
+def losses_of(history: pd.DataFrame, generation: int, objectives: list[str] | None) -> list:
+    """Each candidate's loss (negated fitness; a vector for multi-objective runs)."""
+    rows = history[history["generation"] == generation].sort_values("index")
+    if objectives is None:
+        return [float(v) for v in rows["loss"]]
+    return [[float(v) for v in row] for row in rows[[f"loss_{t}" for t in objectives]].to_numpy()]
+
+
+def replay(settings: SearchSettings, history: pd.DataFrame, objectives: list[str] | None = None):
+    """Rebuild the optimizer from the history alone: ask and tell every recorded generation again.
+
+    Each re-asked genome must equal the recorded one; a mismatch means the history was written by
+    another optimizer, seed or search space, and is reported rather than silently diverging.
+    """
+    optimizer = make_optimizer(settings)
+    for generation in sorted(history["generation"].unique()):
+        rows = history[history["generation"] == generation].sort_values("index")
+        candidates = ask_generation(optimizer, len(rows))
+        for candidate, recorded in zip(candidates, rows["genome"]):
+            if not np.allclose(candidate.value, np.asarray(recorded), rtol=0, atol=1e-12):
+                raise MergeflowError(
+                    f"history generation {generation}: the optimizer re-asks a different genome; the history "
+                    f"does not belong to optimizer {settings.optimizer!r} with seed {settings.seed}"
+                )
+        tell_generation(optimizer, candidates, losses_of(history, generation, objectives))
+    return optimizer
+
+
+def save_state(path: str | Path, optimizer, candidates: list | None = None) -> None:
+    """Pickle the optimizer (and pending candidates) — Nevergrad's own state, a resumable cache."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        pickle.dump({"optimizer": optimizer, "candidates": candidates}, fh)
+
+
+def load_state(path: str | Path) -> tuple:
+    """The optimizer and pending candidates written by :func:`save_state` (a file this run wrote)."""
+    with open(path, "rb") as fh:
+        state = pickle.load(fh)
+    return state["optimizer"], state["candidates"]

@@ -1,0 +1,95 @@
+# The evolution loop as a static DAG: ask(g) -> evaluate(g, shard) -> tell(g), per run.
+
+
+rule ask:
+    input:
+        unpack(previous_generation),
+        models=search_model_inputs,
+    output:
+        candidates="results/runs/{run}/evolve/gen_{g}/candidates.parquet",
+        state="results/runs/{run}/evolve/gen_{g}/asked.pkl",
+    params:
+        evolve=evolve_params,
+    log:
+        "results/logs/evolve/{run}/gen_{g}/ask.log",
+    benchmark:
+        "results/runs/{run}/evolve/gen_{g}/benchmark/ask.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/ask.py"
+
+
+rule evaluate:
+    input:
+        unpack(evaluate_inputs),
+        check=ancient("results/check.json"),
+    output:
+        "results/runs/{run}/evolve/gen_{g}/fitness_{k}.parquet",
+    params:
+        evolve=evolve_params,
+        tasks=lambda wc: canonical({t: config["tasks"][t] for t in EVOLVE[wc.run].tasks}),
+        evaluation=canonical(config["evaluation"]),
+        endpoints=config["endpoints"],
+    threads: 1
+    resources:
+        gpu=1 if config["evaluation"]["device"] != "cpu" else 0,
+    log:
+        "results/logs/evolve/{run}/gen_{g}/evaluate_{k}.log",
+    benchmark:
+        "results/runs/{run}/evolve/gen_{g}/benchmark/evaluate_{k}.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/evaluate.py"
+
+
+rule tell:
+    input:
+        unpack(previous_generation),
+        asked="results/runs/{run}/evolve/gen_{g}/asked.pkl",
+        candidates="results/runs/{run}/evolve/gen_{g}/candidates.parquet",
+        fitness=shard_files,
+    output:
+        state="results/runs/{run}/evolve/gen_{g}/optimizer.pkl",
+        history="results/runs/{run}/evolve/gen_{g}/history.parquet",
+        best="results/runs/{run}/evolve/gen_{g}/best/recipe.yaml",
+    params:
+        evolve=evolve_params,
+    log:
+        "results/logs/evolve/{run}/gen_{g}/tell.log",
+    benchmark:
+        "results/runs/{run}/evolve/gen_{g}/benchmark/tell.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/tell.py"
+
+
+rule history:
+    input:
+        lambda wc: f"{last_generation(wc.run)}/history.parquet",
+    output:
+        "results/runs/{run}/evolve/history.parquet",
+    log:
+        "results/logs/evolve/{run}/history.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "cp {input} {output} 2> {log}"
+
+
+rule best_weights:
+    input:
+        recipe="results/runs/{run}/evolve/gen_{g}/best/recipe.yaml",
+        models=search_model_inputs,
+    output:
+        directory("results/runs/{run}/evolve/gen_{g}/best/model"),
+    params:
+        lineage=lambda wc: {"run": wc.run, "generation": int(wc.g)},
+    log:
+        "results/logs/evolve/{run}/gen_{g}/best_weights.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/merge_recipe.py"
