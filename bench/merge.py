@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -65,30 +64,37 @@ def recipe_for(method: str, paths: dict[str, Path]) -> dict:
 
 
 CLI_SNIPPET = """
-import resource, sys, time
+import sys, time
 from mergeflow import cli
 cli.COMMAND_MODULES = ["mergeflow.commands.merge"]  # only the command under test
+
+def status(field):
+    # kB values from /proc: VmHWM is this process's own peak RSS (ru_maxrss would also count
+    # what the parent held when it forked us)
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
 import torch  # imported before timing: we measure the merge, not the import
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after_imports = status("VmRSS")
 start = time.perf_counter()
 code = cli.main(sys.argv[1:])
-print(f"{time.perf_counter() - start} {baseline}")
+print(f"{time.perf_counter() - start} {status('VmHWM')} {after_imports}")
 sys.exit(code)
 """
 
 
 def run_cli_merge(recipe_path: Path, out_dir: Path) -> tuple[float, int, int]:
     """Wall time, peak RSS and RSS after imports (bytes) of a CLI merge in a child process."""
-    env_path = str(REPO / "workflow")
     result = subprocess.run(
         [sys.executable, "-c", CLI_SNIPPET, "merge", str(recipe_path), str(out_dir),
          "--max-shard-size", str(256 * 1024**2)],
-        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+        env={"PYTHONPATH": str(REPO / "workflow"), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(result.stderr)
-    seconds, baseline = result.stdout.strip().splitlines()[-1].split()
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return float(seconds), peak * 1024, int(baseline) * 1024
+    seconds, peak, after_imports = result.stdout.strip().splitlines()[-1].split()
+    return float(seconds), int(peak), int(after_imports)
 
 
 def summing_pass(merger) -> float:
@@ -153,24 +159,25 @@ def main() -> None:
         print(f"models: 3 x {n_params / 1e6:.0f}M parameters, float32, {size / 2**20:.0f} MiB each "
               f"(built in {time.perf_counter() - start:.0f}s); torch threads {torch.get_num_threads()}")
 
-        merger = None
-        rows = []
-        for method in args.methods.split(","):
-            recipe_data = recipe_for(method, paths)
+        recipes = {method: recipe_for(method, paths) for method in args.methods.split(",")}
+        cli_results = {}
+        for method, recipe_data in recipes.items():  # before the merger fills this process
             recipe_path = root / f"{method}.yaml"
             recipe_path.write_text(yaml.safe_dump(recipe_data))
-            cli_seconds, peak, baseline = run_cli_merge(recipe_path, root / f"out-{method}")
+            cli_results[method] = run_cli_merge(recipe_path, root / f"out-{method}")
             shutil.rmtree(root / f"out-{method}")
+
+        start = time.perf_counter()
+        merger = InMemoryMerger(recipe_from_dict(recipes[next(iter(recipes))]))
+        print(f"in-memory merger: sources loaded in {time.perf_counter() - start:.1f}s")
+        reference = summing_pass(merger)
+        print(f"one pass summing all resident source tensors: {reference * 1000:.0f} ms")
+        rows = []
+        for method, recipe_data in recipes.items():
             recipe = recipe_from_dict(recipe_data)
-            if merger is None:
-                start = time.perf_counter()
-                merger = InMemoryMerger(recipe)
-                print(f"in-memory merger: sources loaded in {time.perf_counter() - start:.1f}s")
-                reference = summing_pass(merger)
-                print(f"one pass summing all resident source tensors: {reference * 1000:.0f} ms")
             merge_seconds = best_time(lambda: merger.merge(recipe), args.repeats)
             mergekit_seconds = run_mergekit(recipe_data, root)
-            rows.append((method, cli_seconds, peak, baseline, merge_seconds, merge_seconds / reference,
+            rows.append((method, *cli_results[method], merge_seconds, merge_seconds / reference,
                          mergekit_seconds))
 
         print()
@@ -183,8 +190,9 @@ def main() -> None:
             mk_text = "not installed" if mk is None else f"{mk:.1f}s ({mk / cli_s:.1f}x ours)"
             print(f"{method:<16}{cli_s:>8.1f}{peak / 2**20:>14.0f}{baseline / 2**20:>11.0f}"
                   f"{peak / size:>12.2f}{mem_s * 1000:>9.0f}{ratio:>9.1f}x  {target_text:<10}{mk_text}")
-        print("\nCLI peak = max RSS of the merge process (includes the python+torch imports shown in "
-              "parentheses); peak/model < 1 meets the target.")
+        print("\nCLI peak = the merge process's peak RSS (VmHWM), including the python+torch "
+              "imports (RSS after them in parentheses); peak/model < 1 meets the target. "
+              "mem ms = best of the repeats after a warm-up merge.")
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

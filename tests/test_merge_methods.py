@@ -153,3 +153,65 @@ def test_della_and_breadcrumbs_ties_elect_signs():
     torch.testing.assert_close(run("della", [a, b], base), torch.tensor([-3.0, -1.0, 1.5, 0.5]))
     torch.testing.assert_close(run("breadcrumbs_ties", [a, b], base),
                                torch.tensor([-3.0, -2.0, 3.0, 1.0]))
+
+
+@pytest.mark.parametrize("layout", ["random", "sorted", "ties"])
+def test_fast_selection_is_exact(layout):
+    from mergeflow.merge.methods import Workspace, kth_largest
+
+    torch.manual_seed(3)
+    values = torch.randn(600_000).abs()
+    if layout == "sorted":
+        values = values.sort().values
+    if layout == "ties":
+        values = torch.randint(0, 50, (600_000,)).float()
+    for k in (1, 1000, 300_000, 599_999, 600_000):
+        expected = float(torch.kthvalue(values, values.numel() - k + 1).values)
+        assert kth_largest(values, k, Workspace(cache=True)) == expected
+
+
+def ties_reference(tensors, base, weights, density):
+    """TIES written out with dense tensors: top-k trim, sign election, disjoint mean."""
+    weighted = []
+    for tensor, weight in zip(tensors, weights):
+        delta = (tensor - base).flatten()
+        keep = torch.zeros_like(delta)
+        keep[delta.abs().topk(int(density * delta.numel())).indices] = 1.0
+        weighted.append(delta * keep * weight)
+    stacked = torch.stack(weighted)
+    elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    agrees = (stacked.sign() == elected).float()
+    merged = (stacked * agrees).sum(0)
+    weight_sum = (torch.tensor(weights).view(-1, 1) * agrees).sum(0)
+    weight_sum[weight_sum == 0] = 1.0
+    return base + (merged / weight_sum).view(base.shape)
+
+
+def test_ties_on_a_large_blocked_tensor_matches_the_dense_formula():
+    torch.manual_seed(5)
+    base = torch.randn(300, 170)  # 51,000 entries: merged in CPU blocks
+    tensors = [base + torch.randn(300, 170) for _ in range(3)]
+    out = run("ties", tensors, base, [{"weight": w, "density": 0.4} for w in (0.5, 1.0, 0.8)])
+    torch.testing.assert_close(out, ties_reference(tensors, base, [0.5, 1.0, 0.8], 0.4))
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "dare_linear", "della", "breadcrumbs"])
+def test_cached_workspace_and_out_do_not_change_results(name):
+    from mergeflow.merge.methods import Workspace
+
+    torch.manual_seed(6)
+    base = torch.randn(260, 200)
+    tensors = [base + torch.randn(260, 200), base + torch.randn(260, 200)]
+    models = [{"weight": 0.7, "density": 0.3}, {"weight": 0.5, "density": 0.6}]
+    method = get_method(name)
+    model_params = [{**method.model_defaults, **m} for m in models]
+
+    def merged(ws, out):
+        def rng(index):
+            return torch.Generator().manual_seed(100 + index)
+        return method.function(tensors, base, model_params, method.method_defaults, rng, ws, out)
+
+    fresh = merged(None, None).clone()
+    ws = Workspace(cache=True)
+    for _ in range(2):  # the second run reuses buffers and the sorted magnitudes
+        assert torch.equal(merged(ws, torch.empty_like(base)), fresh)

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from mergeflow.errors import MergeflowError
+from mergeflow.merge.methods import Workspace
 from mergeflow.merge.plan import check_finite, merge_tensor, plan_merge
 from mergeflow.merge.recipe import Recipe
 from mergeflow.merge.sources import ModelSource, dtype_name, parse_dtype
@@ -54,6 +55,7 @@ class InMemoryMerger:
         self.out_dtype = parse_dtype(dtype, "dtype") if dtype else None
         self.model = self._preallocate()
         self.parameters = dict(self.model.state_dict())
+        self.workspace = Workspace(cache=True)
 
     def _load(self, source: ModelSource) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -109,7 +111,13 @@ class InMemoryMerger:
                 if target is None:
                     raise MergeflowError(
                         f"tensor {tensor_plan.name!r} has no counterpart in the preallocated model")
-                target.copy_(merge_tensor(tensor_plan, self._fetch, self.device))
+                # Write straight into the parameter when it has the compute dtype; otherwise
+                # merge into scratch and cast on the copy, as the CLI casts on writing.
+                direct = target.dtype == self.compute_dtype and target.is_contiguous()
+                merged = merge_tensor(tensor_plan, self._fetch, self.device, self.workspace,
+                                      out=target if direct else None)
+                if not direct:
+                    target.copy_(merged)
         return self.model
 
     def nonfinite_tensors(self) -> list[str]:

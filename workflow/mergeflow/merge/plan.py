@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from mergeflow.errors import MergeflowError
-from mergeflow.merge.methods import MergeMethod, get_method
+from mergeflow.merge.methods import MergeMethod, Workspace, get_method
 from mergeflow.merge.params import (
     is_pre_layer_tensor, layer_index, layer_position, resolve_value, with_layer_index,
 )
@@ -203,9 +203,11 @@ def plan_merge(recipe: Recipe, sources: dict[str, ModelSource],
     return MergePlan(tensors, num_layers, planner.template, compute_dtype, resolved_out)
 
 
-def merge_tensor(plan: TensorPlan, fetch: Fetch, device: torch.device | str) -> torch.Tensor:
+def merge_tensor(plan: TensorPlan, fetch: Fetch, device: torch.device | str,
+                 ws: Workspace | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Run one tensor's plan; ``fetch(model, name)`` gives source tensors in the compute dtype
-    on ``device``. Source tensors are not modified."""
+    on ``device``. Source tensors are not modified. ``ws`` and ``out`` as for the methods:
+    they change where results go, never their values."""
     tensors = [fetch(model, name) for model, name in plan.sources]
     base = fetch(*plan.base) if plan.base else None
     if not plan.method.random:
@@ -215,7 +217,7 @@ def merge_tensor(plan: TensorPlan, fetch: Fetch, device: torch.device | str) -> 
             generator = torch.Generator(device=device)
             generator.manual_seed(plan.seed + model_index)
             return generator
-    return plan.method.function(tensors, base, plan.model_params, plan.params, rng)
+    return plan.method.function(tensors, base, plan.model_params, plan.params, rng, ws, out)
 
 
 def _no_rng(model_index: int) -> torch.Generator:
