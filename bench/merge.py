@@ -138,10 +138,13 @@ def run_mergekit(recipe: dict, root: Path) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=12)
+    # 16 layers, vocabulary 8192: ~113M parameters with the embedding a realistic share of
+    # them (CLI peak memory grows with the largest tensor; --vocab 32000 makes the embedding
+    # and lm_head 40% of this small model)
+    parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--intermediate", type=int, default=2048)
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default=None, help="kept when given; else a temp dir")
@@ -157,7 +160,8 @@ def main() -> None:
         size = model_bytes(paths["base"])
         n_params = size // 4
         print(f"models: 3 x {n_params / 1e6:.0f}M parameters, float32, {size / 2**20:.0f} MiB each "
-              f"(built in {time.perf_counter() - start:.0f}s); torch threads {torch.get_num_threads()}")
+              f"(built in {time.perf_counter() - start:.0f}s); largest tensor "
+              f"{args.vocab * args.hidden * 4 / 2**20:.0f} MiB; torch threads {torch.get_num_threads()}")
 
         recipes = {method: recipe_for(method, paths) for method in args.methods.split(",")}
         cli_results = {}
