@@ -1,0 +1,211 @@
+"""The merge CLI on tiny Llama models, CLI vs in-memory identity, and bad-input messages."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from merge_helpers import make_model, make_zoo
+from mergeflow import cli
+from mergeflow.errors import MergeflowError
+from mergeflow.merge import (
+    InMemoryMerger, load_recipe, merge_to_dir, recipe_from_dict, save_recipe,
+)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return make_zoo(tmp_path_factory.mktemp("zoo"), num_layers=3)
+
+
+@pytest.fixture
+def merge_cli(monkeypatch):
+    # Only our command: the other command modules are built elsewhere in parallel.
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["mergeflow.commands.merge"])
+    return cli.main
+
+
+def read_merged(out_dir: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((out_dir / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for file in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(out_dir / file))
+    assert set(tensors) == set(index["weight_map"])
+    return tensors
+
+
+def recipe_dict(zoo, method="ties", **extra):
+    return {
+        "merge_method": method, "base_model": zoo["base"],
+        "models": [{"model": zoo["math"], "parameters": {"weight": 0.6, "density": 0.5}},
+                   {"model": zoo["lang"], "parameters": {
+                       "weight": [{"filter": "self_attn", "value": [0.2, 0.9]}, {"value": 0.5}],
+                       "density": 0.8}}],
+        "seed": 7, **extra}
+
+
+def write_recipe(tmp_path, data) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_cli_merge_loads_and_generates(zoo, tmp_path, merge_cli):
+    recipe = write_recipe(tmp_path, recipe_dict(zoo, "dare_ties"))
+    out = tmp_path / "merged"
+    assert merge_cli(["merge", str(recipe), str(out), "--max-shard-size", "40000"]) == 0
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    for name in ("config.json", "tokenizer.json", "README.md", "mergeflow_recipe.yaml"):
+        assert (out / name).is_file(), name
+    assert load_recipe(out / "mergeflow_recipe.yaml") == load_recipe(recipe)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    inputs = tokenizer("the cat sat on", return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 4
+    assert isinstance(tokenizer.decode(generated[0]), str)
+    merged = read_merged(out)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, merged[name]), name
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("linear", {}), ("task_arithmetic", {"parameters": {"lambda": 0.8}}), ("ties", {}),
+    ("dare_ties", {}), ("dare_linear", {}), ("della", {}), ("breadcrumbs_ties", {}),
+    ("model_stock", {}),
+])
+def test_in_memory_matches_cli_bitwise(zoo, tmp_path, method, extra):
+    recipe = recipe_from_dict(recipe_dict(zoo, method, **extra))
+    out = merge_to_dir(recipe, tmp_path / method)
+    merger = InMemoryMerger(recipe)
+    model = merger.merge(recipe)
+    state = model.state_dict()
+    for name, tensor in read_merged(out).items():
+        assert torch.equal(state[name], tensor), name
+    assert merger.nonfinite_tensors() == []
+
+
+def test_in_memory_reuses_one_model_and_matches_slices_with_methods(zoo, tmp_path):
+    slices = {
+        "merge_method": "linear", "base_model": zoo["base"], "seed": 3,
+        "slices": [
+            {"merge_method": "slerp", "parameters": {"t": 0.3},
+             "sources": [{"model": zoo["base"], "layer_range": [0, 1]},
+                         {"model": zoo["math"], "layer_range": [0, 1]}]},
+            {"merge_method": "dare_ties",
+             "sources": [{"model": zoo["math"], "layer_range": [1, 3], "parameters": {"density": 0.4}},
+                         {"model": zoo["lang"], "layer_range": [1, 3], "parameters": {"density": 0.6}}]},
+        ]}
+    recipe = recipe_from_dict(slices)
+    merger = InMemoryMerger([zoo["base"], zoo["math"], zoo["lang"]], base_model=zoo["base"])
+    first = merger.merge(recipe_from_dict(recipe_dict(zoo, "linear")))
+    pointers = {n: p.data_ptr() for n, p in first.state_dict().items()}
+    second = merger.merge(recipe)
+    assert second is first
+    assert {n: p.data_ptr() for n, p in second.state_dict().items()} == pointers
+    out = merge_to_dir(recipe, tmp_path / "slices")
+    state = second.state_dict()
+    for name, tensor in read_merged(out).items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_output_dtype_and_slerp_endpoint(zoo, tmp_path):
+    recipe = recipe_from_dict({"merge_method": "slerp", "base_model": zoo["base"],
+                               "models": [{"model": zoo["base"]}, {"model": zoo["math"]}],
+                               "parameters": {"t": 1.0}})
+    out = merge_to_dir(recipe, tmp_path / "bf16", dtype="bfloat16")
+    merged = read_merged(out)
+    math = load_file(Path(zoo["math"]) / "model.safetensors")
+    for name, tensor in merged.items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, math[name].to(torch.bfloat16)), name
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_nonfinite_merge_is_reported(zoo):
+    recipe = recipe_from_dict({"merge_method": "linear", "models": [
+        {"model": zoo["math"], "parameters": {"weight": 3e38}},
+        {"model": zoo["lang"], "parameters": {"weight": 3e38}}], "parameters": {"normalize": False}})
+    merger = InMemoryMerger(recipe)
+    merger.merge(recipe)
+    assert "model.norm.weight" in merger.nonfinite_tensors()  # ~1 * 6e38 overflows
+
+
+# ---- bad input: each stops with a message naming the culprit
+
+
+def _copy_model(src: str, dst: Path, edit) -> str:
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return str(dst)
+
+
+def _expect_error(recipe_data, match):
+    with pytest.raises(MergeflowError, match=match):
+        merge_to_dir(recipe_from_dict(recipe_data), Path("/nonexistent/never-written"))
+
+
+def test_error_shape_mismatch(zoo, tmp_path):
+    wide = make_model(tmp_path / "wide", 5, num_layers=3, intermediate=96)
+    _expect_error(recipe_dict(zoo, "linear") | {"models": [zoo["math"], str(wide)]},
+                  r"shape mismatch for 'model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight'.*wide")
+
+
+def test_error_missing_tensor(zoo, tmp_path):
+    name = "model.layers.1.mlp.up_proj.weight"
+    broken = _copy_model(zoo["lang"], tmp_path / "broken", lambda t: t.pop(name))
+    _expect_error(recipe_dict(zoo) | {"models": [zoo["math"], broken]},
+                  rf"'{name}' is missing from model '.*broken'")
+
+
+def test_error_unknown_method(zoo):
+    _expect_error(recipe_dict(zoo, "frankenmerge"), "unknown merge method 'frankenmerge'")
+
+
+@pytest.mark.parametrize("density", [0.0, 1.5, -0.2])
+def test_error_density_outside_unit_interval(zoo, density):
+    data = recipe_dict(zoo)
+    data["models"][1]["parameters"]["density"] = density
+    _expect_error(data, rf"density {density} of model '.*lang'.*outside \(0, 1\]")
+
+
+def test_error_nan_in_source(zoo, tmp_path):
+    name = "model.layers.0.self_attn.q_proj.weight"
+
+    def poison(tensors):
+        tensors[name][0, 0] = float("nan")
+
+    poisoned = _copy_model(zoo["lang"], tmp_path / "poisoned", poison)
+    data = recipe_dict(zoo) | {"models": [zoo["math"], poisoned]}
+    with pytest.raises(MergeflowError, match=rf"'{name}' of model '.*poisoned' contains NaN or Inf"):
+        merge_to_dir(recipe_from_dict(data), tmp_path / "out")
+    with pytest.raises(MergeflowError, match=rf"'{name}' of model '.*poisoned' contains NaN or Inf"):
+        InMemoryMerger(recipe_from_dict(data))
+
+
+def test_error_slerp_needs_two_models(zoo):
+    _expect_error(recipe_dict(zoo, "slerp", parameters={"t": 0.5}),
+                  "slerp merges exactly two models.*has 3")
+
+
+def test_error_pickled_weights_rejected(zoo, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copyfile(Path(zoo["math"]) / "config.json", pickled / "config.json")
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    _expect_error(recipe_dict(zoo) | {"models": [str(pickled)]}, "pickled.*never loads")
+
+
+def test_cli_reports_errors_with_exit_code(zoo, tmp_path, merge_cli, capsys):
+    recipe = write_recipe(tmp_path, recipe_dict(zoo, "frankenmerge"))
+    assert merge_cli(["merge", str(recipe), str(tmp_path / "out")]) == 2
+    assert "unknown merge method 'frankenmerge'" in capsys.readouterr().err

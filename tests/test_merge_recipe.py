@@ -1,0 +1,79 @@
+"""Recipes: mergekit YAML in and out, hashing, and rejection of what we do not support."""
+
+import textwrap
+
+import pytest
+
+from mergeflow.errors import MergeflowError
+from mergeflow.merge.recipe import load_recipe, recipe_from_dict, recipe_hash, save_recipe
+
+MERGEKIT_RECIPE = """
+models:
+  - model: psmathur/orca_mini_v3_13b
+    parameters:
+      density: [1, 0.7, 0.1]
+      weight: 1.0
+  - model: garage-bAInd/Platypus2-13B
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1]
+merge_method: ties
+base_model: TheBloke/Llama-2-13B-fp16
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+"""
+
+
+def test_mergekit_recipe_round_trips(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(MERGEKIT_RECIPE)
+    recipe = load_recipe(path)
+    assert recipe.merge_method == "ties"
+    assert recipe.base_model == "TheBloke/Llama-2-13B-fp16"
+    assert recipe.models[1].parameters["weight"] == [0, 0.3, 0.7, 1]
+    assert recipe.dtype == "float16"
+    save_recipe(recipe, tmp_path / "again.yaml")
+    again = load_recipe(tmp_path / "again.yaml")
+    assert again == recipe
+    assert recipe_hash(again) == recipe_hash(recipe)
+    assert len(recipe_hash(recipe)) == 12
+
+
+def test_hash_changes_with_content():
+    a = recipe_from_dict({"merge_method": "linear", "models": ["x", "y"]})
+    b = recipe_from_dict({"merge_method": "linear", "models": ["x", "y"], "seed": 1})
+    assert recipe_hash(a) != recipe_hash(b)
+
+
+def test_slices_with_layer_ranges():
+    recipe = recipe_from_dict({
+        "merge_method": "slerp", "base_model": "a",
+        "slices": [{"sources": [{"model": "a", "layer_range": [0, 4]},
+                                {"model": "b", "layer_range": [0, 4]}],
+                    "parameters": {"t": 0.3}}]})
+    assert recipe.slices[0].num_layers == 4
+    assert recipe.model_paths() == ["a", "b"]
+
+
+@pytest.mark.parametrize("data, culprit", [
+    ({"merge_method": "linear", "models": ["x"], "tokenizer": {"source": "union"}}, "'tokenizer'"),
+    ({"merge_method": "linear", "models": [{"model": "x", "lora": 1}]}, "'lora'"),
+    ({"merge_method": "linear"}, "exactly one of 'models' and 'slices'"),
+    ({"merge_method": "linear", "models": ["x"], "dtype": "int4"}, "'int4'"),
+    ({"merge_method": "linear", "slices": [{"sources": [{"model": "x", "layer_range": [3, 1]}]}]},
+     "layer_range"),
+])
+def test_unsupported_recipes_are_rejected(data, culprit):
+    with pytest.raises(MergeflowError, match=culprit):
+        recipe_from_dict(data)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(MergeflowError, match="nope.yaml"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [\n")
+    with pytest.raises(MergeflowError, match="bad.yaml"):
+        load_recipe(bad)

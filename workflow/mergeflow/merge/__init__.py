@@ -1,0 +1,19 @@
+"""Parameter-space model merging: methods, recipes, streaming and in-memory merges, genomes."""
+
+from mergeflow.merge.fast import InMemoryMerger, find_nonfinite
+from mergeflow.merge.genome import SearchSpace
+from mergeflow.merge.methods import MERGE_METHODS, MergeMethod, get_method
+from mergeflow.merge.params import layer_index, resolve_value
+from mergeflow.merge.plan import MergePlan, TensorPlan, merge_tensor, plan_merge
+from mergeflow.merge.recipe import (
+    ModelEntry, Recipe, SliceSource, SliceSpec, load_recipe, recipe_from_dict, recipe_hash,
+    save_recipe,
+)
+from mergeflow.merge.stream import merge_to_dir
+
+__all__ = [
+    "InMemoryMerger", "find_nonfinite", "SearchSpace", "MERGE_METHODS", "MergeMethod",
+    "get_method", "layer_index", "resolve_value", "MergePlan", "TensorPlan", "merge_tensor",
+    "plan_merge", "ModelEntry", "Recipe", "SliceSource", "SliceSpec", "load_recipe",
+    "recipe_from_dict", "recipe_hash", "save_recipe", "merge_to_dir",
+]

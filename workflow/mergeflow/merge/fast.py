@@ -1,0 +1,125 @@
+"""In-memory merging for the search: sources resident on the device, one preallocated model.
+
+The evolutionary search merges thousands of candidates from the same sources. ``InMemoryMerger``
+loads every source tensor once (in the compute dtype, on the device) and one model from the
+template (base) checkpoint; each ``merge(recipe)`` executes the same per-tensor plan as the
+CLI (``plan.merge_tensor``) and copies the results into that model's parameters in place: no
+disk I/O and no new model per candidate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from mergeflow.errors import MergeflowError
+from mergeflow.merge.methods import Workspace
+from mergeflow.merge.plan import check_finite, merge_tensor, plan_merge
+from mergeflow.merge.recipe import Recipe
+from mergeflow.merge.sources import ModelSource, dtype_name, parse_dtype
+
+
+def find_nonfinite(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers of ``model`` holding NaN or Inf."""
+    bad = []
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad.append(name)
+    return bad
+
+
+class InMemoryMerger:
+    """Resident sources plus one preallocated model that each merge overwrites.
+
+    ``models``: a recipe (every model it reads is loaded) or a list of model paths;
+    ``base_model``: added to the list when given. The first of (base, models) is the template:
+    its config, buffers and tokenizer define the merged model. ``dtype`` is the merged model's
+    dtype (default: the template's); ``compute_dtype`` the dtype sources are held and merged in
+    (default float32, as the CLI).
+    """
+
+    def __init__(self, models: Recipe | Sequence[str], base_model: str | None = None,
+                 device: str = "cpu", dtype: str | None = None, compute_dtype: str | None = None):
+        paths = models.model_paths() if isinstance(models, Recipe) else [str(p) for p in models]
+        base = base_model or (models.base_model if isinstance(models, Recipe) else None)
+        self.paths = list(dict.fromkeys(([base] if base else []) + paths))
+        if not self.paths:
+            raise MergeflowError("InMemoryMerger needs at least one model")
+        self.device = torch.device(device)
+        self.compute_dtype = parse_dtype(compute_dtype or "float32", "compute dtype")
+        self.sources = {path: ModelSource(path) for path in self.paths}
+        self.resident = {path: self._load(source) for path, source in self.sources.items()}
+        self.template = self.paths[0]
+        self.out_dtype = parse_dtype(dtype, "dtype") if dtype else None
+        self.model = self._preallocate()
+        self.parameters = dict(self.model.state_dict())
+        self.workspace = Workspace(cache=True)
+
+    def _load(self, source: ModelSource) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name in source.tensors:
+            tensor = source.read(name)
+            check_finite(tensor, name, str(source.path))
+            tensors[name] = tensor.to(device=self.device, dtype=self.compute_dtype)
+        return tensors
+
+    def _preallocate(self) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM  # heavy import, only for this path
+
+        template = self.sources[self.template]
+        if self.out_dtype is None:
+            first = next(iter(template.tensors.values())).dtype
+            self.out_dtype = first if first.is_floating_point else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(
+            template.path, dtype=self.out_dtype, device_map=None)
+        model.to(self.device)
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    def _fetch(self, model: str, name: str) -> torch.Tensor:
+        try:
+            tensors = self.resident[model]
+        except KeyError:
+            raise MergeflowError(
+                f"model {model!r} was not loaded into the in-memory merger; loaded: {self.paths}"
+            ) from None
+        try:
+            return tensors[name]
+        except KeyError:
+            raise MergeflowError(f"tensor {name!r} is missing from model {model!r}") from None
+
+    def merge(self, recipe: Recipe) -> torch.nn.Module:
+        """Merge ``recipe`` into the preallocated model in place and return the model."""
+        if recipe.dtype and parse_dtype(recipe.dtype, "recipe dtype") != self.compute_dtype:
+            raise MergeflowError(
+                f"recipe dtype {recipe.dtype!r} differs from the merger's compute dtype "
+                f"{dtype_name(self.compute_dtype)!r}")
+        missing = [p for p in recipe.model_paths() if p not in self.resident]
+        if missing:
+            raise MergeflowError(f"model {missing[0]!r} was not loaded into the in-memory merger")
+        plan = plan_merge(recipe, self.sources, out_dtype=dtype_name(self.out_dtype))
+        if plan.num_layers != self.sources[self.template].num_layers:
+            raise MergeflowError(
+                f"recipe produces {plan.num_layers} layers; the preallocated model has "
+                f"{self.sources[self.template].num_layers}")
+        with torch.no_grad():
+            for tensor_plan in plan.tensors:
+                target = self.parameters.get(tensor_plan.name)
+                if target is None:
+                    raise MergeflowError(
+                        f"tensor {tensor_plan.name!r} has no counterpart in the preallocated model")
+                # Write straight into the parameter when it has the compute dtype; otherwise
+                # merge into scratch and cast on the copy, as the CLI casts on writing.
+                direct = target.dtype == self.compute_dtype and target.is_contiguous()
+                merged = merge_tensor(tensor_plan, self._fetch, self.device, self.workspace,
+                                      out=target if direct else None)
+                if not direct:
+                    target.copy_(merged)
+        return self.model
+
+    def nonfinite_tensors(self) -> list[str]:
+        """Names of merged tensors holding NaN or Inf (empty when the merge is usable)."""
+        return find_nonfinite(self.model)

@@ -1,0 +1,519 @@
+"""Merge methods: pure functions from source tensors and resolved parameters to one tensor.
+
+Every method has the same signature::
+
+    method(tensors, base, model_params, params, rng) -> Tensor
+
+- ``tensors``: the tensors of the models being merged, in recipe order. For methods that work
+  on task vectors (everything but ``linear``) the base model is *not* among them.
+- ``base``: the base model's tensor, or None for methods that do not use one.
+- ``model_params``: one dict per entry of ``tensors`` with the per-model parameters resolved
+  for this tensor and defaults filled in (``weight``, ``density``, ``gamma``, ``epsilon``).
+- ``params``: the method parameters resolved for this tensor, defaults filled in
+  (``lambda``, ``normalize``, ``rescale``, ``t``).
+- ``rng(i)``: a ``torch.Generator`` for model ``i``, seeded from (recipe seed, tensor name, i)
+  so random methods (DARE, DELLA) are reproducible tensor by tensor.
+- ``ws``: a ``Workspace`` giving scratch tensors (default: fresh allocations);
+  ``out``: an optional tensor to write the result into (same shape and dtype).
+
+Source tensors are never modified. The same operations run whether or not ``ws`` caches and
+whether or not ``out`` is given, so results are bitwise identical either way.
+
+Semantics and defaults follow the published methods and mergekit's choices where mergekit has
+the method; see ``MERGE_METHODS`` for the defaults of each.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from mergeflow.errors import MergeflowError
+
+RngFactory = Callable[[int], torch.Generator]
+MethodFunction = Callable[..., Tensor]
+
+# Below this |cos| SLERP interpolates on the great circle; above it the vectors are nearly
+# colinear, sin(theta) is tiny and plain linear interpolation is the stable answer.
+SLERP_DOT_THRESHOLD = 0.9995
+_TINY = 1e-8
+# Above this many entries the magnitude threshold is found from a sample-bracketed band
+# instead of a full selection (kthvalue over tens of millions of entries is slow on CPU).
+_EXACT_SELECTION_LIMIT = 1 << 18
+_SAMPLE_SIZE = 1 << 16
+
+
+class Workspace:
+    """Scratch tensors for the methods, by slot name.
+
+    The default allocates fresh tensors. With ``cache=True`` (the in-memory merger) a buffer
+    per (slot, shape, dtype, device) is kept and reused across tensors and merges: fresh
+    allocations of large tensors cost a page fault per 4 KiB, more than the arithmetic.
+    """
+
+    def __init__(self, cache: bool = False):
+        self.cache = cache
+        self._buffers: dict[tuple, Tensor] = {}
+        self._sorted: dict[tuple, Tensor] = {}
+
+    def empty(self, slot: str, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        dtype = dtype or like.dtype
+        if not self.cache:
+            return torch.empty(like.shape, dtype=dtype, device=like.device)
+        key = (slot, tuple(like.shape), dtype, like.device)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = torch.empty(like.shape, dtype=dtype, device=like.device)
+        return buffer
+
+    def ones(self, like: Tensor) -> Tensor:
+        """A tensor of ones shaped like ``like`` (filled once when cached)."""
+        key = ("ones", tuple(like.shape), like.dtype, like.device)
+        if self.cache and key in self._buffers:
+            return self._buffers[key]
+        buffer = self.empty("ones", like).fill_(1.0)
+        return buffer
+
+    def magnitude_threshold(self, delta: Callable[[], Tensor], keep: int, key: tuple | None) -> float:
+        """The ``keep``-th largest |delta()|. A caching workspace given the ``key`` of a
+        (model, base) tensor pair sorts that task vector's magnitudes once and then answers
+        any ``keep`` by lookup: the search varies densities, never the task vectors."""
+        if not self.cache or key is None:
+            return kth_largest(delta().abs_().reshape(-1).float(), keep, self)
+        ordered = self._sorted.get(key)
+        if ordered is None:
+            ordered = self._sorted[key] = delta().abs_().reshape(-1).float().sort().values
+        return float(ordered[ordered.numel() - keep])
+
+
+def _destination(out: Tensor | None, ws: Workspace, like: Tensor) -> Tensor:
+    return out if out is not None else ws.empty("result", like)
+
+
+# --------------------------------------------------------------------------------------------
+# Sparsification of task vectors (in place where possible)
+
+
+def _kth_largest(values: Tensor, k: int) -> float:
+    return float(torch.kthvalue(values, values.numel() - k + 1).values)
+
+
+def kth_largest(magnitudes: Tensor, k: int, ws: Workspace | None = None) -> float:
+    """The exact ``k``-th largest entry of a flat float32 tensor.
+
+    For large tensors: the quantile is bracketed from an evenly strided sample, entries above
+    the bracket are counted, and only the entries inside it go through ``kthvalue``; when the
+    bracket misses (adversarial layouts) it falls back to the full selection.
+    """
+    ws = ws or Workspace()
+    total = magnitudes.numel()
+    if total <= _EXACT_SELECTION_LIMIT:
+        return _kth_largest(magnitudes, k)
+    sample = magnitudes[:: total // _SAMPLE_SIZE].sort().values
+    size = sample.numel()
+    below = size * (1.0 - k / total)  # sample rank of the target
+    margin = 6.0 * math.sqrt(max(below * (1.0 - below / size), 1.0)) + 8.0
+    low = float(sample[max(int(below - margin), 0)])
+    high = float(sample[min(int(below + margin), size - 1)])
+    flags = ws.empty("select_flags", magnitudes, torch.bool)
+    above = int(torch.gt(magnitudes, high, out=flags).sum())
+    if above < k:
+        in_band = torch.ge(magnitudes, low, out=flags)
+        in_band.logical_and_(torch.le(magnitudes, high, out=ws.empty("select_le", magnitudes, torch.bool)))
+        band = magnitudes[in_band]
+        needed = k - above
+        if needed <= band.numel():
+            return _kth_largest(band, needed)
+    return _kth_largest(magnitudes, k)
+
+
+def magnitude_threshold(values: Tensor, keep: int, ws: Workspace | None = None) -> float:
+    """The ``keep``-th largest |value|: keeping ``|v| >= threshold`` keeps the top ``keep``."""
+    magnitudes = values.abs().reshape(-1).float()
+    return kth_largest(magnitudes, keep, ws)
+
+
+def keep_count(density: float, numel: int) -> int:
+    """Entries a magnitude trim keeps: ``int(density * n)`` (mergekit's rounding)."""
+    return int(density * numel)
+
+
+def shrink_below(delta: Tensor, threshold: float, ws: Workspace) -> Tensor:
+    """Zero the entries with ``|x| < threshold`` in place."""
+    if threshold <= 0.0:
+        return delta  # every entry is at or above a zero threshold
+    if delta.dtype == torch.float32:
+        # |x| >= threshold  <=>  |x| > the next float below it; hardshrink does that test in
+        # one float pass (bool masks multiplied into floats are several times slower on CPU).
+        below = float(torch.nextafter(torch.tensor(threshold), torch.tensor(0.0)))
+        return torch.ops.aten.hardshrink.out(delta, below, out=delta)
+    magnitudes = torch.abs(delta, out=ws.empty("magnitude", delta))
+    return delta.mul_(torch.ge(magnitudes, threshold, out=ws.empty("keep", delta, torch.bool)))
+
+
+def trim_by_magnitude(delta: Tensor, density: float, ws: Workspace | None = None) -> Tensor:
+    """TIES trim: keep the ``int(density * n)`` entries of largest magnitude, zero the rest.
+
+    Entries tied with the threshold magnitude are all kept.
+    """
+    if density >= 1.0:
+        return delta
+    keep = keep_count(density, delta.numel())
+    if keep <= 0:
+        return delta.zero_()
+    ws = ws or Workspace()
+    threshold = ws.magnitude_threshold(lambda: delta.clone(), keep, None)
+    return shrink_below(delta, threshold, ws)
+
+
+def drop_random(delta: Tensor, density: float, rescale: bool, generator: torch.Generator,
+                ws: Workspace | None = None) -> Tensor:
+    """DARE: keep each entry with probability ``density`` (Bernoulli), rescale by 1/density."""
+    if density >= 1.0:
+        return delta
+    ws = ws or Workspace()
+    draws = torch.rand(delta.shape, generator=generator, out=ws.empty("random", delta))
+    # a 0/1 float mask: comparisons into float outputs and float products are fast on CPU,
+    # bool masks multiplied into floats are not
+    delta.mul_(torch.lt(draws, density, out=draws))
+    if rescale:
+        delta.div_(density)
+    return delta
+
+
+def drop_magnitude_outliers(delta: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
+    """Model Breadcrumbs: drop the top ``gamma`` fraction by magnitude (outliers) and the
+    smallest entries, keeping ``int(density * n)`` entries in between."""
+    if density >= 1.0:
+        return delta
+    total = delta.numel()
+    keep = int(total * density)
+    n_top = int(total * gamma)
+    n_bottom = total - keep - n_top
+    if n_bottom < 0:  # gamma + density > 1: keep the density, drop fewer outliers
+        n_bottom, n_top = 0, total - keep
+    order = torch.argsort(delta.abs().flatten().float())
+    mask = torch.zeros(total, dtype=torch.bool, device=delta.device)
+    mask[order[n_bottom : total - n_top]] = True
+    delta.mul_(mask.view(delta.shape))
+    if rescale and keep > 0:
+        delta.mul_(total / keep)
+    return delta
+
+
+def drop_by_magnitude_rank(
+    delta: Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator
+) -> Tensor:
+    """DELLA (MagPrune): within each row, keep entries with probability rising linearly with
+    their magnitude rank from ``density - epsilon`` to ``density + epsilon``; rescale each kept
+    entry by 1/its keep probability. Probabilities are clipped to (0, 1]."""
+    if density >= 1.0:
+        return delta
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    columns = rows.shape[1]
+    ranks = torch.argsort(torch.argsort(rows.abs().float(), dim=1), dim=1).to(rows.dtype)
+    rank_fraction = ranks / (columns - 1) if columns > 1 else torch.full_like(ranks, 0.5)
+    keep_probability = (density - epsilon + 2.0 * epsilon * rank_fraction).clamp_(_TINY, 1.0)
+    keep = torch.rand(rows.shape, generator=generator, device=rows.device) < keep_probability
+    result = rows * keep
+    if rescale:
+        result = result / keep_probability
+    return result.reshape(delta.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Methods
+
+
+def linear_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
+    """Weighted average ``sum(w_i x_i) / sum(w_i)`` (or the plain weighted sum without
+    ``normalize``)."""
+    weights = [float(p["weight"]) for p in model_params]
+    total = sum(weights)
+    scale = 1.0 / total if params["normalize"] and abs(total) > _TINY else 1.0
+    result = torch.mul(tensors[0], weights[0] * scale,
+                       out=_destination(out, ws or Workspace(), tensors[0]))
+    for tensor, weight in zip(tensors[1:], weights[1:]):
+        result.add_(tensor, alpha=weight * scale)
+    return result
+
+
+def _task_vector_sum(tensors, base, weights, lam: float, normalize: bool, result: Tensor) -> Tensor:
+    """``base + lam * sum(w_i (x_i - base)) [/ sum(w_i)]`` rearranged to one pass per source:
+    ``sum(c_i x_i) + (1 - sum(c_i)) base`` with ``c_i = lam w_i [/ sum(w_i)]``."""
+    total = sum(weights)
+    divisor = total if normalize and abs(total) > _TINY else 1.0
+    coefficients = [lam * w / divisor for w in weights]
+    torch.mul(base, 1.0 - sum(coefficients), out=result)
+    for tensor, coefficient in zip(tensors, coefficients):
+        result.add_(tensor, alpha=coefficient)
+    return result
+
+
+# CPU merges run in blocks of this many entries: a dozen passes over a block stay in cache,
+# where over a whole tensor each pass goes to memory. Below torch's parallel grain size, so
+# each op runs on one thread without OpenMP overhead.
+CPU_BLOCK = 1 << 14
+
+
+def _elect_and_merge(deltas: list[Tensor], scales: list[float], weights: list[float],
+                     normalize: bool, ws: Workspace, result: Tensor) -> Tensor:
+    """TIES sign election and disjoint merge of ``scales[i] * deltas[i]`` (scales >= 0), into
+    ``result``: per entry the sign of the scaled sum wins (zero counts as positive); only
+    deltas agreeing with it contribute, and with ``normalize`` their sum is divided by the sum
+    of the ``weights`` of the agreeing ones (the disjoint mean).
+
+    Float-only formulation (bool masks are slow on CPU): with ``s = +-1`` the elected sign,
+    a delta agrees iff ``delta * s > 0``, so ``sum of agreeing = s * sum(c_i relu(delta_i s))``.
+    """
+    total = torch.mul(deltas[0], scales[0], out=ws.empty("total", result))
+    for delta, scale in zip(deltas[1:], scales[1:]):
+        total.add_(delta, alpha=scale)
+    # copysign gives +1 for +0.0; a -0.0 total only arises when every delta is zero there
+    elected = torch.copysign(ws.ones(result), total, out=total)
+    agreeing = ws.empty("agreeing", result)
+    weight_sum = ws.empty("weight_sum", result) if normalize else None
+    for index, (delta, scale, weight) in enumerate(zip(deltas, scales, weights)):
+        torch.mul(delta, elected, out=agreeing).clamp_min_(0.0)
+        if index == 0:
+            torch.mul(agreeing, scale, out=result)
+        else:
+            result.add_(agreeing, alpha=scale)
+        if weight_sum is not None:
+            agrees = torch.gt(agreeing, 0.0, out=agreeing)  # 0/1 floats
+            if index == 0:
+                torch.mul(agrees, weight, out=weight_sum)
+            else:
+                weight_sum.add_(agrees, alpha=weight)
+    result.mul_(elected)
+    if weight_sum is not None:
+        # where nothing agrees the sum is 0: divide by 1 there, not 0
+        weight_sum.add_(torch.eq(weight_sum, 0.0, out=agreeing))
+        result.div_(weight_sum)
+    return result
+
+
+@dataclass(frozen=True)
+class _TaskArithmeticVariant:
+    sparsify: str | None  # None, "magnitude", "random", "outliers", "magnitude_rank"
+    sign_consensus: bool
+
+    @property
+    def elementwise(self) -> bool:
+        """Whether the merge can run block by block (given per-tensor trim thresholds)."""
+        return self.sparsify in (None, "magnitude", "random")
+
+
+def _sparsify_block(delta: Tensor, variant: _TaskArithmeticVariant, model: dict,
+                    threshold: float | None, rescale: bool, generator: torch.Generator | None,
+                    ws: Workspace) -> Tensor:
+    """Sparsify one task vector (block) in place; DARE's 1/density rescale is left to the
+    caller's scale."""
+    density = float(model["density"])
+    if density >= 1.0:
+        return delta
+    if variant.sparsify == "magnitude":
+        return shrink_below(delta, threshold, ws) if threshold is not None else delta.zero_()
+    if variant.sparsify == "random":
+        draws = torch.rand(delta.shape, generator=generator, out=ws.empty("random", delta))
+        # a 0/1 float mask: a comparison into a float output and a float product are fast on
+        # CPU, a bool mask multiplied into floats is not
+        return delta.mul_(torch.lt(draws, density, out=draws))
+    if variant.sparsify == "outliers":
+        return drop_magnitude_outliers(delta, density, float(model["gamma"]), rescale)
+    if variant.sparsify == "magnitude_rank":
+        return drop_by_magnitude_rank(delta, density, float(model["epsilon"]), rescale, generator)
+    return delta
+
+
+def _merge_block(tensors, base, model_params, variant, params, thresholds, generators,
+                 ws: Workspace, result: Tensor) -> Tensor:
+    """The task-vector merge of one block (or a whole tensor), into ``result``."""
+    weights = [float(p["weight"]) for p in model_params]
+    rescale = bool(params["rescale"])
+    normalize = bool(params["normalize"])
+    deltas, scales = [], []
+    for index, (tensor, model) in enumerate(zip(tensors, model_params)):
+        delta = torch.sub(tensor, base, out=ws.empty(f"delta{index}", base))
+        delta = _sparsify_block(delta, variant, model, thresholds[index], rescale,
+                                generators[index], ws)
+        scale = weights[index]
+        density = float(model["density"])
+        if variant.sparsify == "random" and rescale and density < 1.0:
+            scale /= density
+        if scale < 0.0:  # the election below needs non-negative scales
+            delta.mul_(scale)
+            scale = 1.0
+        deltas.append(delta)
+        scales.append(scale)
+    if variant.sign_consensus:
+        _elect_and_merge(deltas, scales, weights, normalize, ws, result)
+    else:
+        torch.mul(deltas[0], scales[0], out=result)
+        for delta, scale in zip(deltas[1:], scales[1:]):
+            result.add_(delta, alpha=scale)
+        total = sum(weights)
+        if normalize and abs(total) > _TINY:
+            result.div_(total)
+    return torch.add(base, result, alpha=float(params["lambda"]), out=result)
+
+
+def _trim_thresholds(tensors, base, model_params, variant, ws: Workspace) -> list[float | None]:
+    """Per model, the magnitude threshold of the TIES trim over the whole tensor (None when
+    nothing is kept; unused by the other variants)."""
+    thresholds: list[float | None] = []
+    for tensor, model in zip(tensors, model_params):
+        density = float(model["density"])
+        keep = keep_count(density, base.numel())
+        if variant.sparsify != "magnitude" or density >= 1.0 or keep <= 0:
+            thresholds.append(0.0 if keep > 0 else None)
+            continue
+        key = (tensor.data_ptr(), base.data_ptr(), tuple(base.shape), base.dtype)
+        thresholds.append(ws.magnitude_threshold(lambda tensor=tensor: torch.sub(tensor, base), keep, key))
+    return thresholds
+
+
+def _generalized_task_arithmetic(variant: _TaskArithmeticVariant) -> MethodFunction:
+    """Build a task-vector method: sparsify each ``x_i - base``, optionally elect signs, sum
+    with weights, optionally normalize by the (agreeing) weights, scale by lambda, add base."""
+
+    def merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
+        ws = ws or Workspace()
+        result = _destination(out, ws, base)
+        if variant.sparsify is None and not variant.sign_consensus:
+            weights = [float(p["weight"]) for p in model_params]
+            return _task_vector_sum(tensors, base, weights, float(params["lambda"]),
+                                    bool(params["normalize"]), result)
+        thresholds = _trim_thresholds(tensors, base, model_params, variant, ws)
+        random = variant.sparsify in ("random", "magnitude_rank")
+        generators = [rng(i) if random else None for i in range(len(tensors))]
+        if not variant.elementwise or base.device.type != "cpu" or base.numel() <= CPU_BLOCK:
+            return _merge_block(tensors, base, model_params, variant, params, thresholds,
+                                generators, ws, result)
+        flat_sources = [t.reshape(-1) for t in tensors]
+        flat_base, flat_result = base.reshape(-1), result.view(-1)
+        for start in range(0, base.numel(), CPU_BLOCK):
+            block = slice(start, start + CPU_BLOCK)
+            _merge_block([t[block] for t in flat_sources], flat_base[block], model_params,
+                         variant, params, thresholds, generators, ws, flat_result[block])
+        return result
+
+    return merge
+
+
+task_arithmetic_merge = _generalized_task_arithmetic(_TaskArithmeticVariant(None, False))
+ties_merge = _generalized_task_arithmetic(_TaskArithmeticVariant("magnitude", True))
+dare_linear_merge = _generalized_task_arithmetic(_TaskArithmeticVariant("random", False))
+dare_ties_merge = _generalized_task_arithmetic(_TaskArithmeticVariant("random", True))
+breadcrumbs_merge = _generalized_task_arithmetic(_TaskArithmeticVariant("outliers", False))
+breadcrumbs_ties_merge = _generalized_task_arithmetic(_TaskArithmeticVariant("outliers", True))
+della_merge = _generalized_task_arithmetic(_TaskArithmeticVariant("magnitude_rank", True))
+della_linear_merge = _generalized_task_arithmetic(_TaskArithmeticVariant("magnitude_rank", False))
+
+
+def _lerp(v0: Tensor, v1: Tensor, t: float, result: Tensor) -> Tensor:
+    return torch.mul(v0, 1.0 - t, out=result).add_(v1, alpha=t)
+
+
+def slerp_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
+    """Spherical interpolation from the base (t=0) to the other model (t=1), on the angle
+    between the flattened tensors; linear interpolation when they are nearly colinear."""
+    t = float(params["t"])
+    v0, v1 = base, tensors[0]
+    result = _destination(out, ws or Workspace(), base)
+    norm0 = float(torch.linalg.vector_norm(v0.float()))
+    norm1 = float(torch.linalg.vector_norm(v1.float()))
+    if norm0 < _TINY or norm1 < _TINY:
+        return _lerp(v0, v1, t, result)
+    dot = float(torch.sum(v0.double() * v1.double())) / (norm0 * norm1)
+    if abs(dot) > SLERP_DOT_THRESHOLD:
+        return _lerp(v0, v1, t, result)
+    theta = math.acos(max(-1.0, min(1.0, dot)))
+    sin_theta = math.sin(theta)
+    scale0 = math.sin((1.0 - t) * theta) / sin_theta
+    scale1 = math.sin(t * theta) / sin_theta
+    return torch.mul(v0, scale0, out=result).add_(v1, alpha=scale1)
+
+
+def model_stock_ratio(cosine: float, num_models: int) -> float:
+    """Model Stock's interpolation ratio ``t = N cos / (1 + (N - 1) cos)``."""
+    denominator = 1.0 + (num_models - 1) * cosine
+    if abs(denominator) < _TINY:
+        return 0.0
+    return num_models * cosine / denominator
+
+
+def model_stock_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
+    """Model Stock: average the fine-tuned models and move from the base towards that average
+    by ``t`` from the mean pairwise cosine between their task vectors."""
+    deltas = [torch.sub(tensor, base).flatten().double() for tensor in tensors]
+    cosines = []
+    for i in range(len(deltas)):
+        for j in range(i + 1, len(deltas)):
+            norms = float(torch.linalg.vector_norm(deltas[i]) * torch.linalg.vector_norm(deltas[j]))
+            cosine = float(torch.dot(deltas[i], deltas[j])) / max(norms, 1e-6)
+            cosines.append(max(-1.0, min(1.0, cosine)))
+    ratio = model_stock_ratio(sum(cosines) / len(cosines), len(tensors))
+    average = torch.mul(tensors[0], 1.0 / len(tensors), out=_destination(out, ws or Workspace(), base))
+    for tensor in tensors[1:]:
+        average.add_(tensor, alpha=1.0 / len(tensors))
+    return average.mul_(ratio).add_(base, alpha=1.0 - ratio)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method: its function, what it needs and the defaults of its parameters.
+
+    ``model_defaults`` and ``method_defaults`` map parameter names to defaults; a None default
+    means the parameter is required.
+    """
+
+    name: str
+    function: MethodFunction
+    uses_base: bool
+    model_defaults: dict[str, Any] = field(default_factory=dict)
+    method_defaults: dict[str, Any] = field(default_factory=dict)
+    min_models: int = 1
+    max_models: int | None = None
+    random: bool = False
+
+
+def _task_method(name, function, normalize, rescale=False, extra=None, random=False):
+    model_defaults = {"weight": 1.0, "density": 1.0, **(extra or {})}
+    method_defaults = {"lambda": 1.0, "normalize": normalize, "rescale": rescale}
+    return MergeMethod(name, function, True, model_defaults, method_defaults, random=random)
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {
+    method.name: method
+    for method in [
+        MergeMethod("linear", linear_merge, False, {"weight": 1.0}, {"normalize": True}),
+        _task_method("task_arithmetic", task_arithmetic_merge, normalize=False),
+        _task_method("ties", ties_merge, normalize=True),
+        _task_method("dare_linear", dare_linear_merge, False, rescale=True, random=True),
+        _task_method("dare_ties", dare_ties_merge, False, rescale=True, random=True),
+        _task_method("breadcrumbs", breadcrumbs_merge, False, extra={"gamma": 0.01}),
+        _task_method("breadcrumbs_ties", breadcrumbs_ties_merge, False, extra={"gamma": 0.01}),
+        _task_method("della", della_merge, True, True, {"epsilon": 0.15}, random=True),
+        _task_method("della_linear", della_linear_merge, False, True, {"epsilon": 0.15}, random=True),
+        MergeMethod("slerp", slerp_merge, True, {}, {"t": None}, min_models=1, max_models=1),
+        MergeMethod("model_stock", model_stock_merge, True, {}, {}, min_models=2),
+    ]
+}
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called ``name``; MergeflowError naming it when unknown."""
+    try:
+        return MERGE_METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(MERGE_METHODS))
+        raise MergeflowError(f"unknown merge method {name!r}; known methods: {known}") from None

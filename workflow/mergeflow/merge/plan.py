@@ -1,0 +1,230 @@
+"""Planning a merge: for each output tensor, which source tensors, method and parameters.
+
+Both the streaming merge (``stream``) and the in-memory merge (``fast``) execute the same plan
+with ``merge_tensor``, which is what makes their outputs bitwise identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from mergeflow.errors import MergeflowError
+from mergeflow.merge.methods import MergeMethod, Workspace, get_method
+from mergeflow.merge.params import (
+    is_pre_layer_tensor, layer_index, layer_position, resolve_value, with_layer_index,
+)
+from mergeflow.merge.recipe import Recipe, SliceSource, SliceSpec
+from mergeflow.merge.sources import ModelSource, TensorInfo, parse_dtype
+
+TensorRef = tuple[str, str]  # (model path, tensor name)
+Fetch = Callable[[str, str], torch.Tensor]
+
+
+@dataclass
+class TensorPlan:
+    """How to produce one output tensor."""
+
+    name: str
+    method: MergeMethod
+    sources: list[TensorRef]
+    base: TensorRef | None
+    model_params: list[dict[str, Any]]
+    params: dict[str, Any]
+    seed: int
+    shape: tuple[int, ...]
+
+
+@dataclass
+class MergePlan:
+    tensors: list[TensorPlan]
+    num_layers: int
+    template: str  # model whose config and non-layer tensor names the output copies
+    compute_dtype: torch.dtype
+    out_dtype: torch.dtype
+
+
+def tensor_seed(recipe_seed: int, tensor_name: str, model_index: int) -> int:
+    """Seed of the random draws for one model's tensor: a hash of (seed, name, model)."""
+    digest = hashlib.sha256(f"{recipe_seed}\0{tensor_name}\0{model_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def as_slices(recipe: Recipe, num_layers: int) -> list[SliceSpec]:
+    """The recipe's slices; a ``models`` recipe is one slice over all layers."""
+    if recipe.slices:
+        return recipe.slices
+    sources = [SliceSource(e.model, (0, num_layers), e.parameters) for e in recipe.models]
+    return [SliceSpec(sources)]
+
+
+def _lookup(key: str, *levels: dict[str, Any]) -> tuple[bool, Any]:
+    for level in levels:
+        if key in level:
+            return True, level[key]
+    return False, None
+
+
+def _check_value(key: str, value: Any, model: str, tensor: str) -> None:
+    if key == "density" and not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+        raise MergeflowError(
+            f"density {value!r} of model {model!r} for tensor {tensor!r} is outside (0, 1]")
+    if key == "weight" and not isinstance(value, (int, float)):
+        raise MergeflowError(f"weight {value!r} of model {model!r} for tensor {tensor!r} is not a number")
+
+
+class _Planner:
+    def __init__(self, recipe: Recipe, sources: dict[str, ModelSource]):
+        self.recipe = recipe
+        self.sources = sources
+        self.template = recipe.base_model or recipe.model_paths()[0]
+        template = sources[self.template]
+        self.slices = as_slices(recipe, template.num_layers)
+
+    def source_info(self, ref: TensorRef) -> TensorInfo:
+        return self.sources[ref[0]].info(ref[1])
+
+    def plan(self) -> list[TensorPlan]:
+        template = self.sources[self.template]
+        names = list(template.tensors)
+        pre = [n for n in names if layer_index(n) is None and is_pre_layer_tensor(n)]
+        post = [n for n in names if layer_index(n) is None and not is_pre_layer_tensor(n)]
+        plans = [self.plan_tensor(n, n, self.slices[0], None, 0.0) for n in pre]
+        out_layer = 0
+        for spec in self.slices:
+            first = spec.sources[0]
+            for rel in range(spec.num_layers):
+                source_layer = first.layer_range[0] + rel
+                layer_names = [n for n in self.sources[first.model].tensors
+                               if layer_index(n) == source_layer]
+                if not layer_names:
+                    raise MergeflowError(
+                        f"model {first.model!r} has no layer {source_layer} (layer_range {list(first.layer_range)})")
+                t = layer_position(rel, spec.num_layers)
+                for name in layer_names:
+                    plans.append(self.plan_tensor(with_layer_index(name, out_layer), name, spec, rel, t))
+                out_layer += 1
+        plans += [self.plan_tensor(n, n, self.slices[-1], None, 1.0) for n in post]
+        return plans
+
+    def plan_tensor(self, out_name: str, first_name: str, spec: SliceSpec,
+                    rel: int | None, t: float) -> TensorPlan:
+        method = get_method(spec.merge_method or self.recipe.merge_method)
+        base_path = spec.base_model or self.recipe.base_model
+
+        def ref(source: SliceSource) -> TensorRef:
+            if rel is None:
+                return (source.model, out_name)
+            return (source.model, with_layer_index(first_name, source.layer_range[0] + rel))
+
+        members = spec.sources
+        base_ref = None
+        if method.uses_base:
+            if not base_path:
+                raise MergeflowError(f"merge method {method.name!r} needs a 'base_model'")
+            base_members = [s for s in members if s.model == base_path]
+            base_ref = ref(base_members[0]) if base_members else (
+                base_path, ref(members[0])[1])
+            members = [s for s in members if s.model != base_path]
+        self._check_model_count(method, members, out_name)
+        model_params = [self._model_params(method, s, spec, t, out_name) for s in members]
+        params = self._method_params(method, spec, t, out_name)
+        refs = [ref(s) for s in members]
+        shape = self._check_shapes(refs + ([base_ref] if base_ref else []), out_name)
+        seed = tensor_seed(self.recipe.seed, out_name, 0)
+        return TensorPlan(out_name, method, refs, base_ref, model_params, params, seed, shape)
+
+    def _check_model_count(self, method: MergeMethod, members: list, tensor: str) -> None:
+        count = len(members)
+        if method.name == "slerp" and count != 1:
+            raise MergeflowError(
+                f"slerp merges exactly two models (base_model and one other); tensor {tensor!r} "
+                f"has {count + 1}")
+        if count < method.min_models:
+            raise MergeflowError(
+                f"merge method {method.name!r} needs at least {method.min_models} model(s) besides "
+                f"the base; tensor {tensor!r} has {count}")
+
+    def _model_params(self, method: MergeMethod, source: SliceSource, spec: SliceSpec,
+                      t: float, tensor: str) -> dict[str, Any]:
+        values = {}
+        for key, default in method.model_defaults.items():
+            found, setting = _lookup(key, source.parameters, spec.parameters, self.recipe.parameters)
+            value = resolve_value(setting, t, tensor, key) if found else None
+            value = default if value is None else value
+            _check_value(key, value, source.model, tensor)
+            values[key] = value
+        return values
+
+    def _method_params(self, method: MergeMethod, spec: SliceSpec, t: float,
+                       tensor: str) -> dict[str, Any]:
+        values = {}
+        for key, default in method.method_defaults.items():
+            found, setting = _lookup(key, spec.parameters, self.recipe.parameters)
+            value = resolve_value(setting, t, tensor, key) if found else None
+            value = default if value is None else value
+            if value is None:
+                raise MergeflowError(
+                    f"merge method {method.name!r} needs parameter {key!r} (tensor {tensor!r})")
+            values[key] = value
+        return values
+
+    def _check_shapes(self, refs: list[TensorRef], tensor: str) -> tuple[int, ...]:
+        infos = [self.source_info(r) for r in refs]
+        for r, info in zip(refs[1:], infos[1:]):
+            if info.shape != infos[0].shape:
+                raise MergeflowError(
+                    f"tensor shape mismatch for {tensor!r}: model {refs[0][0]!r} has "
+                    f"{list(infos[0].shape)}, model {r[0]!r} has {list(info.shape)}")
+        return infos[0].shape
+
+
+def open_sources(recipe: Recipe) -> dict[str, ModelSource]:
+    return {path: ModelSource(path) for path in recipe.model_paths()}
+
+
+def plan_merge(recipe: Recipe, sources: dict[str, ModelSource],
+               out_dtype: str | None = None) -> MergePlan:
+    """Plan every output tensor; checks methods, parameters, tensor names and shapes."""
+    planner = _Planner(recipe, sources)
+    tensors = planner.plan()
+    compute_dtype = parse_dtype(recipe.dtype or "float32", "recipe dtype")
+    chosen = out_dtype or recipe.out_dtype or recipe.dtype
+    if chosen:
+        resolved_out = parse_dtype(chosen, "output dtype")
+    else:
+        first_float = next((planner.source_info((planner.template, t.name)).dtype
+                            for t in tensors if layer_index(t.name) is None), torch.float32)
+        resolved_out = first_float if first_float.is_floating_point else torch.float32
+    num_layers = sum(spec.num_layers for spec in planner.slices)
+    return MergePlan(tensors, num_layers, planner.template, compute_dtype, resolved_out)
+
+
+def merge_tensor(plan: TensorPlan, fetch: Fetch, device: torch.device | str,
+                 ws: Workspace | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run one tensor's plan; ``fetch(model, name)`` gives source tensors in the compute dtype
+    on ``device``. Source tensors are not modified. ``ws`` and ``out`` as for the methods:
+    they change where results go, never their values."""
+    tensors = [fetch(model, name) for model, name in plan.sources]
+    base = fetch(*plan.base) if plan.base else None
+    if not plan.method.random:
+        rng = _no_rng
+    else:
+        def rng(model_index: int) -> torch.Generator:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(plan.seed + model_index)
+            return generator
+    return plan.method.function(tensors, base, plan.model_params, plan.params, rng, ws, out)
+
+
+def _no_rng(model_index: int) -> torch.Generator:
+    raise RuntimeError("a deterministic merge method asked for random numbers")
+
+
+def check_finite(tensor: torch.Tensor, tensor_name: str, model: str) -> None:
+    """MergeflowError naming the tensor and model when a tensor holds NaN or Inf."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise MergeflowError(f"tensor {tensor_name!r} of model {model!r} contains NaN or Inf")

@@ -1,0 +1,113 @@
+"""Read access to HF model directories holding safetensors weights, one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mergeflow.errors import MergeflowError
+from mergeflow.merge.params import layer_index
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, from the safetensors header (no data read)."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_header(file: Path) -> dict:
+    """The JSON header of a safetensors file."""
+    with open(file, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return json.loads(handle.read(length))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str, where: str) -> torch.dtype:
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise MergeflowError(f"{where}: dtype {name!r} is not one of {sorted(TORCH_DTYPES)}") from None
+
+
+class ModelSource:
+    """A model directory: its config and a lazy, tensor-by-tensor view of its weights."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise MergeflowError(f"model {str(path)!r} is not a directory")
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise MergeflowError(f"model {str(path)!r} has no config.json")
+        self.config: dict = json.loads(config_file.read_text())
+        self.tensors: dict[str, TensorInfo] = self._index_tensors()
+
+    def _weight_files(self) -> list[Path]:
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            return [self.path / name for name in dict.fromkeys(weight_map.values())]
+        if (self.path / SINGLE_FILE).is_file():
+            return [self.path / SINGLE_FILE]
+        files = sorted(self.path.glob("*.safetensors"))
+        if files:
+            return files
+        if list(self.path.glob("*.bin")) or list(self.path.glob("*.pt")):
+            raise MergeflowError(
+                f"model {str(self.path)!r} has only pickled weights (.bin/.pt), which mergeflow "
+                "never loads; convert them to safetensors first"
+            )
+        raise MergeflowError(f"model {str(self.path)!r} has no safetensors weights")
+
+    def _index_tensors(self) -> dict[str, TensorInfo]:
+        tensors = {}
+        for file in self._weight_files():
+            if not file.is_file():
+                raise MergeflowError(f"model {str(self.path)!r}: weight file {file.name!r} is missing")
+            for name, meta in read_header(file).items():
+                if name == "__metadata__":
+                    continue
+                tensors[name] = TensorInfo(file, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]))
+        return tensors
+
+    @property
+    def num_layers(self) -> int:
+        """Transformer blocks: from the config, else counted from the tensor names."""
+        if isinstance(self.config.get("num_hidden_layers"), int):
+            return self.config["num_hidden_layers"]
+        indices = {layer_index(name) for name in self.tensors} - {None}
+        return max(indices) + 1 if indices else 0
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise MergeflowError(f"tensor {name!r} is missing from model {str(self.path)!r}") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor. The file is mapped only for this read, so memory stays bounded."""
+        info = self.info(name)
+        with safe_open(info.file, framework="pt") as handle:
+            return handle.get_tensor(name)

@@ -1,0 +1,155 @@
+"""Streaming merge to an HF model directory, one tensor in memory at a time.
+
+Shards are written as the tensors are merged: every shard's safetensors header is known in
+advance from the plan (names, shapes, output dtype), so each merged tensor goes straight to
+disk and peak memory is a few tensors, not a model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from mergeflow.errors import MergeflowError
+from mergeflow.merge.plan import (
+    MergePlan, TensorPlan, check_finite, merge_tensor, open_sources, plan_merge,
+)
+from mergeflow.merge.recipe import Recipe, save_recipe
+from mergeflow.merge.sources import DTYPE_CODES, INDEX_FILE, ModelSource, dtype_name
+
+DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
+RECIPE_FILE = "mergeflow_recipe.yaml"
+TOKENIZER_FILES = [
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json",
+]
+
+
+def _tensor_bytes(plan: TensorPlan, dtype: torch.dtype) -> int:
+    count = 1
+    for size in plan.shape:
+        count *= size
+    return count * torch.empty((), dtype=dtype).element_size()
+
+
+def assign_shards(plans: list[TensorPlan], dtype: torch.dtype, max_shard_size: int) -> list[list[TensorPlan]]:
+    """Consecutive tensors grouped into shards of at most ``max_shard_size`` bytes (a single
+    larger tensor gets a shard of its own)."""
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for plan in plans:
+        nbytes = _tensor_bytes(plan, dtype)
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(plan)
+        size += nbytes
+    return shards
+
+
+def shard_header(plans: list[TensorPlan], dtype: torch.dtype) -> bytes:
+    """The safetensors header (length prefix included) for tensors written in this order."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for plan in plans:
+        nbytes = _tensor_bytes(plan, dtype)
+        header[plan.name] = {"dtype": DTYPE_CODES[dtype], "shape": list(plan.shape),
+                             "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def _write_tensor(handle: BinaryIO, tensor: torch.Tensor) -> None:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    handle.write(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def _fetcher(sources: dict[str, ModelSource], device: torch.device, dtype: torch.dtype):
+    def fetch(model: str, name: str) -> torch.Tensor:
+        tensor = sources[model].read(name)
+        check_finite(tensor, name, model)
+        return tensor.to(device=device, dtype=dtype)
+
+    return fetch
+
+
+def _output_config(plan: MergePlan, sources: dict[str, ModelSource]) -> dict:
+    config = dict(sources[plan.template].config)
+    config["num_hidden_layers"] = plan.num_layers
+    # transformers < 5 reads torch_dtype, >= 5 reads dtype
+    config["torch_dtype"] = dtype_name(plan.out_dtype)
+    config["dtype"] = dtype_name(plan.out_dtype)
+    return config
+
+
+def _copy_tokenizer(source_dir: Path, out_dir: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def model_card(recipe: Recipe) -> str:
+    models = "\n".join(f"- `{path}`" for path in recipe.model_paths())
+    return (
+        "---\ntags:\n- merge\n- mergeflow\n---\n"
+        f"# Merged model\n\nMerged with mergeflow using the `{recipe.merge_method}` method"
+        + (f" on base `{recipe.base_model}`" if recipe.base_model else "")
+        + f".\n\n## Source models\n\n{models}\n\n## Recipe\n\n"
+        "The recipe below (also in `" + RECIPE_FILE + "`) reproduces this merge with "
+        "`mergeflow merge`; without the mergeflow extensions (`seed`, per-slice "
+        "`merge_method`) it is a mergekit configuration.\n\n"
+        f"```yaml\n{recipe.to_yaml()}```\n"
+    )
+
+
+def merge_to_dir(recipe: Recipe, out_dir: str | Path, device: str = "cpu",
+                 dtype: str | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Merge ``recipe`` into an HF model directory ``out_dir``.
+
+    ``dtype`` overrides the output dtype. Writes sharded safetensors with
+    ``model.safetensors.index.json``, ``config.json``, the tokenizer of ``tokenizer_source``
+    (default: the base model), a model card ``README.md`` and the recipe.
+    """
+    sources = open_sources(recipe)
+    plan = plan_merge(recipe, sources, out_dtype=dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch_device = torch.device(device)
+    fetch = _fetcher(sources, torch_device, plan.compute_dtype)
+    shards = assign_shards(plan.tensors, plan.out_dtype, max_shard_size)
+    weight_map = {}
+    total_size = 0
+    for number, shard in enumerate(shards, start=1):
+        file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        with open(out / file_name, "wb") as handle:
+            handle.write(shard_header(shard, plan.out_dtype))
+            for tensor_plan in shard:
+                merged = merge_tensor(tensor_plan, fetch, torch_device).to(plan.out_dtype)
+                _write_tensor(handle, merged)
+                weight_map[tensor_plan.name] = file_name
+                total_size += _tensor_bytes(tensor_plan, plan.out_dtype)
+                del merged
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(_output_config(plan, sources), indent=2))
+    template_dir = sources[plan.template].path
+    if (template_dir / "generation_config.json").is_file():
+        shutil.copyfile(template_dir / "generation_config.json", out / "generation_config.json")
+    tokenizer_dir = Path(recipe.tokenizer_source or plan.template)
+    if not tokenizer_dir.is_dir():
+        raise MergeflowError(f"tokenizer_source {str(tokenizer_dir)!r} is not a directory")
+    _copy_tokenizer(tokenizer_dir, out)
+    (out / "README.md").write_text(model_card(recipe))
+    save_recipe(recipe, out / RECIPE_FILE)
+    return out
