@@ -16,6 +16,7 @@ from mergeflow.errors import MergeflowError
 # Modules that register sub-commands; each has ``register(subparsers)``.
 COMMAND_MODULES = [
     "mergeflow.commands.pipeline",
+    "mergeflow.commands.irt",
 ]
 
 

@@ -96,8 +96,8 @@ class IRTFit:
         """Posterior mean discriminations, shape (n_items, dim)."""
         if self.kind == "1pl":
             return np.ones((self.n_items, 1))
-        loc, scale = self.params["log_alpha.loc"], self.params["log_alpha.scale"]
         if self.kind == "2pl":
+            loc, scale = self.params["log_alpha.loc"], self.params["log_alpha.scale"]
             return np.exp(loc + scale**2 / 2)[:, None]
         return self.params["alpha.loc"].astype(float)
 
