@@ -118,7 +118,7 @@ class Estimator:
             if np.isnan(y).any():
                 continue
             truth = np.nanmean(calibration.matrix[row])
-            theta, _ = self._ability(y)
+            theta, _ = self._ability(y, with_covariance=False)
             anchor_errors.append(self.weights @ y - truth)
             irt_errors.append(self._irt_value(y, theta) - truth)
         if not anchor_errors:
@@ -162,10 +162,11 @@ class Estimator:
             raise MergeflowError(f"response to anchor item {item!r} is {y[bad][0]}, not 0 or 1")
         return y
 
-    def _ability(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _ability(self, y: np.ndarray, with_covariance: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         if self.endpoints is None:
             return map_ability(self.anchor_alpha, self.anchor_beta, y, self.prior_sd)
-        return combine_endpoint_abilities(self.endpoints, self.anchor_alpha, self.anchor_beta, y)
+        return combine_endpoint_abilities(self.endpoints, self.anchor_alpha, self.anchor_beta, y,
+                                          with_covariance)
 
     def _irt_value(self, y: np.ndarray, theta: np.ndarray) -> float:
         unseen = _sigmoid(self.unseen_alpha @ theta - self.unseen_beta)
@@ -198,8 +199,9 @@ def estimate_accuracy(
 
 
 def combine_endpoint_abilities(
-    endpoints: np.ndarray, alpha: np.ndarray, beta: np.ndarray, y: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+    endpoints: np.ndarray, alpha: np.ndarray, beta: np.ndarray, y: np.ndarray,
+    with_covariance: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """mp-IRT's θ = Σⱼ λⱼ θⱼ with λ = softmax(η) fitted by (ridge-regularised) likelihood.
 
     Returns θ and its covariance by the delta method from the Laplace covariance of η.
@@ -220,6 +222,8 @@ def combine_endpoint_abilities(
 
     result = minimize(negative_objective, np.zeros(n_endpoints), jac=True, method="L-BFGS-B")
     eta = result.x
+    if not with_covariance:
+        return _softmax(eta) @ endpoints, None
     hessian = _numerical_hessian(lambda e: negative_objective(e)[1], eta)
     eta_covariance = np.linalg.inv(hessian + 1e-9 * np.eye(n_endpoints))
     lam = _softmax(eta)
