@@ -37,3 +37,19 @@ def test_fit_anchors_estimate_end_to_end(tmp_path):
     rows = json.loads((tmp_path / "estimates.json").read_text())
     assert [row["method"] for row in rows] == ["mean", "pirt", "gpirt", "gmpirt"]
     assert all(0 <= row["estimate"] <= 1 for row in rows)
+
+
+def test_the_irt_commands_are_registered_with_the_cli():
+    from mergeflow.cli import COMMAND_MODULES
+
+    assert "mergeflow.commands.irt" in COMMAND_MODULES
+
+
+def test_a_missing_fit_directory_is_a_clear_error(tmp_path):
+    import pytest
+
+    from mergeflow.errors import MergeflowError
+    from mergeflow.irt.model import load_irt
+
+    with pytest.raises(MergeflowError, match="items.parquet"):
+        load_irt(tmp_path)

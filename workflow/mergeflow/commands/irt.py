@@ -43,7 +43,7 @@ def _register_anchors(subparsers) -> None:
     anchors = subparsers.add_parser("anchors", help="select anchor items (MERGE³ Extract)")
     anchors.add_argument("responses", nargs="*", help="calibration response parquet files or directories")
     anchors.add_argument("--irt", help="IRT fit directory (needed by --strategy irt)")
-    anchors.add_argument("--strategy", default="irt", choices=["random", "correctness", "irt"])
+    anchors.add_argument("--strategy", required=True, choices=["random", "correctness", "irt"])
     anchors.add_argument("--n", type=int, required=True, help="number of anchors")
     anchors.add_argument("--seed", type=int, default=0)
     anchors.add_argument("--out", required=True, help="anchors parquet to write")

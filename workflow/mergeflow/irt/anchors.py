@@ -32,7 +32,7 @@ ANCHOR_COLUMNS = ["item_id", "weight", "strategy", "seed"]
 def select_anchors(
     matrix: ResponseMatrix | None,
     fit: IRTFit | None,
-    strategy: str = "irt",
+    strategy: str = "random",
     n: int = 100,
     seed: int = 0,
     subscenario: Mapping | pd.Series | None = None,

@@ -70,6 +70,7 @@ class IRTFit:
     models: list[str]
     params: dict[str, np.ndarray]
     info: dict = field(default_factory=dict)
+    _index_cache: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     # -- item parameters -------------------------------------------------------------------
 
@@ -88,7 +89,7 @@ class IRTFit:
         return np.array([lookup[_key(item)] for item in item_ids], dtype=int)
 
     def _lookup(self) -> dict:
-        if getattr(self, "_index_cache", None) is None:
+        if self._index_cache is None:
             self._index_cache = {_key(item): pos for pos, item in enumerate(self.item_ids)}
         return self._index_cache
 
@@ -276,6 +277,15 @@ def fit_irt(
         "n_heldout_responses": int(holdout.sum()),
         "heldout_loglik": _heldout_loglik(fit, matrix.matrix, holdout, rng),
         "threshold": matrix.threshold,
+        "posterior": {
+            "family": "mean-field Normal over every latent site (unconstrained space); "
+                      "posterior.safetensors holds '<site>.loc' and '<site>.scale'",
+            "sites": {name: list(value.shape) for name, value in params.items()
+                      if name.endswith(".loc")},
+            "alpha": {"1pl": "fixed at 1", "2pl": "alpha = exp(log_alpha)",
+                      "m2pl": "alpha per dimension"}[kind],
+            "likelihood": "logit P(correct) = alpha . theta - beta",
+        },
     }
     return fit
 
@@ -407,7 +417,8 @@ class _PyroIRT:
         zeros = torch.zeros(self.n_models, self.dim, device=self.device)
         theta = pyro.sample("theta", dist.Normal(zeros, 1.0).to_event(2))
 
-        with pyro.plate("items", self.n_items, subsample_size=self.batch_size, dim=-1) as idx:
+        with pyro.plate("items", self.n_items, subsample_size=self.batch_size, dim=-1,
+                        device=self.device) as idx:
             beta = pyro.sample("beta", dist.Normal(mu_beta, sigma_beta))
             if self.kind == "2pl":
                 alpha = pyro.sample("log_alpha", dist.Normal(mu_la, sigma_la)).exp().unsqueeze(-1)
@@ -437,7 +448,8 @@ class _PyroIRT:
         pyro.sample("theta", dist.Normal(loc, scale).to_event(2))
         item_params = {name: self._param(name) for name in ("beta", "log_alpha", "alpha")
                        if name in self.sites()}
-        with pyro.plate("items", self.n_items, subsample_size=self.batch_size, dim=-1) as idx:
+        with pyro.plate("items", self.n_items, subsample_size=self.batch_size, dim=-1,
+                        device=self.device) as idx:
             for name, (loc, scale) in item_params.items():
                 site = dist.Normal(loc[idx], scale[idx])
                 pyro.sample(name, site.to_event(1) if name == "alpha" else site)
