@@ -17,6 +17,7 @@ from mergeflow.errors import MergeflowError
 COMMAND_MODULES = [
     "mergeflow.commands.pipeline",
     "mergeflow.commands.merge",
+    "mergeflow.commands.irt",
 ]
 
 

@@ -1,0 +1,91 @@
+"""Accuracy estimators: correctness of the simple cases, uncertainty, speed, bad input."""
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mergeflow.errors import MergeflowError
+from mergeflow.irt.anchors import select_anchors
+from mergeflow.irt.estimators import METHODS, Estimator, estimate_accuracy
+from mergeflow.irt.model import fit_irt
+from mergeflow.irt.simulate import simulate_irt
+
+
+@pytest.fixture(scope="module")
+def data():
+    sim = simulate_irt(50, 400, seed=5)
+    train = sim.matrix.select_models(sim.matrix.models[:40])
+    fit = fit_irt(train, steps=150, min_steps=150)
+    return sim, train, fit
+
+
+def responses_of(sim, row):
+    return pd.Series(sim.matrix.matrix[row], index=sim.matrix.items)
+
+
+def test_mean_is_the_anchor_weighted_mean():
+    anchors = pd.DataFrame({"item_id": ["a", "b", "c"], "weight": [0.5, 0.25, 0.25]})
+    estimate = estimate_accuracy("mean", anchors, {"a": 1, "b": 0, "c": 1})
+    assert estimate.value == pytest.approx(0.75)
+    assert estimate.sd > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_gives_a_value_and_an_sd(data, method):
+    sim, train, fit = data
+    anchors = select_anchors(train, fit, strategy="irt", n=30, seed=0)
+    estimator = Estimator(method, anchors, fit, endpoint_thetas=fit.models[:3], calibration=train)
+    estimate = estimator(responses_of(sim, 45))
+    assert 0.0 <= estimate.value <= 1.0
+    assert 0.0 < estimate.sd < 0.5
+    if method in ("gpirt", "gmpirt"):
+        assert 0.0 <= estimate.lam <= 1.0
+
+
+def test_irt_estimate_is_exact_when_every_item_is_an_anchor(data):
+    sim, _, fit = data
+    anchors = pd.DataFrame({"item_id": fit.item_ids, "weight": 1.0})
+    y = responses_of(sim, 47)
+    assert estimate_accuracy("pirt", anchors, y, fit).value == pytest.approx(y.mean())
+
+
+def test_pirt_beats_the_anchor_mean_on_average(data):
+    sim, train, fit = data
+    anchors = select_anchors(train, fit, strategy="random", n=20, seed=1)
+    errors = {}
+    for method in ("mean", "pirt"):
+        estimator = Estimator(method, anchors, fit)
+        errors[method] = np.mean([abs(estimator(responses_of(sim, j)).value - sim.matrix.matrix[j].mean())
+                                  for j in range(40, 50)])
+    assert errors["pirt"] < errors["mean"] + 0.02
+
+
+def test_a_single_estimate_is_fast(data):
+    sim, train, fit = data
+    anchors = select_anchors(train, fit, strategy="irt", n=100, seed=0)
+    for method in METHODS:
+        estimator = Estimator(method, anchors, fit, endpoint_thetas=fit.models[:3], calibration=train)
+        y = responses_of(sim, 41)
+        started = time.perf_counter()
+        for _ in range(10):
+            estimator(y)
+        assert (time.perf_counter() - started) / 10 < 0.1, method
+
+
+def test_bad_estimator_input(data):
+    sim, train, fit = data
+    anchors = select_anchors(train, fit, strategy="random", n=10, seed=0)
+    first = anchors["item_id"].iloc[0]
+    partial = responses_of(sim, 42).drop(index=first)
+    with pytest.raises(MergeflowError, match="no response for anchor"):
+        Estimator("pirt", anchors, fit)(partial)
+    with pytest.raises(MergeflowError, match="not 0 or 1"):
+        Estimator("pirt", anchors, fit)(responses_of(sim, 42).replace({1.0: 0.5}))
+    with pytest.raises(MergeflowError, match="endpoint"):
+        Estimator("mpirt", anchors, fit)
+    with pytest.raises(MergeflowError, match="needs an IRT fit"):
+        Estimator("gpirt", anchors, None)
+    with pytest.raises(MergeflowError, match="estimator"):
+        Estimator("magic", anchors, fit)

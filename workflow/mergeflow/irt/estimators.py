@@ -1,0 +1,281 @@
+"""Full-split accuracy from a model's responses on the anchors alone (MERGE³'s Estimate step).
+
+Methods (N items in the split, A anchors with responses yₐ and weights wₐ):
+
+* ``mean``: Σ wₐ yₐ, the anchor-weighted mean.
+* ``pirt`` (tinyBenchmarks' p-IRT): fit θ̂ on the anchors (MAP, item parameters fixed), then
+  (Σₐ yₐ + Σ_{i not an anchor} P(correctᵢ | θ̂)) / N.
+* ``gpirt`` (gp-IRT): λ·mean + (1 − λ)·pirt. λ = b² / (b² + v) minimises the mean squared
+  error of the blend when the anchor mean is unbiased with variance v and p-IRT has squared
+  bias b²; both are measured on calibration models when those are given, otherwise λ weights
+  the two estimators by their predictive precisions.
+* ``mpirt`` (MERGE³): as p-IRT, but θ̂ = Σⱼ λⱼ θⱼ over the endpoint models' abilities, with λ on
+  the simplex (softmax) fitted by maximum likelihood on the anchor responses (plus a weak N(0, 3²)
+  ridge on the softmax logits, which only fixes their free shift).
+* ``gmpirt``: gp-IRT's blend with mp-IRT in place of p-IRT.
+
+Every estimate carries an sd: the posterior predictive sd of the full-split accuracy, combining
+the uncertainty of θ̂ (Laplace), of the item parameters (samples from the variational
+posterior) and the Bernoulli noise of the items not seen.
+
+An :class:`Estimator` precomputes everything that depends only on (fit, anchors, method); its
+``__call__`` costs one small Newton solve and an (S × N) sigmoid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+
+from mergeflow.errors import MergeflowError
+from mergeflow.irt.anchors import validate_anchors
+from mergeflow.irt.model import IRTFit, _key, _sigmoid, map_ability
+from mergeflow.irt.responses import ResponseMatrix
+
+METHODS = ("mean", "pirt", "gpirt", "mpirt", "gmpirt")
+ENDPOINT_LOGIT_PRIOR_SD = 3.0
+MAX_CALIBRATION_MODELS = 100
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """An accuracy estimate with its posterior predictive sd (and, for IRT methods, θ̂ and λ)."""
+
+    value: float
+    sd: float
+    theta: tuple[float, ...] | None = None
+    lam: float | None = None
+
+
+class Estimator:
+    """Estimate full-split accuracy from anchor responses; build once, call many times."""
+
+    def __init__(
+        self,
+        method: str,
+        anchors: pd.DataFrame,
+        fit: IRTFit | None = None,
+        endpoint_thetas=None,
+        calibration: ResponseMatrix | None = None,
+        lam: float | None = None,
+        n_samples: int = 64,
+        seed: int = 0,
+        prior_sd: float = 1.0,
+    ):
+        if method not in METHODS:
+            raise MergeflowError(f"estimator {method!r}: expected one of {METHODS}")
+        validate_anchors(anchors)
+        if lam is not None and not 0.0 <= lam <= 1.0:
+            raise MergeflowError(f"lam={lam}: must be in [0, 1]")
+        self.method = method
+        self.anchor_ids = [_key(item) for item in anchors["item_id"].tolist()]
+        weights = anchors["weight"].to_numpy(dtype=float)
+        self.weights = weights / weights.sum()
+        self.prior_sd = prior_sd
+        self.lam = lam
+        if method == "mean":
+            return
+        if fit is None:
+            raise MergeflowError(f"estimator {method!r} needs an IRT fit")
+        self.fit = fit
+        self._prepare_items(fit, n_samples, np.random.default_rng(seed))
+        self.endpoints = None
+        if method in ("mpirt", "gmpirt"):
+            self.endpoints = _endpoint_matrix(fit, endpoint_thetas)
+        if method in ("gpirt", "gmpirt") and lam is None and calibration is not None:
+            self.lam = self._calibrated_lambda(calibration, np.random.default_rng(seed))
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _prepare_items(self, fit: IRTFit, n_samples: int, rng: np.random.Generator) -> None:
+        anchor_index = fit.item_index(self.anchor_ids)
+        unseen = np.ones(fit.n_items, dtype=bool)
+        unseen[anchor_index] = False
+        alpha, beta = fit.alpha_mean(), fit.beta_mean()
+        self.n_items = fit.n_items
+        self.anchor_alpha, self.anchor_beta = alpha[anchor_index], beta[anchor_index]
+        self.unseen_alpha, self.unseen_beta = alpha[unseen], beta[unseen]
+        alpha_draws, beta_draws = fit.sample_items(n_samples, rng)
+        self.draw_alpha, self.draw_beta = alpha_draws[:, unseen], beta_draws[:, unseen]
+        self.standard_normals = rng.standard_normal((n_samples, fit.dim))
+
+    def _calibrated_lambda(self, calibration: ResponseMatrix, rng: np.random.Generator) -> float:
+        """λ = b² / (b² + v) from the errors of both parts on the calibration models."""
+        columns = pd.Index([_key(item) for item in calibration.items]).get_indexer(self.anchor_ids)
+        if (columns < 0).any():
+            missing = [item for item, col in zip(self.anchor_ids, columns) if col < 0]
+            raise MergeflowError(f"calibration responses lack anchor items {missing[:5]}")
+        rows = np.arange(len(calibration.models))
+        if rows.size > MAX_CALIBRATION_MODELS:
+            rows = np.sort(rng.choice(rows, MAX_CALIBRATION_MODELS, replace=False))
+        anchor_errors, irt_errors = [], []
+        for row in rows:
+            y = calibration.matrix[row, columns]
+            if np.isnan(y).any():
+                continue
+            truth = np.nanmean(calibration.matrix[row])
+            theta, _ = self._ability(y, with_covariance=False)
+            anchor_errors.append(self.weights @ y - truth)
+            irt_errors.append(self._irt_value(y, theta) - truth)
+        if not anchor_errors:
+            raise MergeflowError("no calibration model answered every anchor item; cannot set λ")
+        bias2, variance = np.mean(np.square(irt_errors)), np.mean(np.square(anchor_errors))
+        return float(bias2 / (bias2 + variance)) if bias2 + variance > 0 else 0.5
+
+    # -- estimation --------------------------------------------------------------------------
+
+    def __call__(self, anchor_responses) -> Estimate:
+        y = self.anchor_vector(anchor_responses)
+        anchor_value = float(self.weights @ y)
+        if self.method == "mean":
+            sd = np.sqrt(anchor_value * (1 - anchor_value) * np.sum(self.weights**2))
+            return Estimate(anchor_value, float(sd))
+        theta, covariance = self._ability(y)
+        irt_value = self._irt_value(y, theta)
+        irt_sd = self._irt_sd(y, theta, covariance)
+        if self.method in ("pirt", "mpirt"):
+            return Estimate(irt_value, irt_sd, tuple(float(t) for t in theta))
+        p_anchor = _sigmoid(self.anchor_alpha @ theta - self.anchor_beta)
+        anchor_variance = float(np.sum(self.weights**2 * p_anchor * (1 - p_anchor)))
+        lam = self.lam
+        if lam is None:  # precision weighting of the two estimators
+            total = irt_sd**2 + anchor_variance
+            lam = irt_sd**2 / total if total > 0 else 0.5
+        value = lam * anchor_value + (1 - lam) * irt_value
+        sd = np.sqrt(lam**2 * anchor_variance + (1 - lam) ** 2 * irt_sd**2)
+        return Estimate(float(value), float(sd), tuple(float(t) for t in theta), float(lam))
+
+    def anchor_vector(self, anchor_responses) -> np.ndarray:
+        """The responses in anchor order as floats; every anchor must have a 0/1 response."""
+        lookup = _response_lookup(anchor_responses)
+        missing = [item for item in self.anchor_ids if item not in lookup]
+        if missing:
+            raise MergeflowError(f"no response for anchor items {missing[:5]}")
+        y = np.array([lookup[item] for item in self.anchor_ids], dtype=float)
+        bad = ~np.isin(y, (0.0, 1.0))
+        if bad.any():
+            item = self.anchor_ids[int(np.flatnonzero(bad)[0])]
+            raise MergeflowError(f"response to anchor item {item!r} is {y[bad][0]}, not 0 or 1")
+        return y
+
+    def _ability(self, y: np.ndarray, with_covariance: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.endpoints is None:
+            return map_ability(self.anchor_alpha, self.anchor_beta, y, self.prior_sd)
+        return combine_endpoint_abilities(self.endpoints, self.anchor_alpha, self.anchor_beta, y,
+                                          with_covariance)
+
+    def _irt_value(self, y: np.ndarray, theta: np.ndarray) -> float:
+        unseen = _sigmoid(self.unseen_alpha @ theta - self.unseen_beta)
+        return float((y.sum() + unseen.sum()) / self.n_items)
+
+    def _irt_sd(self, y: np.ndarray, theta: np.ndarray, covariance: np.ndarray) -> float:
+        """Predictive sd over θ (Laplace), item parameters (posterior draws) and unseen items."""
+        root = np.linalg.cholesky(covariance + 1e-12 * np.eye(covariance.shape[0]))
+        thetas = theta + self.standard_normals @ root.T
+        if self.draw_alpha.shape[-1] == 1:
+            logits = self.draw_alpha[..., 0] * thetas[:, :1]
+        else:
+            logits = np.einsum("sud,sd->su", self.draw_alpha, thetas)
+        p = _sigmoid(logits - self.draw_beta)
+        accuracy = (y.sum() + p.sum(axis=1)) / self.n_items
+        bernoulli = np.mean(np.sum(p * (1 - p), axis=1)) / self.n_items**2
+        return float(np.sqrt(np.var(accuracy) + bernoulli))
+
+
+def estimate_accuracy(
+    method: str,
+    anchors_df: pd.DataFrame,
+    anchor_responses,
+    fit: IRTFit | None = None,
+    endpoint_thetas=None,
+    **options,
+) -> Estimate:
+    """One-off estimate; for many candidates build an :class:`Estimator` once and call it."""
+    return Estimator(method, anchors_df, fit, endpoint_thetas, **options)(anchor_responses)
+
+
+def combine_endpoint_abilities(
+    endpoints: np.ndarray, alpha: np.ndarray, beta: np.ndarray, y: np.ndarray,
+    with_covariance: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """mp-IRT's θ = Σⱼ λⱼ θⱼ with λ = softmax(η) fitted by (ridge-regularised) likelihood.
+
+    Returns θ and its covariance by the delta method from the Laplace covariance of η.
+    """
+    n_endpoints = endpoints.shape[0]
+    if n_endpoints == 1:
+        return endpoints[0].copy(), np.zeros((endpoints.shape[1],) * 2)
+
+    def negative_objective(eta: np.ndarray) -> tuple[float, np.ndarray]:
+        lam = _softmax(eta)
+        theta = lam @ endpoints
+        z = alpha @ theta - beta
+        loglik = np.sum(y * z - np.logaddexp(0.0, z))
+        jacobian = _softmax_jacobian(lam) @ endpoints  # (E, d): dθ/dη transposed
+        gradient = jacobian @ (alpha.T @ (y - _sigmoid(z)))
+        prior = 0.5 * eta @ eta / ENDPOINT_LOGIT_PRIOR_SD**2
+        return -(loglik - prior), -(gradient - eta / ENDPOINT_LOGIT_PRIOR_SD**2)
+
+    result = minimize(negative_objective, np.zeros(n_endpoints), jac=True, method="L-BFGS-B")
+    eta = result.x
+    if not with_covariance:
+        return _softmax(eta) @ endpoints, None
+    hessian = _numerical_hessian(lambda e: negative_objective(e)[1], eta)
+    eta_covariance = np.linalg.inv(hessian + 1e-9 * np.eye(n_endpoints))
+    lam = _softmax(eta)
+    jacobian = (_softmax_jacobian(lam) @ endpoints).T  # (d, E)
+    return lam @ endpoints, jacobian @ eta_covariance @ jacobian.T
+
+
+def _endpoint_matrix(fit: IRTFit, endpoint_thetas) -> np.ndarray:
+    """Endpoint abilities as an (E, dim) array from names in the fit, a mapping, or arrays."""
+    if endpoint_thetas is None:
+        raise MergeflowError("mp-IRT estimators need the endpoint models' abilities (endpoint_thetas)")
+    if isinstance(endpoint_thetas, Mapping):
+        endpoint_thetas = list(endpoint_thetas.values())
+    rows = [fit.theta_of(entry) if isinstance(entry, str) else np.atleast_1d(np.asarray(entry, float))
+            for entry in endpoint_thetas]
+    if not rows:
+        raise MergeflowError("endpoint_thetas is empty")
+    thetas = np.vstack(rows)
+    if thetas.shape[1] != fit.dim:
+        raise MergeflowError(f"endpoint abilities have dimension {thetas.shape[1]}, the fit {fit.dim}")
+    return thetas
+
+
+def _response_lookup(anchor_responses) -> dict:
+    if isinstance(anchor_responses, pd.DataFrame):
+        if not {"item_id", "correct"} <= set(anchor_responses.columns):
+            raise MergeflowError("anchor responses frame needs columns 'item_id' and 'correct'")
+        anchor_responses = pd.Series(anchor_responses["correct"].to_numpy(),
+                                     index=anchor_responses["item_id"].to_numpy())
+    if isinstance(anchor_responses, pd.Series):
+        return {_key(item): value for item, value in anchor_responses.items()}
+    if isinstance(anchor_responses, Mapping):
+        return {_key(item): value for item, value in anchor_responses.items()}
+    raise MergeflowError(
+        f"anchor responses must be a dict, Series or frame, not {type(anchor_responses).__name__}"
+    )
+
+
+def _softmax(eta: np.ndarray) -> np.ndarray:
+    shifted = np.exp(eta - eta.max())
+    return shifted / shifted.sum()
+
+
+def _softmax_jacobian(lam: np.ndarray) -> np.ndarray:
+    return np.diag(lam) - np.outer(lam, lam)
+
+
+def _numerical_hessian(gradient, point: np.ndarray, step: float = 1e-5) -> np.ndarray:
+    size = point.size
+    hessian = np.empty((size, size))
+    for k in range(size):
+        offset = np.zeros(size)
+        offset[k] = step
+        hessian[:, k] = (gradient(point + offset) - gradient(point - offset)) / (2 * step)
+    return 0.5 * (hessian + hessian.T)
