@@ -15,7 +15,6 @@ from mergeflow.errors import MergeflowError
 
 # Modules that register sub-commands; each has ``register(subparsers)``.
 COMMAND_MODULES = [
-    "mergeflow.commands.pipeline",
     "mergeflow.commands.merge",
     "mergeflow.commands.irt",
 ]
