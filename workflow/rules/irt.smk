@@ -30,7 +30,7 @@ rule estimate:
         endpoints=endpoint_search_responses,
         calibration="results/calibration/{task}.parquet",
     output:
-        items="results/irt/{task}/items.parquet",
+        item_params="results/irt/{task}/items.parquet",
         posterior="results/irt/{task}/posterior.safetensors",
         fit="results/irt/{task}/fit.json",
     params:

@@ -7,4 +7,4 @@ irt = snakemake.params.irt
 matrix = load_response_matrix([*snakemake.input.endpoints, snakemake.input.calibration])
 fit = fit_irt(matrix, kind=irt["kind"], dim=irt["dim"], steps=irt["steps"], lr=irt["lr"], device=irt["device"],
               seed=snakemake.params.seed)
-fit.save(snakemake.output.items.rsplit("/", 1)[0])
+fit.save(snakemake.output.item_params.rsplit("/", 1)[0])
