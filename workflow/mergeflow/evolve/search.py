@@ -27,8 +27,9 @@ WORST_LOSS = 1.0
 class SearchSettings:
     """What defines an optimizer's trajectory: its name, the genome size, population and seed.
 
-    The number of generations is deliberately absent: the optimizer is built without a budget, so
-    extending a finished search with more generations leaves the earlier ones unchanged.
+    The number of generations is deliberately absent: the optimizer is told a nominal ``budget``
+    (default 100 generations' worth) that does not change when a finished search is extended
+    with more generations, so the earlier ones stay as they were.
     """
 
     optimizer: str
@@ -36,6 +37,7 @@ class SearchSettings:
     population: int
     seed: int
     objectives: int = 1
+    budget: int | None = None
 
 
 def make_optimizer(settings: SearchSettings):
@@ -48,7 +50,8 @@ def make_optimizer(settings: SearchSettings):
         raise MergeflowError(f"unknown Nevergrad optimizer {settings.optimizer!r}{hint}")
     param = ng.p.Array(shape=(settings.dim,), lower=0.0, upper=1.0)
     param.random_state = np.random.RandomState(settings.seed)
-    return ng.optimizers.registry[settings.optimizer](parametrization=param, budget=None,
+    budget = settings.budget or 100 * settings.population
+    return ng.optimizers.registry[settings.optimizer](parametrization=param, budget=budget,
                                                       num_workers=settings.population)
 
 

@@ -50,6 +50,7 @@ class EvolveConfig:
     anchors: dict
     optimizer: str
     population: int
+    budget: int | None
     shards: int
     seed: int
     search_space: dict
@@ -74,7 +75,7 @@ class EvolveConfig:
         return cls(run=run, objectives=dict(ecfg["objectives"]), multi_objective=ecfg.get("multi_objective", False),
                    fitness=ecfg.get("fitness", "full"), estimator=ecfg.get("estimator", "gmpirt"),
                    anchors=dict(ecfg.get("anchors", {})), optimizer=ecfg.get("optimizer", "CMA"),
-                   population=ecfg["population"], shards=ecfg.get("shards", 1),
+                   population=ecfg["population"], budget=ecfg.get("budget"), shards=ecfg.get("shards", 1),
                    seed=rcfg.get("seed", 0), search_space=space, save_weights=ecfg.get("save_weights", False),
                    base_path=model_location(models[base]), endpoint_paths=paths)
 
@@ -89,7 +90,7 @@ class EvolveConfig:
 
     def search_settings(self) -> SearchSettings:
         return SearchSettings(self.optimizer, self.space().dim, self.population, self.seed,
-                              len(self.objectives) if self.multi_objective else 1)
+                              len(self.objectives) if self.multi_objective else 1, self.budget)
 
     def candidate_seed(self, generation: int, index: int) -> int:
         """The recipe seed of candidate (g, i): drawn from (run seed, g, i), for DARE / DELLA."""
