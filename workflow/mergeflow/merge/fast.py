@@ -116,7 +116,7 @@ class InMemoryMerger:
                 direct = target.dtype == self.compute_dtype and target.is_contiguous()
                 merged = merge_tensor(tensor_plan, self._fetch, self.device, self.workspace,
                                       out=target if direct else None)
-                if not direct:
+                if merged is not target:
                     target.copy_(merged)
         return self.model
 
