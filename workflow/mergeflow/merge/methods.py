@@ -55,8 +55,9 @@ class Workspace:
     allocations of large tensors cost a page fault per 4 KiB, more than the arithmetic.
     """
 
-    def __init__(self, cache: bool = False):
+    def __init__(self, cache: bool = False, sort_cache: bool = True):
         self.cache = cache
+        self.sort_cache = cache and sort_cache
         self._buffers: dict[tuple, Tensor] = {}
         self._sorted: dict[tuple, Tensor] = {}
 
@@ -81,8 +82,9 @@ class Workspace:
     def magnitude_threshold(self, delta: Callable[[], Tensor], keep: int, key: tuple | None) -> float:
         """The ``keep``-th largest |delta()|. A caching workspace given the ``key`` of a
         (model, base) tensor pair sorts that task vector's magnitudes once and then answers
-        any ``keep`` by lookup: the search varies densities, never the task vectors."""
-        if not self.cache or key is None:
+        any ``keep`` by lookup: the search varies densities, never the task vectors. That costs
+        one float32 copy of each task vector trimmed (``sort_cache=False`` to save it)."""
+        if not self.sort_cache or key is None:
             return kth_largest(delta().abs_().reshape(-1).float(), keep, self)
         ordered = self._sorted.get(key)
         if ordered is None:
