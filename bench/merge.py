@@ -123,7 +123,9 @@ def best_time(function, repeats: int) -> float:
     return min(times)
 
 
-def run_mergekit(recipe: dict, root: Path) -> float | None:
+def run_mergekit(recipe: dict, root: Path) -> float | str | None:
+    """mergekit's wall time on the same recipe (None when not installed, a message when it
+    fails: mergekit is an optional bench extra, never a dependency)."""
     executable = shutil.which("mergekit-yaml")
     if executable is None:
         return None
@@ -131,8 +133,11 @@ def run_mergekit(recipe: dict, root: Path) -> float | None:
     path = root / "mergekit.yaml"
     path.write_text(yaml.safe_dump(mergekit_recipe))
     start = time.perf_counter()
-    subprocess.run([executable, str(path), str(root / "mergekit-out"), "--copy-tokenizer"],
-                   check=True, capture_output=True)
+    result = subprocess.run([executable, str(path), str(root / "mergekit-out")],
+                            capture_output=True, text=True)
+    shutil.rmtree(root / "mergekit-out", ignore_errors=True)
+    if result.returncode != 0:
+        return "failed: " + (result.stderr.strip().splitlines() or ["?"])[-1][:60]
     return time.perf_counter() - start
 
 
@@ -191,9 +196,12 @@ def main() -> None:
             target = TARGETS.get(method)
             verdict = "" if target is None else ("ok" if ratio <= target else "MISSED")
             target_text = f"<={target:.0f}x {verdict}" if target else "-"
-            mk_text = "not installed" if mk is None else f"{mk:.1f}s ({mk / cli_s:.1f}x ours)"
+            if mk is None or isinstance(mk, str):
+                mk_text = mk or "not installed"
+            else:
+                mk_text = f"{mk:.1f}s ({mk / cli_s:.1f}x our CLI)"
             print(f"{method:<16}{cli_s:>8.1f}{peak / 2**20:>14.0f}{baseline / 2**20:>11.0f}"
-                  f"{peak / size:>12.2f}{mem_s * 1000:>9.0f}{ratio:>9.1f}x  {target_text:<10}{mk_text}")
+                  f"{peak / size:>12.2f}{mem_s * 1000:>9.0f}{ratio:>9.1f}x  {target_text:<11} {mk_text}")
         print("\nCLI peak = the merge process's peak RSS (VmHWM), including the python+torch "
               "imports (RSS after them in parentheses); peak/model < 1 meets the target. "
               "mem ms = best of the repeats after a warm-up merge.")

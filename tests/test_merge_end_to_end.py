@@ -84,7 +84,7 @@ def test_cli_merge_loads_and_generates(zoo, tmp_path, merge_cli):
 def test_in_memory_matches_cli_bitwise(zoo, tmp_path, method, extra):
     recipe = recipe_from_dict(recipe_dict(zoo, method, **extra))
     out = merge_to_dir(recipe, tmp_path / method)
-    merger = InMemoryMerger(recipe)
+    merger = InMemoryMerger(recipe, sort_magnitudes=method != "ties")
     model = merger.merge(recipe)
     state = model.state_dict()
     for name, tensor in read_merged(out).items():
@@ -209,3 +209,12 @@ def test_cli_reports_errors_with_exit_code(zoo, tmp_path, merge_cli, capsys):
     recipe = write_recipe(tmp_path, recipe_dict(zoo, "frankenmerge"))
     assert merge_cli(["merge", str(recipe), str(tmp_path / "out")]) == 2
     assert "unknown merge method 'frankenmerge'" in capsys.readouterr().err
+
+
+def test_in_memory_matches_cli_in_bfloat16(zoo, tmp_path):
+    recipe = recipe_from_dict(recipe_dict(zoo, "dare_ties"))
+    out = merge_to_dir(recipe, tmp_path / "bf16", dtype="bfloat16")
+    state = InMemoryMerger(recipe, dtype="bfloat16").merge(recipe).state_dict()
+    for name, tensor in read_merged(out).items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(state[name], tensor), name

@@ -37,11 +37,14 @@ class InMemoryMerger:
     ``base_model``: added to the list when given. The first of (base, models) is the template:
     its config, buffers and tokenizer define the merged model. ``dtype`` is the merged model's
     dtype (default: the template's); ``compute_dtype`` the dtype sources are held and merged in
-    (default float32, as the CLI).
+    (default float32, as the CLI). ``sort_magnitudes`` keeps each trimmed task vector's sorted
+    magnitudes so TIES trims need no selection per candidate (one float32 copy per source
+    model's tensor; turn off when device memory is short).
     """
 
     def __init__(self, models: Recipe | Sequence[str], base_model: str | None = None,
-                 device: str = "cpu", dtype: str | None = None, compute_dtype: str | None = None):
+                 device: str = "cpu", dtype: str | None = None, compute_dtype: str | None = None,
+                 sort_magnitudes: bool = True):
         paths = models.model_paths() if isinstance(models, Recipe) else [str(p) for p in models]
         base = base_model or (models.base_model if isinstance(models, Recipe) else None)
         self.paths = list(dict.fromkeys(([base] if base else []) + paths))
@@ -55,7 +58,7 @@ class InMemoryMerger:
         self.out_dtype = parse_dtype(dtype, "dtype") if dtype else None
         self.model = self._preallocate()
         self.parameters = dict(self.model.state_dict())
-        self.workspace = Workspace(cache=True)
+        self.workspace = Workspace(cache=True, sort_cache=sort_magnitudes)
 
     def _load(self, source: ModelSource) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -116,7 +119,7 @@ class InMemoryMerger:
                 direct = target.dtype == self.compute_dtype and target.is_contiguous()
                 merged = merge_tensor(tensor_plan, self._fetch, self.device, self.workspace,
                                       out=target if direct else None)
-                if not direct:
+                if merged is not target:
                     target.copy_(merged)
         return self.model
 

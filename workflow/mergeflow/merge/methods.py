@@ -2,7 +2,7 @@
 
 Every method has the same signature::
 
-    method(tensors, base, model_params, params, rng) -> Tensor
+    method(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor
 
 - ``tensors``: the tensors of the models being merged, in recipe order. For methods that work
   on task vectors (everything but ``linear``) the base model is *not* among them.
@@ -55,8 +55,9 @@ class Workspace:
     allocations of large tensors cost a page fault per 4 KiB, more than the arithmetic.
     """
 
-    def __init__(self, cache: bool = False):
+    def __init__(self, cache: bool = False, sort_cache: bool = True):
         self.cache = cache
+        self.sort_cache = cache and sort_cache
         self._buffers: dict[tuple, Tensor] = {}
         self._sorted: dict[tuple, Tensor] = {}
 
@@ -81,8 +82,9 @@ class Workspace:
     def magnitude_threshold(self, delta: Callable[[], Tensor], keep: int, key: tuple | None) -> float:
         """The ``keep``-th largest |delta()|. A caching workspace given the ``key`` of a
         (model, base) tensor pair sorts that task vector's magnitudes once and then answers
-        any ``keep`` by lookup: the search varies densities, never the task vectors."""
-        if not self.cache or key is None:
+        any ``keep`` by lookup: the search varies densities, never the task vectors. That costs
+        one float32 copy of each task vector trimmed (``sort_cache=False`` to save it)."""
+        if not self.sort_cache or key is None:
             return kth_largest(delta().abs_().reshape(-1).float(), keep, self)
         ordered = self._sorted.get(key)
         if ordered is None:
@@ -120,7 +122,7 @@ def kth_largest(magnitudes: Tensor, k: int, ws: Workspace | None = None) -> floa
     low = float(sample[max(int(below - margin), 0)])
     high = float(sample[min(int(below + margin), size - 1)])
     flags = ws.empty("select_flags", magnitudes, torch.bool)
-    above = int(torch.gt(magnitudes, high, out=flags).sum())
+    above = int(torch.count_nonzero(torch.gt(magnitudes, high, out=flags)))
     if above < k:
         in_band = torch.ge(magnitudes, low, out=flags)
         in_band.logical_and_(torch.le(magnitudes, high, out=ws.empty("select_le", magnitudes, torch.bool)))
@@ -129,12 +131,6 @@ def kth_largest(magnitudes: Tensor, k: int, ws: Workspace | None = None) -> floa
         if needed <= band.numel():
             return _kth_largest(band, needed)
     return _kth_largest(magnitudes, k)
-
-
-def magnitude_threshold(values: Tensor, keep: int, ws: Workspace | None = None) -> float:
-    """The ``keep``-th largest |value|: keeping ``|v| >= threshold`` keeps the top ``keep``."""
-    magnitudes = values.abs().reshape(-1).float()
-    return kth_largest(magnitudes, keep, ws)
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -153,36 +149,6 @@ def shrink_below(delta: Tensor, threshold: float, ws: Workspace) -> Tensor:
         return torch.ops.aten.hardshrink.out(delta, below, out=delta)
     magnitudes = torch.abs(delta, out=ws.empty("magnitude", delta))
     return delta.mul_(torch.ge(magnitudes, threshold, out=ws.empty("keep", delta, torch.bool)))
-
-
-def trim_by_magnitude(delta: Tensor, density: float, ws: Workspace | None = None) -> Tensor:
-    """TIES trim: keep the ``int(density * n)`` entries of largest magnitude, zero the rest.
-
-    Entries tied with the threshold magnitude are all kept.
-    """
-    if density >= 1.0:
-        return delta
-    keep = keep_count(density, delta.numel())
-    if keep <= 0:
-        return delta.zero_()
-    ws = ws or Workspace()
-    threshold = ws.magnitude_threshold(lambda: delta.clone(), keep, None)
-    return shrink_below(delta, threshold, ws)
-
-
-def drop_random(delta: Tensor, density: float, rescale: bool, generator: torch.Generator,
-                ws: Workspace | None = None) -> Tensor:
-    """DARE: keep each entry with probability ``density`` (Bernoulli), rescale by 1/density."""
-    if density >= 1.0:
-        return delta
-    ws = ws or Workspace()
-    draws = torch.rand(delta.shape, generator=generator, out=ws.empty("random", delta))
-    # a 0/1 float mask: comparisons into float outputs and float products are fast on CPU,
-    # bool masks multiplied into floats are not
-    delta.mul_(torch.lt(draws, density, out=draws))
-    if rescale:
-        delta.div_(density)
-    return delta
 
 
 def drop_magnitude_outliers(delta: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:

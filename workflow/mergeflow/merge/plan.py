@@ -47,8 +47,9 @@ class MergePlan:
     out_dtype: torch.dtype
 
 
-def tensor_seed(recipe_seed: int, tensor_name: str, model_index: int) -> int:
-    """Seed of the random draws for one model's tensor: a hash of (seed, name, model)."""
+def tensor_seed(recipe_seed: int, tensor_name: str, model_index: int = 0) -> int:
+    """Seed of the random draws for a tensor: a hash of (recipe seed, tensor name, index).
+    ``merge_tensor`` seeds model ``i``'s generator with ``tensor_seed(...) + i``."""
     digest = hashlib.sha256(f"{recipe_seed}\0{tensor_name}\0{model_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
@@ -134,7 +135,7 @@ class _Planner:
         params = self._method_params(method, spec, t, out_name)
         refs = [ref(s) for s in members]
         shape = self._check_shapes(refs + ([base_ref] if base_ref else []), out_name)
-        seed = tensor_seed(self.recipe.seed, out_name, 0)
+        seed = tensor_seed(self.recipe.seed, out_name)
         return TensorPlan(out_name, method, refs, base_ref, model_params, params, seed, shape)
 
     def _check_model_count(self, method: MergeMethod, members: list, tensor: str) -> None:
