@@ -5,7 +5,11 @@ L1 (every non-digit word gets its own L2 token, digits are shared). This mirrors
 cross-lingual merging setting (a math expert in one language, a language expert in another,
 target: math in the second language) in miniature. ``../shared/ZOO.md`` records why the mixture
 below works: pretraining code-switches *content words* only, which aligns the languages partly,
-so neither expert alone solves L2 math but a merge can.
+so neither expert alone solves L2 math but a merge can. Measured with the default config (seed 0,
+900 held-out L2 math items): math expert 0.31, language expert 0.01, a per-layer task-arithmetic
+merge 0.39 (math weights 1.29/1.09/1.29/0.45/0.04/1.01 and language weights
+0.05/0.26/0.81/0.63/0.19/0.97 for embeddings/layers 1-4/head), the same math weights without the
+language vector 0.34. Global task arithmetic gains little here (about +2 points at best).
 
 All generators take a ``numpy.random.Generator`` so every text is a function of the seed.
 """
