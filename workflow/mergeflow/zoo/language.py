@@ -5,7 +5,11 @@ L1 (every non-digit word gets its own L2 token, digits are shared). This mirrors
 cross-lingual merging setting (a math expert in one language, a language expert in another,
 target: math in the second language) in miniature. ``../shared/ZOO.md`` records why the mixture
 below works: pretraining code-switches *content words* only, which aligns the languages partly,
-so neither expert alone solves L2 math but a merge can.
+so neither expert alone solves L2 math but a merge can. Measured with the default config (seed 0,
+900 held-out L2 math items): math expert 0.31, language expert 0.01, a per-layer task-arithmetic
+merge 0.39 (math weights 1.29/1.09/1.29/0.45/0.04/1.01 and language weights
+0.05/0.26/0.81/0.63/0.19/0.97 for embeddings/layers 1-4/head), the same math weights without the
+language vector 0.34. Global task arithmetic gains little here (about +2 points at best).
 
 All generators take a ``numpy.random.Generator`` so every text is a function of the seed.
 """
@@ -78,7 +82,7 @@ def generic_sentence(rng: np.random.Generator) -> Sentence:
     a, b = rng.choice(NAMES, size=2, replace=False)
     obj = str(rng.choice(OBJECTS))
     k = _num(int(rng.integers(1, 100)))
-    form = int(rng.integers(0, 5))
+    form = int(rng.integers(0, 6))
     if form == 0:
         words = [a, "has", k, obj, "."]
     elif form == 1:
@@ -87,8 +91,15 @@ def generic_sentence(rng: np.random.Generator) -> Sentence:
         words = [a, "and", b, "have", k, obj, "."]
     elif form == 3:
         words = [a, str(rng.choice(["sees", "likes"])), b, "with", "the", obj, "."]
-    else:
+    elif form == 4:
         words = [a, str(rng.choice(["buys", "sells"])), k, obj, "."]
+    else:
+        # The addition construction as a plain statement (no question, no sum): the base and the
+        # language expert see "gets ... more" in L2 without ever seeing an L2 addition. Without
+        # this form the L2 words of the construction are never trained, and the math expert then
+        # transfers to L2 on its own (0.45) and global task-arithmetic merges with the language
+        # expert only lose (measured, seed 0).
+        words = [a, "has", k, obj, "and", "gets", _num(int(rng.integers(1, 100))), "more", "."]
     return Sentence(tuple(str(w) for w in words))
 
 
@@ -105,7 +116,7 @@ def math_question(rng: np.random.Generator) -> tuple[Sentence, int, int, int]:
     """An addition word problem; returns the question, its answer and both addends."""
     a = str(rng.choice(NAMES))
     obj = str(rng.choice(OBJECTS))
-    x, y = (int(v) for v in rng.integers(1, 60, size=2))
+    x, y = (int(v) for v in rng.integers(1, 50, size=2))  # sums below 100: two digits at most
     words = [a, "has", _num(x), obj, "and", "gets", _num(y), "more", ".",
              "how", "many", obj, "does", a, "have", "?", "answer"]
     return Sentence(tuple(words)), x + y, x, y
@@ -120,11 +131,11 @@ def with_answer(text: str, answer: int) -> str:
 def pretraining_text(rng: np.random.Generator) -> str:
     """One pretraining sequence for the base: mostly L1, a little L2, code-switched content words."""
     u = rng.random()
-    if u < 0.08:  # pure L2 sentences
+    if u < 0.05:  # pure L2 sentences (kept rare: more L2 lets the math expert transfer alone)
         return generic_sentence(rng).render(l2=True)
-    if u < 0.38:  # L1 with content words switched to L2
+    if u < 0.35:  # L1 with content words switched to L2
         return generic_sentence(rng).render(rng, switch=0.5)
-    if u < 0.62:  # reading questions, answer copied, content words switched too
+    if u < 0.55:  # reading questions, answer copied, content words switched too
         q, k = reading_question(rng)
         return with_answer(q.render(rng, switch=0.5), k)
     return generic_sentence(rng).render()
@@ -138,7 +149,7 @@ def math_l1_text(rng: np.random.Generator) -> str:
 
 def lang_l2_text(rng: np.random.Generator) -> str:
     """Fine-tuning text of the language expert: L2 sentences and L2 reading questions."""
-    if rng.random() < 0.5:
+    if rng.random() < 0.7:  # mostly generic L2, so the expert learns L2 more than copying
         return generic_sentence(rng).render(l2=True)
     q, k = reading_question(rng)
     return with_answer(q.render(l2=True), k)
