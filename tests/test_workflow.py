@@ -1,8 +1,12 @@
 """A micro end-to-end run of the Snakemake workflow in a temporary directory (a smaller zoo)."""
 
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +30,14 @@ def micro_config() -> dict:
     config["tasks"] = {name: config["tasks"][name] for name in ["math_l2", "math_l1"]}
     for task in config["tasks"].values():
         task["splits"] = {"search": 60, "test": 40}
-    config["runs"] = {"default": {"tasks": ["math_l2", "math_l1"]}}
+    config["irt"] = {"steps": 200, "calibration": {"random_merges": 6}}
+    space = {"method": "task_arithmetic", "layer_groups": 2, "parameters": {"weight": {"min": 0.0, "max": 1.5}}}
+    evolve = {"objectives": {"math_l2": 1.0}, "population": 3, "generations": 3, "search_space": space}
+    config["runs"] = {
+        "full": {"tasks": ["math_l2", "math_l1"], "evolve": {**evolve, "fitness": "full"}},
+        "anchored": {"tasks": ["math_l2"],
+                     "evolve": {**evolve, "fitness": "anchors", "anchors": {"strategy": "irt", "n": 10}}},
+    }
     return config
 
 
@@ -70,11 +81,24 @@ def test_run_writes_every_stage(finished_run):
         for model in ["base", "math", "lang"]:
             responses = pd.read_parquet(results / "responses" / task / "test" / f"{model}.parquet")
             assert set(responses.columns) == {"item_id", "correct", "loglik"} and len(responses) == 40
-    table = pd.read_parquet(results / "runs" / "default" / "final" / "test.parquet")
-    assert sorted(table["model"].unique()) == ["base", "lang", "math"]
-    summary = (results / "runs" / "default" / "final" / "summary.md").read_text()
-    assert "| math |" in summary and "math_l1" in summary
-    provenance = yaml.safe_load((results / "runs" / "default" / "provenance.json").read_text())
+    table = pd.read_parquet(results / "runs" / "full" / "final" / "test.parquet")
+    assert sorted(table["model"].unique()) == ["base", "baseline", "lang", "math", "merged"]
+    summary = (results / "runs" / "full" / "final" / "summary.md").read_text()
+    assert "| math |" in summary and "math_l1" in summary and "| merged |" in summary
+    for name in ["items.parquet", "posterior.safetensors", "fit.json"]:
+        assert (results / "irt" / "math_l2" / name).exists()
+    anchors = pd.read_parquet(results / "anchors" / "math_l2" / "irt-10-seed0.parquet")
+    assert len(anchors) == 10 and abs(anchors["weight"].sum() - 1) < 1e-6
+    for run, items in [("full", 60), ("anchored", 10)]:
+        history = pd.read_parquet(results / "runs" / run / "evolve" / "history.parquet")
+        assert len(history) == 9 and set(history["items"]) == {items}
+        for g in range(3):
+            assert (results / "runs" / run / "evolve" / f"gen_{g}" / "best" / "recipe.yaml").exists()
+            assert (results / "runs" / run / "evolve" / f"gen_{g}" / "optimizer.pkl").exists()
+        assert "## Lineage" in (results / "runs" / run / "final" / "model" / "README.md").read_text()
+    comparison = (results / "summary.md").read_text()
+    assert "merged (full)" in comparison and "merged (anchored)" in comparison
+    provenance = yaml.safe_load((results / "runs" / "full" / "provenance.json").read_text())
     assert provenance["seeds"]["seed"] == 0 and provenance["packages"]["torch"]
     assert "commit" in provenance["git"]
 
@@ -93,9 +117,47 @@ def test_template_change_reruns_only_that_task(finished_run):
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = planned_jobs(result.stdout)
     assert jobs == sorted([
-        "all", "check", "data[task=math_l1]", "final[run=default]", "provenance[run=default]",
-        *[f"respond[task=math_l1, split=test, model={m}]" for m in ["base", "math", "lang"]],
+        "all", "check", "data[task=math_l1]", "final[run=full]", "final_respond[run=full, task=math_l1]",
+        "compare", "provenance[run=full]", "provenance[run=anchored]",
+        *[f"respond[task=math_l1, split=test, model={m}]" for m in ["base", "math", "lang", "baseline"]],
     ])
+
+
+def test_more_generations_run_only_the_new_ones(finished_run):
+    workdir, config = finished_run
+    config = yaml.safe_load(yaml.safe_dump(config))
+    config["runs"]["full"]["evolve"]["generations"] = 5
+    result = snakemake(workdir, config, "-n")
+    jobs = [j for j in planned_jobs(result.stdout) if j.split("[")[0] in ("ask", "evaluate", "tell")]
+    assert jobs == sorted(f"{rule}[run=full, g={g}{', k=0' if rule == 'evaluate' else ''}]"
+                          for rule in ("ask", "evaluate", "tell") for g in (3, 4))
+
+
+def test_killed_run_resumes_to_the_same_history(finished_run, tmp_path):
+    """SIGKILL the workflow during generation 2, rerun with --rerun-incomplete: same bytes."""
+    workdir, config = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy, symlinks=True)
+    shutil.rmtree(copy / "results" / "runs" / "anchored" / "evolve")
+    target = "results/runs/anchored/evolve/history.parquet"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(copy), "--configfile",
+           str(copy / "config.yaml"), "--cores", "1", target]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = copy / "results" / "runs" / "anchored" / "evolve" / "gen_1" / "candidates.parquet"
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists() and proc.poll() is None, "the run ended before generation 2 started"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (copy / target).exists()
+    finished = copy / "results" / "runs" / "anchored" / "evolve" / "gen_0" / "history.parquet"
+    before = finished.stat().st_mtime_ns
+    result = subprocess.run(cmd + ["--rerun-incomplete"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert finished.stat().st_mtime_ns == before  # the finished generation was not redone
+    assert (copy / target).read_bytes() == (workdir / target).read_bytes()
 
 
 def test_unknown_config_key_is_named(tmp_path):

@@ -10,7 +10,7 @@ rule check:
     params:
         models=canonical(config["models"]),
         base=config["base_model"],
-        splits={task: split_files(task) for task in config["tasks"]},
+        splits=canonical({task: split_files(task) for task in config["tasks"]}),
     log:
         "results/logs/check.log",
     conda:

@@ -71,6 +71,9 @@ rule history:
         lambda wc: f"{last_generation(wc.run)}/history.parquet",
     output:
         "results/runs/{run}/evolve/history.parquet",
+    params:
+        # the copy is redone when the search is extended, even though gen_{G-1} is a new file
+        generations=lambda wc: generations(wc.run),
     log:
         "results/logs/evolve/{run}/history.log",
     conda:
