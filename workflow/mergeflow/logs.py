@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 import sys
 import warnings
 from pathlib import Path
@@ -27,3 +28,24 @@ def setup_job(log_file: str | Path | None = None, threads: int | None = None) ->
 
         torch.set_num_threads(max(1, int(threads)))
     return logging.getLogger("mergeflow")
+
+
+@contextmanager
+def job_log(log_file: str | Path):
+    """Send mergeflow's log to ``log_file`` for the duration of an in-process job (a ``run:`` rule).
+
+    Unlike :func:`setup_job` it leaves the host process's logging (Snakemake's) untouched.
+    """
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("mergeflow")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()

@@ -79,7 +79,8 @@ def respond_model_input(wildcards):
 # --- evolution runs ---------------------------------------------------------------------------
 from dataclasses import asdict
 
-from mergeflow.evolve.stages import EvolveConfig
+from mergeflow.evolve.stages import EvolveConfig, ask, tell
+from mergeflow.logs import job_log
 
 EVOLVE = {run: EvolveConfig.from_config(config, run) for run in config["runs"] if "evolve" in config["runs"][run]}
 BASELINE = "baseline"
@@ -178,3 +179,16 @@ def all_outputs():
     if EVOLVE:
         outputs.append("results/summary.md")
     return outputs
+
+
+# ask and tell run inside the Snakemake process (see evolve.smk); these are their adapters.
+def ask_job(input, output, params, wildcards, log):
+    with job_log(log[0]):
+        ask(EvolveConfig(**params.evolve), int(wildcards.g), input.get("state"), input.get("history"),
+            output.candidates, output.state)
+
+
+def tell_job(input, output, params, wildcards, log):
+    with job_log(log[0]):
+        tell(EvolveConfig(**params.evolve), int(wildcards.g), input.asked, input.candidates, list(input.fitness),
+             input.get("history"), output.state, output.history, output.best)

@@ -1,4 +1,9 @@
 # The evolution loop as a static DAG: ask(g) -> evaluate(g, shard) -> tell(g), per run.
+# ask and tell are light (no model is loaded), so they run inside the Snakemake process:
+# no interpreter start per generation. evaluate holds the models and runs as its own job.
+localrules:
+    ask,
+    tell,
 
 
 rule ask:
@@ -14,10 +19,8 @@ rule ask:
         "results/logs/evolve/{run}/gen_{g}/ask.log",
     benchmark:
         "results/runs/{run}/evolve/gen_{g}/benchmark/ask.tsv"
-    conda:
-        CONDA_ENV
-    script:
-        "../scripts/ask.py"
+    run:
+        ask_job(input, output, params, wildcards, log)
 
 
 rule evaluate:
@@ -60,10 +63,8 @@ rule tell:
         "results/logs/evolve/{run}/gen_{g}/tell.log",
     benchmark:
         "results/runs/{run}/evolve/gen_{g}/benchmark/tell.tsv"
-    conda:
-        CONDA_ENV
-    script:
-        "../scripts/tell.py"
+    run:
+        tell_job(input, output, params, wildcards, log)
 
 
 rule history:
