@@ -154,6 +154,8 @@ def test_killed_run_resumes_to_the_same_history(finished_run, tmp_path):
     assert not (copy / target).exists()
     finished = copy / "results" / "runs" / "anchored" / "evolve" / "gen_0" / "history.parquet"
     before = finished.stat().st_mtime_ns
+    # a SIGKILL leaves Snakemake's lock behind: unlock, then resume (as the README says)
+    subprocess.run(cmd + ["--unlock"], capture_output=True, text=True, timeout=120, check=True)
     result = subprocess.run(cmd + ["--rerun-incomplete"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert finished.stat().st_mtime_ns == before  # the finished generation was not redone
