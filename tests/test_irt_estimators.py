@@ -89,3 +89,16 @@ def test_bad_estimator_input(data):
         Estimator("gpirt", anchors, None)
     with pytest.raises(MergeflowError, match="estimator"):
         Estimator("magic", anchors, fit)
+
+
+def test_blend_weight_rules():
+    from mergeflow.irt.estimators import blend_weight
+
+    anchor = np.array([0.1, -0.1, 0.1, -0.1])
+    irt = np.array([0.02, 0.02, 0.02, 0.02])
+    assert blend_weight(anchor, irt, "variance") == pytest.approx(0.0004 / (0.0004 + 0.01))
+    fitted = blend_weight(anchor, irt, "fitted")
+    assert 0.0 <= fitted <= 1.0
+    grid = np.linspace(0, 1, 1001)
+    best = grid[np.argmin([np.mean((w * anchor + (1 - w) * irt) ** 2) for w in grid])]
+    assert fitted == pytest.approx(best, abs=1e-3)
