@@ -112,7 +112,7 @@ class Estimator:
         self.standard_normals = rng.standard_normal((n_samples, fit.dim))
 
     def _calibrated_lambda(self, calibration: ResponseMatrix, rng: np.random.Generator) -> float:
-        """λ = b² / (b² + v) from the errors of both parts on the calibration models."""
+        """λ from the errors of both estimators on (up to 100) calibration models; see blend_weight."""
         columns = pd.Index([_key(item) for item in calibration.items]).get_indexer(self.anchor_ids)
         if (columns < 0).any():
             missing = [item for item, col in zip(self.anchor_ids, columns) if col < 0]
