@@ -102,3 +102,16 @@ def test_blend_weight_rules():
     grid = np.linspace(0, 1, 1001)
     best = grid[np.argmin([np.mean((w * anchor + (1 - w) * irt) ** 2) for w in grid])]
     assert fitted == pytest.approx(best, abs=1e-3)
+
+
+def test_multidimensional_fit_with_every_method():
+    sim = simulate_irt(30, 120, seed=8, dim=2)
+    train = sim.matrix.select_models(sim.matrix.models[:25])
+    fit = fit_irt(train, kind="m2pl", dim=2, steps=60, min_steps=60)
+    anchors = select_anchors(train, fit, strategy="irt", n=15, seed=0)
+    for method in METHODS:
+        estimate = Estimator(method, anchors, fit, endpoint_thetas=fit.models[:2], calibration=train)(
+            responses_of(sim, 28))
+        assert 0.0 <= estimate.value <= 1.0 and estimate.sd > 0
+        if method != "mean":
+            assert len(estimate.theta) == 2

@@ -139,8 +139,12 @@ class Estimator:
         y = self.anchor_vector(anchor_responses)
         anchor_value = float(self.weights @ y)
         if self.method == "mean":
-            sd = np.sqrt(anchor_value * (1 - anchor_value) * np.sum(self.weights**2))
-            return Estimate(anchor_value, float(sd))
+            # binomial sd with the effective sample size 1/Σw², at a Jeffreys-smoothed
+            # proportion so that all-right or all-wrong anchors do not claim certainty
+            squared = float(np.sum(self.weights**2))
+            n_effective = 1.0 / squared
+            smoothed = (anchor_value * n_effective + 0.5) / (n_effective + 1.0)
+            return Estimate(anchor_value, float(np.sqrt(smoothed * (1 - smoothed) * squared)))
         theta, covariance = self._ability(y)
         irt_value = self._irt_value(y, theta)
         irt_sd = self._irt_sd(y, theta, covariance)
