@@ -29,7 +29,7 @@ import pandas as pd
 
 from mergeflow.irt.anchors import select_anchors
 from mergeflow.irt.estimators import Estimator
-from mergeflow.irt.model import fit_irt
+from mergeflow.irt.model import fit_irt, load_irt
 from mergeflow.irt.responses import ResponseMatrix, load_response_matrix
 from mergeflow.irt.simulate import simulate_irt
 
@@ -72,6 +72,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--timing-shape", type=int, nargs=2, default=[400, 30000])
     parser.add_argument("--sim-items", type=int, default=5000)
+    parser.add_argument("--lambda-rule", default="variance", choices=["variance", "fitted"],
+                        help="how gp-IRT / gmp-IRT set λ from the calibration models")
+    parser.add_argument("--cache", help="directory to keep IRT fits in and reuse them from")
     parser.add_argument("--out", help="write all error rows as JSON here")
     return parser.parse_args()
 
@@ -81,8 +84,19 @@ def parse_args() -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 
 
+def fit_or_load(matrix: ResponseMatrix, name: str, args):
+    """Fit (or, with --cache, reuse) the IRT model for one calibration set."""
+    directory = Path(args.cache) / f"{name}-{args.kind}{args.dim}-{args.steps}" if args.cache else None
+    if directory is not None and (directory / "fit.json").exists():
+        return load_irt(directory)
+    fit = fit_irt(matrix, kind=args.kind, dim=args.dim, steps=args.steps, seed=0)
+    if directory is not None:
+        fit.save(directory)
+    return fit
+
+
 def evaluate(train: ResponseMatrix, heldout: ResponseMatrix, fit, methods, sizes, seeds,
-             endpoints=None) -> pd.DataFrame:
+             endpoints=None, lambda_rule: str = "variance") -> pd.DataFrame:
     """Errors of every (strategy, method, size, seed) on every held-out model."""
     rows = []
     truth = heldout.accuracy()
@@ -93,7 +107,7 @@ def evaluate(train: ResponseMatrix, heldout: ResponseMatrix, fit, methods, sizes
                 anchors = select_anchors(train, fit, strategy=strategy, n=size, seed=seed)
                 for method in methods:
                     estimator = Estimator(method, anchors, fit, endpoint_thetas=endpoints,
-                                          calibration=train, seed=seed)
+                                          calibration=train, seed=seed, lambda_rule=lambda_rule)
                     for model, y, true in zip(heldout.models, responses, truth):
                         estimate = estimator(y)
                         rows.append({"strategy": strategy, "method": method, "n": size,
@@ -151,12 +165,12 @@ def simulate_merges(n_items: int, n_calibration: int, n_heldout: int, seed: int 
 def bench_simulated(args) -> pd.DataFrame:
     train, heldout = simulate_merges(args.sim_items, n_calibration=150, n_heldout=40)
     started = time.perf_counter()
-    fit = fit_irt(train, kind=args.kind, dim=args.dim, steps=args.steps, seed=0)
+    fit = fit_or_load(train, f"simulated-{args.sim_items}", args)
     print(f"\nsimulated merges: {len(train.models)} calibration models (3 endpoints), "
           f"{len(heldout.models)} held-out merges, {len(train.items)} items; "
           f"{args.kind} fit {time.perf_counter() - started:.1f} s, {fit.info['steps']} steps")
     errors = evaluate(train, heldout, fit, ALL_METHODS, args.sizes, args.seeds,
-                      endpoints=["endpoint-a", "endpoint-b", "endpoint-c"])
+                      endpoints=["endpoint-a", "endpoint-b", "endpoint-c"], lambda_rule=args.lambda_rule)
     print_table("simulated held-out merges", errors, len(train.items))
     return errors
 
@@ -171,13 +185,13 @@ def bench_responses(args) -> pd.DataFrame:
     heldout_names = _heldout_names(matrix.models, args.heldout, set(args.endpoints))
     train = matrix.drop_models(heldout_names)
     heldout = matrix.select_models(heldout_names)
-    fit = fit_irt(train, kind=args.kind, dim=args.dim, steps=args.steps, seed=0)
+    fit = fit_or_load(train, "responses", args)
     methods = ALL_METHODS if args.endpoints else ("mean", "pirt", "gpirt")
     print(f"\n{args.responses}: {len(train.models)} calibration models, {len(heldout.models)} held out "
           f"({', '.join(heldout_names[:6])}{' ...' if len(heldout_names) > 6 else ''}), "
           f"{len(matrix.items)} items; {args.kind} fit {fit.info['steps']} steps")
     errors = evaluate(train, heldout, fit, methods, args.sizes, args.seeds,
-                      endpoints=args.endpoints or None)
+                      endpoints=args.endpoints or None, lambda_rule=args.lambda_rule)
     print_table(f"held-out models of {args.responses}", errors, len(matrix.items))
     return errors
 
@@ -206,9 +220,9 @@ def bench_chembench(args) -> pd.DataFrame:
     frames = []
     for model in matrix.models:
         train = matrix.drop_models([model])
-        fit = fit_irt(train, kind=args.kind, dim=args.dim, steps=args.steps, seed=0)
+        fit = fit_or_load(train, f"chembench-without-{model}".replace(" ", "_"), args)
         frames.append(evaluate(train, matrix.select_models([model]), fit, ("mean", "pirt", "gpirt"),
-                               args.sizes, args.seeds))
+                               args.sizes, args.seeds, lambda_rule=args.lambda_rule))
     errors = pd.concat(frames, ignore_index=True)
     print(f"({time.perf_counter() - started:.0f} s)")
     print_table("chembench leave-one-model-out", errors, len(matrix.items))

@@ -89,3 +89,29 @@ def test_bad_estimator_input(data):
         Estimator("gpirt", anchors, None)
     with pytest.raises(MergeflowError, match="estimator"):
         Estimator("magic", anchors, fit)
+
+
+def test_blend_weight_rules():
+    from mergeflow.irt.estimators import blend_weight
+
+    anchor = np.array([0.1, -0.1, 0.1, -0.1])
+    irt = np.array([0.02, 0.02, 0.02, 0.02])
+    assert blend_weight(anchor, irt, "variance") == pytest.approx(0.0004 / (0.0004 + 0.01))
+    fitted = blend_weight(anchor, irt, "fitted")
+    assert 0.0 <= fitted <= 1.0
+    grid = np.linspace(0, 1, 1001)
+    best = grid[np.argmin([np.mean((w * anchor + (1 - w) * irt) ** 2) for w in grid])]
+    assert fitted == pytest.approx(best, abs=1e-3)
+
+
+def test_multidimensional_fit_with_every_method():
+    sim = simulate_irt(30, 120, seed=8, dim=2)
+    train = sim.matrix.select_models(sim.matrix.models[:25])
+    fit = fit_irt(train, kind="m2pl", dim=2, steps=60, min_steps=60)
+    anchors = select_anchors(train, fit, strategy="irt", n=15, seed=0)
+    for method in METHODS:
+        estimate = Estimator(method, anchors, fit, endpoint_thetas=fit.models[:2], calibration=train)(
+            responses_of(sim, 28))
+        assert 0.0 <= estimate.value <= 1.0 and estimate.sd > 0
+        if method != "mean":
+            assert len(estimate.theta) == 2

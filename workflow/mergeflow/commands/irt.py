@@ -62,6 +62,8 @@ def _register_estimate(subparsers) -> None:
                           help="endpoint model names in the IRT fit (mp-IRT, gmp-IRT)")
     estimate.add_argument("--calibration", nargs="*", default=None,
                           help="calibration response files for gp-IRT's λ")
+    estimate.add_argument("--lambda-rule", default="variance", choices=["variance", "fitted"],
+                          help="how gp-IRT / gmp-IRT set λ from the calibration responses")
     estimate.add_argument("--seed", type=int, default=0)
     estimate.add_argument("--out", required=True, help="parquet or .json file for the estimates")
     estimate.set_defaults(func=run_estimate)
@@ -106,7 +108,8 @@ def run_estimate(args: argparse.Namespace) -> None:
     rows = []
     for method in args.method:
         estimator = Estimator(method, anchors, fit, endpoint_thetas=args.endpoints,
-                              calibration=calibration, seed=args.seed)
+                              calibration=calibration, seed=args.seed,
+                              lambda_rule=args.lambda_rule)
         for model in targets.models:
             responses = targets.row(model).dropna()
             estimate = estimator(responses)

@@ -8,7 +8,10 @@ Methods (N items in the split, A anchors with responses yₐ and weights wₐ):
 * ``gpirt`` (gp-IRT): λ·mean + (1 − λ)·pirt. λ = b² / (b² + v) minimises the mean squared
   error of the blend when the anchor mean is unbiased with variance v and p-IRT has squared
   bias b²; both are measured on calibration models when those are given, otherwise λ weights
-  the two estimators by their predictive precisions.
+  the two estimators by their predictive precisions. ``lambda_rule="fitted"`` instead picks the
+  λ that minimises the blend's error on the calibration models directly (see
+  :func:`blend_weight`). The calibration models were part of the IRT fit, so their p-IRT errors
+  are somewhat optimistic, which pushes λ towards p-IRT.
 * ``mpirt`` (MERGE³): as p-IRT, but θ̂ = Σⱼ λⱼ θⱼ over the endpoint models' abilities, with λ on
   the simplex (softmax) fitted by maximum likelihood on the anchor responses (plus a weak N(0, 3²)
   ridge on the softmax logits, which only fixes their free shift).
@@ -37,6 +40,7 @@ from mergeflow.irt.model import IRTFit, _key, _sigmoid, map_ability
 from mergeflow.irt.responses import ResponseMatrix
 
 METHODS = ("mean", "pirt", "gpirt", "mpirt", "gmpirt")
+LAMBDA_RULES = ("variance", "fitted")
 ENDPOINT_LOGIT_PRIOR_SD = 3.0
 MAX_CALIBRATION_MODELS = 100
 
@@ -62,6 +66,7 @@ class Estimator:
         endpoint_thetas=None,
         calibration: ResponseMatrix | None = None,
         lam: float | None = None,
+        lambda_rule: str = "variance",
         n_samples: int = 64,
         seed: int = 0,
         prior_sd: float = 1.0,
@@ -71,6 +76,9 @@ class Estimator:
         validate_anchors(anchors)
         if lam is not None and not 0.0 <= lam <= 1.0:
             raise MergeflowError(f"lam={lam}: must be in [0, 1]")
+        if lambda_rule not in LAMBDA_RULES:
+            raise MergeflowError(f"lambda_rule={lambda_rule!r}: expected one of {LAMBDA_RULES}")
+        self.lambda_rule = lambda_rule
         self.method = method
         self.anchor_ids = [_key(item) for item in anchors["item_id"].tolist()]
         weights = anchors["weight"].to_numpy(dtype=float)
@@ -104,7 +112,7 @@ class Estimator:
         self.standard_normals = rng.standard_normal((n_samples, fit.dim))
 
     def _calibrated_lambda(self, calibration: ResponseMatrix, rng: np.random.Generator) -> float:
-        """λ = b² / (b² + v) from the errors of both parts on the calibration models."""
+        """λ from the errors of both estimators on (up to 100) calibration models; see blend_weight."""
         columns = pd.Index([_key(item) for item in calibration.items]).get_indexer(self.anchor_ids)
         if (columns < 0).any():
             missing = [item for item, col in zip(self.anchor_ids, columns) if col < 0]
@@ -123,8 +131,7 @@ class Estimator:
             irt_errors.append(self._irt_value(y, theta) - truth)
         if not anchor_errors:
             raise MergeflowError("no calibration model answered every anchor item; cannot set λ")
-        bias2, variance = np.mean(np.square(irt_errors)), np.mean(np.square(anchor_errors))
-        return float(bias2 / (bias2 + variance)) if bias2 + variance > 0 else 0.5
+        return blend_weight(np.array(anchor_errors), np.array(irt_errors), self.lambda_rule)
 
     # -- estimation --------------------------------------------------------------------------
 
@@ -132,8 +139,12 @@ class Estimator:
         y = self.anchor_vector(anchor_responses)
         anchor_value = float(self.weights @ y)
         if self.method == "mean":
-            sd = np.sqrt(anchor_value * (1 - anchor_value) * np.sum(self.weights**2))
-            return Estimate(anchor_value, float(sd))
+            # binomial sd with the effective sample size 1/Σw², at a Jeffreys-smoothed
+            # proportion so that all-right or all-wrong anchors do not claim certainty
+            squared = float(np.sum(self.weights**2))
+            n_effective = 1.0 / squared
+            smoothed = (anchor_value * n_effective + 0.5) / (n_effective + 1.0)
+            return Estimate(anchor_value, float(np.sqrt(smoothed * (1 - smoothed) * squared)))
         theta, covariance = self._ability(y)
         irt_value = self._irt_value(y, theta)
         irt_sd = self._irt_sd(y, theta, covariance)
@@ -196,6 +207,24 @@ def estimate_accuracy(
 ) -> Estimate:
     """One-off estimate; for many candidates build an :class:`Estimator` once and call it."""
     return Estimator(method, anchors_df, fit, endpoint_thetas, **options)(anchor_responses)
+
+
+def blend_weight(anchor_errors: np.ndarray, irt_errors: np.ndarray, rule: str = "variance") -> float:
+    """λ for λ·anchor-mean + (1 − λ)·IRT from both estimators' errors on calibration models.
+
+    ``variance`` (tinyBenchmarks' heuristic): λ = b² / (b² + v) with b² and v the mean squared
+    errors of the IRT and anchor estimators, optimal when the two errors are independent.
+    ``fitted``: the λ in [0, 1] that minimises the blend's calibration MSE, which accounts for
+    the two errors being correlated (both come from the same anchor responses).
+    """
+    bias2, variance = np.mean(irt_errors**2), np.mean(anchor_errors**2)
+    if rule == "variance":
+        return float(bias2 / (bias2 + variance)) if bias2 + variance > 0 else 0.5
+    gap = anchor_errors - irt_errors
+    denominator = np.sum(gap**2)
+    if denominator <= 0:
+        return 0.5
+    return float(np.clip(-np.sum(irt_errors * gap) / denominator, 0.0, 1.0))
 
 
 def combine_endpoint_abilities(
