@@ -70,7 +70,7 @@ def _cfg(tiny_zoo, **over):
             "search_space": {"method": "task_arithmetic", "base_model": str(tiny_zoo / "base"),
                              "models": [str(tiny_zoo / "math"), str(tiny_zoo / "lang")],
                              "parameters": {"weight": {"min": 0.0, "max": 1.5}}},
-            "save_weights": False, "base_path": str(tiny_zoo / "base"),
+            "save_weights": False, "init": None, "base_path": str(tiny_zoo / "base"),
             "endpoint_paths": {"math": str(tiny_zoo / "math"), "lang": str(tiny_zoo / "lang")}}
     base.update(over)
     return EvolveConfig(**base)

@@ -38,6 +38,7 @@ class SearchSettings:
     seed: int
     objectives: int = 1
     budget: int | None = None
+    init: tuple[float, ...] | None = None  # the genome the search starts from (default: the centre)
 
 
 def make_optimizer(settings: SearchSettings):
@@ -48,7 +49,10 @@ def make_optimizer(settings: SearchSettings):
         close = [n for n in ng.optimizers.registry if n.lower() == settings.optimizer.lower()]
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise MergeflowError(f"unknown Nevergrad optimizer {settings.optimizer!r}{hint}")
-    param = ng.p.Array(shape=(settings.dim,), lower=0.0, upper=1.0)
+    if settings.init is not None:
+        param = ng.p.Array(init=np.asarray(settings.init, dtype=float), lower=0.0, upper=1.0)
+    else:
+        param = ng.p.Array(shape=(settings.dim,), lower=0.0, upper=1.0)
     param.random_state = np.random.RandomState(settings.seed)
     budget = settings.budget or 100 * settings.population
     return ng.optimizers.registry[settings.optimizer](parametrization=param, budget=budget,

@@ -55,6 +55,7 @@ class EvolveConfig:
     seed: int
     search_space: dict
     save_weights: bool
+    init: dict[str, float] | None
     base_path: str
     endpoint_paths: dict[str, str] = field(default_factory=dict)
 
@@ -77,6 +78,7 @@ class EvolveConfig:
                    anchors=dict(ecfg.get("anchors", {})), optimizer=ecfg.get("optimizer", "CMA"),
                    population=ecfg["population"], budget=ecfg.get("budget"), shards=ecfg.get("shards", 1),
                    seed=rcfg.get("seed", 0), search_space=space, save_weights=ecfg.get("save_weights", False),
+                   init=_init_weights(ecfg.get("init"), models, run),
                    base_path=model_location(models[base]), endpoint_paths=paths)
 
     @property
@@ -89,12 +91,37 @@ class EvolveConfig:
         return SearchSpace.from_config(self.search_space, num_layers(self.base_path))
 
     def search_settings(self) -> SearchSettings:
-        return SearchSettings(self.optimizer, self.space().dim, self.population, self.seed,
-                              len(self.objectives) if self.multi_objective else 1, self.budget)
+        space = self.space()
+        return SearchSettings(self.optimizer, space.dim, self.population, self.seed,
+                              len(self.objectives) if self.multi_objective else 1, self.budget,
+                              self.initial_genome(space))
+
+    def initial_genome(self, space) -> tuple[float, ...] | None:
+        """The genome of ``init`` (each source's weight; other genes at the middle of their range)."""
+        if self.init is None:
+            return None
+        from mergeflow.merge import recipe_from_dict
+
+        recipe = recipe_from_dict({
+            "merge_method": space.methods[0], "base_model": self.base_path,
+            "models": [{"model": path, "parameters": {"weight": self.init.get(path, 0.0)}} for path in space.models],
+        })
+        return tuple(float(v) for v in space.from_recipe(recipe))
 
     def candidate_seed(self, generation: int, index: int) -> int:
         """The recipe seed of candidate (g, i): drawn from (run seed, g, i), for DARE / DELLA."""
         return int(np.random.SeedSequence([self.seed, generation, index]).generate_state(1)[0])
+
+
+def _init_weights(init: dict | None, models: dict, run: str) -> dict[str, float] | None:
+    """``init`` maps model names to weights; the search space speaks in paths."""
+    if init is None:
+        return None
+    for name in init:
+        if name not in models:
+            raise MergeflowError(f"config: runs.{run}.evolve.init names model {name!r}, which is not one of "
+                                 f"models {sorted(models)}")
+    return {model_location(models[name]): float(w) for name, w in init.items()}
 
 
 def num_layers(model_dir: str) -> int:
