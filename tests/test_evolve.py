@@ -119,3 +119,14 @@ def test_pareto_front_keeps_only_non_dominated_candidates():
                             "problem": ["", "", "", ""], "recipe_hash": list("wxyz")})
     front = pareto_front(history, ["a", "b"])
     assert sorted(front["recipe_hash"]) == ["w", "x", "z"]  # y is beaten by x on both tasks
+
+
+def test_init_starts_the_search_at_the_given_weights(tiny_zoo):
+    cfg = _cfg(tiny_zoo, init={str(tiny_zoo / "math"): 1.2, str(tiny_zoo / "lang"): 0.0})
+    space = cfg.space()
+    genome = cfg.initial_genome(space)
+    assert genome == pytest.approx((0.8, 0.0))  # weight range [0, 1.5]
+    recipe = space.to_recipe(np.asarray(genome))
+    assert [m.parameters["weight"] for m in recipe.models] == pytest.approx([1.2, 0.0])
+    optimizer = make_optimizer(cfg.search_settings())
+    np.testing.assert_allclose(optimizer.parametrization.value, genome)
