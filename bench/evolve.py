@@ -1,9 +1,10 @@
 """Per-generation overhead of the evolution loop: Snakemake, process start and model load.
 
-A generation's wall time runs from the end of the previous generation's ``tell`` (the mtime of
-its ``history.parquet``) to the end of its own; the useful work in it is the time spent merging
-and scoring candidates (``wall_s`` in ``fitness_*.parquet``). Everything else — scheduling,
-interpreter start, imports, loading the source models, ask and tell — is overhead.
+The useful work of a generation is the time spent merging and scoring candidates (``wall_s`` in
+``fitness_*.parquet``). Everything else — interpreter start, imports, loading the source models,
+ask and tell — is overhead, measured against the generation's own jobs (Snakemake's benchmark
+files) and against the wall-clock span from the previous ``tell`` to its own (which also holds
+Snakemake's scheduling, and other runs' jobs where several runs interleave).
 
     python bench/evolve.py [--workdir DIR]
 
@@ -36,9 +37,9 @@ def generation_times(evolve_dir: Path, generations: int) -> pd.DataFrame:
             start = (evolve_dir / f"gen_{g - 1}" / "history.parquet").stat().st_mtime
         fitness = pd.concat([pd.read_parquet(p) for p in sorted(gen.glob("fitness_*.parquet"))])
         work = float(fitness.drop_duplicates("index")["wall_s"].sum())
-        evaluate_s = sum(float(pd.read_csv(p, sep="\t")["s"].iloc[0]) for p in gen.glob("benchmark/evaluate_*.tsv"))
-        rows.append({"generation": g, "wall_s": end - start, "candidate_work_s": work,
-                     "evaluate_job_s": evaluate_s, "overhead": 1 - work / (end - start)})
+        jobs_s = sum(float(pd.read_csv(p, sep="\t")["s"].iloc[0]) for p in gen.glob("benchmark/*.tsv"))
+        rows.append({"generation": g, "span_s": end - start, "jobs_s": jobs_s, "candidate_work_s": work,
+                     "overhead_of_jobs": 1 - work / jobs_s, "overhead_of_span": 1 - work / (end - start)})
     return pd.DataFrame(rows)
 
 
@@ -59,9 +60,11 @@ def main() -> None:
         print(f"run {name!r}: fitness {evolve.get('fitness', 'full')}, population {evolve['population']}, "
               f"{evolve['generations']} generations")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-        total, work = table["wall_s"].sum(), table["candidate_work_s"].sum()
-        print(f"overhead: {1 - work / total:.1%} of generation wall time "
-              f"({total - work:.1f} s of {total:.1f} s; target <= 20%)\n")
+        jobs, span, work = table["jobs_s"].sum(), table["span_s"].sum(), table["candidate_work_s"].sum()
+        print(f"overhead: {1 - work / jobs:.1%} of the generation's own jobs (ask + evaluate + tell: "
+              f"{jobs - work:.1f} s of {jobs:.1f} s; target <= 20%)")
+        print(f"          {1 - work / span:.1%} of the wall-clock span between tells ({span:.1f} s; includes "
+              "scheduling, and other runs' jobs when runs interleave)\n")
 
 
 if __name__ == "__main__":
