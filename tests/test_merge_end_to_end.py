@@ -23,9 +23,7 @@ def zoo(tmp_path_factory):
 
 
 @pytest.fixture
-def merge_cli(monkeypatch):
-    # Only our command: the other command modules are built elsewhere in parallel.
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["mergeflow.commands.merge"])
+def merge_cli():
     return cli.main
 
 
@@ -218,3 +216,21 @@ def test_in_memory_matches_cli_in_bfloat16(zoo, tmp_path):
     for name, tensor in read_merged(out).items():
         assert tensor.dtype == torch.bfloat16
         assert torch.equal(state[name], tensor), name
+
+
+def test_cli_merge_of_the_embedded_zoo_generates(tiny_zoo, tmp_path, merge_cli):
+    """The zoo's experts merged through the CLI: a standard HF model that generates L2 text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = write_recipe(tmp_path, {
+        "merge_method": "task_arithmetic", "base_model": str(tiny_zoo / "base"),
+        "models": [{"model": str(tiny_zoo / "math"), "parameters": {"weight": [1.2, 0.5]}},
+                   {"model": str(tiny_zoo / "lang"), "parameters": {"weight": 0.6}}]})
+    out = tmp_path / "merged"
+    assert merge_cli(["merge", str(recipe), str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    inputs = tokenizer("tom has 12 apples and gets 30 more .", return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+    assert tokenizer.decode(generated[0], skip_special_tokens=True).startswith("tom has 12 apples")
