@@ -62,14 +62,6 @@ def task_source_input(wildcards):
     return [source["path"]] if "path" in source else []
 
 
-def split_files(task):
-    return {split: f"results/data/{task}/{split}.parquet" for split in SPLITS}
-
-
-def all_split_files(wildcards):
-    return [p for task in config["tasks"] for p in split_files(task).values()]
-
-
 def respond_model_input(wildcards):
     if wildcards.model == "baseline":
         return ["results/baseline/model"]
@@ -124,6 +116,16 @@ def evaluate_inputs(wildcards):
         inputs["anchors"] = [anchors_file(wildcards.run, t) for t in cfg.tasks]
         inputs["irt"] = [f"results/irt/{t}/items.parquet" for t in cfg.tasks]
     return inputs
+
+
+def evaluate_files(wildcards):
+    """Task -> file maps for evaluate: input lists cannot say which file is whose task."""
+    cfg = EVOLVE[wildcards.run]
+    files = {"splits": {t: f"results/data/{t}/search.parquet" for t in cfg.tasks}}
+    if cfg.fitness == "anchors":
+        files["anchors"] = {t: anchors_file(wildcards.run, t) for t in cfg.tasks}
+        files["irt"] = {t: f"results/irt/{t}" for t in cfg.tasks}
+    return files
 
 
 def previous_generation(wildcards):

@@ -26,7 +26,7 @@ rule ask:
 rule evaluate:
     input:
         unpack(evaluate_inputs),
-        check=ancient("results/check.json"),
+        check="results/check.json",
     output:
         "results/runs/{run}/evolve/gen_{g}/fitness_{k}.parquet",
     params:
@@ -34,6 +34,7 @@ rule evaluate:
         tasks=lambda wc: canonical({t: config["tasks"][t] for t in EVOLVE[wc.run].tasks}),
         evaluation=canonical(config["evaluation"]),
         endpoints=config["endpoints"],
+        files=evaluate_files,
     threads: 1
     resources:
         gpu=1 if config["evaluation"]["device"] != "cpu" else 0,

@@ -3,7 +3,7 @@
 
 rule calibrate:
     input:
-        check=ancient("results/check.json"),
+        check="results/check.json",
         split="results/data/{task}/search.parquet",
         models=search_model_inputs,
         checkpoints=calibration_checkpoints,

@@ -3,7 +3,7 @@
 
 rule respond:
     input:
-        check=ancient("results/check.json"),
+        check="results/check.json",
         split_file="results/data/{task}/{split}.parquet",
         model=respond_model_input,
     output:
