@@ -125,7 +125,7 @@ def evaluate_files(wildcards):
     if cfg.fitness == "anchors":
         files["anchors"] = {t: anchors_file(wildcards.run, t) for t in cfg.tasks}
         files["irt"] = {t: f"results/irt/{t}" for t in cfg.tasks}
-    return files
+    return canonical(files)
 
 
 def previous_generation(wildcards):
