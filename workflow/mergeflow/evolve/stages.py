@@ -142,9 +142,9 @@ def ask(cfg: EvolveConfig, generation: int, previous_state: str | None, previous
     candidates = ask_generation(optimizer, cfg.population)
     space = cfg.space()
     rows = []
-    for index, candidate in enumerate(candidates):
-        from mergeflow.merge import recipe_hash
+    from mergeflow.merge import recipe_hash
 
+    for index, candidate in enumerate(candidates):
         seed = cfg.candidate_seed(generation, index)
         recipe = space.to_recipe(candidate.value, seed=seed)
         rows.append({"generation": generation, "index": index, "genome": [float(v) for v in candidate.value],
