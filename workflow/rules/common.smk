@@ -7,10 +7,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
 from mergeflow.config import (
-    validate_config,
     local_model_dir,
+    model_location,
     run_tasks,
-    zoo_model_dirs,
+    validate_config,
     zoo_task_files,
 )
 from mergeflow.errors import MergeflowError
@@ -33,15 +33,19 @@ def canonical(value):
 SPLITS = ["search", "test"]
 MODELS = list(config["models"])
 EVAL_MODELS = [config["base_model"]] + list(config["endpoints"])
+BASELINE = "baseline"
 # Models of the final tables: the endpoints and, once a run searches, the uniform baseline merge.
-TABLE_MODELS = EVAL_MODELS + (["baseline"] if any("evolve" in r for r in config["runs"].values()) else [])
+TABLE_MODELS = EVAL_MODELS + ([BASELINE] if any("evolve" in r for r in config["runs"].values()) else [])
+# Where merges read their sources: the base and the endpoints (local directory or hub id).
+BASE_LOCATION = model_location(config["models"][config["base_model"]])
+SOURCE_LOCATIONS = [model_location(config["models"][m]) for m in config["endpoints"]]
 CONDA_ENV = "../../envs/mergeflow.yaml"
 
 
 wildcard_constraints:
     task="|".join(config["tasks"]),
     split="|".join(SPLITS),
-    model="|".join(MODELS + ["baseline"]),
+    model="|".join(MODELS + [BASELINE]),
     g=r"\d+",
     k=r"\d+",
     run="|".join(config["runs"]),
@@ -63,8 +67,8 @@ def task_source_input(wildcards):
 
 
 def respond_model_input(wildcards):
-    if wildcards.model == "baseline":
-        return ["results/baseline/model"]
+    if wildcards.model == BASELINE:
+        return [model_spec(BASELINE)["path"]]
     return model_inputs(wildcards.model)
 
 
@@ -75,7 +79,6 @@ from mergeflow.evolve.stages import EvolveConfig, ask, tell
 from mergeflow.logs import job_log
 
 EVOLVE = {run: EvolveConfig.from_config(config, run) for run in config["runs"] if "evolve" in config["runs"][run]}
-BASELINE = "baseline"
 
 
 def generations(run):
@@ -92,10 +95,6 @@ def evolve_dir(run):
     return f"results/runs/{run}/evolve"
 
 
-def anchored_tasks():
-    return sorted({t for cfg in EVOLVE.values() if cfg.fitness == "anchors" for t in cfg.tasks})
-
-
 def anchors_file(run, task):
     a = EVOLVE[run].anchors
     return f"results/anchors/{task}/{a.get('strategy', 'irt')}-{a.get('n', 20)}-seed{a.get('seed', 0)}.parquet"
@@ -103,19 +102,6 @@ def anchors_file(run, task):
 
 def search_model_inputs(wildcards):
     return [p for name in [config["base_model"], *config["endpoints"]] for p in model_inputs(name)]
-
-
-def evaluate_inputs(wildcards):
-    cfg = EVOLVE[wildcards.run]
-    inputs = {
-        "candidates": f"{evolve_dir(wildcards.run)}/gen_{wildcards.g}/candidates.parquet",
-        "splits": [f"results/data/{t}/search.parquet" for t in cfg.tasks],
-        "models": search_model_inputs(wildcards),
-    }
-    if cfg.fitness == "anchors":
-        inputs["anchors"] = [anchors_file(wildcards.run, t) for t in cfg.tasks]
-        inputs["irt"] = [f"results/irt/{t}/items.parquet" for t in cfg.tasks]
-    return inputs
 
 
 def evaluate_files(wildcards):
@@ -126,6 +112,17 @@ def evaluate_files(wildcards):
         files["anchors"] = {t: anchors_file(wildcards.run, t) for t in cfg.tasks}
         files["irt"] = {t: f"results/irt/{t}" for t in cfg.tasks}
     return canonical(files)
+
+
+def evaluate_inputs(wildcards):
+    files = evaluate_files(wildcards)
+    return {
+        "candidates": f"{evolve_dir(wildcards.run)}/gen_{wildcards.g}/candidates.parquet",
+        "models": search_model_inputs(wildcards),
+        "splits": list(files["splits"].values()),
+        "anchors": list(files.get("anchors", {}).values()),
+        "irt": [f"{d}/items.parquet" for d in files.get("irt", {}).values()],
+    }
 
 
 def previous_generation(wildcards):

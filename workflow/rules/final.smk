@@ -9,8 +9,8 @@ rule baseline_model:
         model=directory("results/baseline/model"),
     params:
         baseline=canonical(config["baseline"]),
-        base=model_spec(config["base_model"])["path"],
-        sources=[model_spec(m)["path"] for m in config["endpoints"]],
+        base=BASE_LOCATION,
+        sources=SOURCE_LOCATIONS,
     log:
         "results/logs/baseline.log",
     conda:

@@ -11,8 +11,8 @@ rule calibrate:
         "results/calibration/{task}.parquet",
     params:
         task=lambda wc: canonical(config["tasks"][wc.task]),
-        base=lambda wc: model_spec(config["base_model"])["path"],
-        sources=[model_spec(m)["path"] for m in config["endpoints"]],
+        base=BASE_LOCATION,
+        sources=SOURCE_LOCATIONS,
         calibration=canonical(config["irt"]["calibration"]),
         seed=config["seed"],
         evaluation=canonical(config["evaluation"]),
