@@ -12,9 +12,7 @@ one source model. When mergekit is installed (bench extra), it runs the same rec
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile

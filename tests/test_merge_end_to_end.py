@@ -13,7 +13,7 @@ from merge_helpers import make_model, make_zoo
 from mergeflow import cli
 from mergeflow.errors import MergeflowError
 from mergeflow.merge import (
-    InMemoryMerger, load_recipe, merge_to_dir, recipe_from_dict, save_recipe,
+    InMemoryMerger, load_recipe, merge_to_dir, recipe_from_dict,
 )
 
 

@@ -1,6 +1,5 @@
 """Recipes: mergekit YAML in and out, hashing, and rejection of what we do not support."""
 
-import textwrap
 
 import pytest
 

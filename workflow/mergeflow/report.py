@@ -7,7 +7,6 @@ from itertools import product
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 MERGED = "merged"
 

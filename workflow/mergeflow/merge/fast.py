@@ -9,7 +9,6 @@ disk I/O and no new model per candidate.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
