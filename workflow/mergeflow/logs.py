@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -34,10 +35,14 @@ def setup_job(log_file: str | Path | None = None, threads: int | None = None) ->
 def job_log(log_file: str | Path):
     """Send mergeflow's log to ``log_file`` for the duration of an in-process job (a ``run:`` rule).
 
-    Unlike :func:`setup_job` it leaves the host process's logging (Snakemake's) untouched.
+    Unlike :func:`setup_job` it leaves the host process's logging (Snakemake's) untouched. Only
+    records of the calling thread reach the file: jobs that run side by side in the Snakemake
+    process keep separate logs.
     """
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_file, mode="w")
+    thread = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == thread)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logger = logging.getLogger("mergeflow")
     level = logger.level

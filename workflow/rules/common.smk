@@ -75,7 +75,7 @@ def respond_model_input(wildcards):
 # --- evolution runs ---------------------------------------------------------------------------
 from dataclasses import asdict
 
-from mergeflow.evolve.stages import EvolveConfig, ask, tell
+from mergeflow.evolve.stages import EvolveConfig, ask, evaluate_shard, tell
 from mergeflow.logs import job_log
 
 EVOLVE = {run: EvolveConfig.from_config(config, run) for run in config["runs"] if "evolve" in config["runs"][run]}
@@ -180,11 +180,21 @@ def all_outputs():
     return outputs
 
 
-# ask and tell run inside the Snakemake process (see evolve.smk); these are their adapters.
+# Adapters of the evolution loop's `run:` jobs (see evolve.smk).
 def ask_job(input, output, params, wildcards, log):
     with job_log(log[0]):
         ask(EvolveConfig(**params.evolve), int(wildcards.g), input.get("state"), input.get("history"),
             output.candidates, output.state)
+
+
+def evaluate_job(input, output, params, wildcards, threads, log):
+    import torch
+
+    with job_log(log[0]):
+        torch.set_num_threads(max(1, int(threads)))  # as a script job would: results independent of idle cores
+        evaluate_shard(EvolveConfig(**params.evolve), params.tasks, params.evaluation, params.endpoints,
+                       int(wildcards.g), int(wildcards.k), input.candidates, params.files["splits"],
+                       params.files.get("anchors", {}), params.files.get("irt", {}), output[0])
 
 
 def tell_job(input, output, params, wildcards, log):

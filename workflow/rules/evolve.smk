@@ -1,6 +1,8 @@
 # The evolution loop as a static DAG: ask(g) -> evaluate(g, shard) -> tell(g), per run.
-# ask and tell are light (no model is loaded), so they run inside the Snakemake process:
-# no interpreter start per generation. evaluate holds the models and runs as its own job.
+# All three are `run:` jobs. Under the default profile (force-use-threads) they execute inside
+# the Snakemake process, so the source models loaded by the first evaluate job stay resident
+# for every later generation; on a cluster evaluate is an ordinary submitted job. ask and tell
+# are light (no model) and always run on the submitting host.
 localrules:
     ask,
     tell,
@@ -42,10 +44,8 @@ rule evaluate:
         "results/logs/evolve/{run}/gen_{g}/evaluate_{k}.log",
     benchmark:
         "results/runs/{run}/evolve/gen_{g}/benchmark/evaluate_{k}.tsv"
-    conda:
-        CONDA_ENV
-    script:
-        "../scripts/evaluate.py"
+    run:
+        evaluate_job(input, output, params, wildcards, threads, log)
 
 
 rule tell:

@@ -174,34 +174,33 @@ def restore_optimizer(cfg: EvolveConfig, settings: SearchSettings, state_path: s
 def evaluate_shard(cfg: EvolveConfig, tasks_cfg: dict, evaluation: dict, endpoints: list[str], generation: int,
                    shard: int, candidates_path: str, search_splits: dict[str, str], anchors: dict[str, str],
                    irt_dirs: dict[str, str], out: str) -> pd.DataFrame:
-    """Score this shard's candidates; sources stay resident and merges happen in memory."""
-    from transformers import AutoTokenizer
+    """Score this shard's candidates; sources stay resident (across jobs, in one process) and
+    merges happen in memory."""
+    import yaml
 
     from mergeflow.evaluate import EvalSettings
     from mergeflow.evolve.fitness import evaluate_candidate
-    from mergeflow.merge import InMemoryMerger, recipe_from_dict
+    from mergeflow.evolve.resident import resident_merger
+    from mergeflow.merge import recipe_from_dict
 
     settings = EvalSettings.from_config(evaluation)
     candidates = pd.read_parquet(candidates_path)
     mine = candidates[candidates["index"] % cfg.shards == shard]
-    merger = InMemoryMerger([cfg.base_path, *cfg.endpoint_paths.values()], device=settings.device,
-                            dtype=settings.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_path)
     tasks = [task_fitness(cfg, tasks_cfg[task], endpoints, task, search_splits[task], anchors.get(task),
                           irt_dirs.get(task)) for task in cfg.tasks]
-    import yaml
-
     rows = []
-    for _, cand in mine.iterrows():
-        recipe = recipe_from_dict(yaml.safe_load(cand["recipe"]))
-        result = evaluate_candidate(merger, tokenizer, recipe, tasks, settings)
-        for task in cfg.tasks:
-            rows.append({"generation": generation, "index": int(cand["index"]), "task": task,
-                         "fitness": result.fitness[task], "sd": result.sd[task], "items": result.items,
-                         "problem": result.problem or "", "wall_s": result.wall_s})
-        log.info("generation %d candidate %d: %s (%.2fs)%s", generation, cand["index"],
-                 {t: round(result.fitness[t], 4) for t in cfg.tasks}, result.wall_s,
-                 f" PROBLEM: {result.problem}" if result.problem else "")
+    with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], settings.device,
+                         settings.dtype) as (merger, tokenizer):
+        for _, cand in mine.iterrows():
+            recipe = recipe_from_dict(yaml.safe_load(cand["recipe"]))
+            result = evaluate_candidate(merger, tokenizer, recipe, tasks, settings)
+            for task in cfg.tasks:
+                rows.append({"generation": generation, "index": int(cand["index"]), "task": task,
+                             "fitness": result.fitness[task], "sd": result.sd[task], "items": result.items,
+                             "problem": result.problem or "", "wall_s": result.wall_s})
+            log.info("generation %d candidate %d: %s (%.2fs)%s", generation, cand["index"],
+                     {t: round(result.fitness[t], 4) for t in cfg.tasks}, result.wall_s,
+                     f" PROBLEM: {result.problem}" if result.problem else "")
     frame = pd.DataFrame(rows)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(out, index=False)
