@@ -130,3 +130,30 @@ def test_init_starts_the_search_at_the_given_weights(tiny_zoo):
     assert [m.parameters["weight"] for m in recipe.models] == pytest.approx([1.2, 0.0])
     optimizer = make_optimizer(cfg.search_settings())
     np.testing.assert_allclose(optimizer.parametrization.value, genome)
+
+
+def test_resident_sources_serve_later_jobs_and_reload_when_a_model_changes(tiny_zoo, tmp_path):
+    import os
+    import shutil
+
+    from mergeflow.evolve.resident import release, resident_merger
+    from mergeflow.merge import recipe_from_dict
+
+    paths = [str(shutil.copytree(tiny_zoo / name, tmp_path / name)) for name in ("base", "math", "lang")]
+    items = pd.read_parquet(tiny_zoo / "tasks" / "math_l2.parquet").iloc[:20]
+    task = TaskFitness("t", items.assign(prompt=items["question"]), "mc_loglik")
+    recipe = recipe_from_dict({"merge_method": "task_arithmetic", "base_model": paths[0],
+                               "models": [{"model": p, "parameters": {"weight": 0.4}} for p in paths[1:]]})
+    try:
+        with resident_merger(paths, "cpu", "float32") as (first, tok):
+            fresh = evaluate_candidate(first, tok, recipe, [task], EvalSettings())
+        with resident_merger(paths, "cpu", "float32") as (again, tok):
+            assert again is first  # the next job's sources are already loaded
+            assert evaluate_candidate(again, tok, recipe, [task], EvalSettings()).fitness == fresh.fitness
+        weights = next((tmp_path / "math").glob("*.safetensors"))
+        stat = weights.stat()
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a rebuilt expert
+        with resident_merger(paths, "cpu", "float32") as (reloaded, _):
+            assert reloaded is not first
+    finally:
+        release()
