@@ -111,6 +111,15 @@ def test_run_writes_every_stage(finished_run):
     assert "commit" in provenance["git"]
 
 
+def test_evaluate_jobs_after_the_first_find_the_sources_resident(finished_run):
+    """The default profile runs the evolution loop inside the Snakemake process: one source load."""
+    workdir, _ = finished_run
+    logs = sorted((workdir / "results" / "logs" / "evolve").glob("*/gen_*/evaluate_*.log"))
+    loads = [log for log in logs if "loading 3 source models" in log.read_text()]
+    assert len(logs) == 9 and len(loads) == 1, [log.relative_to(workdir) for log in loads]
+    assert all("already resident" in log.read_text() for log in logs if log not in loads)
+
+
 def test_second_run_does_nothing(finished_run):
     workdir, config = finished_run
     result = snakemake(workdir, config, "-n")
