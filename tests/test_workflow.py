@@ -34,9 +34,10 @@ def micro_config() -> dict:
     space = {"method": "task_arithmetic", "layer_groups": 2, "parameters": {"weight": {"min": 0.0, "max": 1.5}}}
     evolve = {"objectives": {"math_l2": 1.0}, "population": 3, "generations": 3, "search_space": space}
     config["runs"] = {
-        # two objectives (key order differs from sorted order) over two shards
+        # two objectives (key order differs from sorted order) over two shards, searched as a
+        # multi-objective problem: a Pareto set, each member materialised and tested
         "full": {"tasks": ["math_l2", "math_l1"],
-                 "evolve": {**evolve, "fitness": "full", "shards": 2,
+                 "evolve": {**evolve, "fitness": "full", "shards": 2, "multi_objective": True,
                             "objectives": {"math_l2": 1.0, "math_l1": 0.5}}},
         "anchored": {"tasks": ["math_l2"],
                      "evolve": {**evolve, "fitness": "anchors", "anchors": {"strategy": "irt", "n": 10}}},
@@ -104,6 +105,15 @@ def test_run_writes_every_stage(finished_run):
     assert (full["fitness"] - expected).abs().max() < 1e-12
     assert sorted(p.name for p in (results / "runs" / "full" / "evolve" / "gen_0").glob("fitness_*")) == [
         "fitness_0.parquet", "fitness_1.parquet"]
+    front = pd.read_parquet(results / "runs" / "full" / "final" / "pareto.parquet")
+    tested = pd.read_parquet(results / "runs" / "full" / "final" / "pareto_test.parquet")
+    points = front.drop_duplicates(["fitness_math_l2", "fitness_math_l1"])
+    assert len(tested) == 2 * len(points) and set(tested["task"]) == {"math_l2", "math_l1"}
+    assert set(tested["recipe_hash"]) <= set(front["recipe_hash"]) and tested["accuracy"].between(0, 1).all()
+    members = sorted((results / "runs" / "full" / "final" / "pareto_models").glob("member_*"))
+    assert len(members) == len(points) and all((m / "model.safetensors.index.json").exists() for m in members)
+    assert "Pareto member 0" in (members[0] / "README.md").read_text()
+    assert "| member |" in (results / "runs" / "full" / "final" / "pareto.md").read_text()
     comparison = (results / "summary.md").read_text()
     assert "merged (full)" in comparison and "merged (anchored)" in comparison
     provenance = yaml.safe_load((results / "runs" / "full" / "provenance.json").read_text())
@@ -141,7 +151,7 @@ def test_template_change_reruns_only_that_task(finished_run):
     assert jobs == sorted([
         "all", "data[task=math_l1]", "final[run=full]", "compare", "provenance[run=full]", "provenance[run=anchored]",
         *[f"respond[task=math_l1, split=test, model={m}]" for m in ["base", "math", "lang", "baseline"]],
-        *full_search, "history[run=full]", "final_model[run=full]",
+        *full_search, "history[run=full]", "final_model[run=full]", "pareto[run=full]", "pareto_members[run=full]",
         *[f"final_respond[run=full, task={t}]" for t in ["math_l2", "math_l1"]],
     ])
 

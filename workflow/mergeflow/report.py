@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from itertools import product
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 MERGED = "merged"
+
+log = logging.getLogger(__name__)
 
 
 def accuracy_row(path: str | Path, model: str, task: str) -> dict:
@@ -75,19 +78,80 @@ def compare_runs(tables: dict[str, str], out: str | Path) -> pd.DataFrame:
 def merge_with_lineage(recipe_path: str, out_dir: str, lineage: dict, history_path: str | None = None) -> None:
     """Materialise a recipe as an HF directory whose model card also records where it came from."""
     from mergeflow.evolve.stages import best_row
-    from mergeflow.merge import load_recipe, merge_to_dir, recipe_hash
+    from mergeflow.merge import load_recipe, merge_to_dir
 
     recipe = load_recipe(recipe_path)
     merge_to_dir(recipe, out_dir)
-    lines = ["", "## Lineage", "", f"- recipe hash: `{recipe_hash(recipe)}`"]
-    lines += [f"- {key}: {value}" for key, value in lineage.items()]
+    lines = [f"- {key}: {value}" for key, value in lineage.items()]
     if history_path:
         history = pd.read_parquet(history_path)
         best = best_row(history)
         lines += [f"- found in generation {int(best['generation'])} as candidate {int(best['index'])} of "
                   f"{len(history)} evaluated", f"- search fitness: {best['fitness']:.4f}"]
+    _append_lineage(out_dir, recipe, lines)
+
+
+def _append_lineage(out_dir: str | Path, recipe, lines: list[str]) -> None:
+    from mergeflow.merge import recipe_hash
+
     card = Path(out_dir) / "README.md"
-    card.write_text(card.read_text() + "\n".join(lines) + "\n")
+    header = ["", "## Lineage", "", f"- recipe hash: `{recipe_hash(recipe)}`"]
+    card.write_text(card.read_text() + "\n".join(header + lines) + "\n")
+
+
+def pareto_members(run: str, pareto_path: str | Path, tasks: dict[str, dict], evaluation: dict,
+                   models_out: str | Path, table_out: str | Path, summary_out: str | Path) -> pd.DataFrame:
+    """Materialise each point of a multi-objective run's Pareto front as an HF directory (model
+    card with its lineage) and score it on each task's test split.
+
+    ``tasks`` maps a task to ``{"split": test parquet, "scorer": ..., "delimiter": ...}``.
+    """
+    import yaml
+
+    from mergeflow.data import read_split
+    from mergeflow.evaluate import EvalSettings, evaluate_items, load_causal_lm
+    from mergeflow.merge import merge_to_dir, recipe_from_dict
+
+    settings = EvalSettings.from_config(evaluation)
+    front = pd.read_parquet(pareto_path)
+    objectives = [c for c in front.columns if c.startswith("fitness_")]
+    # candidates that tie on every objective are the same point of the front: test the earliest
+    front = (front.sort_values(["generation", "index"]).drop_duplicates(objectives)
+             .sort_values(objectives, ascending=False, kind="stable").reset_index(drop=True))
+    splits = {task: read_split(spec["split"]) for task, spec in tasks.items()}
+    rows = []
+    for member, cand in front.iterrows():
+        recipe = recipe_from_dict(yaml.safe_load(cand["recipe"]))
+        out = Path(models_out) / f"member_{member:02d}"
+        merge_to_dir(recipe, out)
+        search = {c.removeprefix("fitness_"): float(cand[c]) for c in objectives}
+        _append_lineage(out, recipe, [f"- run: {run}, Pareto member {member} of {len(front)}",
+                                      f"- found in generation {int(cand['generation'])} as candidate "
+                                      f"{int(cand['index'])}",
+                                      "- search fitness: " + ", ".join(f"{t} {v:.4f}" for t, v in search.items())])
+        model, tokenizer = load_causal_lm(out, settings)
+        for task, spec in tasks.items():
+            scored = evaluate_items(model, tokenizer, splits[task], spec["scorer"], settings, spec["delimiter"])
+            rows.append({"run": run, "member": member, "generation": int(cand["generation"]),
+                         "index": int(cand["index"]), "recipe_hash": cand["recipe_hash"], "task": task,
+                         "search_fitness": search.get(task, float("nan")),
+                         "accuracy": float(scored["correct"].mean()), "items": len(scored)})
+        log.info("Pareto member %d: %s", member, {r["task"]: round(r["accuracy"], 4) for r in rows[-len(tasks):]})
+    table = pd.DataFrame(rows)
+    Path(table_out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(table_out, index=False)
+    lines = [f"# Run {run!r}: the Pareto set on the test split", "",
+             "Search fitness (the run's estimate on the search split) / test-split accuracy.", "",
+             "| member | generation | candidate | " + " | ".join(tasks) + " |",
+             "|---|---|---|" + "---|" * len(tasks)]
+    for member, group in table.groupby("member", sort=True):
+        by_task = group.set_index("task")
+        cells = [("" if pd.isna(by_task.at[t, "search_fitness"]) else f"{by_task.at[t, 'search_fitness']:.3f} / ")
+                 + f"{by_task.at[t, 'accuracy']:.3f}" for t in tasks]
+        first = group.iloc[0]
+        lines.append(f"| {member} | {first['generation']} | {first['index']} | " + " | ".join(cells) + " |")
+    Path(summary_out).write_text("\n".join(lines) + "\n")
+    return table
 
 
 def baseline_merge(baseline: dict, base: str, sources: list[str], recipe_out: str, model_out: str) -> None:

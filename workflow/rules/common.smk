@@ -167,12 +167,19 @@ def final_table_inputs(wildcards):
     return inputs
 
 
+def pareto_test_tasks(wildcards):
+    """Task -> test split, scorer and delimiter for scoring a run's Pareto members."""
+    return canonical({t: {"split": f"results/data/{t}/test.parquet", "scorer": config["tasks"][t]["scorer"],
+                          "delimiter": config["tasks"][t].get("target_delimiter", " ")}
+                      for t in run_tasks(config, wildcards.run)})
+
+
 def all_outputs():
     outputs = []
     for run in config["runs"]:
         outputs += [f"results/runs/{run}/final/summary.md", f"results/runs/{run}/provenance.json"]
         if run in EVOLVE and EVOLVE[run].multi_objective:
-            outputs.append(f"results/runs/{run}/final/pareto.parquet")
+            outputs.append(f"results/runs/{run}/final/pareto.md")
         if run in EVOLVE and EVOLVE[run].save_weights:
             outputs += [f"{evolve_dir(run)}/gen_{g}/best/model" for g in range(generations(run))]
     if EVOLVE:

@@ -116,3 +116,24 @@ rule provenance:
         CONDA_ENV
     script:
         "../scripts/provenance.py"
+
+
+rule pareto_members:
+    input:
+        pareto="results/runs/{run}/final/pareto.parquet",
+        splits=lambda wc: [f"results/data/{t}/test.parquet" for t in run_tasks(config, wc.run)],
+        models=search_model_inputs,
+    output:
+        models=directory("results/runs/{run}/final/pareto_models"),
+        table="results/runs/{run}/final/pareto_test.parquet",
+        summary="results/runs/{run}/final/pareto.md",
+    params:
+        tasks=pareto_test_tasks,
+        evaluation=canonical(config["evaluation"]),
+    threads: 1
+    log:
+        "results/logs/final/{run}/pareto_members.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/pareto_members.py"
