@@ -18,14 +18,14 @@ def _models(zoo, **extra):
 
 
 def test_check_passes_and_writes_report(tiny_zoo, tmp_path):
-    report = run_check(_models(tiny_zoo), "base", {}, tmp_path / "check.json")
+    report = run_check(_models(tiny_zoo), "base", tmp_path / "check.json")
     assert json.loads((tmp_path / "check.json").read_text()) == report
     assert report["models"]["math"]["parameters"] == report["models"]["base"]["parameters"]
 
 
 def test_missing_model_directory_is_named(tiny_zoo, tmp_path):
     with pytest.raises(MergeflowError, match="model 'ghost': directory .* does not exist"):
-        run_check(_models(tiny_zoo, ghost=tmp_path / "ghost"), "base", {}, tmp_path / "c.json")
+        run_check(_models(tiny_zoo, ghost=tmp_path / "ghost"), "base", tmp_path / "c.json")
 
 
 def test_shape_mismatch_is_named(tiny_zoo, tmp_path):
@@ -36,7 +36,7 @@ def test_shape_mismatch_is_named(tiny_zoo, tmp_path):
     tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(MergeflowError, match=rf"model 'bad': tensor '{key}' has shape \[129, 64\] but the base"):
-        run_check(_models(tiny_zoo, bad=bad), "base", {}, tmp_path / "c.json")
+        run_check(_models(tiny_zoo, bad=bad), "base", tmp_path / "c.json")
 
 
 def test_missing_safetensors_file_is_named(tiny_zoo, tmp_path):
@@ -44,7 +44,7 @@ def test_missing_safetensors_file_is_named(tiny_zoo, tmp_path):
     shutil.copytree(tiny_zoo / "math", bad)
     (bad / "model.safetensors").unlink()
     with pytest.raises(MergeflowError, match="model 'noweights': no safetensors file in"):
-        run_check(_models(tiny_zoo, noweights=bad), "base", {}, tmp_path / "c.json")
+        run_check(_models(tiny_zoo, noweights=bad), "base", tmp_path / "c.json")
 
 
 def test_missing_shard_named_in_index_is_named(tiny_zoo, tmp_path):
@@ -55,7 +55,7 @@ def test_missing_shard_named_in_index_is_named(tiny_zoo, tmp_path):
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     (bad / "model.safetensors").rename(bad / "model-00001-of-00002.safetensors")
     with pytest.raises(MergeflowError, match="safetensors file 'model-00002-of-00002.safetensors' named in"):
-        run_check(_models(tiny_zoo, sharded=bad), "base", {}, tmp_path / "c.json")
+        run_check(_models(tiny_zoo, sharded=bad), "base", tmp_path / "c.json")
 
 
 def test_tokenizer_mismatch_is_named(tiny_zoo, tmp_path):
@@ -66,13 +66,4 @@ def test_tokenizer_mismatch_is_named(tiny_zoo, tmp_path):
     vocab["\u2581zzz"] = vocab.pop("\u2581tom")
     (bad / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(MergeflowError, match="model 'othertok': its tokenizer's vocabulary differs"):
-        run_check(_models(tiny_zoo, othertok=bad), "base", {}, tmp_path / "c.json")
-
-
-def test_empty_split_file_is_named(tiny_zoo, tmp_path):
-    import pandas as pd
-
-    path = tmp_path / "search.parquet"
-    pd.DataFrame({c: [] for c in ["item_id", "prompt", "choices", "answer", "target"]}).to_parquet(path)
-    with pytest.raises(MergeflowError, match="task 't': split 'search' .* is empty"):
-        run_check(_models(tiny_zoo), "base", {"t": {"search": str(path)}}, tmp_path / "c.json")
+        run_check(_models(tiny_zoo, othertok=bad), "base", tmp_path / "c.json")

@@ -89,3 +89,17 @@ def test_empty_source_is_named(tmp_path):
 def test_missing_source_file_is_named(tmp_path):
     with pytest.raises(MergeflowError, match="source file .*nope.parquet' does not exist"):
         split_task("t", _cfg(tmp_path / "nope.parquet"), seed=0)
+
+
+def test_a_bad_split_file_is_named(tmp_path):
+    from mergeflow.data import read_split
+
+    with pytest.raises(MergeflowError, match="does not exist"):
+        read_split(tmp_path / "missing.parquet")
+    path = tmp_path / "search.parquet"
+    pd.DataFrame({"item_id": ["a"], "prompt": ["p"]}).to_parquet(path)
+    with pytest.raises(MergeflowError, match=r"lacks columns \['choices', 'answer', 'target'\]"):
+        read_split(path)
+    pd.DataFrame({c: [] for c in ["item_id", "prompt", "choices", "answer", "target"]}).to_parquet(path)
+    with pytest.raises(MergeflowError, match="is empty"):
+        read_split(path)

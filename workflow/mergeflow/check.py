@@ -16,7 +16,6 @@ from mergeflow.errors import MergeflowError
 # Config fields that must agree for two models to be merged tensor by tensor.
 ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "intermediate_size", "vocab_size")
-SPLIT_COLUMNS = ("item_id", "prompt", "choices", "answer", "target")
 
 
 def safetensors_files(name: str, model_dir: Path) -> list[Path]:
@@ -125,28 +124,9 @@ def check_models(models: dict[str, dict], base: str) -> dict:
     return summary
 
 
-def check_split(task: str, split: str, path: Path) -> int:
-    import pandas as pd
-
-    if not path.exists():
-        raise MergeflowError(f"task {task!r}: split file {str(path)!r} does not exist")
-    frame = pd.read_parquet(path)
-    missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise MergeflowError(f"task {task!r}: split file {str(path)!r} lacks columns {missing}")
-    if len(frame) == 0:
-        raise MergeflowError(f"task {task!r}: split {split!r} ({str(path)!r}) is empty")
-    return len(frame)
-
-
-def run_check(models: dict[str, dict], base: str, splits: dict[str, dict[str, str]], out: Path) -> dict:
-    """Check models and task splits, then write ``check.json``."""
-    report = {
-        "base_model": base,
-        "models": check_models(models, base),
-        "tasks": {task: {split: check_split(task, split, Path(p)) for split, p in files.items()}
-                  for task, files in splits.items()},
-    }
+def run_check(models: dict[str, dict], base: str, out: Path) -> dict:
+    """Check every model against the base, then write ``check.json``."""
+    report = {"base_model": base, "models": check_models(models, base)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report

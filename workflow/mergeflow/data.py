@@ -166,8 +166,17 @@ def write_splits(parts: dict[str, pd.DataFrame], out: dict[str, str | Path]) -> 
         parts[split].to_parquet(path, index=False)
 
 
+SPLIT_COLUMNS = ("item_id", "prompt", "choices", "answer", "target")
+
+
 def read_split(path: str | Path) -> pd.DataFrame:
+    """A rendered split, checked: it exists, has the data stage's columns, and is not empty."""
+    if not Path(path).exists():
+        raise MergeflowError(f"split file {str(path)!r} does not exist")
     frame = pd.read_parquet(path)
+    missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise MergeflowError(f"split file {str(path)!r} lacks columns {missing}")
     if len(frame) == 0:
         raise MergeflowError(f"split file {str(path)!r} is empty")
     return frame
