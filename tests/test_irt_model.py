@@ -104,3 +104,16 @@ def test_bad_fit_arguments(small_fit):
         fit_irt(sim.matrix, holdout_fraction=1.5)
     with pytest.raises(MergeflowError, match="binary"):
         fit_irt(ResponseMatrix(np.full((3, 3), 0.5), ["a", "b", "c"], [1, 2, 3]))
+
+
+def test_the_fit_records_how_far_its_accuracy_curve_misses_the_calibration_models():
+    well_specified = simulate_irt(100, 400, seed=3)
+    assert fit_irt(well_specified.matrix, steps=600, seed=0).info["accuracy_misfit_sd"] < 0.005
+    # half the items reward the opposite of the ability the other half rewards: a 2PL (α > 0)
+    # cannot follow both, so accuracy at a model's own θ is off by several points
+    rng = np.random.default_rng(0)
+    theta, beta = rng.standard_normal(60), rng.standard_normal(300)
+    logits = np.concatenate([2 * theta[:, None] - beta[:150], -2 * theta[:, None] - beta[150:]], axis=1)
+    y = (rng.random(logits.shape) < 1 / (1 + np.exp(-logits))).astype(float)
+    mixed = ResponseMatrix(y, [f"m{i}" for i in range(60)], [f"i{j}" for j in range(300)])
+    assert fit_irt(mixed, steps=600, seed=0).info["accuracy_misfit_sd"] > 0.03

@@ -19,7 +19,9 @@ Methods (N items in the split, A anchors with responses yₐ and weights wₐ):
 
 Every estimate carries an sd: the posterior predictive sd of the full-split accuracy, combining
 the uncertainty of θ̂ (Laplace), of the item parameters (samples from the variational
-posterior) and the Bernoulli noise of the items not seen.
+posterior), the Bernoulli noise of the items not seen, and the IRT model's own misfit (the
+fit's ``accuracy_misfit_sd``: how far its accuracy curve misses the calibration models at their
+own θ̂), scaled to the share of items not seen.
 
 An :class:`Estimator` precomputes everything that depends only on (fit, anchors, method); its
 ``__call__`` costs one small Newton solve and an (S × N) sigmoid.
@@ -110,6 +112,8 @@ class Estimator:
         alpha_draws, beta_draws = fit.sample_items(n_samples, rng)
         self.draw_alpha, self.draw_beta = alpha_draws[:, unseen], beta_draws[:, unseen]
         self.standard_normals = rng.standard_normal((n_samples, fit.dim))
+        # fits written before the misfit was recorded carry none
+        self.misfit_sd = float(fit.info.get("accuracy_misfit_sd", 0.0)) * unseen.sum() / fit.n_items
 
     def _calibrated_lambda(self, calibration: ResponseMatrix, rng: np.random.Generator) -> float:
         """λ from the errors of both estimators on (up to 100) calibration models; see blend_weight."""
@@ -184,7 +188,8 @@ class Estimator:
         return float((y.sum() + unseen.sum()) / self.n_items)
 
     def _irt_sd(self, y: np.ndarray, theta: np.ndarray, covariance: np.ndarray) -> float:
-        """Predictive sd over θ (Laplace), item parameters (posterior draws) and unseen items."""
+        """Predictive sd over θ (Laplace), item parameters (posterior draws), unseen items' noise
+        and the model's misfit."""
         root = np.linalg.cholesky(covariance + 1e-12 * np.eye(covariance.shape[0]))
         thetas = theta + self.standard_normals @ root.T
         if self.draw_alpha.shape[-1] == 1:
@@ -194,7 +199,7 @@ class Estimator:
         p = _sigmoid(logits - self.draw_beta)
         accuracy = (y.sum() + p.sum(axis=1)) / self.n_items
         bernoulli = np.mean(np.sum(p * (1 - p), axis=1)) / self.n_items**2
-        return float(np.sqrt(np.var(accuracy) + bernoulli))
+        return float(np.sqrt(np.var(accuracy) + bernoulli + self.misfit_sd**2))
 
 
 def estimate_accuracy(
