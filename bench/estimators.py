@@ -112,7 +112,7 @@ def evaluate(train: ResponseMatrix, heldout: ResponseMatrix, fit, methods, sizes
                         estimate = estimator(y)
                         rows.append({"strategy": strategy, "method": method, "n": size,
                                      "seed": seed, "model": model, "error": estimate.value - true,
-                                     "sd": estimate.sd})
+                                     "sd": estimate.sd, "truth": true})
     return pd.DataFrame(rows)
 
 
@@ -126,6 +126,14 @@ def print_table(title: str, errors: pd.DataFrame, n_items: int) -> None:
     cells.columns = [f"n={n} ({n_items / n:.0f}×)" for n in cells.columns]
     print(f"\n### {title}: MAE of full-split accuracy (points), mean ± sd over seeds")
     print(cells.to_markdown() if _has_tabulate() else cells.to_string())
+    if errors["model"].nunique() > 2:  # ranking held-out models is what a search needs
+        ranks = errors.assign(estimate=errors["error"] + errors["truth"]).groupby(
+            ["strategy", "method", "n", "seed"]).apply(
+            lambda g: g["estimate"].rank().corr(g["truth"].rank()), include_groups=False)
+        table = ranks.groupby(["strategy", "method", "n"]).mean().unstack("n")
+        table.columns = [f"n={n}" for n in table.columns]
+        print(f"\nrank correlation (Spearman) of estimates with the true accuracies over the held-out models, "
+              f"mean over seeds\n{table.round(2).to_string()}")
     coverage = errors.assign(inside=errors["error"].abs() <= 1.96 * errors["sd"])
     calib = coverage.groupby("method").agg(rmse=("error", lambda e: 100 * np.sqrt(np.mean(e**2))),
                                            mean_sd=("sd", lambda s: 100 * s.mean()),
