@@ -153,7 +153,7 @@ def print_references(train: ResponseMatrix, heldout: ResponseMatrix, fit) -> Non
     for row, true in zip(heldout.matrix, truth):
         seen = ~np.isnan(row)
         theta, _ = map_ability(alpha[seen], beta[seen], row[seen])
-        floor.append(abs(float(np.mean(1 / (1 + np.exp(-(alpha @ theta - beta))))) - true))
+        floor.append(abs(float(fit.probability(theta, index).mean()) - true))
     print(f"\nreferences (MAE, points): no anchors, the calibration models' mean accuracy: {guess:.2f}; "
           f"IRT floor, θ from all {len(heldout.items)} items: {100 * np.mean(floor):.2f}; "
           f"held-out accuracies span {100 * truth.min():.1f}–{100 * truth.max():.1f}")

@@ -25,10 +25,15 @@ def setup_job(log_file: str | Path | None = None, threads: int | None = None) ->
     logging.captureWarnings(True)
     warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
     if threads is not None:
-        import torch
-
-        torch.set_num_threads(max(1, int(threads)))
+        pin_threads(threads)
     return logging.getLogger("mergeflow")
+
+
+def pin_threads(threads: int) -> None:
+    """Give torch exactly the job's threads: CPU results then do not depend on idle cores."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
 
 
 @contextmanager

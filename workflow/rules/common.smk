@@ -76,7 +76,7 @@ def respond_model_input(wildcards):
 from dataclasses import asdict
 
 from mergeflow.evolve.stages import EvolveConfig, ask, evaluate_shard, tell
-from mergeflow.logs import job_log
+from mergeflow.logs import job_log, pin_threads
 
 EVOLVE = {run: EvolveConfig.from_config(config, run) for run in config["runs"] if "evolve" in config["runs"][run]}
 
@@ -195,10 +195,8 @@ def ask_job(input, output, params, wildcards, log):
 
 
 def evaluate_job(input, output, params, wildcards, threads, log):
-    import torch
-
     with job_log(log[0]):
-        torch.set_num_threads(max(1, int(threads)))  # as a script job would: results independent of idle cores
+        pin_threads(threads)
         evaluate_shard(EvolveConfig(**params.evolve), params.tasks, params.evaluation, params.endpoints,
                        int(wildcards.g), int(wildcards.k), input.candidates, params.files["splits"],
                        params.files.get("anchors", {}), params.files.get("irt", {}), output[0])
