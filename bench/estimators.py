@@ -1,6 +1,7 @@
 """Bench of the accuracy estimators and of the IRT fit time.
 
     PYTHONPATH=workflow python bench/estimators.py                 # simulated + chembench + timing
+    PYTHONPATH=workflow python bench/estimators.py --zoo results --task math_l2    # after `snakemake`
     PYTHONPATH=workflow python bench/estimators.py --responses DIR --heldout 0.2 --endpoints A B
 
 Prints, for every anchor strategy × estimator × number of anchors, the mean absolute error (in
@@ -10,8 +11,13 @@ seeds of the anchor selection:
 1. simulated merges: three endpoint models with 2-d abilities, calibration and held-out models
    whose abilities are random convex combinations of the endpoints' (plus noise); a 1-d 2PL is
    fitted to the calibration models, so the estimators face a misspecified model as on real data;
-2. ``--responses DIR``: per-model response parquet files (the pipeline's calibration responses
-   on a task's search split), split into calibration and ``--heldout`` models;
+2. ``--zoo RESULTS --task T``: the pipeline's own IRT fit and calibration responses of task T
+   (from a finished run of ``--config``), against merges the fit never saw, scored here on the
+   search split: ``--zoo-merges`` fresh random merges from the calibration's search space (a
+   seed stream disjoint from the calibration's), and the candidates of each ``--zoo-runs`` search
+   (re-merged from the recipes in its history), which is where a search needs its estimates;
+   ``--responses DIR``: any per-model response parquet files, split into calibration and
+   ``--heldout`` models;
 3. ChemBench (22 real LLMs × 2,854 items): leave-one-model-out, IRT refitted without the held-out
    model each time, against plain random anchors of the same size (``random`` × ``mean``);
 4. the time to fit a 2PL on a simulated 400 × 30,000 matrix.
@@ -43,8 +49,10 @@ def main() -> None:
     results: dict[str, pd.DataFrame] = {}
     if not args.skip_simulated:
         results["simulated merges"] = bench_simulated(args)
+    if args.zoo:
+        results.update(bench_zoo(args))
     if args.responses:
-        results["zoo held-out merges"] = bench_responses(args)
+        results["held-out models"] = bench_responses(args)
     if not args.skip_chembench:
         results["chembench leave-one-model-out"] = bench_chembench(args)
     if not args.skip_timing:
@@ -61,6 +69,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kind", default="2pl", choices=["1pl", "2pl", "m2pl"])
     parser.add_argument("--dim", type=int, default=1)
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--zoo", help="results directory of a finished run of --config")
+    parser.add_argument("--config", default="config/config.yaml", help="the config that made --zoo")
+    parser.add_argument("--task", default="math_l2", help="the --zoo task")
+    parser.add_argument("--zoo-merges", type=int, default=50, help="fresh random merges held out")
+    parser.add_argument("--zoo-runs", nargs="*", default=["full"],
+                        help="runs whose search candidates are held out")
     parser.add_argument("--responses", help="directory of per-model response parquet files")
     parser.add_argument("--heldout", default="0.2",
                         help="fraction of models held out, or comma-separated model names")
@@ -202,8 +216,110 @@ def bench_simulated(args) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
-# 2. real calibration responses (the zoo's held-out merges)
+# 2. the zoo's held-out merges, and any real calibration responses
 # --------------------------------------------------------------------------------------------
+
+
+def bench_zoo(args) -> dict[str, pd.DataFrame]:
+    """The pipeline's fit of ``--task`` against random merges and search candidates it never saw."""
+    from mergeflow.config import load_config
+
+    config = load_config(args.config)
+    results, task = Path(args.zoo), args.task
+    fit = load_irt(results / "irt" / task)
+    own = [results / "responses" / task / "search" / f"{m}.parquet" for m in fit.models]
+    train = load_response_matrix([results / "calibration" / f"{task}.parquet", *[p for p in own if p.exists()]])
+    if sorted(train.models) != sorted(fit.models):
+        raise SystemExit(f"{results}: the responses on disk are not the ones results/irt/{task} was fitted to")
+    endpoints = list(config["endpoints"])
+    heldout_sets = {f"{args.zoo_merges} fresh random merges": _zoo_random_merges(config, results, task, args)}
+    for run in args.zoo_runs:
+        heldout_sets[f"the {run!r} search's candidates"] = _zoo_run_candidates(config, results, task, run, args)
+    print(f"\nzoo {task}: the pipeline's {fit.kind} fit ({len(train.models)} calibration models, "
+          f"{len(train.items)} items, {fit.info['steps']} steps)")
+    out = {}
+    for name, heldout in heldout_sets.items():
+        print(f"\nheld out: {name} ({len(heldout.models)} models)")
+        errors = evaluate(train, heldout, fit, ALL_METHODS, args.sizes, args.seeds, endpoints=endpoints,
+                          lambda_rule=args.lambda_rule)
+        print_table(f"zoo {task}, {name}", errors, len(train.items))
+        print_references(train, heldout, fit)
+        out[f"zoo {task}: {name}"] = errors
+    return out
+
+
+def _zoo_items(config: dict, results: Path, task: str):
+    from mergeflow.data import read_split
+    from mergeflow.evaluate import EvalSettings
+
+    tcfg = config["tasks"][task]
+    return (read_split(results / "data" / task / "search.parquet"), tcfg["scorer"],
+            tcfg.get("target_delimiter", " "), EvalSettings.from_config(config["evaluation"]))
+
+
+def _zoo_paths(config: dict) -> tuple[str, list[str]]:
+    paths = {name: spec["path"] for name, spec in config["models"].items()}
+    return paths[config["base_model"]], [paths[m] for m in config["endpoints"]]
+
+
+def _cached(args, name: str, make) -> ResponseMatrix:
+    """Responses of a held-out set, kept under --cache (long format) when it is given."""
+    path = Path(args.cache) / f"{name}.parquet" if args.cache else None
+    if path is not None and path.exists():
+        return load_response_matrix(path)
+    started = time.perf_counter()
+    frame = make()
+    print(f"({name}: {frame['model'].nunique()} models scored in {time.perf_counter() - started:.0f} s)")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(path, index=False)
+    return load_response_matrix(frame)
+
+
+def _zoo_random_merges(config: dict, results: Path, task: str, args) -> ResponseMatrix:
+    from mergeflow.calibrate import DEFAULT_SPACE, random_merge_responses
+
+    def make() -> pd.DataFrame:
+        items, scorer, delimiter, settings = _zoo_items(config, results, task)
+        base, sources = _zoo_paths(config)
+        space = config["irt"]["calibration"].get("search_space", DEFAULT_SPACE)
+        # the calibration draws from the stream [seed, 7]; seed + 1000 gives other merges
+        frame = random_merge_responses(base, sources, space, args.zoo_merges, config["seed"] + 1000,
+                                       items, scorer, delimiter, settings)
+        return frame.assign(model="heldout-" + frame["model"])
+
+    return _cached(args, f"zoo-{task}-random{args.zoo_merges}-seed{config['seed'] + 1000}", make)
+
+
+def _zoo_run_candidates(config: dict, results: Path, task: str, run: str, args) -> ResponseMatrix:
+    import yaml
+
+    from mergeflow.evaluate import evaluate_items
+    from mergeflow.merge import InMemoryMerger
+    from mergeflow.merge.recipe import recipe_from_dict
+    from transformers import AutoTokenizer
+
+    def make() -> pd.DataFrame:
+        items, scorer, delimiter, settings = _zoo_items(config, results, task)
+        base, sources = _zoo_paths(config)
+        history = pd.read_parquet(results / "runs" / run / "evolve" / "history.parquet")
+        history = history.drop_duplicates("recipe_hash")
+        merger = InMemoryMerger([base, *sources], device=settings.device, dtype=settings.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        frames = []
+        for row in history.itertuples():
+            model = merger.merge(recipe_from_dict(yaml.safe_load(row.recipe)))
+            frame = evaluate_items(model, tokenizer, items, scorer, settings, delimiter)
+            frames.append(frame.assign(model=f"{run}-g{row.generation}-{row.index}"))
+        column = f"fitness_{task}"
+        if config["runs"][run]["evolve"].get("fitness") == "full" and column in history:
+            # a full-fitness search scored these very items: the re-merges must agree with it
+            scored = np.array([f["correct"].mean() for f in frames])
+            print(f"(re-merged {run} candidates vs the accuracies its search recorded: "
+                  f"largest difference {np.max(np.abs(scored - history[column].to_numpy())):.4f})")
+        return pd.concat(frames, ignore_index=True)
+
+    return _cached(args, f"zoo-{task}-{run}-candidates", make)
 
 
 def bench_responses(args) -> pd.DataFrame:
