@@ -292,6 +292,13 @@ def _zoo_random_merges(config: dict, results: Path, task: str, args) -> Response
 
 
 def _zoo_run_candidates(config: dict, results: Path, task: str, run: str, args) -> ResponseMatrix:
+    """A run's distinct candidates, re-merged from their recipes and scored on the search split.
+
+    Also prints how far the fitness the search recorded is from these scores: nothing for a
+    full-fitness search, the error of the estimates it acted on for an anchored one.
+    """
+    import hashlib
+
     import yaml
 
     from mergeflow.evaluate import evaluate_items
@@ -299,55 +306,37 @@ def _zoo_run_candidates(config: dict, results: Path, task: str, run: str, args) 
     from mergeflow.merge.recipe import recipe_from_dict
     from transformers import AutoTokenizer
 
+    history = pd.read_parquet(results / "runs" / run / "evolve" / "history.parquet")
+    history = history.drop_duplicates("recipe_hash").reset_index(drop=True)
+    history["model"] = [f"{run}-g{g}-{i}" for g, i in zip(history["generation"], history["index"])]
+
     def make() -> pd.DataFrame:
         items, scorer, delimiter, settings = _zoo_items(config, results, task)
         base, sources = _zoo_paths(config)
-        history = pd.read_parquet(results / "runs" / run / "evolve" / "history.parquet")
-        history = history.drop_duplicates("recipe_hash")
         merger = InMemoryMerger([base, *sources], device=settings.device, dtype=settings.dtype)
         tokenizer = AutoTokenizer.from_pretrained(base)
         frames = []
         for row in history.itertuples():
             model = merger.merge(recipe_from_dict(yaml.safe_load(row.recipe)))
             frame = evaluate_items(model, tokenizer, items, scorer, settings, delimiter)
-            frames.append(frame.assign(model=f"{run}-g{row.generation}-{row.index}"))
-        column = f"fitness_{task}"
-        if config["runs"][run]["evolve"].get("fitness") == "full" and column in history:
-            # a full-fitness search scored these very items: the re-merges must agree with it
-            scored = np.array([f["correct"].mean() for f in frames])
-            print(f"(re-merged {run} candidates vs the accuracies its search recorded: "
-                  f"largest difference {np.max(np.abs(scored - history[column].to_numpy())):.4f})")
+            frames.append(frame.assign(model=row.model))
         return pd.concat(frames, ignore_index=True)
 
-    return _cached(args, f"zoo-{task}-{run}-candidates", make)
-
-
-def bench_responses(args) -> pd.DataFrame:
-    matrix = load_response_matrix(args.responses)
-    heldout_names = _heldout_names(matrix.models, args.heldout, set(args.endpoints))
-    train = matrix.drop_models(heldout_names)
-    heldout = matrix.select_models(heldout_names)
-    fit = fit_or_load(train, "responses", args)
-    methods = ALL_METHODS if args.endpoints else ("mean", "pirt", "gpirt")
-    print(f"\n{args.responses}: {len(train.models)} calibration models, {len(heldout.models)} held out "
-          f"({', '.join(heldout_names[:6])}{' ...' if len(heldout_names) > 6 else ''}), "
-          f"{len(matrix.items)} items; {args.kind} fit {fit.info['steps']} steps")
-    errors = evaluate(train, heldout, fit, methods, args.sizes, args.seeds,
-                      endpoints=args.endpoints or None, lambda_rule=args.lambda_rule)
-    print_table(f"held-out models of {args.responses}", errors, len(matrix.items))
-    print_references(train, heldout, fit)
-    return errors
-
-
-def _heldout_names(models: list[str], heldout: str, endpoints: set[str]) -> list[str]:
-    try:
-        fraction = float(heldout)
-    except ValueError:
-        return [name.strip() for name in heldout.split(",") if name.strip()]
-    candidates = [name for name in models if name not in endpoints]
-    rng = np.random.default_rng(0)
-    count = max(1, int(round(fraction * len(candidates))))
-    return sorted(rng.choice(candidates, size=count, replace=False).tolist())
+    # the run's candidates name the cache entry, so a rerun search is scored afresh
+    digest = hashlib.sha256("".join(history["recipe_hash"]).encode()).hexdigest()[:10]
+    matrix = _cached(args, f"zoo-{task}-{run}-candidates-{digest}", make)
+    column = f"fitness_{task}"
+    if column in history:
+        recorded = history.set_index("model")[column].reindex(matrix.models).to_numpy()
+        error = 100 * (recorded - matrix.accuracy())
+        line = (f"(the {run!r} search's recorded {task} fitness vs these scores: MAE {np.mean(np.abs(error)):.2f} "
+                f"points, bias {np.mean(error):+.2f}")
+        if f"sd_{task}" in history:
+            sd = 100 * history.set_index("model")[f"sd_{task}"].reindex(matrix.models).to_numpy()
+            line += f", within ±1.96 sd: {np.mean(np.abs(error) <= 1.96 * sd):.2f}"
+        rank = pd.Series(recorded).rank().corr(pd.Series(matrix.accuracy()).rank())
+        print(f"{line}, rank correlation {rank:.2f})")
+    return matrix
 
 
 # --------------------------------------------------------------------------------------------
