@@ -210,3 +210,23 @@ def test_missing_model_directory_is_named_before_any_job(tmp_path):
     result = snakemake(tmp_path, config, "-n")
     assert result.returncode != 0
     assert "model 'math': directory 'models/not-here' does not exist" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "config" / "examples").glob("*.yaml")), ids=lambda p: p.stem)
+def test_example_configs_validate(example):
+    """Each example is a whole config (its models and data are not on this machine, which must be
+    the only complaint), or an overlay on the default (it has no ``models``)."""
+    from snakemake.utils import update_config
+
+    from mergeflow.config import validate_config
+    from mergeflow.errors import MergeflowError
+
+    overlay = yaml.safe_load(example.read_text())
+    config = overlay
+    if "models" not in overlay:
+        config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+        update_config(config, overlay)
+        assert set(overlay["runs"]) <= set(validate_config(config)["runs"])
+        return
+    with pytest.raises(MergeflowError, match="does not exist"):
+        validate_config(config)
