@@ -130,6 +130,20 @@ def test_evaluate_jobs_after_the_first_find_the_sources_resident(finished_run):
     assert all("already resident" in log.read_text() for log in logs if log not in loads)
 
 
+def test_report_holds_every_results_table(finished_run):
+    """``snakemake --report`` packs the overall summary, each run's table and the Pareto table."""
+    import zipfile
+
+    workdir, config = finished_run
+    result = snakemake(workdir, config, "--report", "report.zip")
+    assert result.returncode == 0, result.stderr[-4000:]
+    names = zipfile.ZipFile(workdir / "report.zip").namelist()
+    packed = sorted(Path(n).name for n in names if n.startswith("report/data/raw/"))
+    assert packed == ["pareto.md", "summary.md", "summary.md", "summary.md"], packed
+    html = next(n for n in names if n.endswith("report.html"))
+    assert "Test-split accuracy of every run" in zipfile.ZipFile(workdir / "report.zip").read(html).decode()
+
+
 def test_second_run_does_nothing(finished_run):
     workdir, config = finished_run
     result = snakemake(workdir, config, "-n")

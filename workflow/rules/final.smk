@@ -60,7 +60,12 @@ rule final:
     input:
         unpack(final_table_inputs),
     output:
-        summary="results/runs/{run}/final/summary.md",
+        summary=report(
+            "results/runs/{run}/final/summary.md",
+            caption="../report/run_summary.rst",
+            category="Runs",
+            labels={"run": "{run}", "table": "test accuracy"},
+        ),
         table="results/runs/{run}/final/test.parquet",
     params:
         run=lambda wc: wc.run,
@@ -93,7 +98,7 @@ rule compare:
     input:
         [f"results/runs/{run}/final/test.parquet" for run in config["runs"]],
     output:
-        "results/summary.md",
+        report("results/summary.md", caption="../report/summary.rst", category="Summary"),
     params:
         runs=list(config["runs"]),
     log:
@@ -126,7 +131,12 @@ rule pareto_members:
     output:
         models=directory("results/runs/{run}/final/pareto_models"),
         table="results/runs/{run}/final/pareto_test.parquet",
-        summary="results/runs/{run}/final/pareto.md",
+        summary=report(
+            "results/runs/{run}/final/pareto.md",
+            caption="../report/pareto.rst",
+            category="Runs",
+            labels={"run": "{run}", "table": "Pareto front"},
+        ),
     params:
         tasks=pareto_test_tasks,
         evaluation=canonical(config["evaluation"]),
