@@ -226,6 +226,26 @@ def test_missing_model_directory_is_named_before_any_job(tmp_path):
     assert "model 'math': directory 'models/not-here' does not exist" in result.stdout + result.stderr
 
 
+def test_hub_merge_source_is_refused_with_the_download_command(tmp_path):
+    """Merges read local safetensors: a hub endpoint is named, with how to fetch it, before any job."""
+    config = micro_config()
+    config["models"]["lang"] = {"hub": "some-org/lang-7b", "revision": "main"}
+    result = snakemake(tmp_path, config, "-n")
+    assert result.returncode != 0
+    assert ("config: model 'lang' is a hub id ('some-org/lang-7b'), but the merge stages read safetensors from a "
+            "local directory") in result.stdout + result.stderr
+    assert "huggingface-cli download some-org/lang-7b --local-dir models/lang" in result.stdout + result.stderr
+
+
+def test_hub_models_are_allowed_where_nothing_merges():
+    from mergeflow.config import merge_sources
+
+    config = micro_config()
+    assert merge_sources(config) == ["base", "math", "lang"]
+    config["runs"] = {"score": {"tasks": ["math_l2"]}}
+    assert merge_sources(config) == []
+
+
 @pytest.mark.parametrize("example", sorted((REPO / "config" / "examples").glob("*.yaml")), ids=lambda p: p.stem)
 def test_example_configs_validate(example):
     """Each example is a whole config (its models and data are not on this machine, which must be

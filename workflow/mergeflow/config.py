@@ -63,6 +63,13 @@ def check_config(config: dict) -> None:
         path = local_model_dir(spec)
         if path is not None and str(path) not in built and not path.is_dir():
             raise MergeflowError(f"config: model {name!r}: directory {str(path)!r} does not exist")
+    for name in merge_sources(config):
+        if "hub" in models[name]:
+            hub = models[name]["hub"]
+            raise MergeflowError(
+                f"config: model {name!r} is a hub id ({hub!r}), but the merge stages read safetensors from a local "
+                f"directory and do not fetch hub models; download it first (huggingface-cli download {hub} "
+                f"--local-dir models/{name}) and give path: models/{name}")
     written = {str(p) for p in zoo_task_files(config).values()}
     for task, tcfg in config["tasks"].items():
         if tcfg["scorer"] == "mc_loglik" and "choices" not in tcfg:
@@ -74,6 +81,20 @@ def check_config(config: dict) -> None:
         for task in rcfg.get("tasks") or []:
             if task not in config["tasks"]:
                 raise MergeflowError(f"config: run {run!r} names task {task!r}, which is not one of tasks {sorted(config['tasks'])}")
+
+
+def merge_sources(config: dict) -> list[str]:
+    """Names of the models that some merge reads: the base, the endpoints and any model a run's
+    search space names (nothing when no run evolves)."""
+    runs = [r for r in config["runs"].values() if "evolve" in r]
+    if not runs:
+        return []
+    names = [config["base_model"], *config["endpoints"]]
+    for run in runs:
+        space = run["evolve"].get("search_space", {})
+        names += [space["base_model"]] if "base_model" in space else []
+        names += list(space.get("models", []))
+    return [n for n in dict.fromkeys(names) if n in config["models"]]
 
 
 def _resolve(schema: dict, root: dict) -> dict:
