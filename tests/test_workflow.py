@@ -1,5 +1,6 @@
 """A micro end-to-end run of the Snakemake workflow in a temporary directory (a smaller zoo)."""
 
+import json
 import os
 import re
 import shutil
@@ -226,24 +227,57 @@ def test_missing_model_directory_is_named_before_any_job(tmp_path):
     assert "model 'math': directory 'models/not-here' does not exist" in result.stdout + result.stderr
 
 
-def test_hub_merge_source_is_refused_with_the_download_command(tmp_path):
-    """Merges read local safetensors: a hub endpoint is named, with how to fetch it, before any job."""
-    config = micro_config()
-    config["models"]["lang"] = {"hub": "some-org/lang-7b", "revision": "main"}
-    result = snakemake(tmp_path, config, "-n")
+def fake_hub_cache(cache: Path, repo: str, snapshots: dict[str, Path]) -> None:
+    """A Hugging Face cache holding ``repo`` at each revision (name -> model directory), laid out as
+    ``huggingface_hub`` writes it: refs/<revision> names a commit, snapshots/<commit> holds files."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    for k, (revision, model_dir) in enumerate(snapshots.items()):
+        commit = f"{k + 1:x}" * 40
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / revision).write_text(commit)
+        shutil.copytree(model_dir, root / "snapshots" / commit)
+
+
+def offline_env(cache: Path) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+
+
+def test_hub_endpoint_is_fetched_and_checked_offline(finished_run, tmp_path):
+    """A hub endpoint: the fetch stage links the cached snapshot of its revision into results/hub/,
+    the check stage reads it there, and the plan merges from that local directory."""
+    workdir, config = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy, symlinks=True)
+    cache = tmp_path / "hf-cache"
+    fake_hub_cache(cache, "some-org/lang", {"main": workdir / "results" / "zoo" / "base",
+                                           "v1": workdir / "results" / "zoo" / "lang"})
+    config = {**config, "models": {**config["models"], "lang": {"hub": "some-org/lang", "revision": "v1"}}}
+    path = copy / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(copy), "--configfile",
+           str(path), "--cores", "1", "results/check.json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=offline_env(cache))
+    assert result.returncode == 0, result.stderr[-4000:]
+    fetched = copy / "results" / "hub" / "some-org--lang@v1"
+    record = json.loads((fetched / "fetched.json").read_text())
+    assert record["commit"] == "2" * 40  # the v1 snapshot, not main's
+    assert (fetched / "model.safetensors").is_symlink()
+    assert (fetched / "model.safetensors").read_bytes() == (workdir / "results/zoo/lang/model.safetensors").read_bytes()
+    checked = json.loads((copy / "results" / "check.json").read_text())["models"]["lang"]
+    assert checked["location"] == "results/hub/some-org--lang@v1"
+    plan = subprocess.run(cmd[:-1] + ["-n", "--forceall", "--quiet", "rules"], capture_output=True, text=True,
+                          timeout=600, env=offline_env(cache))
+    assert "fetch_model" in plan.stdout + plan.stderr
+
+
+def test_missing_hub_model_is_named(tmp_path):
+    script = ("import sys; sys.path.insert(0, %r)\n"
+              "from mergeflow.check import fetch_hub_model\n"
+              "fetch_hub_model('some-org/absent', None, %r)" % (str(REPO / "workflow"), str(tmp_path / "out")))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env=offline_env(tmp_path / "empty-cache"))
     assert result.returncode != 0
-    assert ("config: model 'lang' is a hub id ('some-org/lang-7b'), but the merge stages read safetensors from a "
-            "local directory") in result.stdout + result.stderr
-    assert "huggingface-cli download some-org/lang-7b --local-dir models/lang" in result.stdout + result.stderr
-
-
-def test_hub_models_are_allowed_where_nothing_merges():
-    from mergeflow.config import merge_sources
-
-    config = micro_config()
-    assert merge_sources(config) == ["base", "math", "lang"]
-    config["runs"] = {"score": {"tasks": ["math_l2"]}}
-    assert merge_sources(config) == []
+    assert "hub model 'some-org/absent' (revision 'main'): cannot fetch it" in result.stderr
 
 
 @pytest.mark.parametrize("example", sorted((REPO / "config" / "examples").glob("*.yaml")), ids=lambda p: p.stem)

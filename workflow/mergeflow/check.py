@@ -70,17 +70,38 @@ def _load_tokenizer(name: str, location: str, trust_remote_code: bool):
         raise MergeflowError(f"model {name!r}: cannot load its tokenizer from {location!r}: {err}") from err
 
 
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+
+
 def resolve_model_dir(name: str, spec: dict) -> Path:
-    """A local directory for a model spec; hub models are fetched (config, tokenizer, safetensors)."""
-    if "path" in spec:
-        path = Path(spec["path"])
-        if not path.is_dir():
-            raise MergeflowError(f"model {name!r}: directory {str(path)!r} does not exist")
-        return path
+    """A model's local directory (a hub model's is the one the fetch stage wrote); it must exist."""
+    from mergeflow.config import local_model_dir
+
+    path = local_model_dir(spec)
+    if not path.is_dir():
+        raise MergeflowError(f"model {name!r}: directory {str(path)!r} does not exist")
+    return path
+
+
+def fetch_hub_model(hub: str, revision: str | None, out: str | Path) -> Path:
+    """The fetch stage: download a hub model's config, tokenizer and safetensors weights into the
+    Hugging Face cache (or find them there: offline, a cached snapshot is enough), and make ``out``
+    a model directory of links to that snapshot, with ``fetched.json`` naming the commit."""
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(spec["hub"], revision=spec.get("revision"),
-                                  allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+    try:
+        snapshot = Path(snapshot_download(hub, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as err:
+        raise MergeflowError(f"hub model {hub!r} (revision {revision or 'main'!r}): cannot fetch it: {err}") from err
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for file in sorted(p for p in snapshot.rglob("*") if p.is_file()):
+        link = out / file.relative_to(snapshot)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(file.resolve())
+    (out / "fetched.json").write_text(json.dumps(
+        {"hub": hub, "revision": revision, "commit": snapshot.name, "snapshot": str(snapshot)}, indent=1) + "\n")
+    return out
 
 
 def check_models(models: dict[str, dict], base: str) -> dict:

@@ -2,8 +2,8 @@
 
 The schema (``workflow/schemas/config.schema.yaml``) checks keys and types; this module checks
 that names point at things that exist: the base model and endpoints are models, runs name known
-tasks, local model directories exist (or are built by the zoo), task sources exist (or are
-written by the zoo).
+tasks, local model directories exist (or are built by the zoo; hub models are fetched by a
+job), task sources exist (or are written by the zoo).
 """
 
 from __future__ import annotations
@@ -35,13 +35,20 @@ def zoo_task_files(config: dict) -> dict[str, Path]:
     return {name: RESULTS / "zoo" / "tasks" / f"{name}.parquet" for name in zoo.get("tasks", [])}
 
 
+def hub_model_dir(spec: dict) -> Path:
+    """Where the fetch stage puts a hub model: ``results/hub/ORG--NAME[@REVISION]``."""
+    revision = spec.get("revision")
+    return RESULTS / "hub" / (spec["hub"].replace("/", "--") + (f"@{revision}" if revision else ""))
+
+
+def local_model_dir(spec: dict) -> Path:
+    """A model's local directory: its ``path``, or the directory its hub id is fetched to."""
+    return Path(spec["path"]) if "path" in spec else hub_model_dir(spec)
+
+
 def model_location(spec: dict) -> str:
-    """What ``from_pretrained`` is given: a local directory or a hub id."""
-    return spec["path"] if "path" in spec else spec["hub"]
-
-
-def local_model_dir(spec: dict) -> Path | None:
-    return Path(spec["path"]) if "path" in spec else None
+    """What the merger and ``from_pretrained`` are given: always a local directory."""
+    return str(local_model_dir(spec))
 
 
 def run_tasks(config: dict, run: str) -> list[str]:
@@ -61,15 +68,8 @@ def check_config(config: dict) -> None:
     built = {str(p) for p in zoo_model_dirs(config).values()}
     for name, spec in models.items():
         path = local_model_dir(spec)
-        if path is not None and str(path) not in built and not path.is_dir():
+        if "path" in spec and str(path) not in built and not path.is_dir():
             raise MergeflowError(f"config: model {name!r}: directory {str(path)!r} does not exist")
-    for name in merge_sources(config):
-        if "hub" in models[name]:
-            hub = models[name]["hub"]
-            raise MergeflowError(
-                f"config: model {name!r} is a hub id ({hub!r}), but the merge stages read safetensors from a local "
-                f"directory and do not fetch hub models; download it first (huggingface-cli download {hub} "
-                f"--local-dir models/{name}) and give path: models/{name}")
     written = {str(p) for p in zoo_task_files(config).values()}
     for task, tcfg in config["tasks"].items():
         if tcfg["scorer"] == "mc_loglik" and "choices" not in tcfg:
@@ -81,20 +81,6 @@ def check_config(config: dict) -> None:
         for task in rcfg.get("tasks") or []:
             if task not in config["tasks"]:
                 raise MergeflowError(f"config: run {run!r} names task {task!r}, which is not one of tasks {sorted(config['tasks'])}")
-
-
-def merge_sources(config: dict) -> list[str]:
-    """Names of the models that some merge reads: the base, the endpoints and any model a run's
-    search space names (nothing when no run evolves)."""
-    runs = [r for r in config["runs"].values() if "evolve" in r]
-    if not runs:
-        return []
-    names = [config["base_model"], *config["endpoints"]]
-    for run in runs:
-        space = run["evolve"].get("search_space", {})
-        names += [space["base_model"]] if "base_model" in space else []
-        names += list(space.get("models", []))
-    return [n for n in dict.fromkeys(names) if n in config["models"]]
 
 
 def _resolve(schema: dict, root: dict) -> dict:

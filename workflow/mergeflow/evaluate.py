@@ -65,16 +65,13 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_causal_lm(path: str | Path, settings: EvalSettings, trust_remote_code: bool = False,
-                   revision: str | None = None):
-    """Load a model and its tokenizer for scoring: eval mode, on the configured device and dtype.
-    ``revision`` pins a hub model (branch, tag or commit)."""
+def load_causal_lm(path: str | Path, settings: EvalSettings, trust_remote_code: bool = False):
+    """Load a model and its tokenizer for scoring: eval mode, on the configured device and dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pinned = {"revision": revision} if revision else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **pinned)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype(settings.dtype), trust_remote_code=trust_remote_code, use_safetensors=True, **pinned
+        path, dtype=torch_dtype(settings.dtype), trust_remote_code=trust_remote_code, use_safetensors=True
     )
     model.to(resolve_device(settings.device)).eval()
     return model, tokenizer
@@ -236,8 +233,7 @@ def respond(model_spec: dict, items_path: str | Path, scorer: str, delimiter: st
     items = read_split(items_path)
     location = model_location(model_spec)
     t0 = time.perf_counter()
-    model, tokenizer = load_causal_lm(location, settings, model_spec.get("trust_remote_code", False),
-                                      model_spec.get("revision"))
+    model, tokenizer = load_causal_lm(location, settings, model_spec.get("trust_remote_code", False))
     log.info("loaded %s in %.1fs on %s (%s)", location, time.perf_counter() - t0, settings.device, settings.dtype)
     t0 = time.perf_counter()
     responses = evaluate_items(model, tokenizer, items, scorer, settings, delimiter, progress=str(items_path))

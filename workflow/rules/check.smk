@@ -1,6 +1,7 @@
 # Fail fast: every model loads and matches the base (architecture, tensor names and shapes,
 # vocabulary). Tasks are checked where they are built: the data rule stops with a message naming
-# the task and column, before any model is run on it.
+# the task and column, before any model is run on it. Hub models are fetched first (fetch_model):
+# a directory of links into the Hugging Face cache, so that every stage reads local files.
 
 
 rule check:
@@ -17,3 +18,19 @@ rule check:
         CONDA_ENV
     script:
         "../scripts/check.py"
+
+
+rule fetch_model:
+    output:
+        directory("results/hub/{slug}"),
+    params:
+        hub=lambda wc: HUB_MODELS[wc.slug]["hub"],
+        revision=lambda wc: HUB_MODELS[wc.slug].get("revision"),
+    wildcard_constraints:
+        slug="|".join(re.escape(s) for s in HUB_MODELS) or "(?!)",
+    log:
+        "results/logs/fetch/{slug}.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/fetch_model.py"

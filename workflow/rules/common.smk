@@ -1,4 +1,5 @@
 # Input functions and config cross-checks shared by every stage.
+import re
 import sys
 from pathlib import Path
 
@@ -7,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
 from mergeflow.config import (
+    hub_model_dir,
     local_model_dir,
     model_location,
     run_tasks,
@@ -36,10 +38,12 @@ EVAL_MODELS = [config["base_model"]] + list(config["endpoints"])
 BASELINE = "baseline"
 # Models of the final tables: the endpoints and, once a run searches, the uniform baseline merge.
 TABLE_MODELS = EVAL_MODELS + ([BASELINE] if any("evolve" in r for r in config["runs"].values()) else [])
-# Where merges read their sources: the base and the endpoints (local directory or hub id).
+# Where merges read their sources: the base and the endpoints (always local directories).
 BASE_LOCATION = model_location(config["models"][config["base_model"]])
 SOURCE_LOCATIONS = [model_location(config["models"][m]) for m in config["endpoints"]]
 CONDA_ENV = "../../envs/mergeflow.yaml"
+# Hub models by the name of the directory the fetch stage writes them to.
+HUB_MODELS = {hub_model_dir(spec).name: spec for spec in config["models"].values() if "hub" in spec}
 
 
 wildcard_constraints:
@@ -52,9 +56,8 @@ wildcard_constraints:
 
 
 def model_inputs(name):
-    """The local directory of a model, so that zoo models are built first; hub models need none."""
-    path = local_model_dir(config["models"][name])
-    return [str(path)] if path is not None else []
+    """The local directory of a model, so that zoo models are built and hub models fetched first."""
+    return [str(local_model_dir(config["models"][name]))]
 
 
 def all_model_inputs(wildcards):
