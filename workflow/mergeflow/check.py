@@ -70,7 +70,8 @@ def _load_tokenizer(name: str, location: str, trust_remote_code: bool):
         raise MergeflowError(f"model {name!r}: cannot load its tokenizer from {location!r}: {err}") from err
 
 
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+# the files a model directory needs; *.py for models that bring their own code (trust_remote_code)
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.py"]
 
 
 def resolve_model_dir(name: str, spec: dict) -> Path:
