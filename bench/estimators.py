@@ -299,11 +299,8 @@ def _zoo_run_candidates(config: dict, results: Path, task: str, run: str, args) 
     """
     import hashlib
 
-    import yaml
-
     from mergeflow.evaluate import evaluate_items
-    from mergeflow.merge import InMemoryMerger
-    from mergeflow.merge.recipe import recipe_from_dict
+    from mergeflow.merge import InMemoryMerger, recipe_from_yaml
     from transformers import AutoTokenizer
 
     history = pd.read_parquet(results / "runs" / run / "evolve" / "history.parquet")
@@ -317,7 +314,7 @@ def _zoo_run_candidates(config: dict, results: Path, task: str, run: str, args) 
         tokenizer = AutoTokenizer.from_pretrained(base)
         frames = []
         for row in history.itertuples():
-            model = merger.merge(recipe_from_dict(yaml.safe_load(row.recipe)))
+            model = merger.merge(recipe_from_yaml(row.recipe))
             frame = evaluate_items(model, tokenizer, items, scorer, settings, delimiter)
             frames.append(frame.assign(model=row.model))
         return pd.concat(frames, ignore_index=True)

@@ -4,7 +4,7 @@
 import pytest
 
 from mergeflow.errors import MergeflowError
-from mergeflow.merge.recipe import load_recipe, recipe_from_dict, recipe_hash, save_recipe
+from mergeflow.merge.recipe import load_recipe, recipe_from_dict, recipe_from_yaml, recipe_hash, save_recipe
 
 MERGEKIT_RECIPE = """
 models:
@@ -38,6 +38,7 @@ def test_mergekit_recipe_round_trips(tmp_path):
     assert again == recipe
     assert recipe_hash(again) == recipe_hash(recipe)
     assert len(recipe_hash(recipe)) == 12
+    assert recipe_from_yaml(recipe.to_yaml()) == recipe  # as a history row stores it
 
 
 def test_hash_changes_with_content():
@@ -76,3 +77,5 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("models: [\n")
     with pytest.raises(MergeflowError, match="bad.yaml"):
         load_recipe(bad)
+    with pytest.raises(MergeflowError, match="history row 3 is not valid YAML"):
+        recipe_from_yaml("models: [\n", where="history row 3")

@@ -106,11 +106,9 @@ def pareto_members(run: str, pareto_path: str | Path, tasks: dict[str, dict], ev
 
     ``tasks`` maps a task to ``{"split": test parquet, "scorer": ..., "delimiter": ...}``.
     """
-    import yaml
-
     from mergeflow.data import read_split
     from mergeflow.evaluate import EvalSettings, evaluate_items, load_causal_lm
-    from mergeflow.merge import merge_to_dir, recipe_from_dict
+    from mergeflow.merge import merge_to_dir, recipe_from_yaml
 
     settings = EvalSettings.from_config(evaluation)
     front = pd.read_parquet(pareto_path)
@@ -121,7 +119,7 @@ def pareto_members(run: str, pareto_path: str | Path, tasks: dict[str, dict], ev
     splits = {task: read_split(spec["split"]) for task, spec in tasks.items()}
     rows = []
     for member, cand in front.iterrows():
-        recipe = recipe_from_dict(yaml.safe_load(cand["recipe"]))
+        recipe = recipe_from_yaml(cand["recipe"])
         out = Path(models_out) / f"member_{member:02d}"
         merge_to_dir(recipe, out)
         search = {c.removeprefix("fitness_"): float(cand[c]) for c in objectives}

@@ -176,12 +176,10 @@ def evaluate_shard(cfg: EvolveConfig, tasks_cfg: dict, evaluation: dict, endpoin
                    irt_dirs: dict[str, str], out: str) -> pd.DataFrame:
     """Score this shard's candidates; sources stay resident (across jobs, in one process) and
     merges happen in memory."""
-    import yaml
-
     from mergeflow.evaluate import EvalSettings
     from mergeflow.evolve.fitness import evaluate_candidate
     from mergeflow.evolve.resident import resident_merger
-    from mergeflow.merge import recipe_from_dict
+    from mergeflow.merge import recipe_from_yaml
 
     settings = EvalSettings.from_config(evaluation)
     candidates = pd.read_parquet(candidates_path)
@@ -192,7 +190,7 @@ def evaluate_shard(cfg: EvolveConfig, tasks_cfg: dict, evaluation: dict, endpoin
     with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], settings.device,
                          settings.dtype) as (merger, tokenizer):
         for _, cand in mine.iterrows():
-            recipe = recipe_from_dict(yaml.safe_load(cand["recipe"]))
+            recipe = recipe_from_yaml(cand["recipe"])
             result = evaluate_candidate(merger, tokenizer, recipe, tasks, settings)
             for task in cfg.tasks:
                 rows.append({"generation": generation, "index": int(cand["index"]), "task": task,

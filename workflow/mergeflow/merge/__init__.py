@@ -6,7 +6,7 @@ from mergeflow.merge.methods import MERGE_METHODS, MergeMethod, get_method
 from mergeflow.merge.params import layer_index, resolve_value
 from mergeflow.merge.plan import MergePlan, TensorPlan, merge_tensor, plan_merge
 from mergeflow.merge.recipe import (
-    ModelEntry, Recipe, SliceSource, SliceSpec, load_recipe, recipe_from_dict, recipe_hash,
+    ModelEntry, Recipe, SliceSource, SliceSpec, load_recipe, recipe_from_dict, recipe_from_yaml, recipe_hash,
     save_recipe,
 )
 from mergeflow.merge.stream import merge_to_dir
@@ -15,5 +15,5 @@ __all__ = [
     "InMemoryMerger", "find_nonfinite", "SearchSpace", "MERGE_METHODS", "MergeMethod",
     "get_method", "layer_index", "resolve_value", "MergePlan", "TensorPlan", "merge_tensor",
     "plan_merge", "ModelEntry", "Recipe", "SliceSource", "SliceSpec", "load_recipe",
-    "recipe_from_dict", "recipe_hash", "save_recipe", "merge_to_dir",
+    "recipe_from_dict", "recipe_from_yaml", "recipe_hash", "save_recipe", "merge_to_dir",
 ]

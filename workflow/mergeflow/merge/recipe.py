@@ -227,6 +227,15 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     )
 
 
+def recipe_from_yaml(text: str, where: str = "recipe") -> Recipe:
+    """Parse a recipe from YAML text (what :meth:`Recipe.to_yaml` writes, e.g. a history row's)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise MergeflowError(f"{where} is not valid YAML: {err}") from None
+    return recipe_from_dict(data, where=where)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read a recipe YAML file."""
     path = Path(path)
