@@ -258,8 +258,10 @@ def _zoo_items(config: dict, results: Path, task: str):
 
 
 def _zoo_paths(config: dict) -> tuple[str, list[str]]:
-    paths = {name: spec["path"] for name, spec in config["models"].items()}
-    return paths[config["base_model"]], [paths[m] for m in config["endpoints"]]
+    from mergeflow.config import model_location
+
+    models = config["models"]
+    return model_location(models[config["base_model"]]), [model_location(models[m]) for m in config["endpoints"]]
 
 
 def _cached(args, name: str, make) -> ResponseMatrix:
