@@ -103,3 +103,36 @@ def test_a_bad_split_file_is_named(tmp_path):
     pd.DataFrame({c: [] for c in ["item_id", "prompt", "choices", "answer", "target"]}).to_parquet(path)
     with pytest.raises(MergeflowError, match="is empty"):
         read_split(path)
+
+
+def _offline(monkeypatch):
+    """No hub access, as here and in CI: datasets must find everything locally."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_hub_source_loads_a_dataset_repository_offline(tmp_path, monkeypatch):
+    # a dataset repository as the hub serves it (data/<split>-*.parquet), cloned to disk:
+    # the same datasets.load_dataset(id, name, split=...) call reads it, offline
+    _offline(monkeypatch)
+    repo = tmp_path / "org--quiz"
+    (repo / "data").mkdir(parents=True)
+    frame = pd.read_parquet(_source(tmp_path))
+    frame.iloc[:45].to_parquet(repo / "data" / "test-00000-of-00001.parquet")
+    frame.iloc[45:].to_parquet(repo / "data" / "train-00000-of-00001.parquet")
+    parts = split_task("t", _cfg(None, source={"hub": str(repo), "split": "test"}), seed=3)
+    assert len(parts["search"]) == 30 and len(parts["test"]) == 10
+    items = set(parts["search"]["item_id"]) | set(parts["test"]["item_id"])
+    assert items <= {f"q{i}" for i in range(45)}  # only the requested split
+    with pytest.raises(MergeflowError, match=r"task 't'.*split 'validation'"):
+        split_task("t", _cfg(None, source={"hub": str(repo), "split": "validation"}), seed=3)
+
+
+def test_unreachable_hub_dataset_is_named(monkeypatch):
+    _offline(monkeypatch)
+    source = {"hub": "some-org/not-cached-anywhere", "name": "main", "split": "test"}
+    with pytest.raises(MergeflowError, match=r"task 'gsm'.*'some-org/not-cached-anywhere' \(name 'main', split 'test'\).*local source.path"):
+        split_task("gsm", _cfg(None, source=source), seed=0)

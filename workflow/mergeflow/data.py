@@ -40,8 +40,17 @@ def load_source(task: str, source: dict) -> pd.DataFrame:
         except Exception as err:
             raise MergeflowError(f"task {task!r}: cannot load source {str(path)!r}: {err}") from err
     else:
-        ds = datasets.load_dataset(source["hub"], source.get("name"), split=source.get("split", "test"),
-                                   revision=source.get("revision"))
+        split = source.get("split", "test")
+        try:
+            ds = datasets.load_dataset(source["hub"], source.get("name"), split=split,
+                                       revision=source.get("revision"))
+        except Exception as err:
+            what = ", ".join(f"{key} {source[key]!r}" for key in ("name", "revision") if key in source)
+            raise MergeflowError(
+                f"task {task!r}: cannot load hub dataset {source['hub']!r} ({what + ', ' if what else ''}"
+                f"split {split!r}): {err}. Offline, the dataset must already be in the datasets cache "
+                "(HF_DATASETS_OFFLINE=1 then reads it from there); or give the task a local source.path"
+            ) from err
     frame = ds.to_pandas()
     if len(frame) == 0:
         raise MergeflowError(f"task {task!r}: source {source} has no rows")
