@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from mergeflow.evolve.stages import best_row
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -117,6 +119,17 @@ def test_run_writes_every_stage(finished_run):
     assert "| member |" in (results / "runs" / "full" / "final" / "pareto.md").read_text()
     comparison = (results / "summary.md").read_text()
     assert "merged (full)" in comparison and "merged (anchored)" in comparison
+    # the search on anchors: its estimate of the merge it chose, against the whole search split
+    anchored = pd.read_parquet(results / "runs" / "anchored" / "final" / "test.parquet").set_index("model")
+    best = best_row(pd.read_parquet(results / "runs" / "anchored" / "evolve" / "history.parquet"))
+    search = pd.read_parquet(results / "runs" / "anchored" / "final" / "search_responses" / "math_l2.parquet")
+    merged = anchored.loc["merged"]
+    assert merged["estimated_fitness"] == best["fitness_math_l2"] and merged["estimated_sd"] == best["sd_math_l2"]
+    assert merged["search_split_accuracy"] == search["correct"].mean() and merged["search_split_items"] == 60
+    assert "## The search's estimate of its merge" in (results / "runs" / "anchored" / "final" / "summary.md").read_text()
+    assert "| merged (anchored) | math_l2 |" in comparison
+    assert "estimated_fitness" not in pd.read_parquet(results / "runs" / "full" / "final" / "test.parquet")
+    assert not (results / "runs" / "full" / "final" / "search_responses").exists()
     provenance = yaml.safe_load((results / "runs" / "full" / "provenance.json").read_text())
     assert provenance["seeds"]["seed"] == 0 and provenance["packages"]["torch"]
     assert "commit" in provenance["git"]
@@ -167,7 +180,7 @@ def test_template_change_reruns_only_that_task(finished_run):
         "all", "data[task=math_l1]", "final[run=full]", "compare", "provenance[run=full]", "provenance[run=anchored]",
         *[f"respond[task=math_l1, split=test, model={m}]" for m in ["base", "math", "lang", "baseline"]],
         *full_search, "history[run=full]", "final_model[run=full]", "pareto[run=full]", "pareto_members[run=full]",
-        *[f"final_respond[run=full, task={t}]" for t in ["math_l2", "math_l1"]],
+        *[f"final_respond[run=full, scored=responses, task={t}]" for t in ["math_l2", "math_l1"]],
     ])
 
 

@@ -30,19 +30,45 @@ def search_cost(history_path: str | Path) -> dict:
 
 
 def final_table(run: str, response_files: list[str], merged_files: list[str], history_path: str | None,
-                tasks: list[str], models: list[str], table_out: str | Path, summary_out: str | Path) -> pd.DataFrame:
+                tasks: list[str], models: list[str], table_out: str | Path, summary_out: str | Path,
+                search_files: dict[str, str] | None = None) -> pd.DataFrame:
     """Write ``test.parquet`` and ``summary.md``. ``response_files`` are ordered tasks × models;
-    ``merged_files`` (one per task) are the run's final merge, when the run searched."""
+    ``merged_files`` (one per task) are the run's final merge, when the run searched;
+    ``search_files`` (task -> file) its responses on the whole search split after a search on
+    anchors, set beside the fitness the search estimated for it."""
     rows = [accuracy_row(path, model, task) for (task, model), path in zip(product(tasks, models), response_files)]
     cost = {}
     if merged_files:
         cost = search_cost(history_path)
-        rows += [{**accuracy_row(path, MERGED, task), **cost} for task, path in zip(tasks, merged_files)]
+        checks = estimate_checks(history_path, search_files or {})
+        rows += [{**accuracy_row(path, MERGED, task), **cost, **checks.get(task, {})}
+                 for task, path in zip(tasks, merged_files)]
     table = pd.DataFrame(rows).assign(run=run)
     Path(table_out).parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(table_out, index=False)
     Path(summary_out).write_text(markdown_summary(table, tasks, f"Run {run!r}: test-split accuracy"))
     return table
+
+
+def estimate_checks(history_path: str | Path, search_files: dict[str, str]) -> dict[str, dict]:
+    """Per task: the fitness (and sd) a search on anchors estimated for its final merge, and that
+    merge's accuracy on the whole search split."""
+    if not search_files:
+        return {}
+    from mergeflow.evolve.stages import best_row
+
+    best = best_row(pd.read_parquet(history_path))
+    checks = {}
+    for task, path in search_files.items():
+        measured = accuracy_row(path, MERGED, task)
+        checks[task] = {"estimated_fitness": float(best[f"fitness_{task}"]),
+                        "estimated_sd": float(best.get(f"sd_{task}", float("nan"))),
+                        "anchor_items": int(best["items"]),
+                        "search_split_accuracy": measured["accuracy"],
+                        "search_split_items": measured["items"]}
+        log.info("%s: the search estimated %.4f, the whole search split gives %.4f", task,
+                 checks[task]["estimated_fitness"], measured["accuracy"])
+    return checks
 
 
 def markdown_summary(table: pd.DataFrame, tasks: list[str], title: str) -> str:
@@ -60,7 +86,29 @@ def markdown_summary(table: pd.DataFrame, tasks: list[str], title: str) -> str:
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     items = table.groupby("task")["items"].first()
     lines += ["", "Test items per task: " + ", ".join(f"{t} {items[t]}" for t in tasks if t in items) + ".", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _estimate_check_lines(table))
+
+
+def _estimate_check_lines(table: pd.DataFrame) -> list[str]:
+    """How far a search on anchors was from the truth about the merge it chose."""
+    if "estimated_fitness" not in table.columns:
+        return []
+    checked = table.dropna(subset=["estimated_fitness"])
+    if checked.empty:
+        return []
+    lines = ["## The search's estimate of its merge", "",
+             "The fitness a search on anchors estimated for the merge it chose, beside that merge's "
+             "accuracy on the whole search split, scored once after the search.", "",
+             "| model | task | estimated (anchors) | whole search split (items) | error (points) | within ±1.96 sd |",
+             "|---|---|---|---|---|---|"]
+    for row in checked.itertuples():
+        error = 100 * (row.estimated_fitness - row.search_split_accuracy)
+        inside = "" if pd.isna(row.estimated_sd) else (
+            "yes" if abs(error) <= 196 * row.estimated_sd else "no")
+        sd = "" if pd.isna(row.estimated_sd) else f" ± {row.estimated_sd:.3f}"
+        lines.append(f"| {row.model} | {row.task} | {row.estimated_fitness:.3f}{sd} ({int(row.anchor_items)}) | "
+                     f"{row.search_split_accuracy:.3f} ({int(row.search_split_items):,}) | {error:+.1f} | {inside} |")
+    return lines + [""]
 
 
 def compare_runs(tables: dict[str, str], out: str | Path) -> pd.DataFrame:

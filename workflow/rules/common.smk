@@ -161,12 +161,29 @@ def model_spec(name):
     return config["models"][name]
 
 
+# The final merge is scored on each task's test split (responses/) and, after a search on
+# anchors, on its objectives' whole search split too (search_responses/), to check the estimates.
+FINAL_SPLITS = {"responses": "test", "search_responses": "search"}
+
+
+def final_split_file(wildcards):
+    return f"results/data/{wildcards.task}/{FINAL_SPLITS[wildcards.scored]}.parquet"
+
+
+def estimate_checked_tasks(run):
+    """The objectives of a search on anchors: its final merge's estimates are checked on them."""
+    return EVOLVE[run].tasks if run in EVOLVE and EVOLVE[run].fitness == "anchors" else []
+
+
 def final_table_inputs(wildcards):
-    tasks = run_tasks(config, wildcards.run)
+    run = wildcards.run
+    tasks = run_tasks(config, run)
     inputs = {"responses": [f"results/responses/{t}/test/{m}.parquet" for t in tasks for m in TABLE_MODELS]}
-    if wildcards.run in EVOLVE:
-        inputs["merged"] = [f"results/runs/{wildcards.run}/final/responses/{t}.parquet" for t in tasks]
-        inputs["history"] = f"{evolve_dir(wildcards.run)}/history.parquet"
+    if run in EVOLVE:
+        inputs["merged"] = [f"results/runs/{run}/final/responses/{t}.parquet" for t in tasks]
+        inputs["history"] = f"{evolve_dir(run)}/history.parquet"
+        inputs["merged_search"] = [f"results/runs/{run}/final/search_responses/{t}.parquet"
+                                   for t in estimate_checked_tasks(run)]
     return inputs
 
 

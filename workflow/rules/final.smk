@@ -38,10 +38,12 @@ rule final_model:
 
 rule final_respond:
     input:
-        split_file="results/data/{task}/test.parquet",
+        split_file=final_split_file,
         model="results/runs/{run}/final/model",
     output:
-        "results/runs/{run}/final/responses/{task}.parquet",
+        "results/runs/{run}/final/{scored}/{task}.parquet",
+    wildcard_constraints:
+        scored="|".join(FINAL_SPLITS),
     params:
         model=lambda wc: {"path": f"results/runs/{wc.run}/final/model"},
         scorer=lambda wc: config["tasks"][wc.task]["scorer"],
@@ -49,7 +51,7 @@ rule final_respond:
         evaluation=canonical(config["evaluation"]),
     threads: 1
     log:
-        "results/logs/final/{run}/respond_{task}.log",
+        "results/logs/final/{run}/{scored}_{task}.log",
     conda:
         CONDA_ENV
     script:
@@ -71,6 +73,7 @@ rule final:
         run=lambda wc: wc.run,
         tasks=lambda wc: run_tasks(config, wc.run),
         models=TABLE_MODELS,
+        checked=lambda wc: estimate_checked_tasks(wc.run),
     log:
         "results/logs/final/{run}.log",
     conda:
