@@ -16,8 +16,9 @@ seeds of the anchor selection:
    search split: ``--zoo-merges`` fresh random merges from the calibration's search space (a
    seed stream disjoint from the calibration's), and the candidates of each ``--zoo-runs`` search
    (re-merged from the recipes in its history), which is where a search needs its estimates;
-   with, as a reference for what the anchors can tell at all, a ridge read-out of the anchor
-   responses fitted on the held-out models' own accuracies (leave-one-out);
+   with, as references for what the anchors can tell at all, ridge read-outs of the anchor
+   responses fitted on the held-out models' own accuracies (leave-one-out) or on the
+   calibration models;
    ``--responses DIR``: any per-model response parquet files, split into calibration and
    ``--heldout`` models;
 3. ChemBench (22 real LLMs × 2,854 items): leave-one-model-out, IRT refitted without the held-out
@@ -176,13 +177,15 @@ def print_references(train: ResponseMatrix, heldout: ResponseMatrix, fit) -> Non
 
 
 def print_readout_reference(train: ResponseMatrix, heldout: ResponseMatrix, fit, sizes, seeds) -> None:
-    """How much the anchors' responses say at all: a ridge regression of full-split accuracy on
-    the anchor responses, fitted on the calibration models and the *other* held-out models (their
-    true accuracies included) and scored leave-one-out on each held-out model, with the penalty
-    that suits the held-out models best. No estimator may use held-out truths, so this is a
-    generous reference for any estimator that reads the anchors linearly, not one of them."""
+    """How much the anchors' responses say at all: ridge regressions of full-split accuracy on
+    the anchor responses. ``held-out truths``: fitted on the calibration models and the *other*
+    held-out models (their true accuracies included), scored leave-one-out on each held-out model
+    at the penalty that suits them best; no estimator may use held-out truths, so this is a
+    generous reference for any estimator that reads the anchors linearly. ``calibration``: fitted
+    on the calibration models alone (penalty by their leave-one-out error), a fair estimator."""
     features = np.nan_to_num(np.vstack([train.matrix, heldout.matrix]), nan=0.0)
     truth = np.concatenate([train.accuracy(), heldout.accuracy()])
+    calibration = np.arange(len(train.models))
     held = np.arange(len(train.models), truth.size)
     items = pd.Index([str(item) for item in train.items])
     if list(items) != [str(item) for item in heldout.items]:
@@ -192,29 +195,34 @@ def print_readout_reference(train: ResponseMatrix, heldout: ResponseMatrix, fit,
         for size in sizes:
             for seed in range(seeds):
                 anchors = select_anchors(train, fit, strategy=strategy, n=size, seed=seed)
-                design = features[:, items.get_indexer([str(item) for item in anchors["item_id"]])]
-                rows.append({"strategy": strategy, "n": size, "seed": seed,
-                             "mae": 100 * _ridge_loo_mae(design, truth, held)})
-    table = pd.DataFrame(rows).groupby(["strategy", "n"])["mae"].mean().unstack("n")
+                z = np.column_stack([np.ones(truth.size),
+                                     features[:, items.get_indexer([str(item) for item in anchors["item_id"]])]])
+                oracle = min(np.mean(np.abs(_ridge(z, truth, p)[1][held])) for p in PENALTIES)
+                # the calibration models' own leave-one-out error picks the penalty
+                fair = min(PENALTIES, key=lambda p: np.mean(np.abs(_ridge(z[calibration], truth[calibration], p)[1])))
+                coef, _ = _ridge(z[calibration], truth[calibration], fair)
+                rows += [{"fitted on": "held-out truths", "strategy": strategy, "n": size, "mae": 100 * oracle},
+                         {"fitted on": "calibration", "strategy": strategy, "n": size,
+                          "mae": 100 * np.mean(np.abs(z[held] @ coef - truth[held]))}]
+    table = pd.DataFrame(rows).groupby(["fitted on", "strategy", "n"])["mae"].mean().unstack("n")
     table.columns = [f"n={n}" for n in table.columns]
-    print("\nreference: ridge read-out of the same anchors fitted on the held-out models' own accuracies "
-          f"(leave-one-out MAE, points, mean over seeds)\n{table.round(2).to_string()}")
+    print("\nreference: ridge read-out of the same anchors, fitted on the held-out models' own accuracies "
+          "(leave-one-out) or on the calibration models alone (MAE, points, mean over seeds)\n"
+          f"{table.round(2).to_string()}")
 
 
-def _ridge_loo_mae(design: np.ndarray, truth: np.ndarray, scored: np.ndarray) -> float:
-    """Exact leave-one-out MAE of ridge regression (unpenalised intercept) on the rows ``scored``,
-    at the best penalty of a log grid."""
-    z = np.column_stack([np.ones(len(design)), design])
-    best = np.inf
-    for penalty in np.logspace(-2, 3, 21):
-        ridge = penalty * np.eye(z.shape[1])
-        ridge[0, 0] = 0.0
-        inverse = np.linalg.pinv(z.T @ z + ridge)
-        leverage = np.einsum("ij,jk,ik->i", z, inverse, z)
-        residual = truth - z @ (inverse @ (z.T @ truth))
-        loo = residual / np.clip(1.0 - leverage, 1e-9, None)
-        best = min(best, float(np.mean(np.abs(loo[scored]))))
-    return best
+PENALTIES = np.logspace(-2, 3, 21)
+
+
+def _ridge(z: np.ndarray, truth: np.ndarray, penalty: float) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge coefficients (column 0 of ``z``, the intercept, unpenalised) and the exact
+    leave-one-out residuals."""
+    ridge = penalty * np.eye(z.shape[1])
+    ridge[0, 0] = 0.0
+    inverse = np.linalg.pinv(z.T @ z + ridge)
+    coef = inverse @ (z.T @ truth)
+    leverage = np.einsum("ij,jk,ik->i", z, inverse, z)
+    return coef, (truth - z @ coef) / np.clip(1.0 - leverage, 1e-9, None)
 
 
 def _has_tabulate() -> bool:
