@@ -311,3 +311,24 @@ def test_example_configs_validate(example):
         return
     with pytest.raises(MergeflowError, match="does not exist"):
         validate_config(config)
+
+
+def test_jobs_use_this_checkouts_library(finished_run, tmp_path):
+    """An installed mergeflow from another checkout must not stand in for this one's in the jobs
+    (Snakemake puts a script's own directory after site-packages)."""
+    workdir, config = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy, symlinks=True)
+    other = tmp_path / "other-checkout" / "mergeflow"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("raise ImportError('the mergeflow of another checkout')\n")
+    path = copy / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(copy), "--configfile",
+           str(path), "--cores", "1", "--forcerun", "compare", "results/summary.md"]
+    summary = copy / "results" / "summary.md"
+    before = summary.stat().st_mtime_ns
+    env = {**os.environ, "PYTHONPATH": str(other.parent)}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summary.stat().st_mtime_ns > before  # the job ran, on this checkout's library

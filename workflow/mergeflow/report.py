@@ -58,12 +58,14 @@ def estimate_checks(history_path: str | Path, search_files: dict[str, str]) -> d
     from mergeflow.evolve.stages import best_row
 
     best = best_row(pd.read_parquet(history_path))
+    # a candidate's items count every objective's anchors, and every objective has as many
+    anchors_per_task = int(best["items"]) // len(search_files)
     checks = {}
     for task, path in search_files.items():
         measured = accuracy_row(path, MERGED, task)
         checks[task] = {"estimated_fitness": float(best[f"fitness_{task}"]),
                         "estimated_sd": float(best.get(f"sd_{task}", float("nan"))),
-                        "anchor_items": int(best["items"]),
+                        "anchor_items": anchors_per_task,
                         "search_split_accuracy": measured["accuracy"],
                         "search_split_items": measured["items"]}
         log.info("%s: the search estimated %.4f, the whole search split gives %.4f", task,

@@ -1,11 +1,16 @@
 # Input functions and config cross-checks shared by every stage.
+import os
 import re
 import sys
 from pathlib import Path
 
-# The library is importable here without an install; jobs find it through the link
-# workflow/scripts/mergeflow, since Snakemake puts a script's directory on its sys.path.
-sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+# The library of this checkout, here and in every job, even when `pip install -e .` last ran in
+# another checkout: Snakemake appends a script's directory to sys.path, after site-packages, so
+# jobs get it first through PYTHONPATH (inherited by script jobs, also on cluster nodes).
+LIBRARY = str(Path(workflow.basedir) / "workflow")
+sys.path.insert(0, LIBRARY)
+os.environ.update(PYTHONPATH=os.pathsep.join(
+    [LIBRARY] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != LIBRARY]))
 
 from mergeflow.config import (
     hub_model_dir,
