@@ -184,6 +184,17 @@ def test_template_change_reruns_only_that_task(finished_run):
     ])
 
 
+def test_estimate_check_can_be_turned_off(finished_run):
+    workdir, config = finished_run
+    config = yaml.safe_load(yaml.safe_dump(config))
+    config["runs"]["anchored"]["evolve"]["check_estimate"] = False
+    result = snakemake(workdir, config, "-n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = planned_jobs(result.stdout)
+    # only the table is redone, without the search-split check; no search is rerun
+    assert "final[run=anchored]" in jobs and not [job for job in jobs if "evaluate" in job or "respond" in job]
+
+
 def test_more_generations_run_only_the_new_ones(finished_run):
     workdir, config = finished_run
     config = yaml.safe_load(yaml.safe_dump(config))

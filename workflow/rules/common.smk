@@ -177,7 +177,9 @@ def final_split_file(wildcards):
 
 def estimate_checked_tasks(run):
     """The objectives of a search on anchors: its final merge's estimates are checked on them."""
-    return EVOLVE[run].tasks if run in EVOLVE and EVOLVE[run].fitness == "anchors" else []
+    if run not in EVOLVE or EVOLVE[run].fitness != "anchors":
+        return []
+    return EVOLVE[run].tasks if config["runs"][run]["evolve"]["check_estimate"] else []
 
 
 def final_table_inputs(wildcards):
