@@ -391,6 +391,34 @@ def _zoo_run_candidates(config: dict, results: Path, task: str, run: str, args) 
     return matrix
 
 
+def bench_responses(args) -> pd.DataFrame:
+    matrix = load_response_matrix(args.responses)
+    heldout_names = _heldout_names(matrix.models, args.heldout, set(args.endpoints))
+    train = matrix.drop_models(heldout_names)
+    heldout = matrix.select_models(heldout_names)
+    fit = fit_or_load(train, "responses", args)
+    methods = ALL_METHODS if args.endpoints else ("mean", "pirt", "gpirt")
+    print(f"\n{args.responses}: {len(train.models)} calibration models, {len(heldout.models)} held out "
+          f"({', '.join(heldout_names[:6])}{' ...' if len(heldout_names) > 6 else ''}), "
+          f"{len(matrix.items)} items; {args.kind} fit {fit.info['steps']} steps")
+    errors = evaluate(train, heldout, fit, methods, args.sizes, args.seeds,
+                      endpoints=args.endpoints or None, lambda_rule=args.lambda_rule)
+    print_table(f"held-out models of {args.responses}", errors, len(matrix.items))
+    print_references(train, heldout, fit)
+    return errors
+
+
+def _heldout_names(models: list[str], heldout: str, endpoints: set[str]) -> list[str]:
+    try:
+        fraction = float(heldout)
+    except ValueError:
+        return [name.strip() for name in heldout.split(",") if name.strip()]
+    candidates = [name for name in models if name not in endpoints]
+    rng = np.random.default_rng(0)
+    count = max(1, int(round(fraction * len(candidates))))
+    return sorted(rng.choice(candidates, size=count, replace=False).tolist())
+
+
 # --------------------------------------------------------------------------------------------
 # 3. ChemBench leave-one-model-out
 # --------------------------------------------------------------------------------------------
