@@ -48,12 +48,17 @@ def micro_config() -> dict:
     return config
 
 
-def snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
+def snakemake_command(workdir: Path, config: dict, *args: str) -> list[str]:
+    """The workflow on ``config`` (written to ``workdir/config.yaml``) in ``workdir``."""
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(path), "--cores", "1", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+            "--configfile", str(path), "--cores", "1", *args]
+
+
+def snakemake(workdir: Path, config: dict, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(snakemake_command(workdir, config, *args), capture_output=True, text=True,
+                          timeout=900, env=env)
 
 
 def planned_jobs(dry_run_output: str) -> list[str]:
@@ -212,9 +217,7 @@ def test_killed_run_resumes_to_the_same_history(finished_run, tmp_path):
     shutil.copytree(workdir, copy, symlinks=True)
     shutil.rmtree(copy / "results" / "runs" / "anchored" / "evolve")
     target = "results/runs/anchored/evolve/history.parquet"
-    (copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(copy), "--configfile",
-           str(copy / "config.yaml"), "--cores", "1", target]
+    cmd = snakemake_command(copy, config, target)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = copy / "results" / "runs" / "anchored" / "evolve" / "gen_1" / "candidates.parquet"
     deadline = time.time() + 300
@@ -276,11 +279,7 @@ def test_hub_endpoint_is_fetched_and_checked_offline(finished_run, tmp_path):
     fake_hub_cache(cache, "some-org/lang", {"main": workdir / "results" / "zoo" / "base",
                                            "v1": workdir / "results" / "zoo" / "lang"})
     config = {**config, "models": {**config["models"], "lang": {"hub": "some-org/lang", "revision": "v1"}}}
-    path = copy / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(copy), "--configfile",
-           str(path), "--cores", "1", "results/check.json"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=offline_env(cache))
+    result = snakemake(copy, config, "results/check.json", env=offline_env(cache))
     assert result.returncode == 0, result.stderr[-4000:]
     fetched = copy / "results" / "hub" / "some-org--lang@v1"
     record = json.loads((fetched / "fetched.json").read_text())
@@ -289,8 +288,7 @@ def test_hub_endpoint_is_fetched_and_checked_offline(finished_run, tmp_path):
     assert (fetched / "model.safetensors").read_bytes() == (workdir / "results/zoo/lang/model.safetensors").read_bytes()
     checked = json.loads((copy / "results" / "check.json").read_text())["models"]["lang"]
     assert checked["location"] == "results/hub/some-org--lang@v1"
-    plan = subprocess.run(cmd[:-1] + ["-n", "--forceall", "--quiet", "rules"], capture_output=True, text=True,
-                          timeout=600, env=offline_env(cache))
+    plan = snakemake(copy, config, "-n", "--forceall", "--quiet", "rules", env=offline_env(cache))
     assert "fetch_model" in plan.stdout + plan.stderr
 
 
@@ -333,13 +331,9 @@ def test_jobs_use_this_checkouts_library(finished_run, tmp_path):
     other = tmp_path / "other-checkout" / "mergeflow"
     other.mkdir(parents=True)
     (other / "__init__.py").write_text("raise ImportError('the mergeflow of another checkout')\n")
-    path = copy / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(copy), "--configfile",
-           str(path), "--cores", "1", "--forcerun", "compare", "results/summary.md"]
     summary = copy / "results" / "summary.md"
     before = summary.stat().st_mtime_ns
-    env = {**os.environ, "PYTHONPATH": str(other.parent)}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    result = snakemake(copy, config, "--forcerun", "compare", "results/summary.md",
+                       env={**os.environ, "PYTHONPATH": str(other.parent)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert summary.stat().st_mtime_ns > before  # the job ran, on this checkout's library
