@@ -36,14 +36,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mergeflow.irt import ESTIMATORS as ALL_METHODS
+from mergeflow.irt import STRATEGIES
 from mergeflow.irt.anchors import select_anchors
 from mergeflow.irt.estimators import Estimator
 from mergeflow.irt.model import fit_irt, load_irt, map_ability
 from mergeflow.irt.responses import ResponseMatrix, load_response_matrix
 from mergeflow.irt.simulate import simulate_irt
 
-STRATEGIES = ("random", "correctness", "irt")
-ALL_METHODS = ("mean", "pirt", "gpirt", "mpirt", "gmpirt")
 CHEMBENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "chembench" / "responses.parquet"
 
 
@@ -307,7 +307,7 @@ def _zoo_items(config: dict, results: Path, task: str):
 
     tcfg = config["tasks"][task]
     return (read_split(results / "data" / task / "search.parquet"), tcfg["scorer"],
-            tcfg.get("target_delimiter", " "), EvalSettings.from_config(config["evaluation"]))
+            tcfg["target_delimiter"], EvalSettings.from_config(config["evaluation"]))
 
 
 def _zoo_paths(config: dict) -> tuple[str, list[str]]:
@@ -332,12 +332,12 @@ def _cached(args, name: str, make) -> ResponseMatrix:
 
 
 def _zoo_random_merges(config: dict, results: Path, task: str, args) -> ResponseMatrix:
-    from mergeflow.calibrate import DEFAULT_SPACE, random_merge_responses
+    from mergeflow.calibrate import random_merge_responses
 
     def make() -> pd.DataFrame:
         items, scorer, delimiter, settings = _zoo_items(config, results, task)
         base, sources = _zoo_paths(config)
-        space = config["irt"]["calibration"].get("search_space", DEFAULT_SPACE)
+        space = config["irt"]["calibration"]["search_space"]
         # the calibration draws from the stream [seed, 7]; seed + 1000 gives other merges
         frame = random_merge_responses(base, sources, space, args.zoo_merges, config["seed"] + 1000,
                                        items, scorer, delimiter, settings)
@@ -355,6 +355,7 @@ def _zoo_run_candidates(config: dict, results: Path, task: str, run: str, args) 
     import hashlib
 
     from mergeflow.evaluate import evaluate_items
+    from mergeflow.evolve import history as hist
     from mergeflow.merge import InMemoryMerger, recipe_from_yaml
     from transformers import AutoTokenizer
 
@@ -377,14 +378,14 @@ def _zoo_run_candidates(config: dict, results: Path, task: str, run: str, args) 
     # the run's candidates name the cache entry, so a rerun search is scored afresh
     digest = hashlib.sha256("".join(history["recipe_hash"]).encode()).hexdigest()[:10]
     matrix = _cached(args, f"zoo-{task}-{run}-candidates-{digest}", make)
-    column = f"fitness_{task}"
+    column = hist.fitness_column(task)
     if column in history:
         recorded = history.set_index("model")[column].reindex(matrix.models).to_numpy()
         error = 100 * (recorded - matrix.accuracy())
         line = (f"(the {run!r} search's recorded {task} fitness vs these scores: MAE {np.mean(np.abs(error)):.2f} "
                 f"points, bias {np.mean(error):+.2f}")
-        if f"sd_{task}" in history:
-            sd = 100 * history.set_index("model")[f"sd_{task}"].reindex(matrix.models).to_numpy()
+        if hist.sd_column(task) in history:
+            sd = 100 * history.set_index("model")[hist.sd_column(task)].reindex(matrix.models).to_numpy()
             line += f", within ±1.96 sd: {np.mean(np.abs(error) <= 1.96 * sd):.2f}"
         rank = pd.Series(recorded).rank().corr(pd.Series(matrix.accuracy()).rank())
         print(f"{line}, rank correlation {rank:.2f})")

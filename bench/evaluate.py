@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    settings = EvalSettings(batch_size=args.batch_size)
+    settings = EvalSettings.from_config({"batch_size": args.batch_size})
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or zoo_shaped_model(Path(tmp) / "model", args.hidden, args.layers)
         model, tok = load_causal_lm(path, settings)

@@ -20,7 +20,7 @@ def _manual_loglik(model, tok, prompt, continuation):
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_multiple_choice_matches_hand_computation(tiny_zoo, batch_size):
-    settings = EvalSettings(batch_size=batch_size)
+    settings = EvalSettings.from_config({"batch_size": batch_size})
     model, tok = load_causal_lm(tiny_zoo / "math", settings)
     items = pd.DataFrame({
         "item_id": ["a", "b"],
@@ -39,7 +39,7 @@ def test_multiple_choice_matches_hand_computation(tiny_zoo, batch_size):
 
 
 def test_exact_match_matches_a_hand_written_greedy_loop(tiny_zoo):
-    settings = EvalSettings(batch_size=2, max_new_tokens=4)
+    settings = EvalSettings.from_config({"batch_size": 2, "max_new_tokens": 4})
     model, tok = load_causal_lm(tiny_zoo / "math", settings)
     prompts = ["tom has 3 pens and gets 4 more . how many pens does tom have ? answer",
                "bob has 20 apples and gets 11 more . how many apples does bob have ? answer",
@@ -74,7 +74,7 @@ def test_extract_number_gsm8k_style():
 def test_unknown_scorer_is_named(tiny_zoo):
     from mergeflow.errors import MergeflowError
 
-    settings = EvalSettings()
+    settings = EvalSettings.from_config()
     model, tok = load_causal_lm(tiny_zoo / "base", settings)
     items = pd.DataFrame({"item_id": ["a"], "prompt": ["x"], "choices": [["1"]], "answer": [0], "target": ["1"]})
     with pytest.raises(MergeflowError, match="unknown scorer 'bleu'"):

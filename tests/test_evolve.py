@@ -6,9 +6,8 @@ import pytest
 
 from mergeflow.errors import MergeflowError
 from mergeflow.evaluate import EvalSettings
-from mergeflow.evolve.fitness import TaskFitness, evaluate_candidate
+from mergeflow.evolve.history import WORST_LOSS, candidate_table
 from mergeflow.evolve.search import (
-    WORST_LOSS,
     SearchSettings,
     ask_generation,
     load_state,
@@ -17,7 +16,8 @@ from mergeflow.evolve.search import (
     save_state,
     tell_generation,
 )
-from mergeflow.evolve.stages import EvolveConfig, candidate_table, pareto_front
+from mergeflow.evolve.stages import EvolveConfig
+from mergeflow.fitness import TaskFitness, evaluate_candidate
 
 
 def _history(settings, generations, loss):
@@ -65,8 +65,8 @@ def test_unknown_optimizer_is_named():
 
 
 def _cfg(tiny_zoo, **over):
-    base = {"run": "r", "objectives": {"t": 1.0}, "multi_objective": False, "fitness": "full",
-            "estimator": "gmpirt", "anchors": {}, "optimizer": "CMA", "population": 2, "budget": None, "shards": 1, "seed": 0,
+    base = {"run": "r", "objectives": {"t": 1.0}, "multi_objective": False, "fitness": {"kind": "full"},
+            "optimizer": "CMA", "population": 2, "budget": None, "shards": 1, "seed": 0,
             "search_space": {"method": "task_arithmetic", "base_model": str(tiny_zoo / "base"),
                              "models": [str(tiny_zoo / "math"), str(tiny_zoo / "lang")],
                              "parameters": {"weight": {"min": 0.0, "max": 1.5}}},
@@ -92,15 +92,15 @@ def test_a_merge_with_inf_weights_gets_the_worst_fitness_and_the_run_goes_on(tin
                                  "models": [{"model": p, "parameters": {"weight": weight}}
                                             for p in cfg.endpoint_paths.values()]})
 
-    bad = evaluate_candidate(merger, tok, recipe(3e38), [task], EvalSettings())
-    good = evaluate_candidate(merger, tok, recipe(0.5), [task], EvalSettings())
+    bad = evaluate_candidate(merger, tok, recipe(3e38), [task], EvalSettings.from_config())
+    good = evaluate_candidate(merger, tok, recipe(0.5), [task], EvalSettings.from_config())
     assert "NaN or Inf" in bad.problem and good.problem is None
     candidates = pd.DataFrame({"generation": [0, 0], "index": [0, 1], "genome": [[0.1], [0.2]], "seed": [1, 2],
                                "recipe_hash": ["a", "b"], "recipe": ["x", "y"]})
     fitness = pd.DataFrame([{"generation": 0, "index": i, "task": "t", "fitness": r.fitness["t"], "sd": r.sd["t"],
-                             "items": r.items, "problem": r.problem or "", "wall_s": r.wall_s}
+                             "items": r.items["t"], "problem": r.problem or "", "wall_s": r.wall_s}
                             for i, r in enumerate([bad, good])])
-    table = candidate_table(cfg, candidates, fitness)
+    table = candidate_table(cfg.objectives, candidates, fitness)
     assert table["loss"].tolist() == [WORST_LOSS, -good.fitness["t"]]
     assert np.isnan(table["fitness"][0]) and table["fitness"][1] == pytest.approx(good.fitness["t"])
 
@@ -111,20 +111,13 @@ def test_nan_fitness_gets_the_worst_loss(tiny_zoo):
                                "recipe_hash": ["a"], "recipe": ["x"]})
     fitness = pd.DataFrame([{"generation": 0, "index": 0, "task": "t", "fitness": float("nan"), "sd": 0.0,
                              "items": 5, "problem": "", "wall_s": 0.1}])
-    assert candidate_table(cfg, candidates, fitness)["loss"].tolist() == [WORST_LOSS]
-
-
-def test_pareto_front_keeps_only_non_dominated_candidates():
-    history = pd.DataFrame({"fitness_a": [0.1, 0.5, 0.4, 0.2], "fitness_b": [0.9, 0.5, 0.4, 0.8],
-                            "problem": ["", "", "", ""], "recipe_hash": list("wxyz")})
-    front = pareto_front(history, ["a", "b"])
-    assert sorted(front["recipe_hash"]) == ["w", "x", "z"]  # y is beaten by x on both tasks
+    assert candidate_table(cfg.objectives, candidates, fitness)["loss"].tolist() == [WORST_LOSS]
 
 
 def test_init_starts_the_search_at_the_given_weights(tiny_zoo):
     cfg = _cfg(tiny_zoo, init={str(tiny_zoo / "math"): 1.2, str(tiny_zoo / "lang"): 0.0})
     space = cfg.space()
-    genome = cfg.initial_genome(space)
+    genome = space.initial_genome(cfg.init)
     assert genome == pytest.approx((0.8, 0.0))  # weight range [0, 1.5]
     recipe = space.to_recipe(np.asarray(genome))
     assert [m.parameters["weight"] for m in recipe.models] == pytest.approx([1.2, 0.0])
@@ -146,10 +139,10 @@ def test_resident_sources_serve_later_jobs_and_reload_when_a_model_changes(tiny_
                                "models": [{"model": p, "parameters": {"weight": 0.4}} for p in paths[1:]]})
     try:
         with resident_merger(paths, "cpu", "float32") as (first, tok):
-            fresh = evaluate_candidate(first, tok, recipe, [task], EvalSettings())
+            fresh = evaluate_candidate(first, tok, recipe, [task], EvalSettings.from_config())
         with resident_merger(paths, "cpu", "float32") as (again, tok):
             assert again is first  # the next job's sources are already loaded
-            assert evaluate_candidate(again, tok, recipe, [task], EvalSettings()).fitness == fresh.fitness
+            assert evaluate_candidate(again, tok, recipe, [task], EvalSettings.from_config()).fitness == fresh.fitness
         weights = next((tmp_path / "math").glob("*.safetensors"))
         stat = weights.stat()
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a rebuilt expert

@@ -8,7 +8,8 @@ import pytest
 
 from mergeflow.errors import MergeflowError
 from mergeflow.irt.anchors import select_anchors
-from mergeflow.irt.estimators import METHODS, Estimator, estimate_accuracy
+from mergeflow.irt import ESTIMATORS as METHODS
+from mergeflow.irt.estimators import Estimator, estimate_accuracy
 from mergeflow.irt.model import fit_irt
 from mergeflow.irt.simulate import simulate_irt
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from mergeflow.evolve.stages import best_row
+from mergeflow.evolve.history import best_row
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,10 +40,10 @@ def micro_config() -> dict:
         # two objectives (key order differs from sorted order) over two shards, searched as a
         # multi-objective problem: a Pareto set, each member materialised and tested
         "full": {"tasks": ["math_l2", "math_l1"],
-                 "evolve": {**evolve, "fitness": "full", "shards": 2, "multi_objective": True,
+                 "evolve": {**evolve, "fitness": {"kind": "full"}, "shards": 2, "multi_objective": True,
                             "objectives": {"math_l2": 1.0, "math_l1": 0.5}}},
         "anchored": {"tasks": ["math_l2"],
-                     "evolve": {**evolve, "fitness": "anchors", "anchors": {"strategy": "irt", "n": 10}}},
+                     "evolve": {**evolve, "fitness": {"kind": "anchors", "anchors": {"strategy": "irt", "n": 10}}}},
     }
     return config
 
@@ -140,10 +140,10 @@ def test_run_writes_every_stage(finished_run):
     assert "commit" in provenance["git"]
 
 
-def test_evaluate_jobs_after_the_first_find_the_sources_resident(finished_run):
+def test_fitness_jobs_after_the_first_find_the_sources_resident(finished_run):
     """The default profile runs the evolution loop inside the Snakemake process: one source load."""
     workdir, _ = finished_run
-    logs = sorted((workdir / "results" / "logs" / "evolve").glob("*/gen_*/evaluate_*.log"))
+    logs = sorted((workdir / "results" / "logs" / "evolve").glob("*/gen_*/fitness_*.log"))
     loads = [log for log in logs if "loading 3 source models" in log.read_text()]
     assert len(logs) == 9 and len(loads) == 1, [log.relative_to(workdir) for log in loads]
     assert all("already resident" in log.read_text() for log in logs if log not in loads)
@@ -180,11 +180,11 @@ def test_template_change_reruns_only_that_task(finished_run):
     # stages and the 'anchored' search (math_l2 only) are not
     # (ask(0) reads no data, so only its successors are redone)
     full_search = [f"ask[run=full, g={g}]" for g in (1, 2)] + [f"tell[run=full, g={g}]" for g in range(3)]
-    full_search += [f"evaluate[run=full, g={g}, k={k}]" for g in range(3) for k in (0, 1)]
+    full_search += [f"fitness[run=full, g={g}, k={k}]" for g in range(3) for k in (0, 1)]
     assert jobs == sorted([
-        "all", "data[task=math_l1]", "final[run=full]", "compare", "provenance[run=full]", "provenance[run=anchored]",
+        "all", "data[task=math_l1]", "final_table[run=full]", "compare_runs", "provenance[run=full]", "provenance[run=anchored]",
         *[f"respond[task=math_l1, split=test, model={m}]" for m in ["base", "math", "lang", "baseline"]],
-        *full_search, "history[run=full]", "final_model[run=full]", "pareto[run=full]", "pareto_members[run=full]",
+        *full_search, "history[run=full]", "final_model[run=full]", "pareto_front[run=full]", "pareto_members[run=full]",
         *[f"final_respond[run=full, scored=responses, task={t}]" for t in ["math_l2", "math_l1"]],
     ])
 
@@ -197,7 +197,7 @@ def test_estimate_check_can_be_turned_off(finished_run):
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = planned_jobs(result.stdout)
     # only the table is redone, without the search-split check; no search is rerun
-    assert "final[run=anchored]" in jobs and not [job for job in jobs if "evaluate" in job or "respond" in job]
+    assert "final_table[run=anchored]" in jobs and not [job for job in jobs if "fitness" in job or "respond" in job]
 
 
 def test_more_generations_run_only_the_new_ones(finished_run):
@@ -205,9 +205,9 @@ def test_more_generations_run_only_the_new_ones(finished_run):
     config = yaml.safe_load(yaml.safe_dump(config))
     config["runs"]["full"]["evolve"]["generations"] = 5
     result = snakemake(workdir, config, "-n")
-    jobs = [j for j in planned_jobs(result.stdout) if j.split("[")[0] in ("ask", "evaluate", "tell")]
+    jobs = [j for j in planned_jobs(result.stdout) if j.split("[")[0] in ("ask", "fitness", "tell")]
     assert jobs == sorted([f"{rule}[run=full, g={g}]" for rule in ("ask", "tell") for g in (3, 4)]
-                          + [f"evaluate[run=full, g={g}, k={k}]" for g in (3, 4) for k in (0, 1)])
+                          + [f"fitness[run=full, g={g}, k={k}]" for g in (3, 4) for k in (0, 1)])
 
 
 def test_killed_run_resumes_to_the_same_history(finished_run, tmp_path):
@@ -333,7 +333,7 @@ def test_jobs_use_this_checkouts_library(finished_run, tmp_path):
     (other / "__init__.py").write_text("raise ImportError('the mergeflow of another checkout')\n")
     summary = copy / "results" / "summary.md"
     before = summary.stat().st_mtime_ns
-    result = snakemake(copy, config, "--forcerun", "compare", "results/summary.md",
+    result = snakemake(copy, config, "--forcerun", "compare_runs", "results/summary.md",
                        env={**os.environ, "PYTHONPATH": str(other.parent)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert summary.stat().st_mtime_ns > before  # the job ran, on this checkout's library

@@ -45,7 +45,7 @@ def _items(zoo, task, n=200):
 
 
 def test_math_expert_beats_base_on_l1_math(tiny_zoo):
-    settings = EvalSettings(batch_size=64)
+    settings = EvalSettings.from_config({"batch_size": 64})
     items = _items(tiny_zoo, "math_l1")
     acc = {}
     for name in ["base", "math"]:

@@ -20,20 +20,17 @@ from mergeflow.evaluate import EvalSettings, evaluate_items, load_causal_lm
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SPACE = {"method": "task_arithmetic", "layer_groups": 2, "parameters": {"weight": {"min": 0.0, "max": 1.5}}}
-
-
 def random_merge_responses(base_path: str, source_paths: list[str], space_cfg: dict, count: int, seed: int,
                            items: pd.DataFrame, scorer: str, delimiter: str,
                            settings: EvalSettings) -> pd.DataFrame:
     """Responses of ``count`` random merges (uniform genomes in the search space), merged in memory."""
     from transformers import AutoTokenizer
 
-    from mergeflow.evolve.stages import num_layers
-    from mergeflow.merge import InMemoryMerger, SearchSpace
+    from mergeflow.merge import InMemoryMerger
+    from mergeflow.spaces import build_space
 
-    space = SearchSpace.from_config({**space_cfg, "base_model": base_path, "models": source_paths},
-                                    num_layers(base_path))
+    space = build_space({**space_cfg, "base_model": base_path, "models": source_paths},
+                        where="irt.calibration.search_space")
     merger = InMemoryMerger([base_path, *source_paths], device=settings.device, dtype=settings.dtype)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     rng = np.random.default_rng([seed, 7])
@@ -77,19 +74,21 @@ def user_responses(paths: list[str], items: pd.DataFrame) -> pd.DataFrame:
 
 def calibrate(task: str, tcfg: dict, split_path: str, base_path: str, source_paths: list[str],
               checkpoints: list[str], calibration_cfg: dict, seed: int, evaluation: dict, out: str) -> pd.DataFrame:
-    """Write the calibration population's responses (long format: model, item_id, correct, loglik)."""
+    """Write the calibration population's responses (long format: model, item_id, correct, loglik).
+
+    ``calibration_cfg`` is the validated ``irt.calibration`` section (schema defaults filled)."""
     from mergeflow.data import read_split
 
     settings = EvalSettings.from_config(evaluation)
     items = read_split(split_path)
-    scorer, delimiter = tcfg["scorer"], tcfg.get("target_delimiter", " ")
+    scorer, delimiter = tcfg["scorer"], tcfg["target_delimiter"]
     t0 = time.perf_counter()
+    count = calibration_cfg["random_merges"]
     parts = [
-        random_merge_responses(base_path, source_paths, calibration_cfg.get("search_space", DEFAULT_SPACE),
-                               calibration_cfg.get("random_merges", 0), seed, items, scorer, delimiter, settings)
-        if calibration_cfg.get("random_merges", 0) else pd.DataFrame(),
+        random_merge_responses(base_path, source_paths, calibration_cfg["search_space"], count, seed, items, scorer,
+                               delimiter, settings) if count else pd.DataFrame(),
         checkpoint_responses(checkpoints, items, scorer, delimiter, settings),
-        user_responses(calibration_cfg.get("responses", []), items),
+        user_responses(calibration_cfg["responses"], items),
     ]
     frame = pd.concat([p for p in parts if len(p)], ignore_index=True)
     if len(frame) == 0:

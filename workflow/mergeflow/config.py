@@ -9,6 +9,7 @@ job), task sources exist (or are written by the zoo).
 from __future__ import annotations
 
 import copy
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
@@ -83,6 +84,13 @@ def check_config(config: dict) -> None:
                 raise MergeflowError(f"config: run {run!r} names task {task!r}, which is not one of tasks {sorted(config['tasks'])}")
 
 
+@lru_cache(maxsize=1)
+def load_schema() -> dict:
+    """The config schema: keys, types, enums (the registries' names) and every default. Shared:
+    never modify it."""
+    return yaml.safe_load(SCHEMA.read_text())
+
+
 def _resolve(schema: dict, root: dict) -> dict:
     """Follow ``$ref``; keys beside the reference (such as ``default``) take precedence."""
     while "$ref" in schema:
@@ -94,7 +102,10 @@ def _resolve(schema: dict, root: dict) -> dict:
 
 
 def fill_defaults(instance, schema: dict, root: dict) -> None:
-    """Insert the schema's ``default`` values for absent keys, recursively (objects only)."""
+    """Insert the schema's ``default`` values for absent keys, recursively (objects only); an
+    ``allOf`` of ``if``/``then`` (a dispatch on ``kind``) fills from the branch that applies."""
+    import jsonschema
+
     schema = _resolve(schema, root)
     if not isinstance(instance, dict):
         return
@@ -108,18 +119,57 @@ def fill_defaults(instance, schema: dict, root: dict) -> None:
     if isinstance(extra, dict):
         for key in set(instance) - set(schema.get("properties", {})):
             fill_defaults(instance[key], extra, root)
+    for branch in schema.get("allOf", []):
+        if "if" not in branch:
+            fill_defaults(instance, branch, root)
+        elif jsonschema.Draft202012Validator({**branch["if"], "definitions": root["definitions"]}).is_valid(instance):
+            fill_defaults(instance, branch["then"], root)
+
+
+def _check(instance, schema: dict, root: dict, where: str) -> None:
+    """Raise ``MergeflowError`` naming the key of the most relevant schema violation."""
+    import jsonschema
+
+    errors = list(jsonschema.Draft202012Validator({**schema, "definitions": root["definitions"]}).iter_errors(instance))
+    if errors:
+        err = jsonschema.exceptions.best_match(errors)
+        path = ".".join([where, *(str(p) for p in err.absolute_path)] if where else [str(p) for p in err.absolute_path])
+        raise MergeflowError(f"config: at {path or 'top level'}: {err.message}")
+
+
+def validate_section(instance: dict, definition: str, where: str) -> dict:
+    """A copy of one config section (e.g. a ``search_space``) checked against the schema's
+    ``definitions.<definition>``, with its defaults filled: how the library takes a section
+    outside the workflow, with the same messages and defaults."""
+    root = load_schema()
+    schema = {"$ref": f"#/definitions/{definition}"}
+    instance = copy.deepcopy(instance)
+    _check(instance, schema, root, where)
+    fill_defaults(instance, schema, root)
+    return instance
+
+
+def upgrade_config(config: dict) -> dict:
+    """Accept the older flat ``fitness: anchors`` (with ``estimator`` and ``anchors`` beside it)
+    as the mapping ``fitness: {kind: anchors, estimator: ..., anchors: ...}``."""
+    for rcfg in (config.get("runs") or {}).values():
+        ecfg = rcfg.get("evolve") if isinstance(rcfg, dict) else None
+        if isinstance(ecfg, dict) and isinstance(ecfg.get("fitness"), str):
+            fitness = {"kind": ecfg["fitness"]}
+            for key in ("estimator", "anchors"):
+                if key in ecfg:
+                    value = ecfg.pop(key)
+                    if fitness["kind"] == "anchors":
+                        fitness[key] = value
+            ecfg["fitness"] = fitness
+    return config
 
 
 def validate_config(config: dict) -> dict:
     """Validate against the JSON schema, fill defaults, cross-check; errors name the key at fault."""
-    import jsonschema
-
-    schema = yaml.safe_load(SCHEMA.read_text())
-    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(config))
-    if errors:
-        err = jsonschema.exceptions.best_match(errors)
-        where = ".".join(str(p) for p in err.absolute_path) or "top level"
-        raise MergeflowError(f"config: at {where}: {err.message}")
+    schema = load_schema()
+    upgrade_config(config)
+    _check(config, schema, schema, "")
     fill_defaults(config, schema, schema)
     check_config(config)
     return config

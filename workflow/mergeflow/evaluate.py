@@ -26,29 +26,32 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mergeflow.dtypes import torch_dtype
 from mergeflow.errors import MergeflowError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCORERS = ("mc_loglik", "exact_match")
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How to run a model: batch size, device, dtype, and the limits of a sequence."""
+    """How to run a model: batch size, device, dtype, and the limits of a sequence (the
+    config's ``evaluation`` section; its defaults are the schema's)."""
 
-    batch_size: int = 64
-    device: str = "cpu"
-    dtype: str = "float32"
-    max_length: int = 2048
-    max_new_tokens: int = 16
-    add_bos: bool = True
+    batch_size: int
+    device: str
+    dtype: str
+    max_length: int
+    max_new_tokens: int
+    add_bos: bool
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "EvalSettings":
-        known = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
-        return cls(**known)
+    def from_config(cls, cfg: dict | None = None) -> "EvalSettings":
+        """From an ``evaluation`` mapping; absent keys take the schema's defaults."""
+        from mergeflow.config import validate_section
+
+        return cls(**validate_section(cfg or {}, "evaluation", "evaluation"))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -57,12 +60,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MergeflowError(f"device {device!r} was asked for but CUDA is not available on this machine")
     return torch.device(device)
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise MergeflowError(f"dtype {name!r} is not supported; use one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 def load_causal_lm(path: str | Path, settings: EvalSettings, trust_remote_code: bool = False):

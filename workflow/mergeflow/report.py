@@ -1,4 +1,5 @@
-"""The final stage: merged models with their lineage, test-split tables, and run comparisons."""
+"""The final stage's tables: each run's test-split table, the Pareto members' table, and the
+comparison of every run."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from itertools import product
 from pathlib import Path
 
 import pandas as pd
+
+from mergeflow.evolve import history as hist
+from mergeflow.lineage import append_lineage
 
 MERGED = "merged"
 
@@ -55,17 +59,13 @@ def estimate_checks(history_path: str | Path, search_files: dict[str, str]) -> d
     merge's accuracy on the whole search split."""
     if not search_files:
         return {}
-    from mergeflow.evolve.stages import best_row
-
-    best = best_row(pd.read_parquet(history_path))
-    # a candidate's items count every objective's anchors, and every objective has as many
-    anchors_per_task = int(best["items"]) // len(search_files)
+    best = hist.best_row(pd.read_parquet(history_path))
     checks = {}
     for task, path in search_files.items():
         measured = accuracy_row(path, MERGED, task)
-        checks[task] = {"estimated_fitness": float(best[f"fitness_{task}"]),
-                        "estimated_sd": float(best.get(f"sd_{task}", float("nan"))),
-                        "anchor_items": anchors_per_task,
+        estimate, sd = hist.task_estimate(best, task)
+        checks[task] = {"estimated_fitness": estimate, "estimated_sd": sd,
+                        "anchor_items": hist.task_items(best, task),
                         "search_split_accuracy": measured["accuracy"],
                         "search_split_items": measured["items"]}
         log.info("%s: the search estimated %.4f, the whole search split gives %.4f", task,
@@ -125,30 +125,6 @@ def compare_runs(tables: dict[str, str], out: str | Path) -> pd.DataFrame:
     return table
 
 
-def merge_with_lineage(recipe_path: str, out_dir: str, lineage: dict, history_path: str | None = None) -> None:
-    """Materialise a recipe as an HF directory whose model card also records where it came from."""
-    from mergeflow.evolve.stages import best_row
-    from mergeflow.merge import load_recipe, merge_to_dir
-
-    recipe = load_recipe(recipe_path)
-    merge_to_dir(recipe, out_dir)
-    lines = [f"- {key}: {value}" for key, value in lineage.items()]
-    if history_path:
-        history = pd.read_parquet(history_path)
-        best = best_row(history)
-        lines += [f"- found in generation {int(best['generation'])} as candidate {int(best['index'])} of "
-                  f"{len(history)} evaluated", f"- search fitness: {best['fitness']:.4f}"]
-    _append_lineage(out_dir, recipe, lines)
-
-
-def _append_lineage(out_dir: str | Path, recipe, lines: list[str]) -> None:
-    from mergeflow.merge import recipe_hash
-
-    card = Path(out_dir) / "README.md"
-    header = ["", "## Lineage", "", f"- recipe hash: `{recipe_hash(recipe)}`"]
-    card.write_text(card.read_text() + "\n".join(header + lines) + "\n")
-
-
 def pareto_members(run: str, pareto_path: str | Path, tasks: dict[str, dict], evaluation: dict,
                    models_out: str | Path, table_out: str | Path, summary_out: str | Path) -> pd.DataFrame:
     """Materialise each point of a multi-objective run's Pareto front as an HF directory (model
@@ -162,7 +138,7 @@ def pareto_members(run: str, pareto_path: str | Path, tasks: dict[str, dict], ev
 
     settings = EvalSettings.from_config(evaluation)
     front = pd.read_parquet(pareto_path)
-    objectives = [c for c in front.columns if c.startswith("fitness_")]
+    objectives = [hist.fitness_column(t) for t in hist.objectives_of(front)]
     # candidates that tie on every objective are the same point of the front: test the earliest
     front = (front.sort_values(["generation", "index"]).drop_duplicates(objectives)
              .sort_values(objectives, ascending=False, kind="stable").reset_index(drop=True))
@@ -173,7 +149,7 @@ def pareto_members(run: str, pareto_path: str | Path, tasks: dict[str, dict], ev
         out = Path(models_out) / f"member_{member:02d}"
         merge_to_dir(recipe, out)
         search = {c.removeprefix("fitness_"): float(cand[c]) for c in objectives}
-        _append_lineage(out, recipe, [f"- run: {run}, Pareto member {member} of {len(front)}",
+        append_lineage(out, recipe, [f"- run: {run}, Pareto member {member} of {len(front)}",
                                       f"- found in generation {int(cand['generation'])} as candidate "
                                       f"{int(cand['index'])}",
                                       "- search fitness: " + ", ".join(f"{t} {v:.4f}" for t, v in search.items())])
@@ -200,17 +176,3 @@ def pareto_members(run: str, pareto_path: str | Path, tasks: dict[str, dict], ev
         lines.append(f"| {member} | {first['generation']} | {first['index']} | " + " | ".join(cells) + " |")
     Path(summary_out).write_text("\n".join(lines) + "\n")
     return table
-
-
-def baseline_merge(baseline: dict, base: str, sources: list[str], recipe_out: str, model_out: str) -> None:
-    """The uniform baseline: every source with the same weight, merged with ``baseline.method``."""
-    from mergeflow.merge import merge_to_dir, recipe_from_dict, save_recipe
-
-    recipe = recipe_from_dict({
-        "merge_method": baseline["method"],
-        "base_model": base,
-        "models": [{"model": s, "parameters": {"weight": baseline["weight"]}} for s in sources],
-        "dtype": "float32",
-    })
-    save_recipe(recipe, recipe_out)
-    merge_to_dir(recipe, model_out)

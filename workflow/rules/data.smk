@@ -1,6 +1,11 @@
 # Load each task's source, render prompts, and write disjoint search / test splits.
 
 
+def task_source_input(wildcards):
+    source = config["tasks"][wildcards.task]["source"]
+    return [source["path"]] if "path" in source else []
+
+
 rule data:
     input:
         task_source_input,

@@ -1,5 +1,40 @@
 # Per run: the final merge, its test-split scores, the comparison table, and provenance.
 
+# The final merge is scored on each task's test split (responses/) and, after a search whose
+# fitness estimates the search split's accuracy, on its objectives' whole search split too
+# (search_responses/), to check those estimates.
+FINAL_SPLITS = {"responses": "test", "search_responses": "search"}
+
+
+def final_split_file(wildcards):
+    return f"results/data/{wildcards.task}/{FINAL_SPLITS[wildcards.scored]}.parquet"
+
+
+def estimate_checked_tasks(run):
+    """The objectives of a search on estimated fitness: its final merge's estimates are checked on them."""
+    if run not in EVOLVE or not FITNESS[EVOLVE[run].fitness["kind"]].estimates:
+        return []
+    return EVOLVE[run].tasks if config["runs"][run]["evolve"]["check_estimate"] else []
+
+
+def final_table_inputs(wildcards):
+    run = wildcards.run
+    tasks = run_tasks(config, run)
+    inputs = {"responses": [f"results/responses/{t}/test/{m}.parquet" for t in tasks for m in TABLE_MODELS]}
+    if run in EVOLVE:
+        inputs["merged"] = [f"results/runs/{run}/final/responses/{t}.parquet" for t in tasks]
+        inputs["history"] = f"{evolve_dir(run)}/history.parquet"
+        inputs["merged_search"] = [f"results/runs/{run}/final/search_responses/{t}.parquet"
+                                   for t in estimate_checked_tasks(run)]
+    return inputs
+
+
+def pareto_test_tasks(wildcards):
+    """Task -> test split, scorer and delimiter for scoring a run's Pareto members."""
+    return canonical({t: {"split": f"results/data/{t}/test.parquet", "scorer": config["tasks"][t]["scorer"],
+                          "delimiter": config["tasks"][t]["target_delimiter"]}
+                      for t in run_tasks(config, wildcards.run)})
+
 
 rule baseline_model:
     input:
@@ -12,11 +47,11 @@ rule baseline_model:
         base=BASE_LOCATION,
         sources=SOURCE_LOCATIONS,
     log:
-        "results/logs/baseline.log",
+        "results/logs/baseline_model.log",
     conda:
         CONDA_ENV
     script:
-        "../scripts/baseline.py"
+        "../scripts/baseline_model.py"
 
 
 rule final_model:
@@ -47,7 +82,7 @@ rule final_respond:
     params:
         model=lambda wc: {"path": f"results/runs/{wc.run}/final/model"},
         scorer=lambda wc: config["tasks"][wc.task]["scorer"],
-        delimiter=lambda wc: config["tasks"][wc.task].get("target_delimiter", " "),
+        delimiter=lambda wc: config["tasks"][wc.task]["target_delimiter"],
         evaluation=canonical(config["evaluation"]),
     threads: 1
     log:
@@ -58,7 +93,7 @@ rule final_respond:
         "../scripts/respond.py"
 
 
-rule final:
+rule final_table:
     input:
         unpack(final_table_inputs),
     output:
@@ -75,14 +110,14 @@ rule final:
         models=TABLE_MODELS,
         checked=lambda wc: estimate_checked_tasks(wc.run),
     log:
-        "results/logs/final/{run}.log",
+        "results/logs/final/{run}/final_table.log",
     conda:
         CONDA_ENV
     script:
-        "../scripts/final.py"
+        "../scripts/final_table.py"
 
 
-rule pareto:
+rule pareto_front:
     input:
         "results/runs/{run}/evolve/history.parquet",
     output:
@@ -90,14 +125,14 @@ rule pareto:
     params:
         tasks=lambda wc: EVOLVE[wc.run].tasks,
     log:
-        "results/logs/final/{run}/pareto.log",
+        "results/logs/final/{run}/pareto_front.log",
     conda:
         CONDA_ENV
     script:
-        "../scripts/pareto.py"
+        "../scripts/pareto_front.py"
 
 
-rule compare:
+rule compare_runs:
     input:
         [f"results/runs/{run}/final/test.parquet" for run in config["runs"]],
     output:
@@ -105,11 +140,11 @@ rule compare:
     params:
         runs=list(config["runs"]),
     log:
-        "results/logs/compare.log",
+        "results/logs/compare_runs.log",
     conda:
         CONDA_ENV
     script:
-        "../scripts/compare.py"
+        "../scripts/compare_runs.py"
 
 
 rule provenance:

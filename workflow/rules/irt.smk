@@ -1,4 +1,16 @@
-# MERGE³'s Extract and Estimate: a calibration population, an IRT fit, anchor sets (per task).
+# MERGE³'s Extract and Estimate, per task: a calibration population's responses, the IRT model
+# fitted to them (fit_irt), and anchor sets selected with it (select_anchors).
+from mergeflow.irt import STRATEGIES
+
+
+def calibration_checkpoints(wildcards):
+    if not (config.get("zoo") and config["irt"]["calibration"]["checkpoints"]):
+        return []
+    return [f"results/zoo/checkpoints/{e}" for e in sorted(config["zoo"]["experts"])]
+
+
+def endpoint_search_responses(wildcards):
+    return [f"results/responses/{wildcards.task}/search/{m}.parquet" for m in EVAL_MODELS]
 
 
 rule calibrate:
@@ -25,7 +37,7 @@ rule calibrate:
         "../scripts/calibrate.py"
 
 
-rule estimate:
+rule fit_irt:
     input:
         endpoints=endpoint_search_responses,
         calibration="results/calibration/{task}.parquet",
@@ -38,14 +50,14 @@ rule estimate:
         seed=config["seed"],
     threads: 1
     log:
-        "results/logs/estimate/{task}.log",
+        "results/logs/fit_irt/{task}.log",
     conda:
         CONDA_ENV
     script:
-        "../scripts/estimate.py"
+        "../scripts/fit_irt.py"
 
 
-rule extract:
+rule select_anchors:
     input:
         endpoints=endpoint_search_responses,
         calibration="results/calibration/{task}.parquet",
@@ -53,12 +65,12 @@ rule extract:
     output:
         "results/anchors/{task}/{strategy}-{n}-seed{seed}.parquet",
     wildcard_constraints:
-        strategy="random|correctness|irt",
+        strategy="|".join(STRATEGIES),
         n=r"\d+",
         seed=r"\d+",
     log:
-        "results/logs/extract/{task}/{strategy}-{n}-seed{seed}.log",
+        "results/logs/select_anchors/{task}/{strategy}-{n}-seed{seed}.log",
     conda:
         CONDA_ENV
     script:
-        "../scripts/extract.py"
+        "../scripts/select_anchors.py"

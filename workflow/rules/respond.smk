@@ -1,6 +1,18 @@
 # Score a model on one split of one task: per-item correctness and gold log-likelihood.
 
 
+def model_spec(name):
+    if name == BASELINE:
+        return {"path": "results/baseline/model"}
+    return config["models"][name]
+
+
+def respond_model_input(wildcards):
+    if wildcards.model == BASELINE:
+        return [model_spec(BASELINE)["path"]]
+    return model_inputs(wildcards.model)
+
+
 rule respond:
     input:
         check="results/check.json",
@@ -11,7 +23,7 @@ rule respond:
     params:
         model=lambda wc: canonical(model_spec(wc.model)),
         scorer=lambda wc: config["tasks"][wc.task]["scorer"],
-        delimiter=lambda wc: config["tasks"][wc.task].get("target_delimiter", " "),
+        delimiter=lambda wc: config["tasks"][wc.task]["target_delimiter"],
         evaluation=canonical(config["evaluation"]),
     threads: 1
     log:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from mergeflow.errors import MergeflowError
+from mergeflow.irt import ESTIMATORS, KINDS, LAMBDA_RULES, SCORE_MODES, STRATEGIES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +27,7 @@ def _register_irt(subparsers) -> None:
     fit = irt_sub.add_parser("fit", help="fit an IRT model to response parquet files by SVI")
     fit.add_argument("responses", nargs="+", help="response parquet files or directories of them")
     fit.add_argument("--out", required=True, help="directory for items.parquet, posterior.safetensors, fit.json")
-    fit.add_argument("--kind", default="2pl", choices=["1pl", "2pl", "m2pl"])
+    fit.add_argument("--kind", default="2pl", choices=KINDS)
     fit.add_argument("--dim", type=int, default=1)
     fit.add_argument("--steps", type=int, default=1000)
     fit.add_argument("--lr", type=float, default=0.05)
@@ -34,7 +35,7 @@ def _register_irt(subparsers) -> None:
     fit.add_argument("--device", default="cpu")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--holdout-fraction", type=float, default=0.05)
-    fit.add_argument("--scores", default="threshold", choices=["threshold", "reject"],
+    fit.add_argument("--scores", default="threshold", choices=SCORE_MODES,
                      help="what to do with non-binary scores")
     fit.set_defaults(func=run_fit)
 
@@ -43,7 +44,7 @@ def _register_anchors(subparsers) -> None:
     anchors = subparsers.add_parser("anchors", help="select anchor items (MERGE³ Extract)")
     anchors.add_argument("responses", nargs="*", help="calibration response parquet files or directories")
     anchors.add_argument("--irt", help="IRT fit directory (needed by --strategy irt)")
-    anchors.add_argument("--strategy", required=True, choices=["random", "correctness", "irt"])
+    anchors.add_argument("--strategy", required=True, choices=STRATEGIES)
     anchors.add_argument("--n", type=int, required=True, help="number of anchors")
     anchors.add_argument("--seed", type=int, default=0)
     anchors.add_argument("--out", required=True, help="anchors parquet to write")
@@ -57,12 +58,12 @@ def _register_estimate(subparsers) -> None:
     estimate.add_argument("--anchors", required=True, help="anchors parquet")
     estimate.add_argument("--irt", help="IRT fit directory (all methods but 'mean')")
     estimate.add_argument("--method", nargs="+", default=["gpirt"],
-                          choices=["mean", "pirt", "gpirt", "mpirt", "gmpirt"])
+                          choices=ESTIMATORS)
     estimate.add_argument("--endpoints", nargs="*", default=None,
                           help="endpoint model names in the IRT fit (mp-IRT, gmp-IRT)")
     estimate.add_argument("--calibration", nargs="*", default=None,
                           help="calibration response files for gp-IRT's λ")
-    estimate.add_argument("--lambda-rule", default="variance", choices=["variance", "fitted"],
+    estimate.add_argument("--lambda-rule", default="variance", choices=LAMBDA_RULES,
                           help="how gp-IRT / gmp-IRT set λ from the calibration responses")
     estimate.add_argument("--seed", type=int, default=0)
     estimate.add_argument("--out", required=True, help="parquet or .json file for the estimates")

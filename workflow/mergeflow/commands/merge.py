@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 
-DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
+from mergeflow.dtypes import DTYPES
+
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
@@ -19,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("out_dir", help="output model directory")
     parser.add_argument("--device", default="cpu", help="device to merge on (default: cpu)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="dtype of the written weights (default: the recipe's, else the base's)")
     parser.add_argument("--max-shard-size", type=int, default=None,
                         help="maximum bytes per safetensors shard (default: 2 GiB)")

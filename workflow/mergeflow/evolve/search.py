@@ -17,10 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mergeflow.errors import MergeflowError
-
-# The loss a candidate gets when its merge or its fitness is not finite: worse than any real one
-# (losses are negated accuracies in [-1, 0]) yet finite, which every optimizer can digest.
-WORST_LOSS = 1.0
+from mergeflow.evolve import history as hist
 
 
 @dataclass(frozen=True)
@@ -68,14 +65,6 @@ def tell_generation(optimizer, candidates: list, losses: list) -> None:
         optimizer.tell(candidate, loss)
 
 
-def losses_of(history: pd.DataFrame, generation: int, objectives: list[str] | None) -> list:
-    """Each candidate's loss (negated fitness; a vector for multi-objective runs)."""
-    rows = history[history["generation"] == generation].sort_values("index")
-    if objectives is None:
-        return [float(v) for v in rows["loss"]]
-    return [[float(v) for v in row] for row in rows[[f"loss_{t}" for t in objectives]].to_numpy()]
-
-
 def replay(settings: SearchSettings, history: pd.DataFrame, objectives: list[str] | None = None):
     """Rebuild the optimizer from the history alone: ask and tell every recorded generation again.
 
@@ -84,7 +73,7 @@ def replay(settings: SearchSettings, history: pd.DataFrame, objectives: list[str
     """
     optimizer = make_optimizer(settings)
     for generation in sorted(history["generation"].unique()):
-        rows = history[history["generation"] == generation].sort_values("index")
+        rows = hist.generation(history, generation)
         candidates = ask_generation(optimizer, len(rows))
         for candidate, recorded in zip(candidates, rows["genome"]):
             if not np.allclose(candidate.value, np.asarray(recorded), rtol=0, atol=1e-12):
@@ -92,7 +81,7 @@ def replay(settings: SearchSettings, history: pd.DataFrame, objectives: list[str
                     f"history generation {generation}: the optimizer re-asks a different genome; the history "
                     f"does not belong to optimizer {settings.optimizer!r} with seed {settings.seed}"
                 )
-        tell_generation(optimizer, candidates, losses_of(history, generation, objectives))
+        tell_generation(optimizer, candidates, hist.losses(rows, objectives))
     return optimizer
 
 

@@ -6,4 +6,13 @@
 * :mod:`mergeflow.irt.anchors` — anchor items: random, correctness clustering, IRT clustering.
 * :mod:`mergeflow.irt.estimators` — full-split accuracy from anchor responses: mean, p-IRT,
   gp-IRT, mp-IRT, gmp-IRT, each with a posterior predictive sd.
+
+The names below are the vocabulary of the config schema and the CLI (a test checks the schema's
+enums against them); they live here so that reading them imports neither Pyro nor torch.
 """
+
+KINDS = ("1pl", "2pl", "m2pl")  # IRT models (irt.model)
+STRATEGIES = ("random", "correctness", "irt")  # anchor selection (irt.anchors)
+ESTIMATORS = ("mean", "pirt", "gpirt", "mpirt", "gmpirt")  # accuracy estimators (irt.estimators)
+LAMBDA_RULES = ("variance", "fitted")  # how gp-IRT / gmp-IRT set their blend weight
+SCORE_MODES = ("threshold", "reject")  # what to do with non-binary scores (irt.responses)

@@ -22,10 +22,10 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 from mergeflow.errors import MergeflowError
+from mergeflow.irt import STRATEGIES
 from mergeflow.irt.model import IRTFit
 from mergeflow.irt.responses import ResponseMatrix
 
-STRATEGIES = ("random", "correctness", "irt")
 ANCHOR_COLUMNS = ["item_id", "weight", "strategy", "seed"]
 
 

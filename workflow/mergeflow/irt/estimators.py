@@ -37,12 +37,11 @@ import pandas as pd
 from scipy.optimize import minimize
 
 from mergeflow.errors import MergeflowError
+from mergeflow.irt import ESTIMATORS, LAMBDA_RULES
 from mergeflow.irt.anchors import validate_anchors
 from mergeflow.irt.model import IRTFit, _key, _sigmoid, map_ability
 from mergeflow.irt.responses import ResponseMatrix
 
-METHODS = ("mean", "pirt", "gpirt", "mpirt", "gmpirt")
-LAMBDA_RULES = ("variance", "fitted")
 ENDPOINT_LOGIT_PRIOR_SD = 3.0
 MAX_CALIBRATION_MODELS = 100
 
@@ -73,8 +72,8 @@ class Estimator:
         seed: int = 0,
         prior_sd: float = 1.0,
     ):
-        if method not in METHODS:
-            raise MergeflowError(f"estimator {method!r}: expected one of {METHODS}")
+        if method not in ESTIMATORS:
+            raise MergeflowError(f"estimator {method!r}: expected one of {ESTIMATORS}")
         validate_anchors(anchors)
         if lam is not None and not 0.0 <= lam <= 1.0:
             raise MergeflowError(f"lam={lam}: must be in [0, 1]")

@@ -34,9 +34,9 @@ from pyro.optim import Adam
 from safetensors.numpy import load_file, save_file
 
 from mergeflow.errors import MergeflowError
+from mergeflow.irt import KINDS
 from mergeflow.irt.responses import ResponseMatrix
 
-KINDS = ("1pl", "2pl", "m2pl")
 FORMAT = "mergeflow-irt/1"
 INIT_SCALE = 0.05
 

@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 
 from mergeflow.errors import MergeflowError
+from mergeflow.irt import SCORE_MODES
 
 Source = Union[str, Path, pd.DataFrame]
-SCORE_MODES = ("threshold", "reject")
 
 
 @dataclass

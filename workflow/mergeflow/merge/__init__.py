@@ -1,7 +1,6 @@
-"""Parameter-space model merging: methods, recipes, streaming and in-memory merges, genomes."""
+"""Parameter-space model merging: methods, recipes, streaming and in-memory merges."""
 
 from mergeflow.merge.fast import InMemoryMerger, find_nonfinite
-from mergeflow.merge.genome import SearchSpace
 from mergeflow.merge.methods import MERGE_METHODS, MergeMethod, get_method
 from mergeflow.merge.params import layer_index, resolve_value
 from mergeflow.merge.plan import MergePlan, TensorPlan, merge_tensor, plan_merge
@@ -12,7 +11,7 @@ from mergeflow.merge.recipe import (
 from mergeflow.merge.stream import merge_to_dir
 
 __all__ = [
-    "InMemoryMerger", "find_nonfinite", "SearchSpace", "MERGE_METHODS", "MergeMethod",
+    "InMemoryMerger", "find_nonfinite", "MERGE_METHODS", "MergeMethod",
     "get_method", "layer_index", "resolve_value", "MergePlan", "TensorPlan", "merge_tensor",
     "plan_merge", "ModelEntry", "Recipe", "SliceSource", "SliceSpec", "load_recipe",
     "recipe_from_dict", "recipe_from_yaml", "recipe_hash", "save_recipe", "merge_to_dir",

@@ -17,7 +17,8 @@ from mergeflow.errors import MergeflowError
 from mergeflow.merge.methods import Workspace
 from mergeflow.merge.plan import check_finite, merge_tensor, plan_merge
 from mergeflow.merge.recipe import Recipe
-from mergeflow.merge.sources import ModelSource, dtype_name, parse_dtype
+from mergeflow.dtypes import dtype_name, torch_dtype
+from mergeflow.merge.sources import ModelSource
 
 
 def find_nonfinite(model: torch.nn.Module) -> list[str]:
@@ -50,11 +51,11 @@ class InMemoryMerger:
         if not self.paths:
             raise MergeflowError("InMemoryMerger needs at least one model")
         self.device = torch.device(device)
-        self.compute_dtype = parse_dtype(compute_dtype or "float32", "compute dtype")
+        self.compute_dtype = torch_dtype(compute_dtype or "float32", "compute dtype")
         self.sources = {path: ModelSource(path) for path in self.paths}
         self.resident = {path: self._load(source) for path, source in self.sources.items()}
         self.template = self.paths[0]
-        self.out_dtype = parse_dtype(dtype, "dtype") if dtype else None
+        self.out_dtype = torch_dtype(dtype, "dtype") if dtype else None
         self.model = self._preallocate()
         self.parameters = dict(self.model.state_dict())
         self.workspace = Workspace(cache=True, sort_cache=sort_magnitudes)
@@ -95,7 +96,7 @@ class InMemoryMerger:
 
     def merge(self, recipe: Recipe) -> torch.nn.Module:
         """Merge ``recipe`` into the preallocated model in place and return the model."""
-        if recipe.dtype and parse_dtype(recipe.dtype, "recipe dtype") != self.compute_dtype:
+        if recipe.dtype and torch_dtype(recipe.dtype, "recipe dtype") != self.compute_dtype:
             raise MergeflowError(
                 f"recipe dtype {recipe.dtype!r} differs from the merger's compute dtype "
                 f"{dtype_name(self.compute_dtype)!r}")

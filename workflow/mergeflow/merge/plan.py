@@ -18,7 +18,8 @@ from mergeflow.merge.params import (
     is_pre_layer_tensor, layer_index, layer_position, resolve_value, with_layer_index,
 )
 from mergeflow.merge.recipe import Recipe, SliceSource, SliceSpec
-from mergeflow.merge.sources import ModelSource, TensorInfo, parse_dtype
+from mergeflow.dtypes import torch_dtype
+from mergeflow.merge.sources import ModelSource, TensorInfo
 
 TensorRef = tuple[str, str]  # (model path, tensor name)
 Fetch = Callable[[str, str], torch.Tensor]
@@ -192,10 +193,10 @@ def plan_merge(recipe: Recipe, sources: dict[str, ModelSource],
     """Plan every output tensor; checks methods, parameters, tensor names and shapes."""
     planner = _Planner(recipe, sources)
     tensors = planner.plan()
-    compute_dtype = parse_dtype(recipe.dtype or "float32", "recipe dtype")
+    compute_dtype = torch_dtype(recipe.dtype or "float32", "recipe dtype")
     chosen = out_dtype or recipe.out_dtype or recipe.dtype
     if chosen:
-        resolved_out = parse_dtype(chosen, "output dtype")
+        resolved_out = torch_dtype(chosen, "output dtype")
     else:
         first_float = next((planner.source_info((planner.template, t.name)).dtype
                             for t in tensors if layer_index(t.name) is None), torch.float32)

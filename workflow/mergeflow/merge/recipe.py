@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from mergeflow.dtypes import DTYPES
 from mergeflow.errors import MergeflowError
 
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype",
@@ -38,7 +39,6 @@ TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters"
 MODEL_KEYS = {"model", "parameters"}
 SLICE_KEYS = {"sources", "parameters", "base_model", "merge_method"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
-DTYPES = {"float32", "float16", "bfloat16"}
 
 
 @dataclass
@@ -210,7 +210,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
                                   _parameters(item, f"{where} models[{i}]")))
     for key in ("dtype", "out_dtype"):
         if data.get(key) is not None and data[key] not in DTYPES:
-            raise MergeflowError(f"{where}: {key} {data[key]!r} is not one of {sorted(DTYPES)}")
+            raise MergeflowError(f"{where}: {key} {data[key]!r} is not one of {list(DTYPES)}")
     seed = data.get("seed", 0)
     if not isinstance(seed, int):
         raise MergeflowError(f"{where}: 'seed' must be an integer")

@@ -19,7 +19,6 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -38,17 +37,6 @@ def read_header(file: Path) -> dict:
     with open(file, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         return json.loads(handle.read(length))
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(name: str, where: str) -> torch.dtype:
-    try:
-        return TORCH_DTYPES[name]
-    except KeyError:
-        raise MergeflowError(f"{where}: dtype {name!r} is not one of {sorted(TORCH_DTYPES)}") from None
 
 
 class ModelSource:

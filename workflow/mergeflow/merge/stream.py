@@ -15,12 +15,13 @@ from typing import BinaryIO
 
 import torch
 
+from mergeflow.dtypes import dtype_name
 from mergeflow.errors import MergeflowError
 from mergeflow.merge.plan import (
     MergePlan, TensorPlan, check_finite, merge_tensor, open_sources, plan_merge,
 )
 from mergeflow.merge.recipe import Recipe, save_recipe
-from mergeflow.merge.sources import DTYPE_CODES, INDEX_FILE, ModelSource, dtype_name
+from mergeflow.merge.sources import DTYPE_CODES, INDEX_FILE, ModelSource
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
 RECIPE_FILE = "mergeflow_recipe.yaml"

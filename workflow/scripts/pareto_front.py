@@ -1,6 +1,6 @@
 import pandas as pd
 
-from mergeflow.evolve.stages import pareto_front
+from mergeflow.evolve.history import pareto_front
 from mergeflow.logs import setup_job
 
 setup_job(snakemake.log[0])

@@ -1,12 +1,12 @@
-"""Search spaces: a flat genome in [0, 1]^d (what Nevergrad proposes) <-> a merge recipe.
+"""The ``parameter`` search space (Sakana's PS, Su & Geiping's LFS): per layer group and module
+kind, each source's weight/density and the method's parameters, optionally a per-group method.
 
-Config format (the ``search_space`` section of the user's config)::
+Config (the ``search_space`` mapping; keys and defaults in the schema's ``space_parameter``)::
 
     search_space:
+      kind: parameter              # the default
       method: dare_ties            # a method name, or a list of names: then each layer group
                                    # gets a categorical gene choosing its method
-      base_model: results/zoo/base
-      models: [results/zoo/math, results/zoo/lang]
       layer_groups: 4              # contiguous layer groups with their own values; 1 = global
       filters: [self_attn, mlp]    # optional: separate values per module kind (+ the rest)
       parameters:                  # per-model parameters: a {min, max} range is searched,
@@ -14,6 +14,8 @@ Config format (the ``search_space`` section of the user's config)::
         density: {min: 0.1, max: 1.0}
       method_parameters: {}        # e.g. {lambda: {min: 0.5, max: 1.5}} or {normalize: true}
       dtype: float32               # optional, copied into the recipe
+
+``base_model`` and ``models`` (paths) are filled in by the workflow from the run's models.
 
 Genes, in this order:
 
@@ -43,7 +45,8 @@ import numpy as np
 from mergeflow.errors import MergeflowError
 from mergeflow.merge.methods import get_method
 from mergeflow.merge.params import layer_position, resolve_value
-from mergeflow.merge.recipe import ModelEntry, Recipe, SliceSource, SliceSpec
+from mergeflow.merge.recipe import ModelEntry, Recipe, SliceSource, SliceSpec, recipe_from_dict
+from mergeflow.merge.sources import ModelSource
 
 # A tensor name that matches no user filter, used to read the "rest" value back from a recipe.
 _REST_PROBE = "__mergeflow_rest__"
@@ -88,7 +91,7 @@ def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
 
 
 @dataclass
-class SearchSpace:
+class ParameterSpace:
     methods: list[str]
     base_model: str | None
     models: list[str]
@@ -106,14 +109,13 @@ class SearchSpace:
         self.kinds = [*self.filters, None]  # None: tensors matching no filter
 
     @classmethod
-    def from_config(cls, cfg: dict, num_layers: int) -> "SearchSpace":
-        """Build from the ``search_space`` mapping (with or without that top-level key)."""
-        cfg = cfg.get("search_space", cfg)
-        known = {"method", "base_model", "models", "layer_groups", "filters", "parameters",
-                 "method_parameters", "dtype"}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise MergeflowError(f"unknown key search_space.{unknown[0]}; known: {sorted(known)}")
+    def build(cls, cfg: dict) -> "ParameterSpace":
+        """The registry's entry: a validated ``search_space`` mapping, layers read from the base."""
+        return cls.from_config(cfg, ModelSource(cfg["base_model"]).num_layers)
+
+    @classmethod
+    def from_config(cls, cfg: dict, num_layers: int) -> "ParameterSpace":
+        """Build from a ``search_space`` mapping (schema defaults filled) for ``num_layers`` layers."""
         methods = cfg.get("method")
         methods = [methods] if isinstance(methods, str) else list(methods or [])
         if not methods:
@@ -123,14 +125,14 @@ class SearchSpace:
         models = [str(m) for m in cfg.get("models") or []]
         if not models:
             raise MergeflowError("search_space.models is empty")
-        groups = int(cfg.get("layer_groups", 1))
+        groups = int(cfg["layer_groups"])
         if not 1 <= groups <= max(num_layers, 1):
             raise MergeflowError(
                 f"search_space.layer_groups {groups} must be between 1 and the {num_layers} layers")
-        model_ranges, model_fixed = _split(cfg.get("parameters") or {}, "parameters")
-        method_ranges, method_fixed = _split(cfg.get("method_parameters") or {}, "method_parameters")
+        model_ranges, model_fixed = _split(cfg["parameters"], "parameters")
+        method_ranges, method_fixed = _split(cfg["method_parameters"], "method_parameters")
         return cls(methods, cfg.get("base_model"), models, num_layers,
-                   layer_groups(num_layers, groups), [str(f) for f in cfg.get("filters") or []],
+                   layer_groups(num_layers, groups), [str(f) for f in cfg["filters"]],
                    model_ranges, model_fixed, method_ranges, method_fixed, cfg.get("dtype"))
 
     # ---- layout
@@ -225,6 +227,17 @@ class SearchSpace:
                                     merge_method=methods[group]))
         return Recipe(methods[0], slices=slices, base_model=self.base_model, dtype=self.dtype,
                       seed=seed)
+
+    def initial_genome(self, init: dict[str, float] | None) -> tuple[float, ...] | None:
+        """The genome of ``init`` (source path -> weight; other genes at the middle of their
+        range), or None: the optimizer's own start, the centre of the space."""
+        if init is None:
+            return None
+        recipe = recipe_from_dict({
+            "merge_method": self.methods[0], "base_model": self.base_model,
+            "models": [{"model": path, "parameters": {"weight": init.get(path, 0.0)}} for path in self.models],
+        })
+        return tuple(float(v) for v in self.from_recipe(recipe))
 
     # ---- recipe -> genome
 

@@ -6,8 +6,9 @@ import torch
 
 from merge_helpers import make_zoo
 from mergeflow.errors import MergeflowError
-from mergeflow.merge import InMemoryMerger, SearchSpace, merge_to_dir
-from mergeflow.merge.genome import layer_groups
+from mergeflow.merge import InMemoryMerger, merge_to_dir
+from mergeflow.spaces import SPACES, build_space
+from mergeflow.spaces.parameter import ParameterSpace, layer_groups
 from mergeflow.merge.params import layer_position, resolve_value
 
 
@@ -17,16 +18,16 @@ def config(**overrides):
            "parameters": {"weight": {"min": 0.0, "max": 1.5}, "density": {"min": 0.1, "max": 1.0}},
            "method_parameters": {"lambda": {"min": 0.5, "max": 1.5}, "normalize": False}}
     cfg.update(overrides)
-    return {"search_space": cfg}
+    return cfg
 
 
 def test_dimension_counts_groups_kinds_models_and_parameters():
-    space = SearchSpace.from_config(config(), num_layers=4)
+    space = ParameterSpace.from_config(config(), num_layers=4)
     # 2 groups x 3 kinds x (2 models x 2 params + 1 method param)
     assert space.dim == 2 * 3 * 5
-    multi = SearchSpace.from_config(config(method=["ties", "dare_ties", "slerp"]), num_layers=4)
+    multi = ParameterSpace.from_config(config(method=["ties", "dare_ties", "slerp"]), num_layers=4)
     assert multi.dim == space.dim + 2
-    flat = SearchSpace.from_config(config(layer_groups=1, filters=[]), num_layers=4)
+    flat = ParameterSpace.from_config(config(layer_groups=1, filters=[]), num_layers=4)
     assert flat.dim == 5
 
 
@@ -36,7 +37,7 @@ def test_layer_groups_cover_all_layers():
 
 
 def test_genes_map_linearly_to_ranges_and_per_layer_values():
-    space = SearchSpace.from_config(config(), num_layers=4)
+    space = ParameterSpace.from_config(config(), num_layers=4)
     x = np.zeros(space.dim)
     # gene order: group 0, kind self_attn: math weight, math density, lang weight, lang density, lambda
     x[0], x[1], x[4] = 1.0, 0.5, 0.25
@@ -56,7 +57,7 @@ def test_genes_map_linearly_to_ranges_and_per_layer_values():
 
 @pytest.mark.parametrize("method", ["dare_ties", ["ties", "dare_ties", "task_arithmetic"]])
 def test_round_trip(method):
-    space = SearchSpace.from_config(config(method=method), num_layers=4)
+    space = ParameterSpace.from_config(config(method=method), num_layers=4)
     rng = np.random.default_rng(0)
     x = rng.uniform(size=space.dim)
     back = space.from_recipe(space.to_recipe(x, seed=1))
@@ -67,7 +68,7 @@ def test_round_trip(method):
 
 
 def test_several_methods_give_slices_with_per_group_methods():
-    space = SearchSpace.from_config(config(method=["ties", "dare_ties"]), num_layers=4)
+    space = ParameterSpace.from_config(config(method=["ties", "dare_ties"]), num_layers=4)
     x = np.full(space.dim, 0.5)
     x[0], x[1] = 0.1, 0.9
     recipe = space.to_recipe(x)
@@ -76,19 +77,20 @@ def test_several_methods_give_slices_with_per_group_methods():
 
 
 def test_bad_genome_and_config():
-    space = SearchSpace.from_config(config(), num_layers=4)
+    space = ParameterSpace.from_config(config(), num_layers=4)
     with pytest.raises(MergeflowError, match="shape"):
         space.to_recipe(np.zeros(3))
     with pytest.raises(MergeflowError, match="'nope'"):
-        SearchSpace.from_config(config(method="nope"), num_layers=4)
+        ParameterSpace.from_config(config(method="nope"), num_layers=4)
     with pytest.raises(MergeflowError, match="layer_groups"):
-        SearchSpace.from_config(config(layer_groups=9), num_layers=4)
+        ParameterSpace.from_config(config(layer_groups=9), num_layers=4)
 
 
 def test_genome_recipes_merge_in_memory_like_the_cli(tmp_path):
     zoo = make_zoo(tmp_path / "zoo", num_layers=4)
     cfg = config(method=["ties", "dare_ties"], base_model=zoo["base"], models=[zoo["math"], zoo["lang"]])
-    space = SearchSpace.from_config(cfg, num_layers=4)
+    space = build_space(cfg)  # the registry's way: layers read from the base model
+    assert isinstance(space, ParameterSpace) and space.num_layers == 4
     merger = InMemoryMerger(space.models, base_model=space.base_model)
     rng = np.random.default_rng(1)
     for candidate in range(2):
@@ -100,3 +102,25 @@ def test_genome_recipes_merge_in_memory_like_the_cli(tmp_path):
         for file in out.glob("model-*.safetensors"):
             merged.update(load_file(file))
         assert all(torch.equal(state[k], v) for k, v in merged.items())
+
+
+def test_the_registry_builds_the_default_kind_and_fills_the_schema_defaults(tmp_path):
+    zoo = make_zoo(tmp_path / "zoo", num_layers=4)
+    space = build_space({"method": "task_arithmetic", "base_model": zoo["base"], "models": [zoo["math"]],
+                         "parameters": {"weight": {"min": 0.0, "max": 1.0}}})
+    assert list(SPACES) == ["parameter"]
+    assert isinstance(space, ParameterSpace)
+    assert space.groups == [(0, 4)] and space.filters == []  # schema defaults: layer_groups 1, no filters
+    assert space.initial_genome(None) is None
+    assert space.initial_genome({zoo["math"]: 0.25}) == pytest.approx((0.25,))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"kind": "dfz"}, r"search_space\.kind: 'dfz' is not one of \['parameter'\]"),
+    ({"layer_groupz": 2}, r"at search_space: Additional properties are not allowed \('layer_groupz'"),
+    ({"method": "tie"}, r"search_space\.method"),
+])
+def test_bad_kind_or_key_is_named(bad, message):
+    cfg = {"method": "ties", "models": ["m"], "base_model": "b", **bad}
+    with pytest.raises(MergeflowError, match=message):
+        build_space(cfg)

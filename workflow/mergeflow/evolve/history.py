@@ -1,0 +1,130 @@
+"""``history.parquet``: every candidate told so far, the search's source of truth.
+
+This module owns the history's columns; everything else reads them through its functions.
+One row per candidate, in this column order:
+
+- ``generation``, ``index``, ``genome``, ``seed``, ``recipe_hash``, ``recipe``: what the
+  optimizer asked (as in ``candidates.parquet``);
+- ``fitness_{task}``, ``sd_{task}`` per objective: its fitness (an accuracy, or an estimate of
+  the search split's accuracy) and that fitness's sd;
+- ``items``: items scored for the candidate over every objective; with several objectives also
+  ``items_{task}`` per objective (with one, ``items`` is that objective's);
+- ``problem``: why the candidate got the worst loss ("" when it did not);
+- ``fitness``: the objectives' weighted mean (NaN for a problem); ``loss``: its negation
+  (:data:`WORST_LOSS` for a problem);
+- ``loss_{task}`` per objective: the negated fitness (:data:`WORST_LOSS` for a problem), what a
+  multi-objective run tells the optimizer.
+
+It holds no wall times, so the same config and seed give the same bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mergeflow.errors import MergeflowError
+
+# The loss a candidate gets when its merge or its fitness is not finite: worse than any real one
+# (losses are negated accuracies in [-1, 0]) yet finite, which every optimizer can digest.
+WORST_LOSS = 1.0
+CANDIDATE_COLUMNS = ["generation", "index", "genome", "seed", "recipe_hash", "recipe"]
+# What a fitness shard (``fitness_{k}.parquet``) holds: one row per candidate and objective.
+SHARD_COLUMNS = ["generation", "index", "task", "fitness", "sd", "items", "problem", "wall_s"]
+
+
+def fitness_column(task: str) -> str:
+    return f"fitness_{task}"
+
+
+def sd_column(task: str) -> str:
+    return f"sd_{task}"
+
+
+def loss_column(task: str) -> str:
+    return f"loss_{task}"
+
+
+def items_column(task: str) -> str:
+    return f"items_{task}"
+
+
+def objectives_of(frame: pd.DataFrame) -> list[str]:
+    """The objectives a history (or a slice of it, e.g. a Pareto front) was scored on."""
+    return [c.removeprefix("fitness_") for c in frame.columns if c.startswith("fitness_")]
+
+
+def candidate_table(objectives: dict[str, float], candidates: pd.DataFrame, shards: pd.DataFrame) -> pd.DataFrame:
+    """One generation's history rows: its candidates joined with their fitness shards' rows."""
+    tasks = list(objectives)
+    wide = candidates[CANDIDATE_COLUMNS].copy()
+    per = shards.pivot(index="index", columns="task", values="fitness")
+    sd = shards.pivot(index="index", columns="task", values="sd")
+    items = shards.pivot(index="index", columns="task", values="items")
+    problem = shards.groupby("index")["problem"].first()
+    if sorted(per.index) != sorted(wide["index"]):
+        raise MergeflowError(f"generation {int(wide['generation'].iloc[0])}: fitness shards cover candidates "
+                             f"{sorted(per.index)}, expected {sorted(wide['index'])}")
+    wide = wide.set_index("index")
+    for task in tasks:
+        wide[fitness_column(task)] = per[task]
+        wide[sd_column(task)] = sd[task]
+    wide["items"] = items[tasks].sum(axis=1).astype("int64")
+    if len(tasks) > 1:
+        for task in tasks:
+            wide[items_column(task)] = items[task].astype("int64")
+    wide["problem"] = problem
+    values = wide[[fitness_column(t) for t in tasks]]
+    valid = (wide["problem"] == "") & np.isfinite(values).all(axis=1)
+    scalar = sum(w * wide[fitness_column(t)] for t, w in objectives.items()) / sum(objectives.values())
+    wide["fitness"] = np.where(valid, scalar, np.nan)
+    wide["loss"] = np.where(valid, -scalar, WORST_LOSS)
+    for task in tasks:
+        wide[loss_column(task)] = np.where(valid, -wide[fitness_column(task)], WORST_LOSS)
+    return wide.reset_index()[["generation", "index", *[c for c in wide.columns if c != "generation"]]]
+
+
+def losses(rows: pd.DataFrame, objectives: list[str] | None) -> list:
+    """Each row's loss in index order: a float, or with ``objectives`` one loss per objective."""
+    rows = rows.sort_values("index")
+    if objectives is None:
+        return [float(v) for v in rows["loss"]]
+    return [[float(v) for v in row] for row in rows[[loss_column(t) for t in objectives]].to_numpy()]
+
+
+def generation(history: pd.DataFrame, g: int) -> pd.DataFrame:
+    """Generation ``g``'s rows, in index order."""
+    return history[history["generation"] == g].sort_values("index")
+
+
+def extend(previous: str | Path | None, table: pd.DataFrame, out: str | Path) -> pd.DataFrame:
+    """Write the previous history (a path, or None at generation 0) with ``table`` appended."""
+    history = table if previous is None else pd.concat([pd.read_parquet(previous), table], ignore_index=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    history.to_parquet(out, index=False)
+    return history
+
+
+def best_row(history: pd.DataFrame) -> pd.Series:
+    """The lowest-loss candidate; ties go to the earliest (generation, index)."""
+    return history.sort_values(["loss", "generation", "index"], kind="mergesort").iloc[0]
+
+
+def task_estimate(row: pd.Series, task: str) -> tuple[float, float]:
+    """A candidate's fitness on ``task`` and its sd."""
+    return float(row[fitness_column(task)]), float(row.get(sd_column(task), float("nan")))
+
+
+def task_items(row: pd.Series, task: str) -> int:
+    """Items a candidate was scored on for ``task``."""
+    return int(row[items_column(task)] if items_column(task) in row.index else row["items"])
+
+
+def pareto_front(history: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """Candidates no other valid candidate beats on every task (multi-objective runs)."""
+    valid = history[history["problem"] == ""]
+    values = valid[[fitness_column(t) for t in tasks]].to_numpy()
+    keep = [not np.any(np.all(values >= row, axis=1) & np.any(values > row, axis=1)) for row in values]
+    return valid[np.array(keep, dtype=bool)].drop_duplicates("recipe_hash").reset_index(drop=True)

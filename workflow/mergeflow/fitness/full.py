@@ -1,0 +1,14 @@
+"""``full`` fitness: accuracy on the task's whole search split."""
+
+from __future__ import annotations
+
+from mergeflow.fitness.base import FitnessKind, TaskFitness
+
+
+def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg) -> TaskFitness:
+    from mergeflow.data import read_split
+
+    return TaskFitness(task, read_split(files["split"]), tcfg["scorer"], tcfg["target_delimiter"])
+
+
+KIND = FitnessKind("full", needs=("split",), estimates=False, task_fitness=task_fitness)

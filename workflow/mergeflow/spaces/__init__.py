@@ -1,0 +1,52 @@
+"""Search spaces: what a genome in [0, 1]^d (what Nevergrad proposes) stands for.
+
+A space kind is one module here plus one entry in :data:`SPACES`, and its keys are one
+definition in the config schema (``space_<kind>``; the schema's ``search_space.kind`` enum is
+this registry's keys, which a test checks). Every kind maps a genome to a merge recipe and back:
+
+- ``dim``: the genome's length;
+- ``to_recipe(genome, seed)``: the recipe a genome stands for (``seed`` feeds random methods);
+- ``from_recipe(recipe)``: the genome closest to a recipe;
+- ``initial_genome(init)``: where the search starts, from ``init`` (source path -> weight), or
+  None for the optimizer's own start.
+
+Kinds are built from the ``search_space`` mapping with the run's ``base_model`` and ``models``
+(paths) filled in, through :func:`build_space`, which validates the mapping against the schema
+and fills its defaults first.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+
+from mergeflow.merge.recipe import Recipe
+from mergeflow.spaces.parameter import ParameterSpace
+
+
+class Space(Protocol):
+    dim: int
+
+    def to_recipe(self, genome: np.ndarray, seed: int = 0) -> Recipe: ...
+
+    def from_recipe(self, recipe: Recipe) -> np.ndarray: ...
+
+    def initial_genome(self, init: dict[str, float] | None) -> tuple[float, ...] | None: ...
+
+
+# kind -> builder from a validated ``search_space`` mapping (base_model and models are paths)
+SPACES: dict[str, Callable[[dict], Space]] = {
+    "parameter": ParameterSpace.build,
+}
+
+
+def build_space(cfg: dict, where: str = "search_space") -> Space:
+    """The space a ``search_space`` mapping describes; bad keys are named with ``where``."""
+    from mergeflow.config import validate_section
+
+    cfg = validate_section(cfg, "search_space", where)
+    return SPACES[cfg["kind"]](cfg)
+
+
+__all__ = ["SPACES", "ParameterSpace", "Space", "build_space"]
