@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from merge_helpers import make_model, make_zoo
+from factories import make_model, make_zoo
 from mergeflow import cli
 from mergeflow.errors import MergeflowError
 from mergeflow.merge import (

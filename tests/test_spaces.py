@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from merge_helpers import make_zoo
+from factories import make_zoo
 from mergeflow.errors import MergeflowError
 from mergeflow.merge import InMemoryMerger, merge_to_dir
 from mergeflow.spaces import SPACES, build_space

@@ -3,12 +3,9 @@
 # the task and column, before any model is run on it. Hub models are fetched first (fetch_model):
 # a directory of links into the Hugging Face cache, so that every stage reads local files.
 
-# Hub models by the name of the directory the fetch stage writes them to.
-HUB_MODELS = {hub_model_dir(spec).name: spec for spec in config["models"].values() if "hub" in spec}
 
 
-def all_model_inputs(wildcards):
-    return [p for name in MODELS for p in model_inputs(name)]
+include: "functions/check.smk"
 
 
 rule check:

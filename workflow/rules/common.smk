@@ -1,5 +1,6 @@
 # What several stages share: the library on the path, the validated config, the run's searches,
-# model locations and wildcard constraints. Input functions used by one stage live in its .smk.
+# model locations and wildcard constraints. Input functions used by one stage are in functions/{stage}.smk,
+# included by that stage's .smk.
 import os
 import re
 import sys

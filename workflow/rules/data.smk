@@ -1,9 +1,7 @@
 # Load each task's source, render prompts, and write disjoint search / test splits.
 
 
-def task_source_input(wildcards):
-    source = config["tasks"][wildcards.task]["source"]
-    return [source["path"]] if "path" in source else []
+include: "functions/data.smk"
 
 
 rule data:

@@ -1,39 +1,8 @@
 # Per run: the final merge, its test-split scores, the comparison table, and provenance.
 
-# The final merge is scored on each task's test split (responses/) and, after a search whose
-# fitness estimates the search split's accuracy, on its objectives' whole search split too
-# (search_responses/), to check those estimates.
-FINAL_SPLITS = {"responses": "test", "search_responses": "search"}
 
 
-def final_split_file(wildcards):
-    return f"results/data/{wildcards.task}/{FINAL_SPLITS[wildcards.scored]}.parquet"
-
-
-def estimate_checked_tasks(run):
-    """The objectives of a search on estimated fitness: its final merge's estimates are checked on them."""
-    if run not in EVOLVE or not FITNESS[EVOLVE[run].fitness["kind"]].estimates:
-        return []
-    return EVOLVE[run].tasks if config["runs"][run]["evolve"]["check_estimate"] else []
-
-
-def final_table_inputs(wildcards):
-    run = wildcards.run
-    tasks = run_tasks(config, run)
-    inputs = {"responses": [f"results/responses/{t}/test/{m}.parquet" for t in tasks for m in TABLE_MODELS]}
-    if run in EVOLVE:
-        inputs["merged"] = [f"results/runs/{run}/final/responses/{t}.parquet" for t in tasks]
-        inputs["history"] = f"{evolve_dir(run)}/history.parquet"
-        inputs["merged_search"] = [f"results/runs/{run}/final/search_responses/{t}.parquet"
-                                   for t in estimate_checked_tasks(run)]
-    return inputs
-
-
-def pareto_test_tasks(wildcards):
-    """Task -> test split, scorer and delimiter for scoring a run's Pareto members."""
-    return canonical({t: {"split": f"results/data/{t}/test.parquet", "scorer": config["tasks"][t]["scorer"],
-                          "delimiter": config["tasks"][t]["target_delimiter"]}
-                      for t in run_tasks(config, wildcards.run)})
+include: "functions/final.smk"
 
 
 rule baseline_model:

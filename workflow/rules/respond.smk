@@ -1,16 +1,7 @@
 # Score a model on one split of one task: per-item correctness and gold log-likelihood.
 
 
-def model_spec(name):
-    if name == BASELINE:
-        return {"path": "results/baseline/model"}
-    return config["models"][name]
-
-
-def respond_model_input(wildcards):
-    if wildcards.model == BASELINE:
-        return [model_spec(BASELINE)["path"]]
-    return model_inputs(wildcards.model)
+include: "functions/respond.smk"
 
 
 rule respond:

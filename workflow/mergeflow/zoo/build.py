@@ -71,7 +71,9 @@ class TrainSpec:
 
 
 def new_model(tokenizer, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
-              max_positions: int, seed: int):
+              max_positions: int, seed: int, num_key_value_heads: int | None = None):
+    """An untrained Llama over ``tokenizer``'s vocabulary (grouped-query attention when
+    ``num_key_value_heads`` is fewer than the heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -80,7 +82,7 @@ def new_model(tokenizer, hidden_size: int, intermediate_size: int, num_layers: i
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        num_key_value_heads=num_key_value_heads or num_heads,
         max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
