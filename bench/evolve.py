@@ -2,8 +2,8 @@
 
 The useful work of a generation is the time spent merging and scoring candidates (``wall_s`` in
 ``fitness_*.parquet``). Everything else — Snakemake's scheduling and bookkeeping, ask and tell,
-the evaluate job's set-up, loading the source models — is overhead. For each search run of the
-config, the bench reruns that run's loop alone (its ask, evaluate and tell jobs, nothing else)
+the fitness job's set-up, loading the source models — is overhead. For each search run of the
+config, the bench reruns that run's loop alone (its ask, fitness and tell jobs, nothing else)
 in a scratch copy of a finished ``results/``, so a generation's wall time is its own and not
 interleaved with the other runs', and prints the overhead as a fraction of that wall time.
 

@@ -70,7 +70,7 @@ def test_template_column_missing_is_named(tmp_path):
 
 
 def test_empty_split_is_named(tmp_path):
-    with pytest.raises(MergeflowError, match="split 'test' is empty"):
+    with pytest.raises(MergeflowError, match=r"at tasks\.t\.splits\.test: 0 is less than the minimum of 1"):
         split_task("t", _cfg(_source(tmp_path), splits={"search": 10, "test": 0}), seed=0)
 
 

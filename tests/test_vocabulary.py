@@ -29,7 +29,7 @@ def node(path: str) -> dict:
     ("definitions.fitness_anchors.properties.estimator.enum", irt.ESTIMATORS),
     ("definitions.fitness_anchors.properties.anchors.properties.strategy.enum", irt.STRATEGIES),
     ("properties.irt.properties.kind.enum", irt.KINDS),
-    ("properties.tasks.additionalProperties.properties.scorer.enum", SCORERS),
+    ("definitions.task.properties.scorer.enum", SCORERS),
     ("definitions.train_phase.properties.corpus.enum", CORPORA),
     ("properties.zoo.properties.tasks.items.enum", SYNTHETIC_TASKS),
 ])

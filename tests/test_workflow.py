@@ -81,6 +81,7 @@ def finished_run(tmp_path_factory):
     return workdir, config
 
 
+@pytest.mark.slow
 def test_run_writes_every_stage(finished_run):
     workdir, _ = finished_run
     results = workdir / "results"
@@ -111,6 +112,7 @@ def test_run_writes_every_stage(finished_run):
     full = pd.read_parquet(results / "runs" / "full" / "evolve" / "history.parquet")
     expected = (full["fitness_math_l2"] + 0.5 * full["fitness_math_l1"]) / 1.5
     assert (full["fitness"] - expected).abs().max() < 1e-12
+    assert set(full["items_math_l2"]) == set(full["items_math_l1"]) == {60}  # per objective, with several
     assert sorted(p.name for p in (results / "runs" / "full" / "evolve" / "gen_0").glob("fitness_*")) == [
         "fitness_0.parquet", "fitness_1.parquet"]
     front = pd.read_parquet(results / "runs" / "full" / "final" / "pareto.parquet")
@@ -131,6 +133,7 @@ def test_run_writes_every_stage(finished_run):
     merged = anchored.loc["merged"]
     assert merged["estimated_fitness"] == best["fitness_math_l2"] and merged["estimated_sd"] == best["sd_math_l2"]
     assert merged["search_split_accuracy"] == search["correct"].mean() and merged["search_split_items"] == 60
+    assert merged["anchor_items"] == 10
     assert "## The search's estimate of its merge" in (results / "runs" / "anchored" / "final" / "summary.md").read_text()
     assert "| merged (anchored) | math_l2 |" in comparison
     assert "estimated_fitness" not in pd.read_parquet(results / "runs" / "full" / "final" / "test.parquet")
@@ -140,6 +143,7 @@ def test_run_writes_every_stage(finished_run):
     assert "commit" in provenance["git"]
 
 
+@pytest.mark.slow
 def test_fitness_jobs_after_the_first_find_the_sources_resident(finished_run):
     """The default profile runs the evolution loop inside the Snakemake process: one source load."""
     workdir, _ = finished_run
@@ -149,6 +153,7 @@ def test_fitness_jobs_after_the_first_find_the_sources_resident(finished_run):
     assert all("already resident" in log.read_text() for log in logs if log not in loads)
 
 
+@pytest.mark.slow
 def test_report_holds_every_results_table(finished_run):
     """``snakemake --report`` packs the overall summary, each run's table and the Pareto table."""
     import zipfile
@@ -163,12 +168,14 @@ def test_report_holds_every_results_table(finished_run):
     assert "Test-split accuracy of every run" in zipfile.ZipFile(workdir / "report.zip").read(html).decode()
 
 
+@pytest.mark.slow
 def test_second_run_does_nothing(finished_run):
     workdir, config = finished_run
     result = snakemake(workdir, config, "-n")
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_template_change_reruns_only_that_task(finished_run):
     workdir, config = finished_run
     config = yaml.safe_load(yaml.safe_dump(config))
@@ -189,6 +196,7 @@ def test_template_change_reruns_only_that_task(finished_run):
     ])
 
 
+@pytest.mark.slow
 def test_estimate_check_can_be_turned_off(finished_run):
     workdir, config = finished_run
     config = yaml.safe_load(yaml.safe_dump(config))
@@ -200,6 +208,7 @@ def test_estimate_check_can_be_turned_off(finished_run):
     assert "final_table[run=anchored]" in jobs and not [job for job in jobs if "fitness" in job or "respond" in job]
 
 
+@pytest.mark.slow
 def test_more_generations_run_only_the_new_ones(finished_run):
     workdir, config = finished_run
     config = yaml.safe_load(yaml.safe_dump(config))
@@ -210,6 +219,7 @@ def test_more_generations_run_only_the_new_ones(finished_run):
                           + [f"fitness[run=full, g={g}, k={k}]" for g in (3, 4) for k in (0, 1)])
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_history(finished_run, tmp_path):
     """SIGKILL the workflow during generation 2, rerun with --rerun-incomplete: same bytes."""
     workdir, config = finished_run
@@ -269,6 +279,7 @@ def offline_env(cache: Path) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
 
 
+@pytest.mark.slow
 def test_hub_endpoint_is_fetched_and_checked_offline(finished_run, tmp_path):
     """A hub endpoint: the fetch stage links the cached snapshot of its revision into results/hub/,
     the check stage reads it there, and the plan merges from that local directory."""
@@ -322,6 +333,7 @@ def test_example_configs_validate(example):
         validate_config(config)
 
 
+@pytest.mark.slow
 def test_jobs_use_this_checkouts_library(finished_run, tmp_path):
     """An installed mergeflow from another checkout must not stand in for this one's in the jobs
     (Snakemake puts a script's own directory after site-packages)."""

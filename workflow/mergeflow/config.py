@@ -103,7 +103,7 @@ def _resolve(schema: dict, root: dict) -> dict:
 
 def fill_defaults(instance, schema: dict, root: dict) -> None:
     """Insert the schema's ``default`` values for absent keys, recursively (objects only); an
-    ``allOf`` of ``if``/``then`` (a dispatch on ``kind``) fills from the branch that applies."""
+    ``allOf`` of ``if``/``then`` (a dispatch on ``kind``) or a ``oneOf`` fills from the branch that applies."""
     import jsonschema
 
     schema = _resolve(schema, root)
@@ -119,11 +119,18 @@ def fill_defaults(instance, schema: dict, root: dict) -> None:
     if isinstance(extra, dict):
         for key in set(instance) - set(schema.get("properties", {})):
             fill_defaults(instance[key], extra, root)
+    def applies(sub: dict) -> bool:
+        return jsonschema.Draft202012Validator({**sub, "definitions": root["definitions"]}).is_valid(instance)
+
     for branch in schema.get("allOf", []):
         if "if" not in branch:
             fill_defaults(instance, branch, root)
-        elif jsonschema.Draft202012Validator({**branch["if"], "definitions": root["definitions"]}).is_valid(instance):
+        elif applies(branch["if"]):
             fill_defaults(instance, branch["then"], root)
+    for branch in schema.get("oneOf", []):
+        if applies(branch):
+            fill_defaults(instance, branch, root)
+            break
 
 
 def _check(instance, schema: dict, root: dict, where: str) -> None:
@@ -146,6 +153,14 @@ def validate_section(instance: dict, definition: str, where: str) -> dict:
     instance = copy.deepcopy(instance)
     _check(instance, schema, root, where)
     fill_defaults(instance, schema, root)
+    return instance
+
+
+def section_defaults(section: str) -> dict:
+    """The schema's defaults of a top-level section (e.g. ``irt``), for the CLI's options."""
+    root = load_schema()
+    instance: dict = {}
+    fill_defaults(instance, root["properties"][section], root)
     return instance
 
 

@@ -40,7 +40,7 @@ def load_source(task: str, source: dict) -> pd.DataFrame:
         except Exception as err:
             raise MergeflowError(f"task {task!r}: cannot load source {str(path)!r}: {err}") from err
     else:
-        split = source.get("split", "test")
+        split = source["split"]
         try:
             ds = datasets.load_dataset(source["hub"], source.get("name"), split=split,
                                        revision=source.get("revision"))
@@ -138,17 +138,18 @@ def fewshot_prefix(examples: pd.DataFrame, separator: str, delimiter: str) -> st
 
 
 def split_task(task: str, cfg: dict, seed: int, frame: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
-    """Disjoint, seeded ``search`` and ``test`` splits (and a few-shot pool) of a task."""
+    """Disjoint, seeded ``search`` and ``test`` splits (and a few-shot pool) of a task; ``cfg``
+    is the task's config section (checked against the schema here, its defaults filled)."""
+    from mergeflow.config import validate_section
+
+    cfg = validate_section(cfg, "task", f"tasks.{task}")
     if frame is None:
         frame = load_source(task, cfg["source"])
     items = render_items(task, frame, cfg)
-    sizes = {s: int(cfg["splits"][s]) for s in SPLITS}
-    for split, n in sizes.items():
-        if n <= 0:
-            raise MergeflowError(f"task {task!r}: split {split!r} is empty (splits.{split} = {n})")
-    shots = cfg.get("fewshot", {})
-    k = int(shots.get("k", 0))
-    pool = int(shots.get("pool", 4 * k)) if k else 0
+    sizes = {s: cfg["splits"][s] for s in SPLITS}
+    shots = cfg["fewshot"]
+    k = shots["k"]
+    pool = shots.get("pool", 4 * k) if k else 0
     need = sizes["test"] + sizes["search"] + pool
     if len(items) < need:
         raise MergeflowError(
@@ -163,7 +164,7 @@ def split_task(task: str, cfg: dict, seed: int, frame: pd.DataFrame | None = Non
         shot_rng = np.random.default_rng([seed, 1])
         for split, part in parts.items():
             prefixes = [fewshot_prefix(pool_items.iloc[shot_rng.choice(len(pool_items), k, replace=False)],
-                                       shots.get("separator", "\n"), cfg.get("target_delimiter", " "))
+                                       shots["separator"], cfg["target_delimiter"])
                         for _ in range(len(part))]
             parts[split] = part.assign(prompt=[p + q for p, q in zip(prefixes, part["prompt"])])
     return {split: part.reset_index(drop=True) for split, part in parts.items()}

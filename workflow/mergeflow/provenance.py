@@ -38,9 +38,9 @@ def git_commit(repo: Path) -> dict[str, str | bool | None]:
 
 
 def seeds(config: dict, run: str) -> dict[str, int]:
-    out = {"seed": config.get("seed", 0), "run_seed": config["runs"][run].get("seed", 0)}
+    out = {"seed": config["seed"], "run_seed": config["runs"][run]["seed"]}
     if config.get("zoo"):
-        out["zoo_seed"] = config["zoo"].get("seed", 0)
+        out["zoo_seed"] = config["zoo"]["seed"]
     return out
 
 

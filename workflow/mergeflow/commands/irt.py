@@ -22,17 +22,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_irt(subparsers) -> None:
+    from mergeflow.config import section_defaults
+
+    defaults = section_defaults("irt")  # the workflow's `irt` section: same defaults
     irt = subparsers.add_parser("irt", help="Item Response Theory models")
     irt_sub = irt.add_subparsers(dest="irt_command", required=True)
     fit = irt_sub.add_parser("fit", help="fit an IRT model to response parquet files by SVI")
     fit.add_argument("responses", nargs="+", help="response parquet files or directories of them")
     fit.add_argument("--out", required=True, help="directory for items.parquet, posterior.safetensors, fit.json")
-    fit.add_argument("--kind", default="2pl", choices=KINDS)
-    fit.add_argument("--dim", type=int, default=1)
-    fit.add_argument("--steps", type=int, default=1000)
-    fit.add_argument("--lr", type=float, default=0.05)
+    fit.add_argument("--kind", default=defaults["kind"], choices=KINDS)
+    fit.add_argument("--dim", type=int, default=defaults["dim"])
+    fit.add_argument("--steps", type=int, default=defaults["steps"])
+    fit.add_argument("--lr", type=float, default=defaults["lr"])
     fit.add_argument("--batch-size", type=int, default=None, help="items per mini-batch (default: full batch)")
-    fit.add_argument("--device", default="cpu")
+    fit.add_argument("--device", default=defaults["device"])
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--holdout-fraction", type=float, default=0.05)
     fit.add_argument("--scores", default="threshold", choices=SCORE_MODES,

@@ -1,0 +1,63 @@
+"""Config validation: kinds dispatch their own keys, bad kinds are named with the known ones,
+defaults come from the schema, and the older flat fitness form is still read."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergeflow.config import validate_config
+from mergeflow.errors import MergeflowError
+from mergeflow.evolve.stages import EvolveConfig
+
+DEFAULT = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.yaml").read_text())
+
+
+def config_with(run: str = "anchored", **evolve) -> dict:
+    config = copy.deepcopy(DEFAULT)
+    config["runs"][run]["evolve"].update(evolve)
+    return config
+
+
+def test_the_default_validates_with_every_default_filled():
+    config = validate_config(copy.deepcopy(DEFAULT))
+    assert config["runs"]["anchored"]["evolve"]["fitness"] == {
+        "kind": "anchors", "estimator": "gmpirt", "anchors": {"strategy": "irt", "n": 20, "seed": 0}}
+    assert config["runs"]["full"]["evolve"]["fitness"] == {"kind": "full"}
+    space = config["runs"]["full"]["evolve"]["search_space"]
+    assert space["kind"] == "parameter" and space["filters"] == [] and space["method_parameters"] == {}
+    assert config["evaluation"]["add_bos"] is True and config["evaluation"]["max_new_tokens"] == 6
+
+
+def test_an_absent_calibration_space_takes_the_schema_default():
+    config = copy.deepcopy(DEFAULT)
+    del config["irt"]["calibration"]["search_space"]
+    space = validate_config(config)["irt"]["calibration"]["search_space"]
+    assert space == {"kind": "parameter", "method": "task_arithmetic", "layer_groups": 2,
+                     "parameters": {"weight": {"min": 0.0, "max": 1.5}}, "filters": [], "method_parameters": {}}
+
+
+@pytest.mark.parametrize("evolve, message", [
+    ({"fitness": {"kind": "anchor"}},
+     r"at runs\.anchored\.evolve\.fitness\.kind: 'anchor' is not one of \['full', 'anchors'\]"),
+    ({"search_space": {"kind": "dfz", "method": "ties"}},
+     r"at runs\.anchored\.evolve\.search_space\.kind: 'dfz' is not one of \['parameter'\]"),
+    ({"fitness": {"kind": "full", "estimator": "pirt"}},
+     r"at runs\.anchored\.evolve\.fitness: Additional properties are not allowed \('estimator' was unexpected\)"),
+    ({"fitness": {"kind": "anchors", "anchors": {"n": 0}}},
+     r"at runs\.anchored\.evolve\.fitness\.anchors\.n: 0 is less than the minimum of 1"),
+    ({"fitness": {"kind": "anchors", "estimator": "irt"}},
+     r"at runs\.anchored\.evolve\.fitness\.estimator: 'irt' is not one of"),
+])
+def test_a_bad_kind_or_a_key_of_another_kind_is_named(evolve, message):
+    with pytest.raises(MergeflowError, match=message):
+        validate_config(config_with(**evolve))
+
+
+def test_the_older_flat_fitness_form_reads_as_the_mapping():
+    flat = copy.deepcopy(DEFAULT)
+    flat["runs"]["anchored"]["evolve"].update(fitness="anchors", estimator="gpirt", anchors={"n": 10})
+    mapping = config_with(fitness={"kind": "anchors", "estimator": "gpirt", "anchors": {"n": 10}})
+    assert validate_config(flat) == validate_config(mapping)
+    assert EvolveConfig.from_config(flat, "anchored") == EvolveConfig.from_config(mapping, "anchored")

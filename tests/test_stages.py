@@ -1,0 +1,120 @@
+"""Every stage's library function called as its rule calls it, in-process on the tiny zoo: data,
+respond, calibrate, fit_irt, select_anchors, ask / fitness / tell with both fitness kinds, the
+baseline and final merges with their lineage, provenance and the job logs. The slow end-to-end
+run (tests/test_workflow.py) drives the same functions through Snakemake."""
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from mergeflow.calibrate import calibrate
+from mergeflow.config import validate_config
+from mergeflow.data import split_task, write_splits
+from mergeflow.evaluate import respond
+from mergeflow.evolve import history as hist
+from mergeflow.evolve.stages import EvolveConfig, ask, fitness, tell
+from mergeflow.irt.anchors import select_anchors
+from mergeflow.irt.model import fit_irt, load_irt
+from mergeflow.irt.responses import load_response_matrix
+from mergeflow.lineage import baseline_model, merge_recipe
+from mergeflow.logs import job_log, setup_job
+from mergeflow.provenance import write_provenance
+
+EVALUATION = {"batch_size": 64, "max_length": 64, "max_new_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_zoo, tmp_path_factory):
+    """A validated config over the tiny zoo, its math_l2 splits, endpoint responses, a small
+    calibration population, an IRT fit and an anchor set, as the IRT stages write them."""
+    root = tmp_path_factory.mktemp("stages")
+    space = {"method": "task_arithmetic", "layer_groups": 2, "parameters": {"weight": {"min": 0.0, "max": 1.5}}}
+    evolve = {"objectives": {"math_l2": 1.0}, "population": 3, "generations": 2, "search_space": space}
+    config = validate_config({
+        "models": {name: {"path": str(tiny_zoo / name)} for name in ("base", "math", "lang")},
+        "base_model": "base", "endpoints": ["math", "lang"],
+        "tasks": {"math_l2": {"source": {"path": str(tiny_zoo / "tasks" / "math_l2.parquet")}, "template": "{question}",
+                              "choices": "choices", "answer": "answer", "id_column": "item_id", "scorer": "mc_loglik",
+                              "splits": {"search": 40, "test": 20}}},
+        "evaluation": EVALUATION,
+        "irt": {"steps": 150, "calibration": {"random_merges": 4, "search_space": space}},
+        "runs": {"full": {"evolve": {**evolve, "fitness": {"kind": "full"}}},
+                 "anchored": {"evolve": {**evolve, "fitness": {"kind": "anchors", "anchors": {"n": 8}}}}},
+    })
+    tcfg = config["tasks"]["math_l2"]
+    splits = {s: root / "data" / f"{s}.parquet" for s in ("search", "test")}
+    write_splits(split_task("math_l2", tcfg, seed=0), splits)
+    endpoint_files = []
+    for model in ("base", "math", "lang"):
+        out = root / "responses" / f"{model}.parquet"
+        respond(config["models"][model], splits["search"], "mc_loglik", " ", config["evaluation"], out)
+        endpoint_files.append(out)
+    paths = {m: str(tiny_zoo / m) for m in ("base", "math", "lang")}
+    calibration = root / "calibration.parquet"
+    calibrate("math_l2", tcfg, str(splits["search"]), paths["base"], [paths["math"], paths["lang"]], [],
+              config["irt"]["calibration"], 0, config["evaluation"], str(calibration))
+    matrix = load_response_matrix([*endpoint_files, calibration])
+    fit_irt(matrix, steps=config["irt"]["steps"], seed=0).save(root / "irt")
+    anchors = select_anchors(matrix, load_irt(root / "irt"), strategy="irt", n=8, seed=0)
+    anchors.to_parquet(root / "anchors.parquet", index=False)
+    files = {"split": str(splits["search"]), "anchors": str(root / "anchors.parquet"),
+             "irt": str(root / "irt" / "items.parquet")}
+    return config, root, files, paths
+
+
+def test_calibration_population_holds_endpoints_and_random_merges(stages):
+    _, root, _, _ = stages
+    calibration = pd.read_parquet(root / "calibration.parquet")
+    assert sorted(calibration["model"].unique()) == [f"random-{i:03d}" for i in range(4)]
+    assert calibration.groupby("model").size().eq(40).all()
+
+
+@pytest.mark.parametrize("run, items", [("full", 40), ("anchored", 8)])
+def test_two_generations_of_ask_fitness_tell(stages, tmp_path, run, items):
+    config, _, files, _ = stages
+    cfg = EvolveConfig.from_config(config, run)
+    needs = {"full": ("split",), "anchored": ("split", "anchors", "irt")}[run]
+    task_files = {"math_l2": {need: files[need] for need in needs}}
+    previous = None
+    for g in range(2):
+        gen = tmp_path / f"gen_{g}"
+        ask(cfg, g, previous and str(tmp_path / f"gen_{g - 1}" / "optimizer.pkl"), previous,
+            str(gen / "candidates.parquet"), str(gen / "asked.pkl"))
+        with job_log(gen / "fitness_0.log"):
+            fitness(cfg, config["tasks"], config["evaluation"], g, 0, str(gen / "candidates.parquet"), task_files,
+                    str(gen / "fitness_0.parquet"))
+        tell(cfg, g, str(gen / "asked.pkl"), str(gen / "candidates.parquet"), [str(gen / "fitness_0.parquet")],
+             previous, str(gen / "optimizer.pkl"), str(gen / "history.parquet"), str(gen / "best" / "recipe.yaml"))
+        previous = str(gen / "history.parquet")
+    history = pd.read_parquet(previous)
+    assert len(history) == 6 and set(history["items"]) == {items} and (history["problem"] == "").all()
+    assert history["fitness_math_l2"].between(0, 1).all() and history["sd_math_l2"].gt(0).all()
+    best = hist.best_row(history)
+    assert (tmp_path / "gen_1" / "best" / "recipe.yaml").read_text() == best["recipe"]
+    assert "candidate 0" in (tmp_path / "gen_1" / "fitness_0.log").read_text()
+
+
+def test_baseline_and_final_merges_carry_their_lineage(stages, tmp_path):
+    config, _, _, paths = stages
+    baseline_model(config["baseline"], paths["base"], [paths["math"], paths["lang"]], str(tmp_path / "b.yaml"),
+                   str(tmp_path / "baseline"))
+    recipe = yaml.safe_load((tmp_path / "b.yaml").read_text())
+    assert [m["parameters"]["weight"] for m in recipe["models"]] == [0.5, 0.5]
+    history = pd.DataFrame({"generation": [0, 0], "index": [0, 1], "loss": [-0.2, -0.3], "fitness": [0.2, 0.3],
+                            "recipe": ["", ""]})
+    history.to_parquet(tmp_path / "history.parquet", index=False)
+    merge_recipe(str(tmp_path / "b.yaml"), str(tmp_path / "final"), {"run": "r"}, str(tmp_path / "history.parquet"))
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "- run: r" in card and "found in generation 0 as candidate 1 of 2 evaluated" in card
+
+
+def test_provenance_and_job_logs(stages, tmp_path):
+    config, _, _, _ = stages
+    record = write_provenance(config, "full", tmp_path / "provenance.json")
+    assert json.loads((tmp_path / "provenance.json").read_text())["seeds"] == record["seeds"] == {
+        "seed": 0, "run_seed": 0}
+    logger = setup_job(tmp_path / "job.log", threads=1)
+    logger.info("hello from a job")
+    assert "hello from a job" in (tmp_path / "job.log").read_text()
