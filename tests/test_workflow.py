@@ -256,6 +256,20 @@ def test_unknown_config_key_is_named(tmp_path):
         result.stdout + result.stderr)
 
 
+@pytest.mark.parametrize("section, bad, message", [
+    ("fitness", {"kind": "anchor"},
+     "config: at runs.anchored.evolve.fitness.kind: 'anchor' is not one of ['full', 'anchors']"),
+    ("search_space", {"kind": "dfz", "method": "ties"},
+     "config: at runs.anchored.evolve.search_space.kind: 'dfz' is not one of ['parameter']"),
+])
+def test_unknown_kind_is_named_with_the_known_kinds_before_any_job(tmp_path, section, bad, message):
+    config = micro_config()
+    config["runs"]["anchored"]["evolve"][section] = bad
+    result = snakemake(tmp_path, config, "-n")
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()
+
+
 def test_missing_model_directory_is_named_before_any_job(tmp_path):
     config = micro_config()
     config["models"]["math"] = {"path": "models/not-here"}
