@@ -1,7 +1,7 @@
 """Per-generation overhead of the evolution loop: Snakemake, process start and model load.
 
 The useful work of a generation is the time spent merging and scoring candidates (``wall_s`` in
-``fitness_*.parquet``). Everything else — Snakemake's scheduling and bookkeeping, ask and tell,
+``rung_*/fitness_*.parquet``). Everything else — Snakemake's scheduling and bookkeeping, ask and tell,
 the fitness job's set-up, loading the source models — is overhead. For each search run of the
 config, the bench reruns that run's loop alone (its ask, fitness and tell jobs, nothing else)
 in a scratch copy of a finished ``results/``, so a generation's wall time is its own and not
@@ -41,8 +41,8 @@ def generation_times(evolve_dir: Path, generations: int) -> pd.DataFrame:
             start = (gen / "candidates.parquet").stat().st_mtime - ask_s
         else:
             start = (evolve_dir / f"gen_{g - 1}" / "history.parquet").stat().st_mtime
-        fitness = pd.concat([pd.read_parquet(p) for p in sorted(gen.glob("fitness_*.parquet"))])
-        work = float(fitness.drop_duplicates("index")["wall_s"].sum())
+        fitness = pd.concat([pd.read_parquet(p) for p in sorted(gen.glob("rung_*/fitness_*.parquet"))])
+        work = float(fitness.drop_duplicates(["index", "rung"])["wall_s"].sum())
         jobs_s = sum(float(pd.read_csv(p, sep="\t")["s"].iloc[0]) for p in gen.glob("benchmark/*.tsv"))
         rows.append({"generation": g, "wall_s": end - start, "jobs_s": jobs_s, "candidate_work_s": work,
                      "overhead": 1 - work / (end - start)})

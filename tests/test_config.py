@@ -40,7 +40,7 @@ def test_an_absent_calibration_space_takes_the_schema_default():
 
 @pytest.mark.parametrize("evolve, message", [
     ({"fitness": {"kind": "anchor"}},
-     r"at runs\.anchored\.evolve\.fitness\.kind: 'anchor' is not one of \['full', 'anchors'\]"),
+     r"at runs\.anchored\.evolve\.fitness\.kind: 'anchor' is not one of \['full', 'anchors', 'multi_fidelity'\]"),
     ({"search_space": {"kind": "dfz", "method": "ties"}},
      r"at runs\.anchored\.evolve\.search_space\.kind: 'dfz' is not one of \['parameter'\]"),
     ({"fitness": {"kind": "full", "estimator": "pirt"}},

@@ -97,7 +97,7 @@ def test_a_merge_with_inf_weights_gets_the_worst_fitness_and_the_run_goes_on(tin
     assert "NaN or Inf" in bad.problem and good.problem is None
     candidates = pd.DataFrame({"generation": [0, 0], "index": [0, 1], "genome": [[0.1], [0.2]], "seed": [1, 2],
                                "recipe_hash": ["a", "b"], "recipe": ["x", "y"]})
-    fitness = pd.DataFrame([{"generation": 0, "index": i, "task": "t", "fitness": r.fitness["t"], "sd": r.sd["t"],
+    fitness = pd.DataFrame([{"generation": 0, "index": i, "rung": 0, "task": "t", "fitness": r.fitness["t"], "sd": r.sd["t"],
                              "items": r.items["t"], "problem": r.problem or "", "wall_s": r.wall_s}
                             for i, r in enumerate([bad, good])])
     table = candidate_table(cfg.objectives, candidates, fitness)
@@ -109,7 +109,7 @@ def test_nan_fitness_gets_the_worst_loss(tiny_zoo):
     cfg = _cfg(tiny_zoo)
     candidates = pd.DataFrame({"generation": [0], "index": [0], "genome": [[0.1]], "seed": [1],
                                "recipe_hash": ["a"], "recipe": ["x"]})
-    fitness = pd.DataFrame([{"generation": 0, "index": 0, "task": "t", "fitness": float("nan"), "sd": 0.0,
+    fitness = pd.DataFrame([{"generation": 0, "index": 0, "rung": 0, "task": "t", "fitness": float("nan"), "sd": 0.0,
                              "items": 5, "problem": "", "wall_s": 0.1}])
     assert candidate_table(cfg.objectives, candidates, fitness)["loss"].tolist() == [WORST_LOSS]
 

@@ -17,7 +17,7 @@ def candidates(generation: int, n: int) -> pd.DataFrame:
 
 def shard_rows(generation: int, fitness: dict[int, dict[str, float]], items: dict[str, int],
                problem: dict[int, str] | None = None) -> pd.DataFrame:
-    return pd.DataFrame([{"generation": generation, "index": i, "task": t, "fitness": f, "sd": 0.01, "items": items[t],
+    return pd.DataFrame([{"generation": generation, "index": i, "rung": 0, "task": t, "fitness": f, "sd": 0.01, "items": items[t],
                           "problem": (problem or {}).get(i, ""), "wall_s": 1.0}
                          for i, per in fitness.items() for t, f in per.items()], columns=hist.SHARD_COLUMNS)
 

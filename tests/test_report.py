@@ -25,7 +25,7 @@ def run_files(tmp_path):
         files["search"][task] = responses(tmp_path / f"{task}-search.parquet", [1] * 6 + [0] * 4)
     candidates = pd.DataFrame({"generation": 0, "index": [0, 1], "genome": [[0.1], [0.2]], "seed": [1, 2],
                                "recipe_hash": ["x", "y"], "recipe": ["r0", "r1"]})
-    shards = pd.DataFrame([{"generation": 0, "index": i, "task": t, "fitness": f, "sd": 0.05, "items": 10,
+    shards = pd.DataFrame([{"generation": 0, "index": i, "rung": 0, "task": t, "fitness": f, "sd": 0.05, "items": 10,
                             "problem": "", "wall_s": 1.0}
                            for i, f in enumerate([0.5, 0.7]) for t in ("a", "b")])
     evolve = tmp_path / "evolve"

@@ -3,6 +3,7 @@ respond, calibrate, fit_irt, select_anchors, ask / fitness / tell with both fitn
 baseline and final merges with their lineage, provenance and the job logs. The slow end-to-end
 run (tests/test_workflow.py) drives the same functions through Snakemake."""
 
+import copy
 import json
 
 import pandas as pd
@@ -14,7 +15,7 @@ from mergeflow.config import validate_config
 from mergeflow.data import split_task, write_splits
 from mergeflow.evaluate import respond
 from mergeflow.evolve import history as hist
-from mergeflow.evolve.stages import EvolveConfig, ask, fitness, tell
+from mergeflow.evolve.stages import EvolveConfig, FitnessJob, ask, fitness, promote, tell
 from mergeflow.irt.anchors import select_anchors
 from mergeflow.irt.model import fit_irt, load_irt
 from mergeflow.irt.responses import load_response_matrix
@@ -41,7 +42,9 @@ def stages(tiny_zoo, tmp_path_factory):
         "evaluation": EVALUATION,
         "irt": {"steps": 150, "calibration": {"random_merges": 4, "search_space": space}},
         "runs": {"full": {"evolve": {**evolve, "fitness": {"kind": "full"}}},
-                 "anchored": {"evolve": {**evolve, "fitness": {"kind": "anchors", "anchors": {"n": 8}}}}},
+                 "anchored": {"evolve": {**evolve, "fitness": {"kind": "anchors", "anchors": {"n": 8}}}},
+                 "multi": {"evolve": {**evolve, "population": 4, "fitness": {
+                     "kind": "multi_fidelity", "rungs": [8, 20, 40], "eta": 2, "anchors": {"seed": 0}}}}},
     })
     tcfg = config["tasks"]["math_l2"]
     splits = {s: root / "data" / f"{s}.parquet" for s in ("search", "test")}
@@ -82,9 +85,10 @@ def test_two_generations_of_ask_fitness_tell(stages, tmp_path, run, items):
         gen = tmp_path / f"gen_{g}"
         ask(cfg, g, previous and str(tmp_path / f"gen_{g - 1}" / "optimizer.pkl"), previous,
             str(gen / "candidates.parquet"), str(gen / "asked.pkl"))
+        job = FitnessJob(g, 0, 0, str(gen / "candidates.parquet"), None, (), str(gen / "fitness_0.parquet"),
+                         str(gen / "responses_0.parquet"))
         with job_log(gen / "fitness_0.log"):
-            fitness(cfg, config["tasks"], config["evaluation"], g, 0, str(gen / "candidates.parquet"), task_files,
-                    str(gen / "fitness_0.parquet"))
+            fitness(cfg, config["tasks"], config["evaluation"], task_files, job)
         tell(cfg, g, str(gen / "asked.pkl"), str(gen / "candidates.parquet"), [str(gen / "fitness_0.parquet")],
              previous, str(gen / "optimizer.pkl"), str(gen / "history.parquet"), str(gen / "best" / "recipe.yaml"))
         previous = str(gen / "history.parquet")
@@ -94,6 +98,61 @@ def test_two_generations_of_ask_fitness_tell(stages, tmp_path, run, items):
     best = hist.best_row(history)
     assert (tmp_path / "gen_1" / "best" / "recipe.yaml").read_text() == best["recipe"]
     assert "candidate 0" in (tmp_path / "gen_1" / "fitness_0.log").read_text()
+
+
+def test_multi_fidelity_promotes_the_best_and_scores_only_unseen_items(stages, tmp_path):
+    """Rungs of 8 anchors, 20 and all 40 items at η = 2: 4, 2 and 1 candidates per rung."""
+    config, _, files, _ = stages
+    cfg = EvolveConfig.from_config(config, "multi")
+    task_files = {"math_l2": files}
+    gen = tmp_path / "gen_0"
+    ask(cfg, 0, None, None, str(gen / "candidates.parquet"), str(gen / "asked.pkl"))
+    shards, earlier = [], ()
+    for rung in range(3):
+        out = gen / f"rung_{rung}"
+        job = FitnessJob(0, rung, 0, str(gen / "candidates.parquet"),
+                         str(gen / f"rung_{rung - 1}" / "promoted.parquet") if rung else None, earlier,
+                         str(out / "fitness_0.parquet"), str(out / "responses_0.parquet"))
+        rows = fitness(cfg, config["tasks"], config["evaluation"], task_files, job)
+        assert len(rows) == [4, 2, 1][rung] and set(rows["items"]) == {[8, 12, 20][rung]}  # only unseen items
+        answers = pd.read_parquet(out / "responses_0.parquet")
+        assert answers.groupby("recipe_hash").size().eq([8, 20, 40][rung]).all()
+        if rung < 2:
+            kept = promote(cfg, 0, rung, [str(out / "fitness_0.parquet")], str(out / "promoted.parquet"))
+            best = rows.sort_values(["fitness", "index"], ascending=[False, True])["index"].head(len(kept))
+            assert kept["index"].tolist() == best.tolist()
+        shards.append(str(out / "fitness_0.parquet"))
+        earlier = earlier + (str(out / "responses_0.parquet"),)
+    top = pd.read_parquet(gen / "rung_2" / "responses_0.parquet")
+    assert rows["fitness"].iloc[0] == top["correct"].mean() and rows["sd"].iloc[0] > 0  # the whole split: exact
+    history = tell(cfg, 0, str(gen / "asked.pkl"), str(gen / "candidates.parquet"), shards, None,
+                   str(gen / "optimizer.pkl"), str(gen / "history.parquet"), str(gen / "best" / "recipe.yaml"))
+    assert sorted(history["rung"]) == [0, 0, 1, 2] and sorted(history["items"]) == [8, 8, 20, 40]
+    assert hist.best_row(history)["rung"] == 2  # the best is chosen among the most exact fitnesses
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rungs": [20, 8]}, r"fitness\.rungs \[20, 8\]: each rung must have more items"),
+    ({"rungs": [8, 60]}, r"the top rung has 60 items, more than task 'math_l2'\'s search split \(40"),
+    ({"eta": 1.5}, r"fitness\.eta: 1\.5 is less than the minimum of 2"),
+    ({"rungs": [4, 8, 16, 40]}, r"population 4 is too small for 4 rungs at eta 2: .* at least 8"),
+])
+def test_bad_multi_fidelity_settings_are_named(stages, change, message):
+    from mergeflow.errors import MergeflowError
+
+    config = copy.deepcopy(stages[0])
+    config["runs"]["multi"]["evolve"]["fitness"].update(change)
+    with pytest.raises(MergeflowError, match=message):
+        validate_config(config)
+
+
+def test_an_estimator_without_an_irt_population_is_named(stages):
+    from mergeflow.errors import MergeflowError
+
+    config = copy.deepcopy(stages[0])
+    config["irt"]["calibration"]["random_merges"] = 0
+    with pytest.raises(MergeflowError, match=r"runs\.anchored\.evolve\.fitness\.estimator 'gmpirt' needs an IRT fit"):
+        validate_config(config)
 
 
 def test_baseline_and_final_merges_carry_their_lineage(stages, tmp_path):

@@ -52,8 +52,12 @@ def test_fitness_kinds_declare_needs_the_workflow_can_map():
     """The workflow maps need names to paths in one place (NEED_PATHS in functions/evolve.smk)."""
     from pathlib import Path
 
+    from mergeflow.config import validate_section
+
     text = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "functions" / "evolve.smk").read_text()
-    for kind in FITNESS.values():
-        assert "split" in kind.needs
-        for need in kind.needs:
+    examples = {"full": {}, "anchors": {}, "multi_fidelity": {"rungs": [20, 100, 1000]}}
+    for name, kind in FITNESS.items():
+        fitness_cfg = validate_section({"kind": name, **examples[name]}, "fitness", "fitness")
+        assert "split" in kind.needs(fitness_cfg)
+        for need in kind.needs(fitness_cfg):
             assert f'    "{need}": lambda task, fit:' in text, need

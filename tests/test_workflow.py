@@ -44,6 +44,10 @@ def micro_config() -> dict:
                             "objectives": {"math_l2": 1.0, "math_l1": 0.5}}},
         "anchored": {"tasks": ["math_l2"],
                      "evolve": {**evolve, "fitness": {"kind": "anchors", "anchors": {"strategy": "irt", "n": 10}}}},
+        # successive halving over two shards: 4 candidates on the 10 anchors, 2 on 30 items, 1 on all 60
+        "multi": {"tasks": ["math_l2"],
+                  "evolve": {**evolve, "population": 4, "shards": 2,
+                             "fitness": {"kind": "multi_fidelity", "rungs": [10, 30, 60], "eta": 2}}},
     }
     return config
 
@@ -113,8 +117,8 @@ def test_run_writes_every_stage(finished_run):
     expected = (full["fitness_math_l2"] + 0.5 * full["fitness_math_l1"]) / 1.5
     assert (full["fitness"] - expected).abs().max() < 1e-12
     assert set(full["items_math_l2"]) == set(full["items_math_l1"]) == {60}  # per objective, with several
-    assert sorted(p.name for p in (results / "runs" / "full" / "evolve" / "gen_0").glob("fitness_*")) == [
-        "fitness_0.parquet", "fitness_1.parquet"]
+    assert sorted(p.name for p in (results / "runs" / "full" / "evolve" / "gen_0" / "rung_0").glob("*")) == [
+        "fitness_0.parquet", "fitness_1.parquet", "responses_0.parquet", "responses_1.parquet"]
     front = pd.read_parquet(results / "runs" / "full" / "final" / "pareto.parquet")
     tested = pd.read_parquet(results / "runs" / "full" / "final" / "pareto_test.parquet")
     points = front.drop_duplicates(["fitness_math_l2", "fitness_math_l1"])
@@ -125,7 +129,13 @@ def test_run_writes_every_stage(finished_run):
     assert "Pareto member 0" in (members[0] / "README.md").read_text()
     assert "| member |" in (results / "runs" / "full" / "final" / "pareto.md").read_text()
     comparison = (results / "summary.md").read_text()
-    assert "merged (full)" in comparison and "merged (anchored)" in comparison
+    assert "merged (full)" in comparison and "merged (anchored)" in comparison and "merged (multi)" in comparison
+    # successive halving: per generation 4 candidates on 10 anchors, 2 on 30 items, 1 on all 60
+    multi = pd.read_parquet(results / "runs" / "multi" / "evolve" / "history.parquet")
+    for _, generation in multi.groupby("generation"):
+        assert sorted(generation["rung"]) == [0, 0, 1, 2] and sorted(generation["items"]) == [10, 10, 30, 60]
+    assert best_row(multi)["rung"] == 2
+    assert not (results / "runs" / "multi" / "final" / "search_responses").exists()  # its top rung is exact
     # the search on anchors: its estimate of the merge it chose, against the whole search split
     anchored = pd.read_parquet(results / "runs" / "anchored" / "final" / "test.parquet").set_index("model")
     best = best_row(pd.read_parquet(results / "runs" / "anchored" / "evolve" / "history.parquet"))
@@ -147,9 +157,9 @@ def test_run_writes_every_stage(finished_run):
 def test_fitness_jobs_after_the_first_find_the_sources_resident(finished_run):
     """The default profile runs the evolution loop inside the Snakemake process: one source load."""
     workdir, _ = finished_run
-    logs = sorted((workdir / "results" / "logs" / "evolve").glob("*/gen_*/fitness_*.log"))
+    logs = sorted((workdir / "results" / "logs" / "evolve").glob("*/gen_*/rung_*/fitness_*.log"))
     loads = [log for log in logs if "loading 3 source models" in log.read_text()]
-    assert len(logs) == 9 and len(loads) == 1, [log.relative_to(workdir) for log in loads]
+    assert len(logs) == 6 + 3 + 18 and len(loads) == 1, [log.relative_to(workdir) for log in loads]
     assert all("already resident" in log.read_text() for log in logs if log not in loads)
 
 
@@ -163,7 +173,7 @@ def test_report_holds_every_results_table(finished_run):
     assert result.returncode == 0, result.stderr[-4000:]
     names = zipfile.ZipFile(workdir / "report.zip").namelist()
     packed = sorted(Path(n).name for n in names if n.startswith("report/data/raw/"))
-    assert packed == ["pareto.md", "summary.md", "summary.md", "summary.md"], packed
+    assert packed == ["pareto.md"] + ["summary.md"] * 4, packed
     html = next(n for n in names if n.endswith("report.html"))
     assert "Test-split accuracy of every run" in zipfile.ZipFile(workdir / "report.zip").read(html).decode()
 
@@ -187,9 +197,10 @@ def test_template_change_reruns_only_that_task(finished_run):
     # stages and the 'anchored' search (math_l2 only) are not
     # (ask(0) reads no data, so only its successors are redone)
     full_search = [f"ask[run=full, g={g}]" for g in (1, 2)] + [f"tell[run=full, g={g}]" for g in range(3)]
-    full_search += [f"fitness[run=full, g={g}, k={k}]" for g in range(3) for k in (0, 1)]
+    full_search += [f"fitness[run=full, g={g}, r=0, k={k}]" for g in range(3) for k in (0, 1)]
     assert jobs == sorted([
         "all", "data[task=math_l1]", "final_table[run=full]", "compare_runs", "provenance[run=full]", "provenance[run=anchored]",
+        "provenance[run=multi]",
         *[f"respond[task=math_l1, split=test, model={m}]" for m in ["base", "math", "lang", "baseline"]],
         *full_search, "history[run=full]", "final_model[run=full]", "pareto_front[run=full]", "pareto_members[run=full]",
         *[f"final_respond[run=full, scored=responses, task={t}]" for t in ["math_l2", "math_l1"]],
@@ -216,20 +227,20 @@ def test_more_generations_run_only_the_new_ones(finished_run):
     result = snakemake(workdir, config, "-n")
     jobs = [j for j in planned_jobs(result.stdout) if j.split("[")[0] in ("ask", "fitness", "tell")]
     assert jobs == sorted([f"{rule}[run=full, g={g}]" for rule in ("ask", "tell") for g in (3, 4)]
-                          + [f"fitness[run=full, g={g}, k={k}]" for g in (3, 4) for k in (0, 1)])
+                          + [f"fitness[run=full, g={g}, r=0, k={k}]" for g in (3, 4) for k in (0, 1)])
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_history(finished_run, tmp_path):
-    """SIGKILL the workflow during generation 2, rerun with --rerun-incomplete: same bytes."""
+    """SIGKILL a multi-fidelity search during generation 1, rerun with --rerun-incomplete: same bytes."""
     workdir, config = finished_run
     copy = tmp_path / "copy"
     shutil.copytree(workdir, copy, symlinks=True)
-    shutil.rmtree(copy / "results" / "runs" / "anchored" / "evolve")
-    target = "results/runs/anchored/evolve/history.parquet"
+    shutil.rmtree(copy / "results" / "runs" / "multi" / "evolve")
+    target = "results/runs/multi/evolve/history.parquet"
     cmd = snakemake_command(copy, config, target)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = copy / "results" / "runs" / "anchored" / "evolve" / "gen_1" / "candidates.parquet"
+    marker = copy / "results" / "runs" / "multi" / "evolve" / "gen_1" / "rung_0" / "promoted.parquet"
     deadline = time.time() + 300
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
@@ -237,7 +248,7 @@ def test_killed_run_resumes_to_the_same_history(finished_run, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (copy / target).exists()
-    finished = copy / "results" / "runs" / "anchored" / "evolve" / "gen_0" / "history.parquet"
+    finished = copy / "results" / "runs" / "multi" / "evolve" / "gen_0" / "history.parquet"
     before = finished.stat().st_mtime_ns
     # a SIGKILL leaves Snakemake's lock behind: unlock, then resume (as the README says)
     subprocess.run(cmd + ["--unlock"], capture_output=True, text=True, timeout=120, check=True)
@@ -258,7 +269,7 @@ def test_unknown_config_key_is_named(tmp_path):
 
 @pytest.mark.parametrize("section, bad, message", [
     ("fitness", {"kind": "anchor"},
-     "config: at runs.anchored.evolve.fitness.kind: 'anchor' is not one of ['full', 'anchors']"),
+     "config: at runs.anchored.evolve.fitness.kind: 'anchor' is not one of ['full', 'anchors', 'multi_fidelity']"),
     ("search_space", {"kind": "dfz", "method": "ties"},
      "config: at runs.anchored.evolve.search_space.kind: 'dfz' is not one of ['parameter']"),
 ])

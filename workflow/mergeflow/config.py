@@ -78,10 +78,18 @@ def check_config(config: dict) -> None:
         src = tcfg["source"]
         if "path" in src and src["path"] not in written and not Path(src["path"]).exists():
             raise MergeflowError(f"config: task {task!r}: source file {src['path']!r} does not exist")
+    from mergeflow.fitness import FITNESS
+
     for run, rcfg in config["runs"].items():
         for task in rcfg.get("tasks") or []:
             if task not in config["tasks"]:
                 raise MergeflowError(f"config: run {run!r} names task {task!r}, which is not one of tasks {sorted(config['tasks'])}")
+        if "evolve" in rcfg:
+            for task in rcfg["evolve"]["objectives"]:
+                if task not in config["tasks"]:
+                    raise MergeflowError(f"config: runs.{run}.evolve.objectives names task {task!r}, which is not one of "
+                                         f"tasks {sorted(config['tasks'])}")
+            FITNESS[rcfg["evolve"]["fitness"]["kind"]].check(config, run)
 
 
 @lru_cache(maxsize=1)

@@ -63,6 +63,7 @@ wildcard_constraints:
     model="|".join(MODELS + [BASELINE]),
     g=r"\d+",
     k=r"\d+",
+    r=r"\d+",
     run="|".join(config["runs"]),
 
 

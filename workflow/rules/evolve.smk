@@ -1,5 +1,6 @@
-# The evolution loop as a static DAG: ask(g) -> fitness(g, shard) -> tell(g), per run.
-# All three are `run:` jobs. Under the default profile (force-use-threads) they execute inside
+# The evolution loop as a static DAG, per run: ask(g) -> fitness(g, rung 0, shard) ->
+# promote(g, 0) -> fitness(g, rung 1, shard) -> ... -> tell(g); a fitness kind of one rung
+# (full, anchors) has no promote. All are `run:` jobs. Under the default profile (force-use-threads) they execute inside
 # the Snakemake process, so the source models loaded by the first fitness job stay resident
 # for every later generation; on a cluster fitness is an ordinary submitted job. ask and tell
 # are light (no model) and always run on the submitting host.
@@ -10,6 +11,7 @@ include: "functions/evolve.smk"
 
 localrules:
     ask,
+    promote,
     tell,
 
 
@@ -35,7 +37,8 @@ rule fitness:
         unpack(fitness_inputs),
         check="results/check.json",
     output:
-        "results/runs/{run}/evolve/gen_{g}/fitness_{k}.parquet",
+        fitness="results/runs/{run}/evolve/gen_{g}/rung_{r}/fitness_{k}.parquet",
+        responses="results/runs/{run}/evolve/gen_{g}/rung_{r}/responses_{k}.parquet",
     params:
         evolve=evolve_params,
         tasks=lambda wc: canonical({t: config["tasks"][t] for t in EVOLVE[wc.run].tasks}),
@@ -45,11 +48,26 @@ rule fitness:
     resources:
         gpu=1 if config["evaluation"]["device"] != "cpu" else 0,
     log:
-        "results/logs/evolve/{run}/gen_{g}/fitness_{k}.log",
+        "results/logs/evolve/{run}/gen_{g}/rung_{r}/fitness_{k}.log",
     benchmark:
-        "results/runs/{run}/evolve/gen_{g}/benchmark/fitness_{k}.tsv"
+        "results/runs/{run}/evolve/gen_{g}/benchmark/fitness_{r}_{k}.tsv"
     run:
         fitness_job(input, output, params, wildcards, threads, log)
+
+
+rule promote:
+    input:
+        promote_inputs,
+    output:
+        "results/runs/{run}/evolve/gen_{g}/rung_{r}/promoted.parquet",
+    params:
+        evolve=evolve_params,
+    log:
+        "results/logs/evolve/{run}/gen_{g}/rung_{r}/promote.log",
+    benchmark:
+        "results/runs/{run}/evolve/gen_{g}/benchmark/promote_{r}.tsv"
+    run:
+        promote_job(input, output, params, wildcards, log)
 
 
 rule tell:

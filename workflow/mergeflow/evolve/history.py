@@ -7,8 +7,11 @@ One row per candidate, in this column order:
   optimizer asked (as in ``candidates.parquet``);
 - ``fitness_{task}``, ``sd_{task}`` per objective: its fitness (an accuracy, or an estimate of
   the search split's accuracy) and that fitness's sd;
-- ``items``: items scored for the candidate over every objective; with several objectives also
-  ``items_{task}`` per objective (with one, ``items`` is that objective's);
+- ``items``: items the candidate was scored on over every objective and rung (what it cost);
+  with several objectives also ``items_{task}`` per objective (with one, ``items`` is that
+  objective's);
+- ``rung``: with a fitness kind of several rungs, the highest rung the candidate reached (its
+  fitness and sd are those of that rung);
 - ``problem``: why the candidate got the worst loss ("" when it did not);
 - ``fitness``: the objectives' weighted mean (NaN for a problem); ``loss``: its negation
   (:data:`WORST_LOSS` for a problem);
@@ -31,8 +34,10 @@ from mergeflow.errors import MergeflowError
 # (losses are negated accuracies in [-1, 0]) yet finite, which every optimizer can digest.
 WORST_LOSS = 1.0
 CANDIDATE_COLUMNS = ["generation", "index", "genome", "seed", "recipe_hash", "recipe"]
-# What a fitness shard (``fitness_{k}.parquet``) holds: one row per candidate and objective.
-SHARD_COLUMNS = ["generation", "index", "task", "fitness", "sd", "items", "problem", "wall_s"]
+# What a fitness shard (``rung_{r}/fitness_{k}.parquet``) holds: one row per candidate and
+# objective, with the items newly scored at that rung; and its answers (``responses_{k}.parquet``).
+SHARD_COLUMNS = ["generation", "index", "rung", "task", "fitness", "sd", "items", "problem", "wall_s"]
+ANSWER_COLUMNS = ["recipe_hash", "task", "item_id", "correct"]
 
 
 def fitness_column(task: str) -> str:
@@ -56,14 +61,24 @@ def objectives_of(frame: pd.DataFrame) -> list[str]:
     return [c.removeprefix("fitness_") for c in frame.columns if c.startswith("fitness_")]
 
 
-def candidate_table(objectives: dict[str, float], candidates: pd.DataFrame, shards: pd.DataFrame) -> pd.DataFrame:
-    """One generation's history rows: its candidates joined with their fitness shards' rows."""
+def read_shards(paths: list[str | Path]) -> pd.DataFrame:
+    """Fitness shards (or responses files) as one frame; a shard with no candidates (more
+    shards than candidates at a rung) adds nothing."""
+    frames = [frame for frame in (pd.read_parquet(p) for p in paths) if len(frame)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.read_parquet(paths[0])
+
+
+def candidate_table(objectives: dict[str, float], candidates: pd.DataFrame, shards: pd.DataFrame,
+                    rungs: int = 1) -> pd.DataFrame:
+    """One generation's history rows: its candidates joined with their fitness shards' rows
+    (of every rung: a candidate's fitness is that of the highest rung it reached)."""
     tasks = list(objectives)
     wide = candidates[CANDIDATE_COLUMNS].copy()
-    per = shards.pivot(index="index", columns="task", values="fitness")
-    sd = shards.pivot(index="index", columns="task", values="sd")
-    items = shards.pivot(index="index", columns="task", values="items")
-    problem = shards.groupby("index")["problem"].first()
+    top = shards.sort_values("rung", kind="mergesort").groupby(["index", "task"]).tail(1)
+    per = top.pivot(index="index", columns="task", values="fitness")
+    sd = top.pivot(index="index", columns="task", values="sd")
+    items = shards.groupby(["index", "task"])["items"].sum().unstack("task")
+    problem = top.groupby("index")["problem"].first()
     if sorted(per.index) != sorted(wide["index"]):
         raise MergeflowError(f"generation {int(wide['generation'].iloc[0])}: fitness shards cover candidates "
                              f"{sorted(per.index)}, expected {sorted(wide['index'])}")
@@ -75,6 +90,8 @@ def candidate_table(objectives: dict[str, float], candidates: pd.DataFrame, shar
     if len(tasks) > 1:
         for task in tasks:
             wide[items_column(task)] = items[task].astype("int64")
+    if rungs > 1:
+        wide["rung"] = top.groupby("index")["rung"].max().astype("int64")
     wide["problem"] = problem
     values = wide[[fitness_column(t) for t in tasks]]
     valid = (wide["problem"] == "") & np.isfinite(values).all(axis=1)
@@ -108,8 +125,35 @@ def extend(previous: str | Path | None, table: pd.DataFrame, out: str | Path) ->
 
 
 def best_row(history: pd.DataFrame) -> pd.Series:
-    """The lowest-loss candidate; ties go to the earliest (generation, index)."""
+    """The lowest-loss candidate among those scored at the highest rung any reached (its most
+    exact fitness); ties go to the earliest (generation, index)."""
+    if "rung" in history.columns:
+        history = history[history["rung"] == history["rung"].max()]
     return history.sort_values(["loss", "generation", "index"], kind="mergesort").iloc[0]
+
+
+def known_answers(responses: pd.DataFrame | None, recipe_hash: str) -> dict[str, dict]:
+    """A candidate's answers at lower rungs (task -> item id -> 0/1), by its recipe's hash."""
+    if responses is None:
+        return {}
+    mine = responses[responses["recipe_hash"] == recipe_hash]
+    return {task: dict(zip(rows["item_id"], rows["correct"].astype(int))) for task, rows in mine.groupby("task")}
+
+
+def promotions(objectives: dict[str, float], shards: pd.DataFrame, count: int, ucb: bool = False) -> pd.DataFrame:
+    """The ``count`` best candidates of one rung's shards by the objectives' weighted fitness
+    (plus its weighted sd with ``ucb``); a candidate with a problem ranks last, ties go to the
+    lower index. Columns ``index``, ``score``."""
+    total = sum(objectives.values())
+    score = sum(w * shards[shards["task"] == t].set_index("index")["fitness"] for t, w in objectives.items()) / total
+    if ucb:
+        score = score + sum(w * shards[shards["task"] == t].set_index("index")["sd"]
+                            for t, w in objectives.items()) / total
+    problem = shards.groupby("index")["problem"].first() != ""
+    score = score.where(~problem & np.isfinite(score), -np.inf)
+    ranked = pd.DataFrame({"index": score.index.astype("int64"), "score": score.to_numpy()})
+    ranked = ranked.sort_values(["score", "index"], ascending=[False, True], kind="mergesort")
+    return ranked.head(count).reset_index(drop=True)
 
 
 def task_estimate(row: pd.Series, task: str) -> tuple[float, float]:

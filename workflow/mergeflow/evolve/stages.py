@@ -1,10 +1,14 @@
-"""The evolution loop's stages — ``ask(g)``, ``fitness(g, shard)``, ``tell(g)`` — as functions of files.
+"""The evolution loop's stages — ``ask(g)``, ``fitness(g, rung, shard)``, ``promote(g, rung)``,
+``tell(g)`` — as functions of files.
 
 Files per run (under ``results/runs/{run}/evolve/``):
 
 - ``gen_{g}/candidates.parquet``: generation, index, genome, seed, recipe_hash, recipe (YAML)
 - ``gen_{g}/asked.pkl``: the optimizer with its pending candidates (a cache)
-- ``gen_{g}/fitness_{k}.parquet``: shard k's per-candidate, per-task fitness, sd, items, wall time
+- ``gen_{g}/rung_{r}/fitness_{k}.parquet``: shard k's per-candidate, per-task fitness, sd, items
+  newly scored and wall time at rung r (a fitness kind of one rung has only ``rung_0``), and
+  ``responses_{k}.parquet``: those candidates' answers, reused at higher rungs
+- ``gen_{g}/rung_{r}/promoted.parquet``: the candidates of rung r that move on to rung r + 1
 - ``gen_{g}/optimizer.pkl``: the optimizer after tell (a cache)
 - ``gen_{g}/history.parquet``: every candidate told so far — the source of truth (its columns:
   :mod:`mergeflow.evolve.history`)
@@ -157,15 +161,35 @@ def restore_optimizer(cfg: EvolveConfig, settings: SearchSettings, state_path: s
     return replay(settings, pd.read_parquet(history_path), cfg.objectives_told())
 
 
-# --- fitness --------------------------------------------------------------------------------
+# --- fitness and promote ---------------------------------------------------------------------
 
-def fitness(cfg: EvolveConfig, tasks: dict[str, dict], evaluation: dict, generation: int, shard: int,
-            candidates_path: str, files: dict[str, dict[str, str]], out: str) -> pd.DataFrame:
-    """Score this shard's candidates on every objective with the run's fitness kind.
+@dataclass(frozen=True)
+class FitnessJob:
+    """One fitness job: shard ``shard`` of rung ``rung`` of generation ``generation``.
+
+    ``promoted``: the previous rung's promotions (None at rung 0); ``earlier``: the previous
+    rungs' responses files, whose answers a promoted candidate reuses; ``out``: its fitness
+    rows; ``out_responses``: its candidates' answers at this rung.
+    """
+
+    generation: int
+    rung: int
+    shard: int
+    candidates: str
+    promoted: str | None
+    earlier: tuple[str, ...]
+    out: str
+    out_responses: str
+
+
+def fitness(cfg: EvolveConfig, tasks: dict[str, dict], evaluation: dict, files: dict[str, dict[str, str]],
+            job: FitnessJob) -> pd.DataFrame:
+    """Score this shard's candidates at this rung on every objective with the run's fitness kind.
 
     ``tasks``: each objective's task config; ``files``: per objective, the files the fitness
     kind needs (need name -> path). Sources stay resident (across jobs, in one process) and
-    merges happen in memory.
+    merges happen in memory; a candidate promoted from a lower rung answers only the items it
+    has not answered there.
     """
     from mergeflow.evaluate import EvalSettings
     from mergeflow.evolve.resident import resident_merger
@@ -173,26 +197,46 @@ def fitness(cfg: EvolveConfig, tasks: dict[str, dict], evaluation: dict, generat
     from mergeflow.merge import recipe_from_yaml
 
     settings = EvalSettings.from_config(evaluation)
-    candidates = pd.read_parquet(candidates_path)
-    mine = candidates[candidates["index"] % cfg.shards == shard]
+    candidates = pd.read_parquet(job.candidates)
+    if job.promoted is not None:
+        candidates = candidates[candidates["index"].isin(pd.read_parquet(job.promoted)["index"])]
+    mine = candidates[candidates["index"] % cfg.shards == job.shard]
+    earlier = hist.read_shards(job.earlier) if job.earlier else None
     kind = FITNESS[cfg.fitness["kind"]]
-    scorers = [kind.task_fitness(task, tasks[task], files[task], cfg) for task in cfg.tasks]
-    rows = []
+    scorers = [kind.task_fitness(task, tasks[task], files[task], cfg, job.rung) for task in cfg.tasks]
+    rows, answers = [], []
     with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], settings.device,
                          settings.dtype) as (merger, tokenizer):
         for _, cand in mine.iterrows():
-            result = evaluate_candidate(merger, tokenizer, recipe_from_yaml(cand["recipe"]), scorers, settings)
+            known = hist.known_answers(earlier, cand["recipe_hash"])
+            result = evaluate_candidate(merger, tokenizer, recipe_from_yaml(cand["recipe"]), scorers, settings, known)
             for task in cfg.tasks:
-                rows.append({"generation": generation, "index": int(cand["index"]), "task": task,
+                rows.append({"generation": job.generation, "index": int(cand["index"]), "rung": job.rung, "task": task,
                              "fitness": result.fitness[task], "sd": result.sd[task], "items": result.items[task],
                              "problem": result.problem or "", "wall_s": result.wall_s})
-            log.info("generation %d candidate %d: %s (%.2fs)%s", generation, cand["index"],
+                answers += [{"recipe_hash": cand["recipe_hash"], "task": task, "item_id": item, "correct": int(value)}
+                            for item, value in result.answers[task].items()]
+            log.info("generation %d rung %d candidate %d: %s (%.2fs)%s", job.generation, job.rung, cand["index"],
                      {t: round(result.fitness[t], 4) for t in cfg.tasks}, result.wall_s,
                      f" PROBLEM: {result.problem}" if result.problem else "")
     frame = pd.DataFrame(rows, columns=hist.SHARD_COLUMNS)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(out, index=False)
+    Path(job.out).parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(job.out, index=False)
+    pd.DataFrame(answers, columns=hist.ANSWER_COLUMNS).to_parquet(job.out_responses, index=False)
     return frame
+
+
+def promote(cfg: EvolveConfig, generation: int, rung: int, fitness_paths: list[str], out: str) -> pd.DataFrame:
+    """The candidates of rung ``rung`` that move on to the next rung: the best by the
+    objectives' weighted fitness (``promote: ucb``: plus its sd), as many as the kind says."""
+    from mergeflow.fitness import FITNESS
+
+    shards = hist.read_shards(fitness_paths)
+    count = FITNESS[cfg.fitness["kind"]].promoted(cfg.fitness, cfg.population, rung)
+    kept = hist.promotions(cfg.objectives, shards, count, cfg.fitness.get("promote") == "ucb")
+    kept.to_parquet(out, index=False)
+    log.info("generation %d rung %d: promoted candidates %s", generation, rung, kept["index"].tolist())
+    return kept
 
 
 # --- tell -----------------------------------------------------------------------------------
@@ -202,8 +246,10 @@ def tell(cfg: EvolveConfig, generation: int, asked_state: str, candidates_path: 
     """Tell the optimizer this generation's losses; write its state, the history and the best recipe."""
     optimizer, pending = load_state(asked_state)
     candidates = pd.read_parquet(candidates_path)
-    shards = pd.concat([pd.read_parquet(p) for p in fitness_paths], ignore_index=True)
-    table = hist.candidate_table(cfg.objectives, candidates, shards)
+    from mergeflow.fitness import FITNESS
+
+    shards = hist.read_shards(fitness_paths)
+    table = hist.candidate_table(cfg.objectives, candidates, shards, FITNESS[cfg.fitness["kind"]].rungs(cfg.fitness))
     tell_generation(optimizer, pending, hist.losses(table, cfg.objectives_told()))
     save_state(out_state, optimizer)
     history = hist.extend(previous_history, table.sort_values("index"), out_history)

@@ -8,9 +8,9 @@ scorer from them (:class:`FitnessKind`).
 
 from __future__ import annotations
 
-from mergeflow.fitness import anchors, full
+from mergeflow.fitness import anchors, full, multi_fidelity
 from mergeflow.fitness.base import CandidateResult, FitnessKind, TaskFitness, evaluate_candidate
 
-FITNESS: dict[str, FitnessKind] = {kind.name: kind for kind in [full.KIND, anchors.KIND]}
+FITNESS: dict[str, FitnessKind] = {kind.name: kind for kind in [full.KIND, anchors.KIND, multi_fidelity.KIND]}
 
 __all__ = ["FITNESS", "CandidateResult", "FitnessKind", "TaskFitness", "evaluate_candidate"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from mergeflow.errors import MergeflowError
 from mergeflow.fitness.base import FitnessKind, TaskFitness
 
@@ -16,24 +18,50 @@ from mergeflow.fitness.base import FitnessKind, TaskFitness
 ENDPOINT_ESTIMATORS = ("mpirt", "gmpirt")
 
 
-def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg) -> TaskFitness:
-    from mergeflow.data import read_split
-    from mergeflow.irt.anchors import read_anchors
+def estimator_for(cfg, items: pd.DataFrame, files: dict[str, str]):
+    """The run's estimator (``cfg.fitness["estimator"]``) over ``items`` (columns ``item_id``,
+    ``weight``): the accuracy on the search split from the answers to those items alone."""
     from mergeflow.irt.estimators import Estimator
     from mergeflow.irt.model import load_irt
 
-    estimator_name = cfg.fitness["estimator"]
+    name = cfg.fitness["estimator"]
+    fit = load_irt(Path(files["irt"]).parent) if name != "mean" else None
+    thetas = cfg.endpoints if name in ENDPOINT_ESTIMATORS else None
+    return Estimator(name, items, fit, endpoint_thetas=thetas, seed=cfg.seed)
+
+
+def anchor_items(task: str, files: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The search split, its rows that are anchors (in split order), and the anchor set."""
+    from mergeflow.data import read_split
+    from mergeflow.irt.anchors import read_anchors
+
     anchors = read_anchors(files["anchors"])
-    fit = load_irt(Path(files["irt"]).parent) if estimator_name != "mean" else None
-    thetas = cfg.endpoints if estimator_name in ENDPOINT_ESTIMATORS else None
-    estimator = Estimator(estimator_name, anchors, fit, endpoint_thetas=thetas, seed=cfg.seed)
     items = read_split(files["split"])
     ids = set(anchors["item_id"].astype(str))
     subset = items[items["item_id"].astype(str).isin(ids)].reset_index(drop=True)
     if len(subset) != len(ids):
         raise MergeflowError(f"task {task!r}: {len(ids) - len(subset)} anchor items of {files['anchors']!r} are not "
                              f"in the search split {files['split']!r}")
-    return TaskFitness(task, subset, tcfg["scorer"], tcfg["target_delimiter"], estimator)
+    return items, subset, anchors
 
 
-KIND = FitnessKind("anchors", needs=("split", "anchors", "irt"), estimates=True, task_fitness=task_fitness)
+def check_irt_population(config: dict, run: str) -> None:
+    """An estimator other than ``mean`` needs an IRT fit, and the fit a calibration population."""
+    estimator = config["runs"][run]["evolve"]["fitness"]["estimator"]
+    calibration = config["irt"]["calibration"]
+    checkpoints = bool(config.get("zoo")) and calibration["checkpoints"]
+    if estimator != "mean" and not (calibration["random_merges"] or checkpoints or calibration["responses"]):
+        raise MergeflowError(
+            f"config: runs.{run}.evolve.fitness.estimator {estimator!r} needs an IRT fit, but irt.calibration has no "
+            "population to fit it to: set irt.calibration.random_merges, give irt.calibration.responses, or use "
+            "estimator 'mean'")
+
+
+def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg, rung: int = 0) -> TaskFitness:
+    _, subset, anchors = anchor_items(task, files)
+    return TaskFitness(task, subset, tcfg["scorer"], tcfg["target_delimiter"], estimator_for(cfg, anchors, files))
+
+
+KIND = FitnessKind("anchors", needs=lambda fitness_cfg: ("split", "anchors", "irt"),
+                   estimates=lambda fitness_cfg, split_size: True, task_fitness=task_fitness,
+                   anchor_set=lambda fitness_cfg: fitness_cfg["anchors"], check=check_irt_population)

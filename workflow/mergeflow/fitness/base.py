@@ -1,8 +1,10 @@
-"""What every fitness kind shares: a task's scorer, and merging and scoring one candidate.
+"""What every fitness kind shares: a task's scorer at a rung, and merging and scoring one candidate.
 
-The sources stay resident and each candidate is written into one preallocated model (see
-:class:`mergeflow.merge.InMemoryMerger`); a kind only decides which items a candidate answers
-and how its answers become an estimate of the search split's accuracy.
+A generation's candidates climb the kind's rungs (one rung for ``full`` and ``anchors``): at
+rung r a candidate answers that rung's items of each task, reusing its answers from lower rungs
+(only the items it has not seen are evaluated), and the kind turns all its answers at the rung
+into an estimate of the search split's accuracy with an sd. The sources stay resident and each
+candidate is written into one preallocated model (see :class:`mergeflow.merge.InMemoryMerger`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TaskFitness:
-    """One task's fitness: the items scored per candidate and, for estimated fitness, the
-    estimator (answers by item id -> an ``Estimate`` with ``value`` and ``sd``)."""
+    """One task's fitness at one rung: the items a candidate answers there and, for estimated
+    fitness, the estimator (answers by item id -> an ``Estimate`` with ``value`` and ``sd``);
+    without one, the fitness is the accuracy on the items."""
 
     task: str
     items: pd.DataFrame
@@ -33,14 +36,27 @@ class TaskFitness:
     delimiter: str = " "
     estimator: Callable | None = None
 
-    def score(self, model, tokenizer, settings: "EvalSettings") -> tuple[float, float]:
+    def new_items(self, known: dict) -> pd.DataFrame:
+        """The items whose answers are not in ``known`` (item id -> 0/1)."""
+        return self.items[~self.items["item_id"].isin(known)]
+
+    def answer(self, model, tokenizer, settings: "EvalSettings", known: dict) -> dict:
+        """Answers (item id -> 0/1) to every item of the rung, evaluating only the new ones."""
         from mergeflow.evaluate import evaluate_items
 
-        responses = evaluate_items(model, tokenizer, self.items, self.scorer, settings, self.delimiter)
+        todo = self.new_items(known)
+        answers = {item: known[item] for item in self.items["item_id"] if item in known}
+        if len(todo):
+            responses = evaluate_items(model, tokenizer, todo, self.scorer, settings, self.delimiter)
+            answers.update(zip(responses["item_id"], responses["correct"].astype(int)))
+        return answers
+
+    def estimate(self, answers: dict) -> tuple[float, float]:
+        """The fitness and its sd from the answers to this rung's items."""
         if self.estimator is None:
-            p = float(responses["correct"].mean())
-            return p, math.sqrt(p * (1 - p) / len(responses))
-        estimate = self.estimator(dict(zip(responses["item_id"], responses["correct"])))
+            p = sum(answers[item] for item in self.items["item_id"]) / len(self.items)
+            return float(p), math.sqrt(p * (1 - p) / len(self.items))
+        estimate = self.estimator({item: answers[item] for item in self.items["item_id"]})
         return float(estimate.value), float(estimate.sd)
 
 
@@ -48,46 +64,66 @@ class TaskFitness:
 class FitnessKind:
     """A registered fitness kind.
 
-    ``needs``: the files it reads per task, by name; the workflow maps each name to a path in
-    one place (``NEED_PATHS`` in ``workflow/rules/evolve.smk``): ``split`` (the search split),
-    ``anchors`` (the anchor set the kind's config names), ``irt`` (the task's IRT fit,
-    ``items.parquet``). ``estimates``: its fitness is an estimate of the whole search split's
-    accuracy, so the final merge is checked against that split. ``task_fitness(task, tcfg,
-    files, cfg)`` builds the task's scorer from the task's config and those files.
+    - ``needs(fitness_cfg)``: the files it reads per task, by name; the workflow maps each name
+      to a path in one place (``NEED_PATHS`` in ``workflow/rules/functions/evolve.smk``):
+      ``split`` (the search split), ``anchors`` (the anchor set ``anchor_set`` names), ``irt``
+      (the task's IRT fit, ``items.parquet``).
+    - ``estimates(fitness_cfg, split_size)``: whether the fitness the search ends on is an
+      estimate of the accuracy on a search split of ``split_size`` items (then the final merge
+      is checked against that split).
+    - ``task_fitness(task, tcfg, files, cfg, rung)``: the task's scorer at a rung.
+    - ``rungs(fitness_cfg)``: how many rungs a generation's candidates climb (default 1).
+    - ``promoted(fitness_cfg, population, rung)``: how many candidates of rung ``rung`` move on
+      to the next rung (kinds with several rungs).
+    - ``anchor_set(fitness_cfg)``: the anchor set it reads (``strategy``, ``n``, ``seed``).
+    - ``check(config, run)``: cross-checks of the run's fitness against the rest of the
+      validated config that the schema cannot express; raises ``MergeflowError`` naming the key.
     """
 
     name: str
-    needs: tuple[str, ...]
-    estimates: bool
-    task_fitness: Callable[[str, dict, dict[str, str], "EvolveConfig"], TaskFitness]
+    needs: Callable[[dict], tuple[str, ...]]
+    estimates: Callable[[dict, int], bool]
+    task_fitness: Callable[[str, dict, dict[str, str], "EvolveConfig", int], TaskFitness]
+    rungs: Callable[[dict], int] = lambda fitness_cfg: 1
+    promoted: Callable[[dict, int, int], int] | None = None
+    anchor_set: Callable[[dict], dict] | None = None
+    check: Callable[[dict, str], None] = lambda config, run: None
 
 
 @dataclass
 class CandidateResult:
-    """Per-task fitness, sd and items of one candidate; ``problem`` says why it got the worst fitness."""
+    """Per-task fitness, sd, answers and newly evaluated items of one candidate at one rung;
+    ``problem`` says why it got the worst fitness."""
 
     fitness: dict[str, float]
     sd: dict[str, float]
+    answers: dict[str, dict]
     items: dict[str, int]
     problem: str | None
     wall_s: float
 
 
-def evaluate_candidate(merger, tokenizer, recipe, tasks: list[TaskFitness], settings: "EvalSettings") -> CandidateResult:
-    """Merge ``recipe`` in memory and score it; non-finite weights or fitness become a problem."""
+def evaluate_candidate(merger, tokenizer, recipe, tasks: list[TaskFitness], settings: "EvalSettings",
+                       known: dict[str, dict] | None = None) -> CandidateResult:
+    """Merge ``recipe`` in memory and score it on each task's items it has not answered yet
+    (``known``: task -> item id -> 0/1); non-finite weights or fitness become a problem."""
     t0 = time.perf_counter()
-    model = merger.merge(recipe)
-    bad = merger.nonfinite_tensors()
+    known = known or {}
     fitness = {t.task: float("nan") for t in tasks}
     sd = {t.task: float("nan") for t in tasks}
+    answers: dict[str, dict] = {t.task: {} for t in tasks}
+    items = {t.task: len(t.new_items(known.get(t.task, {}))) for t in tasks}
+    model = merger.merge(recipe) if any(items.values()) else None
+    bad = merger.nonfinite_tensors() if model is not None else []
     if bad:
         problem = f"merged weights hold NaN or Inf in {len(bad)} tensor(s), e.g. {bad[0]!r}"
     else:
         problem = None
         for task in tasks:
-            fitness[task.task], sd[task.task] = task.score(model, tokenizer, settings)
+            answers[task.task] = task.answer(model, tokenizer, settings, known.get(task.task, {}))
+            fitness[task.task], sd[task.task] = task.estimate(answers[task.task])
             if not math.isfinite(fitness[task.task]):
                 problem = f"fitness on task {task.task!r} is not finite"
     if problem:
         log.warning("candidate gets the worst fitness: %s", problem)
-    return CandidateResult(fitness, sd, {t.task: len(t.items) for t in tasks}, problem, time.perf_counter() - t0)
+    return CandidateResult(fitness, sd, answers, items, problem, time.perf_counter() - t0)

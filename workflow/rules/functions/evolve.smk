@@ -1,12 +1,16 @@
 # Input functions of the evolve stage's rules (evolve.smk), and the adapters of its `run:` jobs.
-from mergeflow.evolve.stages import ask, fitness, tell
+from mergeflow.evolve.stages import FitnessJob, ask, fitness, promote, tell
 from mergeflow.logs import job_log, pin_threads
+
+
+def anchors_path(task, anchor_set):
+    return f"results/anchors/{task}/{anchor_set['strategy']}-{anchor_set['n']}-seed{anchor_set['seed']}.parquet"
+
 
 # What a fitness kind may need per task (its `needs`), as paths: the one place that maps them.
 NEED_PATHS = {
     "split": lambda task, fit: f"results/data/{task}/search.parquet",
-    "anchors": lambda task, fit: (f"results/anchors/{task}/{fit['anchors']['strategy']}-{fit['anchors']['n']}"
-                                  f"-seed{fit['anchors']['seed']}.parquet"),
+    "anchors": lambda task, fit: anchors_path(task, FITNESS[fit["kind"]].anchor_set(fit)),
     "irt": lambda task, fit: f"results/irt/{task}/items.parquet",
 }
 
@@ -20,16 +24,34 @@ def evolve_params(wildcards):
 def fitness_files(wildcards):
     """Objective -> need -> path: input lists cannot say which file is whose task."""
     cfg = EVOLVE[wildcards.run]
-    needs = FITNESS[cfg.fitness["kind"]].needs
+    needs = FITNESS[cfg.fitness["kind"]].needs(cfg.fitness)
     return canonical({t: {need: NEED_PATHS[need](t, cfg.fitness) for need in needs} for t in cfg.tasks})
 
 
+def rungs(run):
+    return FITNESS[EVOLVE[run].fitness["kind"]].rungs(EVOLVE[run].fitness)
+
+
+def rung_files(run, g, rung, what):
+    """A rung's shard files: ``fitness`` rows or ``responses`` (its candidates' answers)."""
+    return [f"{evolve_dir(run)}/gen_{g}/rung_{rung}/{what}_{k}.parquet" for k in range(EVOLVE[run].shards)]
+
+
 def fitness_inputs(wildcards):
-    return {
-        "candidates": f"{evolve_dir(wildcards.run)}/gen_{wildcards.g}/candidates.parquet",
+    run, g, rung = wildcards.run, wildcards.g, int(wildcards.r)
+    inputs = {
+        "candidates": f"{evolve_dir(run)}/gen_{g}/candidates.parquet",
         "models": search_model_inputs(wildcards),
         "needs": sorted({p for per_task in fitness_files(wildcards).values() for p in per_task.values()}),
     }
+    if rung > 0:  # the previous rung's promotions, and the answers of every lower rung
+        inputs["promoted"] = f"{evolve_dir(run)}/gen_{g}/rung_{rung - 1}/promoted.parquet"
+        inputs["earlier"] = [p for r in range(rung) for p in rung_files(run, g, r, "responses")]
+    return inputs
+
+
+def promote_inputs(wildcards):
+    return rung_files(wildcards.run, wildcards.g, int(wildcards.r), "fitness")
 
 
 def previous_generation(wildcards):
@@ -41,8 +63,8 @@ def previous_generation(wildcards):
 
 
 def shard_files(wildcards):
-    return [f"{evolve_dir(wildcards.run)}/gen_{wildcards.g}/fitness_{k}.parquet"
-            for k in range(EVOLVE[wildcards.run].shards)]
+    """Every rung's fitness shards of a generation: what tell reads."""
+    return [p for r in range(rungs(wildcards.run)) for p in rung_files(wildcards.run, wildcards.g, r, "fitness")]
 
 
 # The `run:` jobs' adapters: the snakemake objects -> a mergeflow.evolve.stages function.
@@ -55,8 +77,14 @@ def ask_job(input, output, params, wildcards, log):
 def fitness_job(input, output, params, wildcards, threads, log):
     with job_log(log[0]):
         pin_threads(threads)
-        fitness(EvolveConfig(**params.evolve), params.tasks, params.evaluation, int(wildcards.g), int(wildcards.k),
-                input.candidates, params.files, output[0])
+        job = FitnessJob(int(wildcards.g), int(wildcards.r), int(wildcards.k), input.candidates,
+                         input.get("promoted"), tuple(input.get("earlier", [])), output.fitness, output.responses)
+        fitness(EvolveConfig(**params.evolve), params.tasks, params.evaluation, params.files, job)
+
+
+def promote_job(input, output, params, wildcards, log):
+    with job_log(log[0]):
+        promote(EvolveConfig(**params.evolve), int(wildcards.g), int(wildcards.r), list(input), output[0])
 
 
 def tell_job(input, output, params, wildcards, log):

@@ -11,10 +11,12 @@ def final_split_file(wildcards):
 
 
 def estimate_checked_tasks(run):
-    """The objectives of a search on estimated fitness: its final merge's estimates are checked on them."""
-    if run not in EVOLVE or not FITNESS[EVOLVE[run].fitness["kind"]].estimates:
+    """The objectives on which a search ended on estimates: its final merge's estimates are checked there."""
+    if run not in EVOLVE or not config["runs"][run]["evolve"]["check_estimate"]:
         return []
-    return EVOLVE[run].tasks if config["runs"][run]["evolve"]["check_estimate"] else []
+    fit = EVOLVE[run].fitness
+    return [t for t in EVOLVE[run].tasks
+            if FITNESS[fit["kind"]].estimates(fit, config["tasks"][t]["splits"]["search"])]
 
 
 def final_table_inputs(wildcards):

@@ -1,0 +1,123 @@
+"""Search quality per item evaluated, judged over seeds: each search of a config rerun with run
+seeds (and anchor / rung seeds) 0..S-1 on the same zoo, data and IRT fits.
+
+For every search run of the config it adds one run per seed to an overlay config (seed 0 is the
+config's own run), runs the workflow (only the new searches and their final tables are
+computed), and prints per search, on the first objective's test split: each seed's accuracy,
+mean and sd, wins over the best endpoint, the share of the reference search's gain over the
+best endpoint it keeps, items evaluated and wall time — beside the peer's figures.
+
+    python bench/search_quality.py [--workdir DIR] [--configfile FILE ...] [--seeds 5]
+                                   [--reference full] [--runs NAME ...]
+
+Every later claim about search quality is judged by this, never by one seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow"))
+
+# mergekit-evolve 0.1.5 on the default zoo, as issue 17 measured it on this machine's kind (pycma
+# CMA-ES from every weight at 0.5, σ = 1/6, the same per-layer task-arithmetic space, 1,000
+# search items scored by lm-evaluation-harness, population 8, ~48 evaluations): not rerun here.
+PEER = {"name": "mergekit-evolve (issue 17)", "test": [0.518, 0.400, 0.564, 0.464], "items": 48_000,
+        "wall_s": (160, 175)}
+
+
+def seeded_runs(config: dict, runs: list[str], seeds: int) -> dict[str, dict]:
+    """Run name -> run config for seeds 1..S-1 of each search (seed 0 is the config's own run).
+    The seed moves the optimizer and, where the fitness has them, the anchors and rung items."""
+    out = {}
+    for run in runs:
+        for seed in range(1, seeds):
+            rcfg = copy.deepcopy(config["runs"][run])
+            rcfg["seed"] = seed
+            fitness = rcfg["evolve"].get("fitness", {"kind": "full"})
+            if isinstance(fitness, dict) and fitness.get("kind") in ("anchors", "multi_fidelity"):
+                fitness.setdefault("anchors", {})["seed"] = seed
+                if fitness["kind"] == "multi_fidelity":
+                    fitness["seed"] = seed
+            rcfg["evolve"]["fitness"] = fitness
+            out[f"{run}-s{seed}"] = rcfg
+    return out
+
+
+def collect(results: Path, run: str, names: list[str], task: str) -> pd.DataFrame:
+    rows = []
+    for seed, name in enumerate(names):
+        table = pd.read_parquet(results / "runs" / name / "final" / "test.parquet")
+        merged = table[(table["model"] == "merged") & (table["task"] == task)].iloc[0]
+        rows.append({"search": run, "seed": seed, "test": merged["accuracy"], "items": merged["search_items"],
+                     "wall_s": merged["search_wall_s"]})
+    return pd.DataFrame(rows)
+
+
+def endpoints_best(results: Path, run: str, endpoints: list[str], task: str) -> tuple[str, float]:
+    table = pd.read_parquet(results / "runs" / run / "final" / "test.parquet")
+    rows = table[(table["task"] == task) & table["model"].isin(endpoints)].set_index("model")["accuracy"]
+    return rows.idxmax(), float(rows.max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=REPO)
+    parser.add_argument("--configfile", type=Path, nargs="+", default=None)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--runs", nargs="*", default=None, help="search runs to judge (default: every one)")
+    parser.add_argument("--reference", default="full", help="the search whose gain the others are measured against")
+    parser.add_argument("--cores", type=int, default=1)
+    args = parser.parse_args()
+    from mergeflow.config import validate_config
+
+    configfiles = args.configfile or [REPO / "config" / "config.yaml"]
+    raw: dict = {}
+    for path in configfiles:  # as Snakemake merges --configfile overlays (runs are added by name)
+        layer = yaml.safe_load(Path(path).read_text())
+        runs = {**raw.get("runs", {}), **layer.pop("runs", {})}
+        raw.update(layer)
+        raw["runs"] = runs
+    config = validate_config(copy.deepcopy(raw))
+    runs = args.runs or [r for r in config["runs"] if "evolve" in config["runs"][r]]
+    overlay_runs = seeded_runs(raw, runs, args.seeds)
+    overlay = args.workdir / "results" / "bench" / "search_quality.yaml"
+    overlay.parent.mkdir(parents=True, exist_ok=True)
+    overlay.write_text(yaml.safe_dump({"runs": overlay_runs}, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(args.workdir),
+                    "--configfile", *map(str, configfiles), str(overlay), "--cores", str(args.cores), "--quiet",
+                    "rules"], check=True)
+
+    results = args.workdir / "results"
+    task = next(iter(config["runs"][runs[0]]["evolve"]["objectives"]))
+    best_name, best = endpoints_best(results, runs[0], list(config["endpoints"]), task)
+    frames = [collect(results, run, [run] + [f"{run}-s{s}" for s in range(1, args.seeds)], task) for run in runs]
+    table = pd.concat(frames, ignore_index=True)
+    reference_gain = table[table["search"] == args.reference]["test"].mean() - best
+    print(f"\n{task} test accuracy over {args.seeds} seeds (best endpoint: {best_name} {best:.3f}); "
+          f"gain kept = (mean - {best:.3f}) / ({args.reference} mean - {best:.3f})\n")
+    print("| search | " + " | ".join(f"seed {s}" for s in range(args.seeds))
+          + " | mean ± sd | beats the best endpoint | gain kept | items evaluated | wall time (s) |")
+    print("|---|" + "---|" * args.seeds + "---|---|---|---|---|")
+    for run, rows in table.groupby("search", sort=False):
+        mean, sd = rows["test"].mean(), rows["test"].std()
+        kept = (mean - best) / reference_gain if reference_gain > 0 else float("nan")
+        print(f"| {run} | " + " | ".join(f"{v:.3f}" for v in rows["test"]) + f" | {mean:.3f} ± {sd:.3f} | "
+              f"{int((rows['test'] > best).sum())}/{len(rows)} | {kept:.0%} | {rows['items'].mean():,.0f} | "
+              f"{rows['wall_s'].mean():.0f} |")
+    peer = pd.Series(PEER["test"])
+    print(f"| {PEER['name']} | " + " | ".join(f"{v:.3f}" for v in peer) + " |" * (args.seeds - len(peer) + 1)
+          + f" {peer.mean():.3f} ± {peer.std():.3f} | {int((peer > best).sum())}/{len(peer)} | "
+          f"{(peer.mean() - best) / reference_gain:.0%} | {PEER['items']:,} | {PEER['wall_s'][0]}–{PEER['wall_s'][1]} |")
+
+
+if __name__ == "__main__":
+    main()
