@@ -116,3 +116,23 @@ def test_multidimensional_fit_with_every_method():
         assert 0.0 <= estimate.value <= 1.0 and estimate.sd > 0
         if method != "mean":
             assert len(estimate.theta) == 2
+
+
+def test_mpirt_sees_a_merge_better_than_both_parents_and_says_how_sure_it_is():
+    """Endpoints at θ = −0.5 and 0, the base at −1, and held-out "merges" at θ = 1.2: a convex
+    combination of the endpoints could not go past 0; the affine form around the base does, and
+    ±1.96 sd covers the truth about 95% of the time instead of collapsing."""
+    theta = np.concatenate([[-1.0, -0.5, 0.0], np.linspace(-1.5, 1.5, 40), np.full(40, 1.2)])
+    sim = simulate_irt(len(theta), 1000, seed=3, theta=theta)
+    train = sim.matrix.select_models(sim.matrix.models[:43])
+    fit = fit_irt(train, steps=300, min_steps=300)
+    truth = sim.probabilities()[43:].mean(axis=1)
+    anchors = select_anchors(train, fit, strategy="irt", n=50, seed=0)
+    estimator = Estimator("mpirt", anchors, fit, endpoint_thetas=fit.models[1:3], origin_theta=fit.models[0])
+    better_parent = sim.probabilities()[2].mean()
+    estimates = [estimator(responses_of(sim, row)) for row in range(43, 83)]
+    values, sds = np.array([e.value for e in estimates]), np.array([e.sd for e in estimates])
+    assert np.mean(values) > better_parent + 0.1  # not capped at the better parent
+    assert np.mean(np.abs(values - truth)) < 0.04
+    assert 0.85 <= np.mean(np.abs(values - truth) <= 1.96 * sds) <= 1.0
+    assert sds.min() > 0.01

@@ -63,7 +63,7 @@ def stages(tiny_zoo, tmp_path_factory):
     anchors = select_anchors(matrix, load_irt(root / "irt"), strategy="irt", n=8, seed=0)
     anchors.to_parquet(root / "anchors.parquet", index=False)
     files = {"split": str(splits["search"]), "anchors": str(root / "anchors.parquet"),
-             "irt": str(root / "irt" / "items.parquet")}
+             "irt": str(root / "irt" / "items.parquet"), "calibration": str(calibration)}
     return config, root, files, paths
 
 
@@ -78,7 +78,10 @@ def test_calibration_population_holds_endpoints_and_random_merges(stages):
 def test_two_generations_of_ask_fitness_tell(stages, tmp_path, run, items):
     config, _, files, _ = stages
     cfg = EvolveConfig.from_config(config, run)
-    needs = {"full": ("split",), "anchored": ("split", "anchors", "irt")}[run]
+    from mergeflow.fitness import FITNESS
+
+    needs = FITNESS[cfg.fitness["kind"]].needs(cfg.fitness)
+    assert needs == {"full": ("split",), "anchored": ("split", "anchors", "irt", "calibration")}[run]
     task_files = {"math_l2": {need: files[need] for need in needs}}
     previous = None
     for g in range(2):

@@ -36,6 +36,7 @@ class SearchSettings:
     objectives: int = 1
     budget: int | None = None
     init: tuple[float, ...] | None = None  # the genome the search starts from (default: the centre)
+    sigma: float | None = None  # the genome's mutation scale (Nevergrad's parametrization sigma)
 
 
 def make_optimizer(settings: SearchSettings):
@@ -50,6 +51,8 @@ def make_optimizer(settings: SearchSettings):
         param = ng.p.Array(init=np.asarray(settings.init, dtype=float), lower=0.0, upper=1.0)
     else:
         param = ng.p.Array(shape=(settings.dim,), lower=0.0, upper=1.0)
+    if settings.sigma is not None:
+        param.set_mutation(sigma=settings.sigma)
     param.random_state = np.random.RandomState(settings.seed)
     budget = settings.budget or 100 * settings.population
     return ng.optimizers.registry[settings.optimizer](parametrization=param, budget=budget,

@@ -46,8 +46,8 @@ class EvolveConfig:
     """A run's search, resolved from the validated workflow config (model names become paths).
 
     ``fitness`` is the run's fitness mapping (``kind`` and the kind's own keys); ``search_space``
-    its search-space mapping with ``base_model`` and ``models`` as paths; ``endpoints`` the
-    endpoints' names (how estimators find them in an IRT fit).
+    its search-space mapping with ``base_model`` and ``models`` as paths; ``endpoints`` and
+    ``base`` the endpoints' and the base model's names (how estimators find them in an IRT fit).
     """
 
     run: str
@@ -55,6 +55,7 @@ class EvolveConfig:
     multi_objective: bool
     fitness: dict
     optimizer: str
+    sigma: float
     population: int
     budget: int | None
     shards: int
@@ -65,6 +66,7 @@ class EvolveConfig:
     base_path: str
     endpoint_paths: dict[str, str] = field(default_factory=dict)
     endpoints: list[str] = field(default_factory=list)
+    base: str = ""
 
     @classmethod
     def from_config(cls, config: dict, run: str) -> "EvolveConfig":
@@ -81,11 +83,12 @@ class EvolveConfig:
         paths = {name: model_location(models[name]) for name in names}
         space.update({"base_model": model_location(models[base]), "models": list(paths.values())})
         return cls(run=run, objectives=dict(ecfg["objectives"]), multi_objective=ecfg["multi_objective"],
-                   fitness=dict(ecfg["fitness"]), optimizer=ecfg["optimizer"], population=ecfg["population"],
+                   fitness=dict(ecfg["fitness"]), optimizer=ecfg["optimizer"], sigma=ecfg["sigma"],
+                   population=ecfg["population"],
                    budget=ecfg.get("budget"), shards=ecfg["shards"], seed=rcfg["seed"], search_space=space,
                    save_weights=ecfg["save_weights"], init=_init_weights(ecfg.get("init"), models, run),
                    base_path=model_location(models[base]), endpoint_paths=paths,
-                   endpoints=list(config["endpoints"]))
+                   endpoints=list(config["endpoints"]), base=config["base_model"])
 
     @property
     def tasks(self) -> list[str]:
@@ -100,7 +103,7 @@ class EvolveConfig:
         space = self.space()
         return SearchSettings(self.optimizer, space.dim, self.population, self.seed,
                               len(self.objectives) if self.multi_objective else 1, self.budget,
-                              space.initial_genome(self.init))
+                              space.initial_genome(self.init), self.sigma)
 
     def candidate_seed(self, generation: int, index: int) -> int:
         """The recipe seed of candidate (g, i): drawn from (run seed, g, i), for DARE / DELLA."""

@@ -18,16 +18,28 @@ from mergeflow.fitness.base import FitnessKind, TaskFitness
 ENDPOINT_ESTIMATORS = ("mpirt", "gmpirt")
 
 
+def needs(fitness_cfg: dict) -> tuple[str, ...]:
+    """The IRT fit and the calibration population (how far the IRT estimate errs there, and
+    the blends' λ and ρ) for every estimator but ``mean``."""
+    return ("irt", "calibration") if fitness_cfg["estimator"] != "mean" else ()
+
+
 def estimator_for(cfg, items: pd.DataFrame, files: dict[str, str]):
     """The run's estimator (``cfg.fitness["estimator"]``) over ``items`` (columns ``item_id``,
-    ``weight``): the accuracy on the search split from the answers to those items alone."""
+    ``weight``): the accuracy on the search split from the answers to those items alone. An
+    endpoint estimator measures ability from the base model; every IRT estimator is calibrated
+    on the calibration population."""
     from mergeflow.irt.estimators import Estimator
     from mergeflow.irt.model import load_irt
+    from mergeflow.irt.responses import load_response_matrix
 
     name = cfg.fitness["estimator"]
     fit = load_irt(Path(files["irt"]).parent) if name != "mean" else None
     thetas = cfg.endpoints if name in ENDPOINT_ESTIMATORS else None
-    return Estimator(name, items, fit, endpoint_thetas=thetas, seed=cfg.seed)
+    origin = cfg.base if name in ENDPOINT_ESTIMATORS and cfg.base else None
+    calibration = load_response_matrix(files["calibration"]) if name != "mean" else None
+    return Estimator(name, items, fit, endpoint_thetas=thetas, calibration=calibration, seed=cfg.seed,
+                     origin_theta=origin)
 
 
 def anchor_items(task: str, files: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -62,6 +74,6 @@ def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg, rung: int = 
     return TaskFitness(task, subset, tcfg["scorer"], tcfg["target_delimiter"], estimator_for(cfg, anchors, files))
 
 
-KIND = FitnessKind("anchors", needs=lambda fitness_cfg: ("split", "anchors", "irt"),
+KIND = FitnessKind("anchors", needs=lambda fitness_cfg: ("split", "anchors") + needs(fitness_cfg),
                    estimates=lambda fitness_cfg, split_size: True, task_fitness=task_fitness,
                    anchor_set=lambda fitness_cfg: fitness_cfg["anchors"], check=check_irt_population)

@@ -67,7 +67,8 @@ class FitnessKind:
     - ``needs(fitness_cfg)``: the files it reads per task, by name; the workflow maps each name
       to a path in one place (``NEED_PATHS`` in ``workflow/rules/functions/evolve.smk``):
       ``split`` (the search split), ``anchors`` (the anchor set ``anchor_set`` names), ``irt``
-      (the task's IRT fit, ``items.parquet``).
+      (the task's IRT fit, ``items.parquet``), ``calibration`` (the calibration population's
+      responses).
     - ``estimates(fitness_cfg, split_size)``: whether the fitness the search ends on is an
       estimate of the accuracy on a search split of ``split_size`` items (then the final merge
       is checked against that split).

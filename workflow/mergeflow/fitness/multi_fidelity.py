@@ -26,6 +26,7 @@ import pandas as pd
 
 from mergeflow.errors import MergeflowError
 from mergeflow.fitness.anchors import anchor_items, check_irt_population, estimator_for
+from mergeflow.fitness.anchors import needs as estimator_needs
 from mergeflow.fitness.base import FitnessKind, TaskFitness
 
 
@@ -84,8 +85,7 @@ def check(config: dict, run: str) -> None:
 
 
 def needs(fitness_cfg: dict) -> tuple[str, ...]:
-    uses_irt = fitness_cfg["estimator"] != "mean"
-    return ("split",) + (("anchors",) if fitness_cfg["lowest"] == "anchors" else ()) + (("irt",) if uses_irt else ())
+    return ("split",) + (("anchors",) if fitness_cfg["lowest"] == "anchors" else ()) + estimator_needs(fitness_cfg)
 
 
 KIND = FitnessKind(

@@ -12,10 +12,20 @@ Methods (N items in the split, A anchors with responses yₐ and weights wₐ):
   λ that minimises the blend's error on the calibration models directly (see
   :func:`blend_weight`). The calibration models were part of the IRT fit, so their p-IRT errors
   are somewhat optimistic, which pushes λ towards p-IRT.
-* ``mpirt`` (MERGE³): as p-IRT, but θ̂ = Σⱼ λⱼ θⱼ over the endpoint models' abilities, with λ on
-  the simplex (softmax) fitted by maximum likelihood on the anchor responses (plus a weak N(0, 3²)
-  ridge on the softmax logits, which only fixes their free shift).
+* ``mpirt`` (MERGE³): as p-IRT, but θ̂ = θ₀ + Σⱼ λⱼ (θⱼ − θ₀): the endpoint models' abilities
+  as directions from an origin θ₀ (the base model's ability when given, else the endpoints'
+  mean), with λ fitted by MAP on the anchor responses under a N(1/E, 1) prior per weight. As in
+  MERGE³'s code the weights are not confined to the simplex, so a merge better than both parents
+  is not capped at the better one's ability; θ is linear in λ, so its Laplace sd stays honest
+  where a convex combination's would collapse at the simplex's edge.
 * ``gmpirt``: gp-IRT's blend with mp-IRT in place of p-IRT.
+
+Calibration models, when given, are estimated from their own anchor answers too: the IRT
+estimate's error variance beyond its predicted sd² there is added to every IRT sd (misfit the
+model does not know of), and the blends take λ from both estimators' errors (``lambda_rule``)
+and combine their sds with the correlation ρ of those errors (both come from the same anchor
+answers). Without calibration λ weights the two by their predictive precisions and ρ = 1, the
+conservative bound.
 
 Every estimate carries an sd: the posterior predictive sd of the full-split accuracy, combining
 the uncertainty of θ̂ (Laplace), of the item parameters (samples from the variational
@@ -42,7 +52,7 @@ from mergeflow.irt.anchors import validate_anchors
 from mergeflow.irt.model import IRTFit, _key, _sigmoid, map_ability
 from mergeflow.irt.responses import ResponseMatrix
 
-ENDPOINT_LOGIT_PRIOR_SD = 3.0
+ENDPOINT_WEIGHT_PRIOR_SD = 1.0
 MAX_CALIBRATION_MODELS = 100
 
 
@@ -71,6 +81,7 @@ class Estimator:
         n_samples: int = 64,
         seed: int = 0,
         prior_sd: float = 1.0,
+        origin_theta=None,
     ):
         if method not in ESTIMATORS:
             raise MergeflowError(f"estimator {method!r}: expected one of {ESTIMATORS}")
@@ -86,17 +97,22 @@ class Estimator:
         self.weights = weights / weights.sum()
         self.prior_sd = prior_sd
         self.lam = lam
+        self.rho = 1.0  # correlation of the blend's two errors: conservative without calibration
+        self.excess_variance = 0.0  # IRT error variance the calibration models show beyond the sd
         if method == "mean":
             return
         if fit is None:
             raise MergeflowError(f"estimator {method!r} needs an IRT fit")
         self.fit = fit
         self._prepare_items(fit, n_samples, np.random.default_rng(seed))
-        self.endpoints = None
+        self.endpoints = self.origin = None
         if method in ("mpirt", "gmpirt"):
             self.endpoints = _endpoint_matrix(fit, endpoint_thetas)
-        if method in ("gpirt", "gmpirt") and lam is None and calibration is not None:
-            self.lam = self._calibrated_lambda(calibration, np.random.default_rng(seed))
+            if origin_theta is not None:
+                self.origin = _endpoint_matrix(fit, [origin_theta])[0]
+        if calibration is not None:
+            calibrated, self.rho, self.excess_variance = self._calibrate(calibration, np.random.default_rng(seed))
+            self.lam = calibrated if lam is None else lam
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -114,8 +130,10 @@ class Estimator:
         # fits written before the misfit was recorded carry none
         self.misfit_sd = float(fit.info.get("accuracy_misfit_sd", 0.0)) * unseen.sum() / fit.n_items
 
-    def _calibrated_lambda(self, calibration: ResponseMatrix, rng: np.random.Generator) -> float:
-        """λ from the errors of both estimators on (up to 100) calibration models; see blend_weight."""
+    def _calibrate(self, calibration: ResponseMatrix, rng: np.random.Generator) -> tuple[float, float, float]:
+        """From both estimators' errors on (up to 100) calibration models: the blend's λ (see
+        blend_weight), the correlation ρ of the two errors, and the IRT estimate's error variance
+        beyond its predicted sd² (misfit the model does not know of; 0 when the sd covers it)."""
         columns = pd.Index([_key(item) for item in calibration.items]).get_indexer(self.anchor_ids)
         if (columns < 0).any():
             missing = [item for item, col in zip(self.anchor_ids, columns) if col < 0]
@@ -123,18 +141,23 @@ class Estimator:
         rows = np.arange(len(calibration.models))
         if rows.size > MAX_CALIBRATION_MODELS:
             rows = np.sort(rng.choice(rows, MAX_CALIBRATION_MODELS, replace=False))
-        anchor_errors, irt_errors = [], []
+        anchor_errors, irt_errors, irt_variances = [], [], []
         for row in rows:
             y = calibration.matrix[row, columns]
             if np.isnan(y).any():
                 continue
             truth = np.nanmean(calibration.matrix[row])
-            theta, _ = self._ability(y, with_covariance=False)
+            theta, covariance = self._ability(y)
             anchor_errors.append(self.weights @ y - truth)
             irt_errors.append(self._irt_value(y, theta) - truth)
+            irt_variances.append(self._irt_sd(y, theta, covariance) ** 2)
         if not anchor_errors:
             raise MergeflowError("no calibration model answered every anchor item; cannot set λ")
-        return blend_weight(np.array(anchor_errors), np.array(irt_errors), self.lambda_rule)
+        anchor_errors, irt_errors = np.array(anchor_errors), np.array(irt_errors)
+        rho = np.corrcoef(anchor_errors, irt_errors)[0, 1] if len(anchor_errors) > 2 else np.nan
+        excess = max(0.0, float(np.mean(irt_errors**2) - np.mean(irt_variances)))
+        return (blend_weight(anchor_errors, irt_errors, self.lambda_rule), float(rho) if np.isfinite(rho) else 1.0,
+                excess)
 
     # -- estimation --------------------------------------------------------------------------
 
@@ -150,7 +173,7 @@ class Estimator:
             return Estimate(anchor_value, float(np.sqrt(smoothed * (1 - smoothed) * squared)))
         theta, covariance = self._ability(y)
         irt_value = self._irt_value(y, theta)
-        irt_sd = self._irt_sd(y, theta, covariance)
+        irt_sd = float(np.sqrt(self._irt_sd(y, theta, covariance) ** 2 + self.excess_variance))
         if self.method in ("pirt", "mpirt"):
             return Estimate(irt_value, irt_sd, tuple(float(t) for t in theta))
         p_anchor = _sigmoid(self.anchor_alpha @ theta - self.anchor_beta)
@@ -160,7 +183,8 @@ class Estimator:
             total = irt_sd**2 + anchor_variance
             lam = irt_sd**2 / total if total > 0 else 0.5
         value = lam * anchor_value + (1 - lam) * irt_value
-        sd = np.sqrt(lam**2 * anchor_variance + (1 - lam) ** 2 * irt_sd**2)
+        covariance = self.rho * np.sqrt(anchor_variance) * irt_sd
+        sd = np.sqrt(max(lam**2 * anchor_variance + (1 - lam) ** 2 * irt_sd**2 + 2 * lam * (1 - lam) * covariance, 0.0))
         return Estimate(float(value), float(sd), tuple(float(t) for t in theta), float(lam))
 
     def anchor_vector(self, anchor_responses) -> np.ndarray:
@@ -180,7 +204,7 @@ class Estimator:
         if self.endpoints is None:
             return map_ability(self.anchor_alpha, self.anchor_beta, y, self.prior_sd)
         return combine_endpoint_abilities(self.endpoints, self.anchor_alpha, self.anchor_beta, y,
-                                          with_covariance)
+                                          with_covariance, self.origin)
 
     def _irt_value(self, y: np.ndarray, theta: np.ndarray) -> float:
         unseen = _sigmoid(self.unseen_alpha @ theta - self.unseen_beta)
@@ -233,35 +257,38 @@ def blend_weight(anchor_errors: np.ndarray, irt_errors: np.ndarray, rule: str = 
 
 def combine_endpoint_abilities(
     endpoints: np.ndarray, alpha: np.ndarray, beta: np.ndarray, y: np.ndarray,
-    with_covariance: bool = True,
+    with_covariance: bool = True, origin: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """mp-IRT's θ = Σⱼ λⱼ θⱼ with λ = softmax(η) fitted by (ridge-regularised) likelihood.
+    """mp-IRT's θ = θ₀ + Σⱼ λⱼ dⱼ with dⱼ = θⱼ − θ₀, λ fitted by MAP.
 
-    Returns θ and its covariance by the delta method from the Laplace covariance of η.
+    ``origin`` θ₀ defaults to the endpoints' mean. The prior λⱼ ~ N(1/E, (s / |dⱼ|)²) centres θ
+    on the endpoints' mean with sd s (the population's ability scale) along every direction,
+    however close the endpoints are to the origin, so the weights are free to leave the simplex
+    as far as the anchors ask. Returns θ and its covariance from the exact Laplace covariance of
+    λ (θ is linear in λ).
     """
     n_endpoints = endpoints.shape[0]
-    if n_endpoints == 1:
-        return endpoints[0].copy(), np.zeros((endpoints.shape[1],) * 2)
+    theta0 = endpoints.mean(axis=0) if origin is None else np.asarray(origin, dtype=float)
+    directions = endpoints - theta0  # (E, d)
+    prior_mean = np.full(n_endpoints, 1.0 / n_endpoints)
+    # per-weight prior precision |dⱼ|²/s², floored so that a direction of length 0 stays identified
+    precision = np.maximum(np.sum(directions**2, axis=1), 1e-6) / ENDPOINT_WEIGHT_PRIOR_SD**2
 
-    def negative_objective(eta: np.ndarray) -> tuple[float, np.ndarray]:
-        lam = _softmax(eta)
-        theta = lam @ endpoints
-        z = alpha @ theta - beta
+    def negative_objective(lam: np.ndarray) -> tuple[float, np.ndarray]:
+        z = alpha @ (theta0 + lam @ directions) - beta
         loglik = np.sum(y * z - np.logaddexp(0.0, z))
-        jacobian = _softmax_jacobian(lam) @ endpoints  # (E, d): dθ/dη transposed
-        gradient = jacobian @ (alpha.T @ (y - _sigmoid(z)))
-        prior = 0.5 * eta @ eta / ENDPOINT_LOGIT_PRIOR_SD**2
-        return -(loglik - prior), -(gradient - eta / ENDPOINT_LOGIT_PRIOR_SD**2)
+        gradient = directions @ (alpha.T @ (y - _sigmoid(z)))
+        offset = lam - prior_mean
+        return -(loglik - 0.5 * offset @ (precision * offset)), -(gradient - precision * offset)
 
-    result = minimize(negative_objective, np.zeros(n_endpoints), jac=True, method="L-BFGS-B")
-    eta = result.x
+    lam = minimize(negative_objective, prior_mean, jac=True, method="L-BFGS-B").x
+    theta = theta0 + lam @ directions
     if not with_covariance:
-        return _softmax(eta) @ endpoints, None
-    hessian = _numerical_hessian(lambda e: negative_objective(e)[1], eta)
-    eta_covariance = np.linalg.inv(hessian + 1e-9 * np.eye(n_endpoints))
-    lam = _softmax(eta)
-    jacobian = (_softmax_jacobian(lam) @ endpoints).T  # (d, E)
-    return lam @ endpoints, jacobian @ eta_covariance @ jacobian.T
+        return theta, None
+    p = _sigmoid(alpha @ theta - beta)
+    projected = alpha @ directions.T  # (A, E)
+    hessian = projected.T @ (projected * (p * (1 - p))[:, None]) + np.diag(precision)
+    return theta, directions.T @ np.linalg.inv(hessian) @ directions
 
 
 def _endpoint_matrix(fit: IRTFit, endpoint_thetas) -> np.ndarray:
@@ -293,22 +320,3 @@ def _response_lookup(anchor_responses) -> dict:
     raise MergeflowError(
         f"anchor responses must be a dict, Series or frame, not {type(anchor_responses).__name__}"
     )
-
-
-def _softmax(eta: np.ndarray) -> np.ndarray:
-    shifted = np.exp(eta - eta.max())
-    return shifted / shifted.sum()
-
-
-def _softmax_jacobian(lam: np.ndarray) -> np.ndarray:
-    return np.diag(lam) - np.outer(lam, lam)
-
-
-def _numerical_hessian(gradient, point: np.ndarray, step: float = 1e-5) -> np.ndarray:
-    size = point.size
-    hessian = np.empty((size, size))
-    for k in range(size):
-        offset = np.zeros(size)
-        offset[k] = step
-        hessian[:, k] = (gradient(point + offset) - gradient(point - offset)) / (2 * step)
-    return 0.5 * (hessian + hessian.T)

@@ -12,6 +12,7 @@ NEED_PATHS = {
     "split": lambda task, fit: f"results/data/{task}/search.parquet",
     "anchors": lambda task, fit: anchors_path(task, FITNESS[fit["kind"]].anchor_set(fit)),
     "irt": lambda task, fit: f"results/irt/{task}/items.parquet",
+    "calibration": lambda task, fit: f"results/calibration/{task}.parquet",
 }
 
 
