@@ -150,3 +150,13 @@ def test_resident_sources_serve_later_jobs_and_reload_when_a_model_changes(tiny_
             assert reloaded is not first
     finally:
         release()
+
+
+def test_sigma_sets_the_first_generation_spread():
+    """evolve.sigma is the genome's mutation scale: CMA's first generation spreads with it."""
+    spreads = []
+    for sigma in (1 / 6, 0.35):
+        optimizer = make_optimizer(SearchSettings("CMA", dim=8, population=24, seed=0, init=(0.5,) * 8, sigma=sigma))
+        genomes = np.array([c.value for c in ask_generation(optimizer, 24)])
+        spreads.append(genomes.std(axis=0).mean())
+    assert spreads[0] == pytest.approx(0.47 / 6, rel=0.25) and spreads[1] > 1.8 * spreads[0]

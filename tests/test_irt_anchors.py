@@ -20,13 +20,29 @@ def data():
 def test_each_strategy_gives_n_weighted_anchors(data, strategy):
     matrix, fit = data
     anchors = select_anchors(matrix, fit, strategy=strategy, n=20, seed=3)
-    assert list(anchors.columns) == ["item_id", "weight", "strategy", "seed"]
+    assert list(anchors.columns) == ["item_id", "weight", "strategy", "seed", "variance"]
+    assert anchors["variance"].between(0, 0.25).all()
     assert len(anchors) == 20 and anchors["item_id"].is_unique
     assert set(anchors["item_id"]) <= set(matrix.items)
     assert np.isclose(anchors["weight"].sum(), 1.0) and (anchors["weight"] > 0).all()
     assert (anchors["strategy"] == strategy).all() and (anchors["seed"] == 3).all()
     again = select_anchors(matrix, fit, strategy=strategy, n=20, seed=3)
     assert anchors.equals(again)
+
+
+def test_stratum_variance_is_that_of_a_draw_from_the_anchors_cluster(data):
+    """Random anchors stand for the whole split: p(1 - p) of each model, averaged; cluster
+    anchors for their cluster, where a model's answers agree more, so the stratified variance
+    of the weighted mean is below the simple random sample's."""
+    matrix, fit = data
+    accuracy = np.nanmean(matrix.matrix, axis=1)
+    random = select_anchors(matrix, fit, strategy="random", n=20, seed=3)
+    assert np.allclose(random["variance"], np.mean(accuracy * (1 - accuracy)))
+    clustered = select_anchors(matrix, fit, strategy="correctness", n=20, seed=3)
+    stratified = np.sum(clustered["weight"] ** 2 * clustered["variance"])
+    assert stratified < np.sum(random["weight"] ** 2 * random["variance"])
+    without = select_anchors(None, fit, strategy="irt", n=20, seed=3)
+    assert "variance" not in without  # no responses to measure it on: the mean falls back to binomial
 
 
 def test_more_anchors_than_items_is_an_error(data):

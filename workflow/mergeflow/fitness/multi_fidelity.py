@@ -77,7 +77,8 @@ def check(config: dict, run: str) -> None:
         if rungs[-1] > size:
             raise MergeflowError(f"{where}.fitness.rungs: the top rung has {rungs[-1]} items, more than task {task!r}'s "
                                  f"search split ({size}, tasks.{task}.splits.search)")
-    smallest = math.ceil(eta ** (len(rungs) - 1))
+    # each rung must keep fewer candidates than the one below: more than η^(R-2) at rung 0
+    smallest = math.floor(eta ** (len(rungs) - 2)) + 1
     if evolve["population"] < smallest:
         raise MergeflowError(f"{where}.population {evolve['population']} is too small for {len(rungs)} rungs at eta "
                              f"{eta}: successive halving needs at least {smallest} candidates")

@@ -95,6 +95,8 @@ class Estimator:
         self.anchor_ids = [_key(item) for item in anchors["item_id"].tolist()]
         weights = anchors["weight"].to_numpy(dtype=float)
         self.weights = weights / weights.sum()
+        # stratum variances from the anchor selection, where it recorded them
+        self.stratum_variance = anchors["variance"].to_numpy(dtype=float) if "variance" in anchors else None
         self.prior_sd = prior_sd
         self.lam = lam
         self.rho = 1.0  # correlation of the blend's two errors: conservative without calibration
@@ -165,6 +167,8 @@ class Estimator:
         y = self.anchor_vector(anchor_responses)
         anchor_value = float(self.weights @ y)
         if self.method == "mean":
+            if self.stratum_variance is not None:  # stratified: Σ w² (y − p̄_stratum)²
+                return Estimate(anchor_value, float(np.sqrt(np.sum(self.weights**2 * self.stratum_variance))))
             # binomial sd with the effective sample size 1/Σw², at a Jeffreys-smoothed
             # proportion so that all-right or all-wrong anchors do not claim certainty
             squared = float(np.sum(self.weights**2))
