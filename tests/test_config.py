@@ -23,7 +23,10 @@ def config_with(run: str = "anchored", **evolve) -> dict:
 def test_the_default_validates_with_every_default_filled():
     config = validate_config(copy.deepcopy(DEFAULT))
     assert config["runs"]["anchored"]["evolve"]["fitness"] == {
-        "kind": "anchors", "estimator": "gmpirt", "anchors": {"strategy": "irt", "n": 20, "seed": 0}}
+        "kind": "multi_fidelity", "rungs": [10, 50], "eta": 8, "lowest": "anchors", "estimator": "gmpirt",
+        "anchors": {"strategy": "irt", "seed": 0}, "promote": "estimate", "seed": 0}
+    anchors = validate_config(config_with(fitness={"kind": "anchors"}))["runs"]["anchored"]["evolve"]["fitness"]
+    assert anchors == {"kind": "anchors", "estimator": "gmpirt", "anchors": {"strategy": "irt", "n": 20, "seed": 0}}
     assert config["runs"]["full"]["evolve"]["fitness"] == {"kind": "full"}
     space = config["runs"]["full"]["evolve"]["search_space"]
     assert space["kind"] == "parameter" and space["filters"] == [] and space["method_parameters"] == {}
