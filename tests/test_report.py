@@ -46,7 +46,7 @@ def test_final_table_holds_every_model_the_search_cost_and_the_estimate_check(ru
     merged = table[table["model"] == MERGED].set_index("task")
     assert merged["search_items"].tolist() == [40, 40] and merged["search_wall_s"].tolist() == [11.5, 11.5]
     # the best candidate (fitness 0.7, sd 0.05, 10 anchors per task) against its whole search split (0.6)
-    assert merged.loc["a", "estimated_fitness"] == 0.7 and merged.loc["a", "anchor_items"] == 10
+    assert merged.loc["a", "estimated_fitness"] == 0.7 and merged.loc["a", "estimate_items"] == 10
     assert merged.loc["a", "search_split_accuracy"] == 0.6 and merged.loc["a", "search_split_items"] == 10
     summary = (tmp_path / "summary.md").read_text()
     assert "| merged | 0.750 | 0.750 | 40 | 12 |" in summary

@@ -143,7 +143,7 @@ def test_run_writes_every_stage(finished_run):
     merged = anchored.loc["merged"]
     assert merged["estimated_fitness"] == best["fitness_math_l2"] and merged["estimated_sd"] == best["sd_math_l2"]
     assert merged["search_split_accuracy"] == search["correct"].mean() and merged["search_split_items"] == 60
-    assert merged["anchor_items"] == 10
+    assert merged["estimate_items"] == 10
     assert "## The search's estimate of its merge" in (results / "runs" / "anchored" / "final" / "summary.md").read_text()
     assert "| merged (anchored) | math_l2 |" in comparison
     assert "estimated_fitness" not in pd.read_parquet(results / "runs" / "full" / "final" / "test.parquet")

@@ -55,8 +55,8 @@ def final_table(run: str, response_files: list[str], merged_files: list[str], hi
 
 
 def estimate_checks(history_path: str | Path, search_files: dict[str, str]) -> dict[str, dict]:
-    """Per task: the fitness (and sd) a search on anchors estimated for its final merge, and that
-    merge's accuracy on the whole search split."""
+    """Per task: the fitness (and sd) a search estimated for its final merge, the items that
+    estimate rests on, and that merge's accuracy on the whole search split."""
     if not search_files:
         return {}
     best = hist.best_row(pd.read_parquet(history_path))
@@ -65,7 +65,7 @@ def estimate_checks(history_path: str | Path, search_files: dict[str, str]) -> d
         measured = accuracy_row(path, MERGED, task)
         estimate, sd = hist.task_estimate(best, task)
         checks[task] = {"estimated_fitness": estimate, "estimated_sd": sd,
-                        "anchor_items": hist.task_items(best, task),
+                        "estimate_items": hist.task_items(best, task),
                         "search_split_accuracy": measured["accuracy"],
                         "search_split_items": measured["items"]}
         log.info("%s: the search estimated %.4f, the whole search split gives %.4f", task,
@@ -92,23 +92,24 @@ def markdown_summary(table: pd.DataFrame, tasks: list[str], title: str) -> str:
 
 
 def _estimate_check_lines(table: pd.DataFrame) -> list[str]:
-    """How far a search on anchors was from the truth about the merge it chose."""
+    """How far a search that ended on estimates was from the truth about the merge it chose."""
     if "estimated_fitness" not in table.columns:
         return []
     checked = table.dropna(subset=["estimated_fitness"])
     if checked.empty:
         return []
     lines = ["## The search's estimate of its merge", "",
-             "The fitness a search on anchors estimated for the merge it chose, beside that merge's "
-             "accuracy on the whole search split, scored once after the search.", "",
-             "| model | task | estimated (anchors) | whole search split (items) | error (points) | within ±1.96 sd |",
+             "The fitness a search estimated for the merge it chose (from anchors, or from a multi-fidelity "
+             "rung below the whole split; items in brackets), beside that merge's accuracy on the whole search "
+             "split, scored once after the search.", "",
+             "| model | task | estimated (items) | whole search split (items) | error (points) | within ±1.96 sd |",
              "|---|---|---|---|---|---|"]
     for row in checked.itertuples():
         error = 100 * (row.estimated_fitness - row.search_split_accuracy)
         inside = "" if pd.isna(row.estimated_sd) else (
             "yes" if abs(error) <= 196 * row.estimated_sd else "no")
         sd = "" if pd.isna(row.estimated_sd) else f" ± {row.estimated_sd:.3f}"
-        lines.append(f"| {row.model} | {row.task} | {row.estimated_fitness:.3f}{sd} ({int(row.anchor_items)}) | "
+        lines.append(f"| {row.model} | {row.task} | {row.estimated_fitness:.3f}{sd} ({int(row.estimate_items)}) | "
                      f"{row.search_split_accuracy:.3f} ({int(row.search_split_items):,}) | {error:+.1f} | {inside} |")
     return lines + [""]
 
