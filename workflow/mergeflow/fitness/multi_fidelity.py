@@ -32,7 +32,7 @@ from mergeflow.fitness.base import FitnessKind, TaskFitness
 
 def rung_items(task: str, fitness_cfg: dict, files: dict[str, str], rung: int) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """Rung ``rung``'s items of the search split, their weights (columns ``item_id``,
-    ``weight``), and the size of the whole split."""
+    ``weight``; at an anchor rung the anchor set itself), and the size of the whole split."""
     from mergeflow.data import read_split
 
     size = fitness_cfg["rungs"][rung]
@@ -46,7 +46,7 @@ def rung_items(task: str, fitness_cfg: dict, files: dict[str, str], rung: int) -
     order = rest.iloc[rng.permutation(len(rest))]
     chosen = order.iloc[: size - (0 if lowest is None else len(lowest))]
     if lowest is not None and rung == 0:
-        return lowest, anchors[["item_id", "weight"]], len(items)
+        return lowest, anchors, len(items)  # with the anchors' stratum variances
     subset = chosen if lowest is None else pd.concat([lowest, chosen])
     subset = items[items["item_id"].isin(set(subset["item_id"]))].reset_index(drop=True)  # split order
     weights = pd.DataFrame({"item_id": subset["item_id"], "weight": 1.0 / len(subset)})
