@@ -19,6 +19,7 @@ include: "workflow/rules/respond.smk"
 include: "workflow/rules/irt.smk"
 include: "workflow/rules/evolve.smk"
 include: "workflow/rules/final.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

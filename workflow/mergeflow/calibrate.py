@@ -17,6 +17,7 @@ import pandas as pd
 
 from mergeflow.errors import MergeflowError
 from mergeflow.evaluate import EvalSettings, evaluate_items, load_causal_lm
+from mergeflow.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +36,18 @@ def random_merge_responses(base_path: str, source_paths: list[str], space_cfg: d
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     rng = np.random.default_rng([seed, 7])
     frames = []
+    meter = Progress("calibration: random merges", count, "merge")
     for i in range(count):
         recipe = space.to_recipe(rng.random(space.dim), seed=seed + i)
         model = merger.merge(recipe)
         if merger.nonfinite_tensors():
             log.warning("random merge %d has non-finite weights; skipped", i)
+            meter.update()
             continue
         frame = evaluate_items(model, tokenizer, items, scorer, settings, delimiter)
         frames.append(frame.assign(model=f"random-{i:03d}"))
         log.info("random merge %d/%d: accuracy %.3f", i + 1, count, frame["correct"].mean())
+        meter.update()
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

@@ -28,6 +28,7 @@ import torch
 
 from mergeflow.dtypes import torch_dtype
 from mergeflow.errors import MergeflowError
+from mergeflow.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,8 @@ def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], set
     device = next(model.parameters()).device
     out = np.empty(len(requests), dtype=np.float64)
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
-    t0 = time.perf_counter()
     n_batches = math.ceil(len(order) / settings.batch_size)
+    meter = Progress(progress, n_batches, "batch") if progress else None
     with torch.inference_mode():
         for b in range(n_batches):
             idx = order[b * settings.batch_size:(b + 1) * settings.batch_size]
@@ -137,8 +138,8 @@ def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], set
             token_lp = logprobs.gather(1, targets.to(device)[:, None])[:, 0].double()
             sums = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows.to(device), token_lp)
             out[idx] = sums.cpu().numpy()
-            if progress and (b + 1) % max(1, n_batches // 10) == 0:
-                log.info("%s: batch %d/%d (%.1fs)", progress, b + 1, n_batches, time.perf_counter() - t0)
+            if meter:
+                meter.update()
     return out
 
 
@@ -173,6 +174,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings
     contexts = [c[-settings.max_length:] for c in _contexts(tokenizer, prompts, settings)]
     order = sorted(range(len(prompts)), key=lambda i: -len(contexts[i]))
     n_batches = math.ceil(len(order) / settings.batch_size)
+    meter = Progress(f"{progress} (generation)", n_batches, "batch") if progress else None
     with torch.inference_mode():
         for b in range(n_batches):
             idx = order[b * settings.batch_size:(b + 1) * settings.batch_size]
@@ -185,8 +187,8 @@ def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings
                 for s in stop:
                     text = text.split(s)[0]
                 texts[i] = text
-            if progress:
-                log.info("%s: generation batch %d/%d", progress, b + 1, n_batches)
+            if meter:
+                meter.update()
     return texts
 
 

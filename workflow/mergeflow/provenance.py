@@ -1,18 +1,21 @@
 """``provenance.json``: what produced a run's results — config, package versions, commit, seeds.
 
-It holds no timestamps or host names, so the same config on the same checkout gives the same file.
+It holds no timestamps or host names, so the same config on the same checkout and machine gives
+the same file. It does name the CPU and GPUs: float results differ across hardware.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
 PACKAGES = ("mergeflow", "snakemake", "torch", "transformers", "tokenizers", "safetensors", "datasets",
-            "pyro-ppl", "nevergrad", "pandas", "pyarrow", "numpy")
+            "pyro-ppl", "nevergrad", "pandas", "pyarrow", "numpy", "matplotlib")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -37,6 +40,28 @@ def git_commit(repo: Path) -> dict[str, str | bool | None]:
         return {"commit": None, "dirty": None}
 
 
+def hardware() -> dict[str, object]:
+    """The CPU model and core count, and the GPUs torch sees (CUDA kernels differ by card too)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus: list[str] = []
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    return {"machine": platform.machine(), "system": platform.system(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "gpus": gpus}
+
+
 def seeds(config: dict, run: str) -> dict[str, int]:
     out = {"seed": config["seed"], "run_seed": config["runs"][run]["seed"]}
     if config.get("zoo"):
@@ -52,6 +77,7 @@ def write_provenance(config: dict, run: str, out: str | Path) -> dict:
         "python": sys.version.split()[0],
         "packages": package_versions(),
         "git": git_commit(Path(__file__).resolve().parents[2]),
+        "hardware": hardware(),
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")

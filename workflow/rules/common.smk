@@ -97,6 +97,9 @@ def all_outputs():
             outputs.append(f"results/runs/{run}/final/pareto.md")
         if run in EVOLVE and EVOLVE[run].save_weights:
             outputs += [f"{evolve_dir(run)}/gen_{g}/best/model" for g in range(generations(run))]
+        if run in EVOLVE:
+            outputs.append(f"results/runs/{run}/final/model")
     if EVOLVE:
         outputs.append("results/summary.md")
-    return outputs
+    # the report's figures and the README of results/ (functions/report.smk)
+    return outputs + all_figures() + ["results/README.md"]

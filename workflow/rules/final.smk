@@ -23,17 +23,18 @@ rule baseline_model:
         "../scripts/baseline_model.py"
 
 
-rule final_model:
+# The best recipe merged and scored (temporary: final_model publishes its files with a card).
+rule final_merge:
     input:
         recipe=lambda wc: f"{last_generation(wc.run)}/best/recipe.yaml",
         history="results/runs/{run}/evolve/history.parquet",
         models=search_model_inputs,
     output:
-        directory("results/runs/{run}/final/model"),
+        temp(directory("results/runs/{run}/final/merge")),
     params:
         lineage=lambda wc: {"run": wc.run, "generations": generations(wc.run)},
     log:
-        "results/logs/final/{run}/model.log",
+        "results/logs/final/{run}/merge.log",
     conda:
         CONDA_ENV
     script:
@@ -43,13 +44,13 @@ rule final_model:
 rule final_respond:
     input:
         split_file=final_split_file,
-        model="results/runs/{run}/final/model",
+        model="results/runs/{run}/final/merge",
     output:
         "results/runs/{run}/final/{scored}/{task}.parquet",
     wildcard_constraints:
         scored="|".join(FINAL_SPLITS),
     params:
-        model=lambda wc: {"path": f"results/runs/{wc.run}/final/model"},
+        model=lambda wc: {"path": f"results/runs/{wc.run}/final/merge"},
         scorer=lambda wc: config["tasks"][wc.task]["scorer"],
         delimiter=lambda wc: config["tasks"][wc.task]["target_delimiter"],
         evaluation=canonical(config["evaluation"]),
@@ -84,6 +85,22 @@ rule final_table:
         CONDA_ENV
     script:
         "../scripts/final_table.py"
+
+
+rule final_model:
+    input:
+        merge="results/runs/{run}/final/merge",
+        table="results/runs/{run}/final/test.parquet",
+    output:
+        directory("results/runs/{run}/final/model"),
+    params:
+        model_ids=MODEL_IDS,
+    log:
+        "results/logs/final/{run}/model.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/final_model.py"
 
 
 rule pareto_front:

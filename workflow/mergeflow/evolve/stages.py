@@ -28,6 +28,7 @@ import pandas as pd
 from mergeflow.config import model_location
 from mergeflow.errors import MergeflowError
 from mergeflow.evolve import history as hist
+from mergeflow.progress import Progress
 from mergeflow.evolve.search import (
     SearchSettings,
     ask_generation,
@@ -210,6 +211,7 @@ def fitness(cfg: EvolveConfig, tasks: dict[str, dict], evaluation: dict, files: 
     rows, answers = [], []
     with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], settings.device,
                          settings.dtype) as (merger, tokenizer):
+        meter = Progress(f"generation {job.generation} rung {job.rung} shard {job.shard}", len(mine), "candidate")
         for _, cand in mine.iterrows():
             known = hist.known_answers(earlier, cand["recipe_hash"])
             result = evaluate_candidate(merger, tokenizer, recipe_from_yaml(cand["recipe"]), scorers, settings, known)
@@ -222,6 +224,7 @@ def fitness(cfg: EvolveConfig, tasks: dict[str, dict], evaluation: dict, files: 
             log.info("generation %d rung %d candidate %d: %s (%.2fs)%s", job.generation, job.rung, cand["index"],
                      {t: round(result.fitness[t], 4) for t in cfg.tasks}, result.wall_s,
                      f" PROBLEM: {result.problem}" if result.problem else "")
+            meter.update()
     frame = pd.DataFrame(rows, columns=hist.SHARD_COLUMNS)
     Path(job.out).parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(job.out, index=False)

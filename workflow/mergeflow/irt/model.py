@@ -36,6 +36,7 @@ from safetensors.numpy import load_file, save_file
 from mergeflow.errors import MergeflowError
 from mergeflow.irt import KINDS
 from mergeflow.irt.responses import ResponseMatrix
+from mergeflow.progress import Progress
 
 FORMAT = "mergeflow-irt/1"
 INIT_SCALE = 0.05
@@ -244,10 +245,12 @@ def fit_irt(
     trace: list[float] = []
     converged = False
     started = time.perf_counter()
+    meter = Progress(f"IRT fit ({kind}, {dim}-d)", steps, "step")
     for step in range(steps):
         with pyro.validation_enabled(False):
             loss = svi.step(data)
         trace.append(loss / max(int(train.sum()), 1))
+        meter.update(postfix=f"loss/response {trace[-1]:.4f}")
         if log_every and step % log_every == 0:
             print(f"step {step}: loss/response {trace[-1]:.5f}", flush=True)
         if step + 1 >= max(min_steps, 2 * check_every) and (step + 1) % check_every == 0:

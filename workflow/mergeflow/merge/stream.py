@@ -103,7 +103,7 @@ def _copy_tokenizer(source_dir: Path, out_dir: Path) -> list[str]:
 def model_card(recipe: Recipe) -> str:
     models = "\n".join(f"- `{path}`" for path in recipe.model_paths())
     return (
-        "---\ntags:\n- merge\n- mergeflow\n---\n"
+        "---\nlibrary_name: transformers\ntags:\n- merge\n- mergeflow\n---\n"
         f"# Merged model\n\nMerged with mergeflow using the `{recipe.merge_method}` method"
         + (f" on base `{recipe.base_model}`" if recipe.base_model else "")
         + f".\n\n## Source models\n\n{models}\n\n## Recipe\n\n"

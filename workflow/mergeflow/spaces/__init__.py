@@ -8,7 +8,9 @@ this registry's keys, which a test checks). Every kind maps a genome to a merge 
 - ``to_recipe(genome, seed)``: the recipe a genome stands for (``seed`` feeds random methods);
 - ``from_recipe(recipe)``: the genome closest to a recipe;
 - ``initial_genome(init)``: where the search starts, from ``init`` (source path -> weight), or
-  None for the optimizer's own start.
+  None for the optimizer's own start;
+- ``genome_table(genome)``: the genome's values as a long table (``panel``, ``row``,
+  ``column``, ``value``), one heatmap per panel in the best-genome figure.
 
 Kinds are built from the ``search_space`` mapping with the run's ``base_model`` and ``models``
 (paths) filled in, through :func:`build_space`, which validates the mapping against the schema
@@ -20,6 +22,7 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 import numpy as np
+import pandas as pd
 
 from mergeflow.merge.recipe import Recipe
 from mergeflow.spaces.parameter import ParameterSpace
@@ -33,6 +36,8 @@ class Space(Protocol):
     def from_recipe(self, recipe: Recipe) -> np.ndarray: ...
 
     def initial_genome(self, init: dict[str, float] | None) -> tuple[float, ...] | None: ...
+
+    def genome_table(self, genome: np.ndarray) -> pd.DataFrame: ...
 
 
 # kind -> builder from a validated ``search_space`` mapping (base_model and models are paths)

@@ -38,7 +38,8 @@ extension mergekit does not read).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +48,9 @@ from mergeflow.merge.methods import get_method
 from mergeflow.merge.params import layer_position, resolve_value
 from mergeflow.merge.recipe import ModelEntry, Recipe, SliceSource, SliceSpec, recipe_from_dict
 from mergeflow.merge.sources import ModelSource
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # A tensor name that matches no user filter, used to read the "rest" value back from a recipe.
 _REST_PROBE = "__mergeflow_rest__"
@@ -151,6 +155,32 @@ class ParameterSpace:
         for group in range(len(self.groups)):
             for kind in range(len(self.kinds)):
                 yield group, kind
+
+    # ---- genome -> table (for figures)
+
+    def genome_table(self, x: np.ndarray) -> "pd.DataFrame":
+        """A genome's values as rows ``panel`` (a parameter), ``row`` (model, and module kind with
+        filters), ``column`` (layer group, its layers and, with several methods, its method) and
+        ``value``: what the best-genome figure draws."""
+        import pandas as pd
+
+        methods, model_values, method_values = self._decode(x)
+        names = [Path(m).name for m in self.models]
+        rows = []
+        for group, kind in self._cells():
+            start, end = self.groups[group]
+            column = f"layers {start}-{end - 1}" if end - start > 1 else f"layer {start}"
+            if len(self.methods) > 1:
+                column += f"\n{methods[group]}"
+            kind_name = "" if not self.filters else f" · {self.kinds[kind] or 'rest'}"
+            for model, name in enumerate(names):
+                for key in self.model_ranges:
+                    rows.append({"panel": key, "row": name + kind_name, "column": column,
+                                 "value": model_values[group][kind][model][key]})
+            for key in self.method_ranges:
+                rows.append({"panel": key, "row": "method" + kind_name, "column": column,
+                             "value": method_values[group][kind][key]})
+        return pd.DataFrame(rows, columns=["panel", "row", "column", "value"])
 
     # ---- genome -> recipe
 

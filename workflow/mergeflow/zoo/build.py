@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mergeflow.progress import Progress
 from mergeflow.zoo import language
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def train(model, tokenizer, spec: TrainSpec, seed: int, checkpoint_dir: Path | N
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
     losses = []
-    t0 = time.perf_counter()
+    meter = Progress(f"zoo {spec.corpus}", spec.steps, "step")
     for step in range(spec.steps):
         input_ids, labels = _batch(tokenizer, [sample(rng) for _ in range(spec.batch_size)])
         loss = model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels).loss
@@ -131,9 +131,7 @@ def train(model, tokenizer, spec: TrainSpec, seed: int, checkpoint_dir: Path | N
         opt.step()
         sched.step()
         losses.append(loss.item())
-        if (step + 1) % 100 == 0 or step == spec.steps - 1:
-            log.info("%s step %d/%d loss %.4f (%.1fs)", spec.corpus, step + 1, spec.steps,
-                     np.mean(losses[-100:]), time.perf_counter() - t0)
+        meter.update(postfix=f"loss {np.mean(losses[-100:]):.4f}")
         if checkpoint_dir is not None and spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 \
                 and step + 1 < spec.steps:
             save_model(model, tokenizer, checkpoint_dir / f"step_{step + 1:05d}")

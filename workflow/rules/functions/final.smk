@@ -36,3 +36,8 @@ def pareto_test_tasks(wildcards):
     return canonical({t: {"split": f"results/data/{t}/test.parquet", "scorer": config["tasks"][t]["scorer"],
                           "delimiter": config["tasks"][t]["target_delimiter"]}
                       for t in run_tasks(config, wildcards.run)})
+
+
+# How the final model's card names its sources (Hugging Face's base_model): hub ids where the
+# model came from the hub, else the config's model names.
+MODEL_IDS = [config["models"][m].get("hub", m) for m in [config["base_model"], *config["endpoints"]]]
