@@ -150,7 +150,23 @@ def test_run_writes_every_stage(finished_run):
     assert not (results / "runs" / "full" / "final" / "search_responses").exists()
     provenance = yaml.safe_load((results / "runs" / "full" / "provenance.json").read_text())
     assert provenance["seeds"]["seed"] == 0 and provenance["packages"]["torch"]
-    assert "commit" in provenance["git"]
+    assert "commit" in provenance["git"] and provenance["hardware"]["cpu"]
+    # the report's figures, the published final models and the results README
+    for run in ("full", "anchored", "multi"):
+        for figure in ("search_progress", "best_genome"):
+            assert (results / "runs" / run / "figures" / f"{figure}.png").stat().st_size > 5000
+        card = (results / "runs" / run / "final" / "model" / "README.md").read_text()
+        meta = yaml.safe_load(card.split("---\n")[1])
+        assert meta["tags"] == ["merge", "mergeflow"] and meta["base_model"] == ["base", "math", "lang"]
+        assert "## Evaluation" in card and "| math_l2 | 40 |" in card
+        assert not (results / "runs" / run / "final" / "merge").exists()  # temporary: the card's model holds it
+    assert (results / "runs" / "full" / "figures" / "pareto_front.png").exists()
+    assert not (results / "runs" / "anchored" / "figures" / "pareto_front.png").exists()
+    for figure in ("irt_math_l2", "accuracy", "search_cost"):
+        assert (results / "figures" / f"{figure}.png").stat().st_size > 5000
+    readme = (results / "README.md").read_text()
+    assert provenance["git"]["commit"] in readme and "![search progress of run multi]" in readme
+    assert "torch==" in (results / "requirements.txt").read_text()
 
 
 @pytest.mark.slow
@@ -164,8 +180,9 @@ def test_fitness_jobs_after_the_first_find_the_sources_resident(finished_run):
 
 
 @pytest.mark.slow
-def test_report_holds_every_results_table(finished_run):
-    """``snakemake --report`` packs the overall summary, each run's table and the Pareto table."""
+def test_report_holds_every_results_table_and_figure(finished_run):
+    """``snakemake --report`` packs the overall summary, each run's table, the Pareto table and
+    every figure, with their captions."""
     import zipfile
 
     workdir, config = finished_run
@@ -173,9 +190,15 @@ def test_report_holds_every_results_table(finished_run):
     assert result.returncode == 0, result.stderr[-4000:]
     names = zipfile.ZipFile(workdir / "report.zip").namelist()
     packed = sorted(Path(n).name for n in names if n.startswith("report/data/raw/"))
-    assert packed == ["pareto.md"] + ["summary.md"] * 4, packed
+    figures = ["accuracy.png", "irt_math_l2.png", "pareto_front.png", "search_cost.png"]
+    figures += ["best_genome.png"] * 3 + ["search_progress.png"] * 3
+    assert packed == sorted(["pareto.md"] + ["summary.md"] * 4 + figures), packed
     html = next(n for n in names if n.endswith("report.html"))
-    assert "Test-split accuracy of every run" in zipfile.ZipFile(workdir / "report.zip").read(html).decode()
+    page = zipfile.ZipFile(workdir / "report.zip").read(html).decode()
+    for caption in ("Test-split accuracy of every run", "how the search went", "the genome of its final merge",
+                    "the Pareto front in the space", "how good the IRT-based cheap fitness is",
+                    "Test-split accuracy of every model on every task", "What each search cost"):
+        assert caption in page, caption
 
 
 @pytest.mark.slow
@@ -202,8 +225,10 @@ def test_template_change_reruns_only_that_task(finished_run):
         "all", "data[task=math_l1]", "final_table[run=full]", "compare_runs", "provenance[run=full]", "provenance[run=anchored]",
         "provenance[run=multi]",
         *[f"respond[task=math_l1, split=test, model={m}]" for m in ["base", "math", "lang", "baseline"]],
-        *full_search, "history[run=full]", "final_model[run=full]", "pareto_front[run=full]", "pareto_members[run=full]",
-        *[f"final_respond[run=full, scored=responses, task={t}]" for t in ["math_l2", "math_l1"]],
+        *full_search, "history[run=full]", "final_merge[run=full]", "final_model[run=full]", "pareto_front[run=full]",
+        "pareto_members[run=full]", *[f"final_respond[run=full, scored=responses, task={t}]" for t in ["math_l2", "math_l1"]],
+        "search_progress[run=full]", "best_genome[run=full]", "pareto_figure[run=full]", "accuracy_figure", "cost_figure",
+        "results_readme",
     ])
 
 
@@ -225,9 +250,16 @@ def test_more_generations_run_only_the_new_ones(finished_run):
     config = yaml.safe_load(yaml.safe_dump(config))
     config["runs"]["full"]["evolve"]["generations"] = 5
     result = snakemake(workdir, config, "-n")
-    jobs = [j for j in planned_jobs(result.stdout) if j.split("[")[0] in ("ask", "fitness", "tell")]
+    planned = planned_jobs(result.stdout)
+    jobs = [j for j in planned if j.split("[")[0] in ("ask", "fitness", "tell")]
     assert jobs == sorted([f"{rule}[run=full, g={g}]" for rule in ("ask", "tell") for g in (3, 4)]
                           + [f"fitness[run=full, g={g}, r=0, k={k}]" for g in (3, 4) for k in (0, 1)])
+    # of the report, that run's figures, the summary figures and the README, nothing else
+    report = [j for j in planned if j.split("[")[0] in ("search_progress", "best_genome", "pareto_figure",
+                                                        "irt_fit_figure", "accuracy_figure", "cost_figure",
+                                                        "results_readme")]
+    assert report == sorted(["search_progress[run=full]", "best_genome[run=full]", "pareto_figure[run=full]",
+                             "accuracy_figure", "cost_figure", "results_readme"])
 
 
 @pytest.mark.slow
