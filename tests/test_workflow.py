@@ -159,7 +159,9 @@ def test_run_writes_every_stage(finished_run):
         meta = yaml.safe_load(card.split("---\n")[1])
         assert meta["tags"] == ["merge", "mergeflow"] and meta["base_model"] == ["base", "math", "lang"]
         assert "## Evaluation" in card and "| math_l2 | 40 |" in card
-        assert not (results / "runs" / run / "final" / "merge").exists()  # temporary: the card's model holds it
+        weights = results / "runs" / run / "final" / "merge" / "model-00001-of-00001.safetensors"
+        published = results / "runs" / run / "final" / "model" / weights.name
+        assert published.stat().st_ino == weights.stat().st_ino  # hard links: no second copy
     assert (results / "runs" / "full" / "figures" / "pareto_front.png").exists()
     assert not (results / "runs" / "anchored" / "figures" / "pareto_front.png").exists()
     for figure in ("irt_math_l2", "accuracy", "search_cost"):

@@ -162,15 +162,15 @@ def irt_fit_figure(task: str, irt_dir: str | Path, response_files: list[str | Pa
         predicted.append(float(fit.probability(fit.theta_of(model), columns).mean()))
     left.scatter(measured, predicted, s=16, color="#6baed6", label="calibration models: IRT fit (all items)",
                  edgecolors="white", linewidths=0.3)
-    checks = [pd.read_parquet(p).dropna(subset=["estimated_fitness"]) if "estimated_fitness" in
-              pd.read_parquet(p).columns else pd.DataFrame() for p in run_tables]
+    checks = [frame[frame["task"] == task].dropna(subset=["estimated_fitness"])
+              for frame in (pd.read_parquet(p) for p in run_tables) if "estimated_fitness" in frame.columns]
     for frame in checks:
-        for row in frame[frame["task"] == task].itertuples():
+        for row in frame.itertuples():
             left.errorbar([row.search_split_accuracy], [row.estimated_fitness], yerr=[Z_95 * row.estimated_sd],
                           fmt="D", ms=6, capsize=3, color="#d94801")
             left.annotate(f"run {row.run}", (row.search_split_accuracy, row.estimated_fitness),
                           textcoords="offset points", xytext=(6, 4), fontsize=8)
-    if any(len(f[f["task"] == task]) for f in checks):
+    if any(len(f) for f in checks):
         left.errorbar([], [], yerr=[], fmt="D", color="#d94801", label="final merge: search's estimate ±1.96 sd")
     values = measured + predicted + [v for f in checks for v in f.get("estimated_fitness", [])]
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)

@@ -23,14 +23,15 @@ rule baseline_model:
         "../scripts/baseline_model.py"
 
 
-# The best recipe merged and scored (temporary: final_model publishes its files with a card).
+# The best recipe merged and scored; final_model publishes its files (hard links) with a card that
+# holds the scores, so a change to the table redoes the card, not the merge or its scoring.
 rule final_merge:
     input:
         recipe=lambda wc: f"{last_generation(wc.run)}/best/recipe.yaml",
         history="results/runs/{run}/evolve/history.parquet",
         models=search_model_inputs,
     output:
-        temp(directory("results/runs/{run}/final/merge")),
+        directory("results/runs/{run}/final/merge"),
     params:
         lineage=lambda wc: {"run": wc.run, "generations": generations(wc.run)},
     log:
