@@ -136,6 +136,7 @@ def test_results_readme_and_model_card(run, tmp_path, monkeypatch):
     merge = tmp_path / "merge"
     merge.mkdir()
     (merge / "model.safetensors").write_bytes(b"weights")
+    (merge / ".snakemake_timestamp").write_text("")
     (merge / "README.md").write_text("---\ntags:\n- merge\n---\n# Merged model\n\n## Lineage\n\n- run: r\n")
     card_dir = final_model("r", merge, run["table"], ["org/base", "math", "lang"], tmp_path / "model")
     card = (card_dir / "README.md").read_text()
@@ -144,3 +145,4 @@ def test_results_readme_and_model_card(run, tmp_path, monkeypatch):
     assert meta["tags"] == ["merge", "mergeflow"]
     assert "## Lineage" in card and "| a | 4 | 0.750 |" in card
     assert (card_dir / "model.safetensors").stat().st_ino == (merge / "model.safetensors").stat().st_ino
+    assert not (card_dir / ".snakemake_timestamp").exists()

@@ -102,7 +102,7 @@ def search_progress(run: str, history_path: str | Path, out: str | Path,
         ax.set_xticks(generations)
         _percent(ax)
         ax.set_title(f"run {run}: {task}")
-        ax.legend(loc="lower right", frameon=False)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _save(fig, out)
 
 
@@ -160,7 +160,7 @@ def irt_fit_figure(task: str, irt_dir: str | Path, response_files: list[str | Pa
         columns = fit.item_index([item for item, a in zip(matrix.items, answers) if np.isfinite(a)])
         measured.append(float(np.nanmean(answers)))
         predicted.append(float(fit.probability(fit.theta_of(model), columns).mean()))
-    left.scatter(measured, predicted, s=16, color="#6baed6", label="calibration models: IRT fit (all items)",
+    left.scatter(measured, predicted, s=16, color="#6baed6", label="calibration models and endpoints: IRT fit\n(in-sample, all items)",
                  edgecolors="white", linewidths=0.3)
     checks = [frame[frame["task"] == task].dropna(subset=["estimated_fitness"])
               for frame in (pd.read_parquet(p) for p in run_tables) if "estimated_fitness" in frame.columns]
@@ -277,6 +277,8 @@ def accuracy_figure(tables: dict[str, str | Path], out: str | Path) -> Path:
 def cost_figure(tables: dict[str, str | Path], objectives: dict[str, list[str]], out: str | Path) -> Path:
     """Per search: its final merge's test accuracy on its (first) objective against the items it
     evaluated (left) and its wall time (right), beside the best endpoint on that task."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     plt = _pyplot()
     table = _run_tables(tables)
     merged = table[table["model"] == "merged"]
@@ -290,7 +292,9 @@ def cost_figure(tables: dict[str, str | Path], objectives: dict[str, list[str]],
             row = row.iloc[0]
             ax.errorbar([row[column]], [row["accuracy"]], yerr=[Z_95 * row["stderr"]], fmt="o", capsize=3,
                         color=plt.cm.tab10(number), label=f"{run} ({tasks[0]})")
-            ax.annotate(run, (row[column], row["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            # alternate above and below: searches of similar cost would print over each other
+            ax.annotate(run, (row[column], row["accuracy"]), textcoords="offset points",
+                        xytext=(6, 4 if number % 2 == 0 else -11), fontsize=8)
         targets = {tasks[0] for tasks in objectives.values()}
         endpoints = table[(table["model"] != "merged") & table["task"].isin(targets)]
         for number, (task, rows) in enumerate(endpoints.groupby("task")):
@@ -300,6 +304,8 @@ def cost_figure(tables: dict[str, str | Path], objectives: dict[str, list[str]],
                         xycoords=("axes fraction", "data"), textcoords="offset points", xytext=(0, 3),
                         fontsize=7, color="grey")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(label + " (log scale)")
     axes[0].set_ylabel("final merge's test accuracy")
     _percent(axes[0])

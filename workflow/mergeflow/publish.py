@@ -165,7 +165,9 @@ def final_model(run: str, merge_dir: str | Path, table_path: str | Path, model_i
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for path in sorted(merge_dir.iterdir()):
-        if path.name != "README.md":
+        # hidden files are not the model's (Snakemake's .snakemake_timestamp: a shared inode
+        # would make touching one output touch the other)
+        if path.name != "README.md" and not path.name.startswith("."):
             _link_or_copy(path, out / path.name)
     body = (merge_dir / "README.md").read_text()
     if body.startswith("---\n"):  # the merge's own front matter is replaced by the fuller one below
