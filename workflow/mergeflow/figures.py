@@ -277,7 +277,7 @@ def accuracy_figure(tables: dict[str, str | Path], out: str | Path) -> Path:
 def cost_figure(tables: dict[str, str | Path], objectives: dict[str, list[str]], out: str | Path) -> Path:
     """Per search: its final merge's test accuracy on its (first) objective against the items it
     evaluated (left) and its wall time (right), beside the best endpoint on that task."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     plt = _pyplot()
     table = _run_tables(tables)
@@ -304,6 +304,7 @@ def cost_figure(tables: dict[str, str | Path], objectives: dict[str, list[str]],
                         xycoords=("axes fraction", "data"), textcoords="offset points", xytext=(0, 3),
                         fontsize=7, color="grey")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(label + " (log scale)")

@@ -96,6 +96,8 @@ def results_readme(runs: list[str], provenance_paths: list[str], tables: dict[st
     commit = git.get("commit") or "unknown"
     requirements(requirements_out)
     gpus = ", ".join(hw.get("gpus") or []) or "none"
+    machine = (f"{hw['cpu']} ({hw['cpu_count']} cores, {hw['machine']}), GPUs: {gpus}" if hw
+               else "not recorded (provenance.json predates hardware records)")
     config_args = "".join(f" --configfile {c}" for c in configfiles if Path(c).name != "config.yaml"
                           or Path(c).parent.name != "config")
     lines = ["# mergeflow results", "",
@@ -103,8 +105,7 @@ def results_readme(runs: list[str], provenance_paths: list[str], tables: dict[st
              + (" (with uncommitted changes)" if git.get("dirty") else "") + ", config "
              + ", ".join(f"`{c}`" for c in configfiles) + f", seed {first['seeds']['seed']}"
              + (f", zoo seed {first['seeds']['zoo_seed']}" if "zoo_seed" in first["seeds"] else "") + ".", "",
-             f"**Hardware:** {hw.get('cpu', 'unknown CPU')} ({hw.get('cpu_count', '?')} cores, "
-             f"{hw.get('machine', '')}), GPUs: {gpus}; device `{first['config']['evaluation']['device']}`, "
+             f"**Hardware:** {machine}; device `{first['config']['evaluation']['device']}`, "
              f"dtype `{first['config']['evaluation']['dtype']}`. Float results differ across hardware (CPU and "
              "GPU kernels): compare figures measured on one machine.", "",
              "## What was run", ""] + _runs_table(provenance) + [
@@ -126,10 +127,13 @@ def results_readme(runs: list[str], provenance_paths: list[str], tables: dict[st
         lines += [f"### {run}", "", f"Table: [`runs/{run}/final/summary.md`](runs/{run}/final/summary.md)."
                   + (f" Final merge: [`{_relative(model)}/`]({_relative(model)}/README.md) (a Hugging Face "
                      "model directory with its card)." if model else ""), ""]
-        lines += [f"![{Path(f).stem.replace('_', ' ')} of run {run}]({_relative(f)})" for f in mine] + [""]
+        for figure in mine:  # a paragraph each: one under the other
+            lines += [f"![{Path(figure).stem.replace('_', ' ')} of run {run}]({_relative(figure)})", ""]
     irt = [f for f in figures if Path(f).stem.startswith("irt_")]
     if irt:
-        lines += ["## IRT fits", ""] + [f"![IRT fit of {Path(f).stem[4:]}]({_relative(f)})" for f in irt] + [""]
+        lines += ["## IRT fits", ""]
+        for figure in irt:
+            lines += [f"![IRT fit of {Path(figure).stem[4:]}]({_relative(figure)})", ""]
     lines += ["## Package versions", "", f"Python {first['python']}.", ""]
     lines += _table(pd.DataFrame({"package": list(packages), "version": [v or "" for v in packages.values()]}))
     lines += ["", "Every installed package with its exact version: [`requirements.txt`](requirements.txt).", "",
