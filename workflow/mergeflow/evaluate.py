@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mergeflow.data import extract_number
 from mergeflow.dtypes import torch_dtype
 from mergeflow.errors import MergeflowError
 
@@ -140,19 +140,6 @@ def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], set
             if progress and (b + 1) % max(1, n_batches // 10) == 0:
                 log.info("%s: batch %d/%d (%.1fs)", progress, b + 1, n_batches, time.perf_counter() - t0)
     return out
-
-
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def extract_number(text: str) -> str | None:
-    """The answer number of a generation: after '####' if present, else the last number."""
-    if "####" in text:
-        text = text.split("####")[-1]
-    found = NUMBER.findall(text)
-    if not found:
-        return None
-    return found[-1].replace(",", "").rstrip(".")
 
 
 def _numbers_equal(a: str | None, b: str | None) -> bool:
