@@ -94,15 +94,16 @@ def fetch_hub_model(hub: str, revision: str | None, out: str | Path) -> Path:
         snapshot = Path(snapshot_download(hub, revision=revision, allow_patterns=HUB_PATTERNS))
     except Exception as err:
         raise MergeflowError(f"hub model {hub!r} (revision {revision or 'main'!r}): cannot fetch it: {err}") from err
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for file in sorted(p for p in snapshot.rglob("*") if p.is_file()):
-        link = out / file.relative_to(snapshot)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(file.resolve())
-    (out / "fetched.json").write_text(json.dumps(
-        {"hub": hub, "revision": revision, "commit": snapshot.name, "snapshot": str(snapshot)}, indent=1) + "\n")
-    return out
+    from mergeflow.outputs import staged_dir
+
+    with staged_dir(out) as stage:
+        for file in sorted(p for p in snapshot.rglob("*") if p.is_file()):
+            link = stage / file.relative_to(snapshot)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(file.resolve())
+        (stage / "fetched.json").write_text(json.dumps(
+            {"hub": hub, "revision": revision, "commit": snapshot.name, "snapshot": str(snapshot)}, indent=1) + "\n")
+    return Path(out)
 
 
 def check_models(models: dict[str, dict], base: str) -> dict:
