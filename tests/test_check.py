@@ -67,3 +67,13 @@ def test_tokenizer_mismatch_is_named(tiny_zoo, tmp_path):
     (bad / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(MergeflowError, match="model 'othertok': its tokenizer's vocabulary differs"):
         run_check(_models(tiny_zoo, othertok=bad), "base", tmp_path / "c.json")
+
+
+def test_a_missing_tokenizer_json_is_named_not_blamed_on_sentencepiece(tiny_zoo, tmp_path):
+    bad = tmp_path / "notok"
+    shutil.copytree(tiny_zoo / "math", bad)
+    (bad / "tokenizer.json").unlink()
+    with pytest.raises(MergeflowError, match=r"model 'notok': '.*notok/tokenizer\.json' is missing .*copy the tokenizer "
+                                             r"files") as err:
+        run_check(_models(tiny_zoo, notok=bad), "base", tmp_path / "c.json")
+    assert "sentencepiece" not in str(err.value)

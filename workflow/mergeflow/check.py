@@ -62,12 +62,9 @@ def _load_config(name: str, location: str, trust_remote_code: bool):
 
 
 def _load_tokenizer(name: str, location: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
+    from mergeflow.evaluate import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except Exception as err:
-        raise MergeflowError(f"model {name!r}: cannot load its tokenizer from {location!r}: {err}") from err
+    return load_tokenizer(location, trust_remote_code, name)
 
 
 # the files a model directory needs; *.py for models that bring their own code (trust_remote_code)
