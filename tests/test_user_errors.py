@@ -66,7 +66,7 @@ def test_the_real_models_template_is_planned_alone(tmp_path):
     done = snakemake(tmp_path, "--configfile", "config/examples/real-models.yaml", "-n")
     assert done.returncode == 0, done.stderr[-3000:]
     rules = planned_rules(done.stdout)
-    assert {"fetch_model", "data", "check", "ask", "fitness", "tell", "final_table"} <= rules
+    assert {"fetch_model", "data", "check_model", "ask", "fitness", "tell", "final_table"} <= rules
     assert not {r for r in rules if r.startswith("zoo")}  # the default's zoo is not merged in
     assert "wildcards: task=gsm8k" in done.stdout and "task=math_l2" not in done.stdout
     assert "run=merge3" in done.stdout and "run=full" not in done.stdout
@@ -91,3 +91,33 @@ def test_a_failing_data_job_says_why_in_its_log(tmp_path):
     assert log.strip().endswith("error: task 't', item 't-000059': answer column 'solution' holds 'I do not know', "
                                 "which has no number for exact_match to compare with")
     assert "Traceback" not in log and not (tmp_path / "results" / "data" / "t" / "search.parquet").exists()
+
+
+@pytest.mark.slow
+def test_replaced_weights_in_a_local_model_rerun_its_check(tmp_path):
+    """Each model has its own check, whose parameter is its weights' fingerprint: weights
+    replaced inside a model directory are checked again; the other models' checks stand."""
+    from safetensors.torch import load_file, save_file
+
+    from factories import make_zoo
+
+    zoo = make_zoo(tmp_path / "zoo")
+    pd.DataFrame({"question": [f"what is {i} plus 1 ?" for i in range(30)],
+                  "solution": [f"#### {i + 1}" for i in range(30)]}).to_parquet(tmp_path / "t.parquet")
+    config = {"models": {name: {"path": path} for name, path in zoo.items()}, "base_model": "base",
+              "endpoints": ["math", "lang"],
+              "tasks": {"t": {"source": {"path": str(tmp_path / "t.parquet")}, "template": "{question}",
+                              "answer": "solution", "scorer": "exact_match", "splits": {"search": 20, "test": 10}}},
+              "runs": {"plain": {}}}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(config))
+    targets = ["results/check/math.json", "results/check/lang.json"]
+    done = snakemake(tmp_path, *targets, "--configfile", str(tmp_path / "mine.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert planned_rules(snakemake(tmp_path, *targets, "-n", "--configfile", str(tmp_path / "mine.yaml")).stdout) == set()
+    weights = Path(zoo["math"]) / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.0.mlp.up_proj.weight"] *= 2.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    plan = snakemake(tmp_path, *targets, "-n", "--configfile", str(tmp_path / "mine.yaml")).stdout
+    assert planned_rules(plan) == {"check_model"}
+    assert "wildcards: model=math" in plan and "wildcards: model=lang" not in plan

@@ -72,9 +72,15 @@ def model_inputs(name):
     return [str(local_model_dir(config["models"][name]))]
 
 
+def model_check(name):
+    """The check of a model against the base (check_model): every job that reads the model needs it."""
+    return f"results/check/{name}.json"
+
+
 def search_model_inputs(wildcards):
-    """The base and the endpoints: what every merge reads."""
-    return [p for name in [config["base_model"], *config["endpoints"]] for p in model_inputs(name)]
+    """The base and the endpoints, and their checks: what every merge reads."""
+    names = [config["base_model"], *config["endpoints"]]
+    return [p for name in names for p in model_inputs(name)] + [model_check(name) for name in names]
 
 
 def generations(run):
@@ -99,4 +105,4 @@ def all_outputs():
             outputs += [f"{evolve_dir(run)}/gen_{g}/best/model" for g in range(generations(run))]
     if EVOLVE:
         outputs.append("results/summary.md")
-    return outputs
+    return outputs + [model_check(name) for name in MODELS]
