@@ -99,3 +99,20 @@ def test_a_truncated_source_is_named_with_its_model_and_nothing_is_written(zoo, 
     with pytest.raises(SourceFileError, match="is not a readable safetensors file"):
         merge_to_dir(recipe_from_dict(recipe_data(zoo, zoo["math"], str(truncated))), tmp_path / "out")
 
+
+
+def test_a_killed_merges_stage_is_removed_by_the_next_merge(zoo, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "out"
+    abandoned = tmp_path / f".out.partial-{socket.gethostname()}-{int(dead.stdout)}-0123abcd"
+    other_host = tmp_path / f".out.partial-elsewhere-{int(dead.stdout)}-0123abcd"
+    for stage in (abandoned, other_host):
+        stage.mkdir()
+        (stage / "model-00001-of-00001.safetensors").write_bytes(b"half a model")
+    merge_to_dir(recipe_from_dict(recipe_data(zoo)), out)
+    assert not abandoned.exists() and other_host.exists()  # another host's writer may still be alive
+    assert (out / "model.safetensors.index.json").is_file()

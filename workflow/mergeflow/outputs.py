@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +45,31 @@ def check_output_dir(out: str | Path, *, force: bool = False, protected: Iterabl
     return target
 
 
+def remove_abandoned_stages(out: Path) -> list[Path]:
+    """Remove staging directories of ``out`` left by killed writers: those of this host whose
+    process no longer exists (a killed 7B merge would otherwise leave its gigabytes behind)."""
+    host = socket.gethostname()
+    removed = []
+    for stage in out.parent.glob(f".{out.name}.partial-*"):
+        rest = stage.name[len(f".{out.name}.partial-"):]
+        owner, _, pid = rest.rpartition("-")[0].rpartition("-")
+        if owner != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(stage, ignore_errors=True)
+        removed.append(stage)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def staged_dir(out: str | Path, *, force: bool = False, protected: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a fresh staging directory beside ``out``; on success it replaces ``out`` whole.
@@ -54,7 +80,8 @@ def staged_dir(out: str | Path, *, force: bool = False, protected: Iterable[str 
     out = Path(out)
     check_output_dir(out, force=force, protected=protected)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+    remove_abandoned_stages(out)
+    stage = out.parent / f".{out.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
         yield stage
