@@ -138,14 +138,14 @@ def merge_to_dir(recipe: Recipe, out_dir: str | Path, device: str = "cpu",
     if not tokenizer_dir.is_dir():
         raise MergeflowError(f"tokenizer_source {str(tokenizer_dir)!r} is not a directory")
     with staged_dir(out_dir, force=force, protected=protected) as out:
-        _write_merge(recipe, plan, sources, out, torch.device(device), max_shard_size)
+        _write_merge(plan, sources, out, torch.device(device), max_shard_size)
         _copy_tokenizer(tokenizer_dir, out)
         (out / "README.md").write_text(model_card(recipe, lineage))
         save_recipe(recipe, out / RECIPE_FILE)
     return Path(out_dir)
 
 
-def _write_merge(recipe: Recipe, plan: MergePlan, sources: dict[str, ModelSource], out: Path,
+def _write_merge(plan: MergePlan, sources: dict[str, ModelSource], out: Path,
                  torch_device: torch.device, max_shard_size: int) -> None:
     """The weights (shards and their index), ``config.json`` and ``generation_config.json``."""
     fetch = _fetcher(sources, torch_device, plan.compute_dtype)

@@ -5,6 +5,7 @@ from functools import lru_cache
 from mergeflow.check import weights_fingerprint
 from mergeflow.config import zoo_model_dirs
 
+# Model directories the zoo builds (outputs of its jobs: Snakemake tracks them).
 ZOO_DIRS = {str(p) for p in zoo_model_dirs(config).values()}
 # Hub models by the name of the directory the fetch stage writes them to.
 HUB_MODELS = {hub_model_dir(spec).name: spec for spec in config["models"].values() if "hub" in spec}
