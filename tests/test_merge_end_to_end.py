@@ -166,7 +166,8 @@ def test_error_missing_tensor(zoo, tmp_path):
 
 
 def test_error_unknown_method(zoo):
-    _expect_error(recipe_dict(zoo, "frankenmerge"), "unknown merge method 'frankenmerge'")
+    _expect_error(recipe_dict(zoo, "frankenmerge"), r"^recipe: merge_method: unknown merge method 'frankenmerge'; "
+                                                     r"known methods: ")
 
 
 @pytest.mark.parametrize("density", [0.0, 1.5, -0.2])
