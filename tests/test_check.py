@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergeflow.check import run_check
+from mergeflow.check import run_check, run_model_check, weights_fingerprint
 from mergeflow.errors import MergeflowError
 
 
@@ -67,3 +67,41 @@ def test_tokenizer_mismatch_is_named(tiny_zoo, tmp_path):
     (bad / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(MergeflowError, match="model 'othertok': its tokenizer's vocabulary differs"):
         run_check(_models(tiny_zoo, othertok=bad), "base", tmp_path / "c.json")
+
+
+def test_a_missing_tokenizer_json_is_named_not_blamed_on_sentencepiece(tiny_zoo, tmp_path):
+    bad = tmp_path / "notok"
+    shutil.copytree(tiny_zoo / "math", bad)
+    (bad / "tokenizer.json").unlink()
+    with pytest.raises(MergeflowError, match=r"model 'notok': '.*notok/tokenizer\.json' is missing .*copy the tokenizer "
+                                             r"files") as err:
+        run_check(_models(tiny_zoo, notok=bad), "base", tmp_path / "c.json")
+    assert "sentencepiece" not in str(err.value)
+
+
+def test_nan_weights_fail_the_check_of_any_model(tiny_zoo, tmp_path):
+    """Not only the endpoints a merge reads: every model's check reads every tensor."""
+    bad = tmp_path / "extra"
+    shutil.copytree(tiny_zoo / "math", bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 3] = float("inf")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MergeflowError, match=r"tensor 'model\.layers\.1\.mlp\.down_proj\.weight' of model 'extra' "
+                                             r"contains NaN or Inf"):
+        run_model_check("extra", _models(tiny_zoo, extra=bad), "base", tmp_path / "check" / "extra.json")
+    assert not (tmp_path / "check" / "extra.json").exists()
+
+
+def test_a_models_check_records_the_fingerprint_of_its_weights(tiny_zoo, tmp_path):
+    model = tmp_path / "math"
+    shutil.copytree(tiny_zoo / "math", model)
+    report = run_model_check("math", _models(tiny_zoo, math=model), "base", tmp_path / "math.json")
+    assert report["model"] == "math" and report["fingerprint"] == weights_fingerprint("math", model)
+    assert json.loads((tmp_path / "math.json").read_text()) == report
+    assert weights_fingerprint("math", model) == weights_fingerprint("math", tiny_zoo / "math")  # content, not place
+    # weights replaced by others of the same size and names: a new fingerprint
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"] *= 1.5
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    assert (model / "model.safetensors").stat().st_size == (tiny_zoo / "math" / "model.safetensors").stat().st_size
+    assert weights_fingerprint("math", model) != report["fingerprint"]

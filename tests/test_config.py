@@ -64,3 +64,53 @@ def test_the_older_flat_fitness_form_reads_as_the_mapping():
     mapping = config_with(fitness={"kind": "anchors", "estimator": "gpirt", "anchors": {"n": 10}})
     assert validate_config(flat) == validate_config(mapping)
     assert EvolveConfig.from_config(flat, "anchored") == EvolveConfig.from_config(mapping, "anchored")
+
+
+@pytest.mark.parametrize("evolve, message", [
+    # a misspelt merge parameter: the search would tune a gene nothing reads
+    ({"search_space": {"method": "task_arithmetic", "parameters": {"wieght": {"min": 0.0, "max": 1.0}}}},
+     r"^config: runs\.full\.evolve\.search_space\.parameters: parameter 'wieght' is read by no merge method "
+     r"here \(task_arithmetic\); .*did you mean 'weight'\?"),
+    # a real parameter that this space's method does not read is a gene nothing reads, too
+    ({"search_space": {"method": "linear", "parameters": {"density": {"min": 0.1, "max": 1.0}}}},
+     r"^config: runs\.full\.evolve\.search_space\.parameters: parameter 'density' is read by no merge method "
+     r"here \(linear\); per-model parameters they read: weight"),
+    ({"search_space": {"method": "ties", "method_parameters": {"lamda": 0.5}}},
+     r"^config: runs\.full\.evolve\.search_space\.method_parameters: parameter 'lamda' .*did you mean 'lambda'\?"),
+    ({"search_space": {"method": "linear", "parameters": {"weight": {"min": "zero", "max": 1.0}}}},
+     r"^config: runs\.full\.evolve\.search_space\.parameters\.weight\.min: 'zero' is not a number"),
+    ({"search_space": {"method": "frankenmerge"}},
+     r"^config: at runs\.full\.evolve\.search_space\.method: 'frankenmerge' is not one of \['linear', "),
+    ({"optimizer": "CMAES2"}, r"^config: runs\.full\.evolve\.optimizer: unknown Nevergrad optimizer 'CMAES2'"),
+    ({"optimizer": "cma"}, r"^config: runs\.full\.evolve\.optimizer: unknown Nevergrad optimizer 'cma'; did you mean 'CMA'\?"),
+    ({"fitness": {"kind": "anchors", "anchors": {"n": 1001}}},
+     r"^config: runs\.full\.evolve\.fitness\.anchors\.n: 1001 anchor items, more than the search split of task "
+     r"'math_l2' \(1000, tasks\.math_l2\.splits\.search\)"),
+    ({"objectives": {"math_l3": 1.0}}, r"^config: runs\.full\.evolve\.objectives names task 'math_l3'"),
+])
+def test_what_a_job_would_find_late_is_named_by_key_at_parse_time(evolve, message):
+    with pytest.raises(MergeflowError, match=message):
+        validate_config(config_with("full", **evolve))
+
+
+def test_a_template_and_the_calibration_space_are_checked_at_parse_time():
+    config = copy.deepcopy(DEFAULT)
+    config["tasks"]["math_l1"]["template"] = "{question"
+    with pytest.raises(MergeflowError, match=r"^config: tasks\.math_l1\.template: '\{question' is not a valid template"):
+        validate_config(config)
+    config = copy.deepcopy(DEFAULT)
+    config["irt"]["calibration"]["search_space"]["parameters"] = {"t": 0.5}
+    with pytest.raises(MergeflowError, match=r"^config: irt\.calibration\.search_space\.parameters: parameter 't' "
+                                             r"is read by no merge method here \(task_arithmetic\)"):
+        validate_config(config)
+
+
+def test_layer_groups_are_checked_against_the_base_config_on_disk(tmp_path):
+    config = copy.deepcopy(DEFAULT)
+    for name in ("base", "math", "lang"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"num_hidden_layers": 3}')
+        config["models"][name] = {"path": str(tmp_path / name)}
+    with pytest.raises(MergeflowError, match=r"^config: irt\.calibration\.search_space\.layer_groups: 4 must be between 1 "
+                                             r"and the base model's 3 layers"):
+        validate_config(config)

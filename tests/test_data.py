@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from mergeflow.data import split_task
-from mergeflow.errors import MergeflowError
+from mergeflow.errors import DataError, MergeflowError
 
 
 def _source(tmp_path, n=50, fmt="parquet"):
@@ -136,3 +136,51 @@ def test_unreachable_hub_dataset_is_named(monkeypatch):
     source = {"hub": "some-org/not-cached-anywhere", "name": "main", "split": "test"}
     with pytest.raises(MergeflowError, match=r"task 'gsm'.*'some-org/not-cached-anywhere' \(name 'main', split 'test'\).*local source.path"):
         split_task("gsm", _cfg(None, source=source), seed=0)
+
+
+def _frame(n=50, **columns):
+    frame = pd.DataFrame({"qid": [f"q{i}" for i in range(n)], "question": [f"what is {i} plus 1 ?" for i in range(n)],
+                          "options": [[str(i + 1), str(i)] for i in range(n)], "label": [0] * n,
+                          "solution": [f"it is #### {i + 1}" for i in range(n)]})
+    for name, values in columns.items():
+        frame[name] = values
+    return frame
+
+
+def test_exact_match_answer_without_a_number_is_named(tmp_path):
+    frame = _frame(solution=[f"it is #### {i + 1}" for i in range(49)] + ["it is forty-nine"])
+    cfg = _cfg("unused", scorer="exact_match", answer="solution", choices=None, subscenario=None)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    with pytest.raises(DataError, match=r"task 't', item 'q49': answer column 'solution' holds 'it is forty-nine', "
+                                        r"which has no number"):
+        split_task("t", cfg, seed=0, frame=frame)
+
+
+def test_choices_given_as_a_string_are_refused_not_split_into_characters(tmp_path):
+    frame = _frame(options=[["1", "0"]] * 10 + ["yes,no"] + [["1", "0"]] * 39)
+    cfg = {k: v for k, v in _cfg("unused").items() if k != "subscenario"}
+    with pytest.raises(DataError, match=r"task 't', item 'q10': choices column 'options' holds str 'yes,no', "
+                                        r"not a list of options"):
+        split_task("t", cfg, seed=0, frame=frame)
+
+
+def test_a_null_template_field_is_named_not_rendered_as_nan(tmp_path):
+    frame = _frame(question=[f"what is {i} plus 1 ?" for i in range(7)] + [None] + ["q"] * 42)
+    cfg = {k: v for k, v in _cfg("unused").items() if k != "subscenario"}
+    with pytest.raises(DataError, match=r"task 't', item 'q7': template field 'question' is null"):
+        split_task("t", cfg, seed=0, frame=frame)
+    frame = _frame(solution=["#### 1"] * 3 + [None] + ["#### 1"] * 46)
+    cfg = {k: v for k, v in cfg.items() if k != "choices"} | {"scorer": "exact_match", "answer": "solution"}
+    with pytest.raises(DataError, match=r"task 't', item 'q3': answer 'solution' is null"):
+        split_task("t", cfg, seed=0, frame=frame)
+
+
+@pytest.mark.parametrize("template, match", [
+    ("Q: {question\nA:", "not a valid template"),
+    ("Q: {}\nA:", r"field \{\} .* is not a column name"),
+    ("Q: {q.text}\nA:", r"field \{q\.text\} .* is not a column name"),
+])
+def test_template_syntax_is_named_by_its_key(tmp_path, template, match):
+    cfg = {k: v for k, v in _cfg("unused", template=template).items() if k != "subscenario"}
+    with pytest.raises(MergeflowError, match=rf"tasks\.t\.template: .*{match}"):
+        split_task("t", cfg, seed=0, frame=_frame())

@@ -53,3 +53,57 @@ def test_a_missing_fit_directory_is_a_clear_error(tmp_path):
 
     with pytest.raises(MergeflowError, match="items.parquet"):
         load_irt(tmp_path)
+
+
+def write_responses(directory, matrix) -> None:
+    directory.mkdir()
+    for row, model in enumerate(matrix.models):
+        pd.DataFrame({"item_id": matrix.items, "correct": matrix.matrix[row]}).to_parquet(directory / f"{model}.parquet")
+
+
+def test_cli_messages_name_the_flags(tmp_path, capsys):
+    import pytest
+
+    from mergeflow import cli
+
+    sim = simulate_irt(8, 30, seed=1)
+    write_responses(tmp_path / "responses", sim.matrix)
+    run(["irt", "fit", str(tmp_path / "responses"), "--out", str(tmp_path / "irt"), "--steps", "20"])
+    run(["anchors", str(tmp_path / "responses"), "--strategy", "random", "--n", "5", "--out", str(tmp_path / "a.parquet")])
+    candidate = str(tmp_path / "responses" / f"{sim.matrix.models[0]}.parquet")
+    code = cli.main(["estimate", candidate, "--anchors", str(tmp_path / "a.parquet"), "--irt", str(tmp_path / "irt"),
+                     "--method", "mpirt", "--out", str(tmp_path / "e.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "`--endpoints NAME ...`" in err
+    code = cli.main(["estimate", candidate, "--anchors", str(tmp_path / "a.parquet"), "--irt", str(tmp_path / "irt"),
+                     "--method", "mpirt", "--endpoints", "--out", str(tmp_path / "e.json")])
+    assert code == 2 and "`--endpoints` names none" in capsys.readouterr().err
+    graded = tmp_path / "graded"
+    graded.mkdir()
+    pd.DataFrame({"model": ["a", "a", "b", "b"], "item_id": ["i", "j", "i", "j"],
+                  "correct": [0.3, 1.0, 0.0, 0.7]}).to_parquet(graded / "long.parquet")
+    assert cli.main(["irt", "fit", str(graded), "--out", str(tmp_path / "g"), "--scores", "reject"]) == 2
+    assert "`--scores threshold`" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["irt", "fit", str(graded), "--out", str(tmp_path / "g"), "--steps", "0"])
+    assert "argument --steps: 0 is not a positive integer" in capsys.readouterr().err
+
+
+def test_an_all_correct_matrix_fits_with_a_warning(tmp_path, caplog):
+    import logging
+
+    from mergeflow.irt.model import fit_irt
+    from mergeflow.irt.responses import load_response_matrix
+
+    sim = simulate_irt(6, 20, seed=2)
+    sim.matrix.matrix[:] = 1.0
+    write_responses(tmp_path / "responses", sim.matrix)
+    matrix = load_response_matrix(tmp_path / "responses")
+    with caplog.at_level(logging.WARNING, logger="mergeflow"):
+        fit_irt(matrix, steps=5)
+    assert "every item is answered alike by all 6 models (20 items all correct, 0 all wrong)" in caplog.text
+    caplog.clear()
+    matrix.matrix[0, 0] = 0.0  # one item that tells a model apart: no warning
+    with caplog.at_level(logging.WARNING, logger="mergeflow"):
+        fit_irt(matrix, steps=5)
+    assert "answered alike" not in caplog.text

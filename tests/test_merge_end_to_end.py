@@ -166,7 +166,8 @@ def test_error_missing_tensor(zoo, tmp_path):
 
 
 def test_error_unknown_method(zoo):
-    _expect_error(recipe_dict(zoo, "frankenmerge"), "unknown merge method 'frankenmerge'")
+    _expect_error(recipe_dict(zoo, "frankenmerge"), r"^recipe: merge_method: unknown merge method 'frankenmerge'; "
+                                                     r"known methods: ")
 
 
 @pytest.mark.parametrize("density", [0.0, 1.5, -0.2])
@@ -234,3 +235,19 @@ def test_cli_merge_of_the_embedded_zoo_generates(tiny_zoo, tmp_path, merge_cli):
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1]
     assert tokenizer.decode(generated[0], skip_special_tokens=True).startswith("tom has 12 apples")
+
+
+def test_error_misspelt_parameter_is_named_not_ignored(zoo, tmp_path, merge_cli, capsys):
+    data = recipe_dict(zoo)
+    data["models"][0]["parameters"] = {"wieght": 0.7, "density": 0.5}
+    _expect_error(data, r"recipe: models: model '.*math': parameter 'wieght' is read by no merge method; "
+                        r"per-model parameters merge methods read: .*weight; did you mean 'weight'\?")
+    _expect_error(recipe_dict(zoo, parameters={"lamda": 0.9}),
+                  r"recipe: parameters: parameter 'lamda' .*did you mean 'lambda'\?")
+    # slerp's t is a method parameter: given per model it would be ignored
+    slerp = {"merge_method": "slerp", "base_model": zoo["base"],
+             "models": [{"model": zoo["math"], "parameters": {"t": 0.3}}]}
+    _expect_error(slerp, r"model '.*math': parameter 't' is read by no merge method; per-model")
+    recipe = write_recipe(tmp_path, data)
+    assert merge_cli(["merge", str(recipe), str(tmp_path / "out")]) == 2
+    assert "parameter 'wieght'" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from mergeflow.errors import MergeflowError
-from mergeflow.evaluate import EvalSettings, evaluate_items, load_causal_lm
+from mergeflow.evaluate import EvalSettings, evaluate_items, load_causal_lm, load_tokenizer
 from mergeflow.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -25,15 +25,13 @@ def random_merge_responses(base_path: str, source_paths: list[str], space_cfg: d
                            items: pd.DataFrame, scorer: str, delimiter: str,
                            settings: EvalSettings) -> pd.DataFrame:
     """Responses of ``count`` random merges (uniform genomes in the search space), merged in memory."""
-    from transformers import AutoTokenizer
-
     from mergeflow.merge import InMemoryMerger
     from mergeflow.spaces import build_space
 
     space = build_space({**space_cfg, "base_model": base_path, "models": source_paths},
                         where="irt.calibration.search_space")
     merger = InMemoryMerger([base_path, *source_paths], device=settings.device, dtype=settings.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    tokenizer = load_tokenizer(base_path)
     rng = np.random.default_rng([seed, 7])
     frames = []
     meter = Progress("calibration: random merges", count, "merge")

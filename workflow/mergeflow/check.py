@@ -8,7 +8,10 @@ headers keeps the check cheap even for large models.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from mergeflow.errors import MergeflowError
@@ -62,12 +65,9 @@ def _load_config(name: str, location: str, trust_remote_code: bool):
 
 
 def _load_tokenizer(name: str, location: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
+    from mergeflow.evaluate import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except Exception as err:
-        raise MergeflowError(f"model {name!r}: cannot load its tokenizer from {location!r}: {err}") from err
+    return load_tokenizer(location, trust_remote_code, name)
 
 
 # the files a model directory needs; *.py for models that bring their own code (trust_remote_code)
@@ -94,61 +94,128 @@ def fetch_hub_model(hub: str, revision: str | None, out: str | Path) -> Path:
         snapshot = Path(snapshot_download(hub, revision=revision, allow_patterns=HUB_PATTERNS))
     except Exception as err:
         raise MergeflowError(f"hub model {hub!r} (revision {revision or 'main'!r}): cannot fetch it: {err}") from err
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for file in sorted(p for p in snapshot.rglob("*") if p.is_file()):
-        link = out / file.relative_to(snapshot)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(file.resolve())
-    (out / "fetched.json").write_text(json.dumps(
-        {"hub": hub, "revision": revision, "commit": snapshot.name, "snapshot": str(snapshot)}, indent=1) + "\n")
-    return out
+    from mergeflow.outputs import staged_dir
+
+    with staged_dir(out) as stage:
+        for file in sorted(p for p in snapshot.rglob("*") if p.is_file()):
+            link = stage / file.relative_to(snapshot)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(file.resolve())
+        (stage / "fetched.json").write_text(json.dumps(
+            {"hub": hub, "revision": revision, "commit": snapshot.name, "snapshot": str(snapshot)}, indent=1) + "\n")
+    return Path(out)
+
+
+@dataclass(frozen=True)
+class BaseReference:
+    """What every model is checked against: the base's config, tensor shapes and vocabulary."""
+
+    name: str
+    config: dict
+    shapes: dict[str, tuple[int, ...]]
+    vocab: dict[str, int]
+
+    @classmethod
+    def load(cls, models: dict[str, dict], base: str) -> "BaseReference":
+        base_dir = resolve_model_dir(base, models[base])
+        trust = models[base].get("trust_remote_code", False)
+        return cls(base, _load_config(base, str(base_dir), trust).to_dict(), tensor_shapes(base, base_dir),
+                   _load_tokenizer(base, str(base_dir), trust).get_vocab())
+
+
+def check_model(name: str, spec: dict, ref: BaseReference) -> dict:
+    """One model against the base: architecture (config fields, tensor names and shapes),
+    tokenizer vocabulary, every tensor finite; returns its summary with the fingerprint of its
+    weights (:func:`weights_fingerprint`)."""
+    from mergeflow.merge.plan import check_finite
+    from mergeflow.merge.sources import ModelSource
+
+    base = ref.name
+    model_dir = resolve_model_dir(name, spec)
+    trust = spec.get("trust_remote_code", False)
+    cfg = _load_config(name, str(model_dir), trust).to_dict()
+    for field in ARCH_FIELDS:
+        if cfg.get(field) != ref.config.get(field):
+            raise MergeflowError(f"model {name!r}: config field {field!r} is {cfg.get(field)!r} but the base "
+                                 f"{base!r} has {ref.config.get(field)!r}")
+    shapes = tensor_shapes(name, model_dir)
+    for key, shape in ref.shapes.items():
+        if key not in shapes:
+            raise MergeflowError(f"model {name!r}: tensor {key!r} of the base {base!r} is missing")
+        if shapes[key] != shape:
+            raise MergeflowError(f"model {name!r}: tensor {key!r} has shape {list(shapes[key])} but the base "
+                                 f"{base!r} has {list(shape)}")
+    extra = sorted(set(shapes) - set(ref.shapes))
+    if extra:
+        raise MergeflowError(f"model {name!r}: tensor {extra[0]!r} is not in the base {base!r}")
+    vocab = _load_tokenizer(name, str(model_dir), trust).get_vocab()
+    if vocab != ref.vocab:
+        diff = sorted(set(vocab.items()) ^ set(ref.vocab.items()))[:3]
+        raise MergeflowError(f"model {name!r}: its tokenizer's vocabulary differs from the base {base!r} "
+                             f"({len(vocab)} vs {len(ref.vocab)} tokens; e.g. {diff})")
+    source = ModelSource(model_dir)
+    for tensor in source.tensors:  # one tensor in memory at a time
+        check_finite(source.read(tensor), tensor, name)
+    n_params = 0
+    for shape in shapes.values():
+        count = 1
+        for d in shape:
+            count *= d
+        n_params += count
+    return {"location": str(model_dir), "model_type": cfg.get("model_type"), "tensors": len(shapes),
+            "parameters": n_params, "vocab_size": len(vocab), "fingerprint": weights_fingerprint(name, model_dir)}
 
 
 def check_models(models: dict[str, dict], base: str) -> dict:
     """Check every model against the base; returns a summary per model."""
-    summary = {}
-    base_dir = resolve_model_dir(base, models[base])
-    base_cfg = _load_config(base, str(base_dir), models[base].get("trust_remote_code", False)).to_dict()
-    base_shapes = tensor_shapes(base, base_dir)
-    base_vocab = _load_tokenizer(base, str(base_dir), models[base].get("trust_remote_code", False)).get_vocab()
-    for name, spec in models.items():
-        model_dir = resolve_model_dir(name, spec)
-        trust = spec.get("trust_remote_code", False)
-        cfg = _load_config(name, str(model_dir), trust).to_dict()
-        for field in ARCH_FIELDS:
-            if cfg.get(field) != base_cfg.get(field):
-                raise MergeflowError(f"model {name!r}: config field {field!r} is {cfg.get(field)!r} but the base "
-                                     f"{base!r} has {base_cfg.get(field)!r}")
-        shapes = tensor_shapes(name, model_dir)
-        for key, shape in base_shapes.items():
-            if key not in shapes:
-                raise MergeflowError(f"model {name!r}: tensor {key!r} of the base {base!r} is missing")
-            if shapes[key] != shape:
-                raise MergeflowError(f"model {name!r}: tensor {key!r} has shape {list(shapes[key])} but the base "
-                                     f"{base!r} has {list(shape)}")
-        extra = sorted(set(shapes) - set(base_shapes))
-        if extra:
-            raise MergeflowError(f"model {name!r}: tensor {extra[0]!r} is not in the base {base!r}")
-        vocab = _load_tokenizer(name, str(model_dir), trust).get_vocab()
-        if vocab != base_vocab:
-            diff = sorted(set(vocab.items()) ^ set(base_vocab.items()))[:3]
-            raise MergeflowError(f"model {name!r}: its tokenizer's vocabulary differs from the base {base!r} "
-                                 f"({len(vocab)} vs {len(base_vocab)} tokens; e.g. {diff})")
-        n_params = 0
-        for shape in shapes.values():
-            count = 1
-            for d in shape:
-                count *= d
-            n_params += count
-        summary[name] = {"location": str(model_dir), "model_type": cfg.get("model_type"),
-                         "tensors": len(shapes), "parameters": n_params, "vocab_size": len(vocab)}
-    return summary
+    ref = BaseReference.load(models, base)
+    return {name: check_model(name, spec, ref) for name, spec in models.items()}
 
 
 def run_check(models: dict[str, dict], base: str, out: Path) -> dict:
-    """Check every model against the base, then write ``check.json``."""
+    """Check every model against the base, then write one report of them all."""
     report = {"base_model": base, "models": check_models(models, base)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
+
+
+def run_model_check(name: str, models: dict[str, dict], base: str, out: str | Path) -> dict:
+    """The check stage, per model: check ``name`` against the base and write its report
+    (``check/{name}.json``), which every job that reads the model depends on."""
+    report = {"model": name, "base_model": base, **check_model(name, models[name], BaseReference.load(models, base))}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return report
+
+
+# What the fingerprint reads of each weight file besides its safetensors header: this many
+# evenly spaced blocks of this many bytes (and the last block), so a replaced file is noticed
+# without reading a 7B model at parse time.
+FINGERPRINT_BLOCKS = 16
+FINGERPRINT_BLOCK_BYTES = 1 << 16
+
+
+def weights_fingerprint(name: str, model_dir: str | Path) -> str:
+    """A hash of a model's weights that changes when they are replaced: each safetensors file's
+    name, size and header, sampled blocks of its data, and ``config.json``. Cheap enough to
+    compute before any job (the workflow makes it a parameter of the model's check)."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    config_file = model_dir / "config.json"
+    digest.update(config_file.read_bytes() if config_file.is_file() else b"")
+    for file in safetensors_files(name, model_dir):
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            (length,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+            digest.update(handle.read(min(length, size)))
+            start = 8 + length
+            span = max(size - start, 0)
+            offsets = {start + span * k // FINGERPRINT_BLOCKS for k in range(FINGERPRINT_BLOCKS)}
+            offsets.add(max(start, size - FINGERPRINT_BLOCK_BYTES))
+            for offset in sorted(offsets):
+                handle.seek(offset)
+                digest.update(handle.read(FINGERPRINT_BLOCK_BYTES))
+    return digest.hexdigest()

@@ -90,6 +90,55 @@ def check_config(config: dict) -> None:
                     raise MergeflowError(f"config: runs.{run}.evolve.objectives names task {task!r}, which is not one of "
                                          f"tasks {sorted(config['tasks'])}")
             FITNESS[rcfg["evolve"]["fitness"]["kind"]].check(config, run)
+    check_before_jobs(config)
+
+
+def base_layers(config: dict, name: str) -> int | None:
+    """The layer count of model ``name`` from its ``config.json`` where that is already on disk
+    (a zoo or hub model before its job has run: None)."""
+    import json
+
+    config_file = local_model_dir(config["models"][name]) / "config.json"
+    if not config_file.is_file():
+        return None
+    layers = json.loads(config_file.read_text()).get("num_hidden_layers")
+    return layers if isinstance(layers, int) else None
+
+
+def check_before_jobs(config: dict) -> None:
+    """What jobs would otherwise find out late, checked at parse time and named by key: task
+    templates, each run's optimizer, search space (methods, parameters, ranges, layer groups
+    against the base's layers when its config is on disk) and anchor set against the search
+    splits, and the IRT calibration's search space."""
+    from mergeflow.data import template_fields
+    from mergeflow.evolve.search import check_optimizer
+    from mergeflow.fitness import FITNESS
+    from mergeflow.spaces import check_space
+
+    try:
+        for task, tcfg in config["tasks"].items():
+            template_fields(tcfg["template"], f"tasks.{task}.template")
+        spaces = {"irt.calibration.search_space": (config["irt"]["calibration"]["search_space"], config["base_model"])}
+        for run, rcfg in config["runs"].items():
+            if "evolve" not in rcfg:
+                continue
+            ecfg, where = rcfg["evolve"], f"runs.{run}.evolve"
+            check_optimizer(ecfg["optimizer"], f"{where}.optimizer")
+            space = ecfg["search_space"]
+            spaces[f"{where}.search_space"] = (space, space.get("base_model") or config["base_model"])
+            kind = FITNESS[ecfg["fitness"]["kind"]]
+            anchors = kind.anchor_set(ecfg["fitness"]) if kind.anchor_set else None
+            for task in ecfg["objectives"] if anchors else []:
+                size = config["tasks"][task]["splits"]["search"]
+                if anchors["n"] > size:
+                    key = "rungs[0]" if ecfg["fitness"]["kind"] == "multi_fidelity" else "anchors.n"
+                    raise MergeflowError(f"{where}.fitness.{key}: {anchors['n']} anchor items, more than the search "
+                                         f"split of task {task!r} ({size}, tasks.{task}.splits.search)")
+        for where, (space, base) in spaces.items():
+            check_space(space, where, base_layers(config, base) if base in config["models"] else None)
+    except MergeflowError as err:
+        message = str(err)
+        raise type(err)(message if message.startswith("config:") else f"config: {message}") from None
 
 
 @lru_cache(maxsize=1)

@@ -9,13 +9,14 @@ and ``subscenario`` where the source has one.
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from mergeflow.errors import MergeflowError
+from mergeflow.errors import DataError, MergeflowError
 
 SPLITS = ("search", "test")
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -66,8 +67,38 @@ def _local_rows(path: Path, fmt: str) -> int | None:
     return None if path.stat().st_size else 0
 
 
-def template_fields(template: str) -> list[str]:
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_number(text: str) -> str | None:
+    """The answer number of a text (a generation or a gold answer): after '####' if present,
+    else the last number."""
+    if "####" in text:
+        text = text.split("####")[-1]
+    found = NUMBER.findall(text)
+    if not found:
+        return None
+    return found[-1].replace(",", "").rstrip(".")
+
+
+def template_fields(template: str, where: str = "template") -> list[str]:
+    """The columns a prompt template names (``{column}``); ``where`` names the template in errors
+    (its config key). Positional (``{}``), attribute and index fields are refused."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        raise MergeflowError(f"{where}: {template!r} is not a valid template ({err}); "
+                             "a literal brace is written {{ or }}") from None
+    for field in fields:
+        if field == "" or field.isdigit() or any(c in field for c in ".[]"):
+            raise MergeflowError(f"{where}: field {{{field}}} of {template!r} is not a column name; "
+                                 "name a column, e.g. {question}")
+    return fields
+
+
+def _missing(value) -> bool:
+    """A null cell: None, or a float NaN as pandas reads a null."""
+    return value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))
 
 
 def _require_columns(task: str, frame: pd.DataFrame, columns: list[str], what: str) -> None:
@@ -79,10 +110,18 @@ def _require_columns(task: str, frame: pd.DataFrame, columns: list[str], what: s
         )
 
 
-def _choices_list(value) -> list[str]:
+def _choices_list(task: str, item_id: str, column: str, value) -> list[str]:
+    """An item's options: a list (or array), or ``{text: [...]}`` as in ARC; anything else —
+    a string above all, which would split into characters — is refused."""
     if isinstance(value, dict) and "text" in value:  # e.g. ARC's {"text": [...], "label": [...]}
         value = value["text"]
-    return [str(v) for v in list(value)]
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise DataError(f"task {task!r}, item {item_id!r}: choices column {column!r} holds "
+                        f"{type(value).__name__} {value!r}, not a list of options")
+    if len(value) < 2 or any(_missing(v) for v in value):
+        raise DataError(f"task {task!r}, item {item_id!r}: choices column {column!r} holds {list(value)!r}; "
+                        "it needs at least two options, none of them null")
+    return [str(v) for v in value]
 
 
 def _gold_index(task: str, item_id: str, answer, choices: list[str]) -> int:
@@ -100,7 +139,7 @@ def render_items(task: str, frame: pd.DataFrame, cfg: dict) -> pd.DataFrame:
     """Turn source rows into evaluator items (without few-shot context)."""
     template = cfg["template"]
     scorer = cfg["scorer"]
-    fields = template_fields(template)
+    fields = template_fields(template, f"tasks.{task}.template")
     _require_columns(task, frame, fields, f"template {template!r}")
     _require_columns(task, frame, [cfg["answer"]], "'answer'")
     if scorer == "mc_loglik":
@@ -115,13 +154,20 @@ def render_items(task: str, frame: pd.DataFrame, cfg: dict) -> pd.DataFrame:
     rows = []
     for pos, rec in enumerate(frame.to_dict("records")):
         item_id = str(rec[id_col]) if id_col else f"{task}-{pos:06d}"
+        for column in [*fields, cfg["answer"]]:
+            if _missing(rec[column]):
+                what = "answer" if column == cfg["answer"] and column not in fields else "template field"
+                raise DataError(f"task {task!r}, item {item_id!r}: {what} {column!r} is null")
         prompt = template.format(**{f: rec[f] for f in fields})
         if scorer == "mc_loglik":
-            choices = _choices_list(rec[cfg["choices"]])
+            choices = _choices_list(task, item_id, cfg["choices"], rec[cfg["choices"]])
             gold = _gold_index(task, item_id, rec[cfg["answer"]], choices)
             target = choices[gold]
         else:
             choices, gold, target = [], -1, str(rec[cfg["answer"]])
+            if extract_number(target) is None:
+                raise DataError(f"task {task!r}, item {item_id!r}: answer column {cfg['answer']!r} holds "
+                                f"{target!r}, which has no number for exact_match to compare with")
         row = {"item_id": item_id, "prompt": prompt, "choices": choices, "answer": gold, "target": target}
         if sub_col is not None:
             row["subscenario"] = str(rec[sub_col])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mergeflow.data import extract_number
 from mergeflow.dtypes import torch_dtype
 from mergeflow.errors import MergeflowError
 from mergeflow.progress import Progress
@@ -63,11 +63,33 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+# Files a tokenizer is built from without converting a slow one (which needs sentencepiece or tiktoken).
+TOKENIZER_SOURCES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, name: str | None = None):
+    """A model directory's tokenizer; a directory without ``tokenizer.json`` (or another file a
+    tokenizer is built from) is named as such, not as a missing sentencepiece or tiktoken."""
+    from transformers import AutoTokenizer
+
+    owner = f"model {name!r}" if name else f"model {str(path)!r}"
+    directory = Path(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        if directory.is_dir() and not any((directory / f).is_file() for f in TOKENIZER_SOURCES):
+            raise MergeflowError(
+                f"{owner}: {str(directory / 'tokenizer.json')!r} is missing (nor is there "
+                f"{' / '.join(TOKENIZER_SOURCES[1:])}), so its tokenizer cannot be built; copy the tokenizer "
+                "files of the model it was fine-tuned from into that directory") from err
+        raise MergeflowError(f"{owner}: cannot load its tokenizer from {str(path)!r}: {err}") from err
+
+
 def load_causal_lm(path: str | Path, settings: EvalSettings, trust_remote_code: bool = False):
     """Load a model and its tokenizer for scoring: eval mode, on the configured device and dtype."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype(settings.dtype), trust_remote_code=trust_remote_code, use_safetensors=True
     )
@@ -141,19 +163,6 @@ def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], set
             if meter:
                 meter.update()
     return out
-
-
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def extract_number(text: str) -> str | None:
-    """The answer number of a generation: after '####' if present, else the last number."""
-    if "####" in text:
-        text = text.split("####")[-1]
-    found = NUMBER.findall(text)
-    if not found:
-        return None
-    return found[-1].replace(",", "").rstrip(".")
 
 
 def _numbers_equal(a: str | None, b: str | None) -> bool:

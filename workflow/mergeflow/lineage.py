@@ -3,8 +3,6 @@ uniform baseline merge, and a search's best recipe (each generation's, and the f
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 
 
@@ -28,19 +26,10 @@ def merge_recipe(recipe_path: str, out_dir: str, lineage: dict, history_path: st
     from mergeflow.merge import load_recipe, merge_to_dir
 
     recipe = load_recipe(recipe_path)
-    merge_to_dir(recipe, out_dir)
     lines = [f"- {key}: {value}" for key, value in lineage.items()]
     if history_path:
         history = pd.read_parquet(history_path)
         best = best_row(history)
         lines += [f"- found in generation {int(best['generation'])} as candidate {int(best['index'])} of "
                   f"{len(history)} evaluated", f"- search fitness: {best['fitness']:.4f}"]
-    append_lineage(out_dir, recipe, lines)
-
-
-def append_lineage(out_dir: str | Path, recipe, lines: list[str]) -> None:
-    from mergeflow.merge import recipe_hash
-
-    card = Path(out_dir) / "README.md"
-    header = ["", "## Lineage", "", f"- recipe hash: `{recipe_hash(recipe)}`"]
-    card.write_text(card.read_text() + "\n".join(header + lines) + "\n")
+    merge_to_dir(recipe, out_dir, lineage=lines)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from mergeflow.outputs import staged_dir
 from mergeflow.report import MERGED
 
 RESULTS = "results"
@@ -164,15 +165,7 @@ def final_model(run: str, merge_dir: str | Path, table_path: str | Path, model_i
     """The published final merge: the scored merge's files (hard links) and a model card in the
     Hugging Face conventions — YAML metadata (``base_model``, ``tags``, ``library_name``), the
     recipe, the lineage and the test-split evaluation table."""
-    merge_dir, out = Path(merge_dir), Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    for path in sorted(merge_dir.iterdir()):
-        # hidden files are not the model's (Snakemake's .snakemake_timestamp: a shared inode
-        # would make touching one output touch the other)
-        if path.name != "README.md" and not path.name.startswith("."):
-            _link_or_copy(path, out / path.name)
+    merge_dir = Path(merge_dir)
     body = (merge_dir / "README.md").read_text()
     if body.startswith("---\n"):  # the merge's own front matter is replaced by the fuller one below
         body = body.split("\n---\n", 1)[1]
@@ -190,5 +183,11 @@ def final_model(run: str, merge_dir: str | Path, table_path: str | Path, model_i
     for task, row in wide.iterrows():
         evaluation.append(f"| {task} | {int(items[task])} | " + " | ".join(f"{row[m]:.3f}" for m in models) + " |")
     card = "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body.rstrip("\n") + "\n" + "\n".join(evaluation)
-    (out / "README.md").write_text(card + "\n")
-    return out
+    with staged_dir(out_dir, force=True, protected=[merge_dir]) as stage:
+        for path in sorted(merge_dir.iterdir()):
+            # hidden files are not the model's (Snakemake's .snakemake_timestamp: a shared inode
+            # would make touching one output touch the other)
+            if path.name != "README.md" and not path.name.startswith("."):
+                _link_or_copy(path, stage / path.name)
+        (stage / "README.md").write_text(card + "\n")
+    return Path(out_dir)

@@ -11,7 +11,6 @@ from pathlib import Path
 import pandas as pd
 
 from mergeflow.evolve import history as hist
-from mergeflow.lineage import append_lineage
 
 MERGED = "merged"
 
@@ -148,12 +147,11 @@ def pareto_members(run: str, pareto_path: str | Path, tasks: dict[str, dict], ev
     for member, cand in front.iterrows():
         recipe = recipe_from_yaml(cand["recipe"])
         out = Path(models_out) / f"member_{member:02d}"
-        merge_to_dir(recipe, out)
         search = {c.removeprefix("fitness_"): float(cand[c]) for c in objectives}
-        append_lineage(out, recipe, [f"- run: {run}, Pareto member {member} of {len(front)}",
-                                      f"- found in generation {int(cand['generation'])} as candidate "
-                                      f"{int(cand['index'])}",
-                                      "- search fitness: " + ", ".join(f"{t} {v:.4f}" for t, v in search.items())])
+        merge_to_dir(recipe, out, lineage=[f"- run: {run}, Pareto member {member} of {len(front)}",
+                                           f"- found in generation {int(cand['generation'])} as candidate "
+                                           f"{int(cand['index'])}",
+                                           "- search fitness: " + ", ".join(f"{t} {v:.4f}" for t, v in search.items())])
         model, tokenizer = load_causal_lm(out, settings)
         for task, spec in tasks.items():
             scored = evaluate_items(model, tokenizer, splits[task], spec["scorer"], settings, spec["delimiter"])

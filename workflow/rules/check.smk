@@ -1,5 +1,6 @@
-# Fail fast: every model loads and matches the base (architecture, tensor names and shapes,
-# vocabulary). Tasks are checked where they are built: the data rule stops with a message naming
+# Fail fast, per model: it loads and matches the base (architecture, tensor names and shapes,
+# vocabulary) and every tensor is finite; every job that reads a model depends on its check, and
+# a local model's weights fingerprint is the check's parameter, so replaced weights rerun it. Tasks are checked where they are built: the data rule stops with a message naming
 # the task and column, before any model is run on it. Hub models are fetched first (fetch_model):
 # a directory of links into the Hugging Face cache, so that every stage reads local files.
 
@@ -8,16 +9,20 @@
 include: "functions/check.smk"
 
 
-rule check:
+rule check_model:
     input:
-        models=all_model_inputs,
+        model=lambda wc: model_inputs(wc.model),
+        base=model_inputs(config["base_model"]),
     output:
-        "results/check.json",
+        "results/check/{model}.json",
     params:
-        models=canonical(config["models"]),
+        models=lambda wc: canonical({n: config["models"][n] for n in (wc.model, config["base_model"])}),
         base=config["base_model"],
+        fingerprints=lambda wc: {n: external_fingerprint(n) for n in (wc.model, config["base_model"])},
+    wildcard_constraints:
+        model="|".join(re.escape(m) for m in MODELS),
     log:
-        "results/logs/check.log",
+        "results/logs/check/{model}.log",
     conda:
         CONDA_ENV
     script:

@@ -72,9 +72,15 @@ def model_inputs(name):
     return [str(local_model_dir(config["models"][name]))]
 
 
+def model_check(name):
+    """The check of a model against the base (check_model): every job that reads the model needs it."""
+    return f"results/check/{name}.json"
+
+
 def search_model_inputs(wildcards):
-    """The base and the endpoints: what every merge reads."""
-    return [p for name in [config["base_model"], *config["endpoints"]] for p in model_inputs(name)]
+    """The base and the endpoints, and their checks: what every merge reads."""
+    names = [config["base_model"], *config["endpoints"]]
+    return [p for name in names for p in model_inputs(name)] + [model_check(name) for name in names]
 
 
 def generations(run):
@@ -101,5 +107,5 @@ def all_outputs():
             outputs.append(f"results/runs/{run}/final/model")
     if EVOLVE:
         outputs.append("results/summary.md")
-    # the report's figures and the README of results/ (functions/report.smk)
-    return outputs + all_figures() + ["results/README.md"]
+    # every model's check, the report's figures and the README of results/ (functions/report.smk)
+    return outputs + [model_check(name) for name in MODELS] + all_figures() + ["results/README.md"]

@@ -35,7 +35,6 @@ rule ask:
 rule fitness:
     input:
         unpack(fitness_inputs),
-        check="results/check.json",
     output:
         fitness="results/runs/{run}/evolve/gen_{g}/rung_{r}/fitness_{k}.parquet",
         responses="results/runs/{run}/evolve/gen_{g}/rung_{r}/responses_{k}.parquet",

@@ -8,7 +8,6 @@ include: "functions/irt.smk"
 
 rule calibrate:
     input:
-        check="results/check.json",
         split="results/data/{task}/search.parquet",
         models=search_model_inputs,
         checkpoints=calibration_checkpoints,

@@ -6,7 +6,7 @@ include: "functions/respond.smk"
 
 rule respond:
     input:
-        check="results/check.json",
+        check=lambda wc: [] if wc.model == BASELINE else model_check(wc.model),
         split_file="results/data/{task}/{split}.parquet",
         model=respond_model_input,
     output:

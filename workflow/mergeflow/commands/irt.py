@@ -15,6 +15,22 @@ from mergeflow.errors import MergeflowError
 from mergeflow.irt import ESTIMATORS, KINDS, LAMBDA_RULES, SCORE_MODES, STRATEGIES
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (argparse then names the flag at fault)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1)")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_irt(subparsers)
     _register_anchors(subparsers)
@@ -31,13 +47,13 @@ def _register_irt(subparsers) -> None:
     fit.add_argument("responses", nargs="+", help="response parquet files or directories of them")
     fit.add_argument("--out", required=True, help="directory for items.parquet, posterior.safetensors, fit.json")
     fit.add_argument("--kind", default=defaults["kind"], choices=KINDS)
-    fit.add_argument("--dim", type=int, default=defaults["dim"])
-    fit.add_argument("--steps", type=int, default=defaults["steps"])
+    fit.add_argument("--dim", type=positive_int, default=defaults["dim"])
+    fit.add_argument("--steps", type=positive_int, default=defaults["steps"])
     fit.add_argument("--lr", type=float, default=defaults["lr"])
-    fit.add_argument("--batch-size", type=int, default=None, help="items per mini-batch (default: full batch)")
+    fit.add_argument("--batch-size", type=positive_int, default=None, help="items per mini-batch (default: full batch)")
     fit.add_argument("--device", default=defaults["device"])
     fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--holdout-fraction", type=float, default=0.05)
+    fit.add_argument("--holdout-fraction", type=fraction, default=0.05)
     fit.add_argument("--scores", default="threshold", choices=SCORE_MODES,
                      help="what to do with non-binary scores")
     fit.set_defaults(func=run_fit)
@@ -48,7 +64,7 @@ def _register_anchors(subparsers) -> None:
     anchors.add_argument("responses", nargs="*", help="calibration response parquet files or directories")
     anchors.add_argument("--irt", help="IRT fit directory (needed by --strategy irt)")
     anchors.add_argument("--strategy", required=True, choices=STRATEGIES)
-    anchors.add_argument("--n", type=int, required=True, help="number of anchors")
+    anchors.add_argument("--n", type=positive_int, required=True, help="number of anchors")
     anchors.add_argument("--seed", type=int, default=0)
     anchors.add_argument("--out", required=True, help="anchors parquet to write")
     anchors.set_defaults(func=run_anchors)

@@ -1,4 +1,7 @@
-"""``mergeflow merge RECIPE.yaml OUT_DIR``: run a merge recipe into an HF model directory."""
+"""``mergeflow merge RECIPE.yaml OUT_DIR``: run a merge recipe into an HF model directory.
+
+The directory appears whole once the merge is complete; a non-empty one is refused unless
+``--force`` (which replaces it whole), a source model's always."""
 
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="dtype of the written weights (default: the recipe's, else the base's)")
     parser.add_argument("--max-shard-size", type=int, default=None,
                         help="maximum bytes per safetensors shard (default: 2 GiB)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a non-empty output directory whole (never a source model's)")
     parser.set_defaults(func=run)
 
 
@@ -47,5 +52,5 @@ def run(args: argparse.Namespace) -> None:
 
     recipe = load_recipe(args.recipe)
     out = merge_to_dir(recipe, args.out_dir, device=args.device, dtype=args.dtype,
-                       max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+                       max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE, force=args.force)
     print(f"merged {len(recipe.model_paths())} models into {out}")

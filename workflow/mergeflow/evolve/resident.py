@@ -33,8 +33,7 @@ def _fingerprint(path: str) -> tuple:
 @contextmanager
 def resident_merger(paths: Sequence[str], device: str, dtype: str | None) -> Iterator[tuple]:
     """``(merger, tokenizer)`` for ``paths`` (the first is the template), held for the duration."""
-    from transformers import AutoTokenizer
-
+    from mergeflow.evaluate import load_tokenizer
     from mergeflow.merge import InMemoryMerger
 
     with _LOCK:
@@ -43,7 +42,7 @@ def resident_merger(paths: Sequence[str], device: str, dtype: str | None) -> Ite
             _RESIDENT.clear()  # free the old sources before loading new ones
             log.info("loading %d source models onto %s", len(paths), device)
             merger = InMemoryMerger(list(paths), device=device, dtype=dtype)
-            _RESIDENT[key] = (merger, AutoTokenizer.from_pretrained(paths[0]))
+            _RESIDENT[key] = (merger, load_tokenizer(paths[0]))
         else:
             log.info("source models already resident")
         yield _RESIDENT[key]

@@ -39,14 +39,21 @@ class SearchSettings:
     sigma: float | None = None  # the genome's mutation scale (Nevergrad's parametrization sigma)
 
 
+def check_optimizer(name: str, where: str = "optimizer") -> None:
+    """``name`` is a Nevergrad optimizer; else a ``MergeflowError`` naming ``where`` (its key)."""
+    import nevergrad as ng
+
+    if name not in ng.optimizers.registry:
+        close = [n for n in ng.optimizers.registry if n.lower() == name.lower()]
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise MergeflowError(f"{where}: unknown Nevergrad optimizer {name!r}{hint}")
+
+
 def make_optimizer(settings: SearchSettings):
     """A fresh Nevergrad optimizer over [0, 1]^dim, seeded, told the population as its workers."""
     import nevergrad as ng
 
-    if settings.optimizer not in ng.optimizers.registry:
-        close = [n for n in ng.optimizers.registry if n.lower() == settings.optimizer.lower()]
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise MergeflowError(f"unknown Nevergrad optimizer {settings.optimizer!r}{hint}")
+    check_optimizer(settings.optimizer)
     if settings.init is not None:
         param = ng.p.Array(init=np.asarray(settings.init, dtype=float), lower=0.0, upper=1.0)
     else:

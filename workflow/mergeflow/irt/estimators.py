@@ -298,13 +298,15 @@ def combine_endpoint_abilities(
 def _endpoint_matrix(fit: IRTFit, endpoint_thetas) -> np.ndarray:
     """Endpoint abilities as an (E, dim) array from names in the fit, a mapping, or arrays."""
     if endpoint_thetas is None:
-        raise MergeflowError("mp-IRT estimators need the endpoint models' abilities (endpoint_thetas)")
+        raise MergeflowError("mp-IRT estimators (mpirt, gmpirt) need the endpoint models: name them in the IRT "
+                             "fit with `--endpoints NAME ...` (mergeflow estimate), endpoint_thetas (Python)")
     if isinstance(endpoint_thetas, Mapping):
         endpoint_thetas = list(endpoint_thetas.values())
     rows = [fit.theta_of(entry) if isinstance(entry, str) else np.atleast_1d(np.asarray(entry, float))
             for entry in endpoint_thetas]
     if not rows:
-        raise MergeflowError("endpoint_thetas is empty")
+        raise MergeflowError("no endpoint models given: `--endpoints` names none (mergeflow estimate), "
+                             "endpoint_thetas is empty (Python)")
     thetas = np.vstack(rows)
     if thetas.shape[1] != fit.dim:
         raise MergeflowError(f"endpoint abilities have dimension {thetas.shape[1]}, the fit {fit.dim}")

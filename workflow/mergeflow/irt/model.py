@@ -18,6 +18,7 @@ Normal over all of them (a hand-written guide whose locs and scales are exactly 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from mergeflow.errors import MergeflowError
 from mergeflow.irt import KINDS
 from mergeflow.irt.responses import ResponseMatrix
 from mergeflow.progress import Progress
+
+log = logging.getLogger(__name__)
 
 FORMAT = "mergeflow-irt/1"
 INIT_SCALE = 0.05
@@ -228,6 +231,7 @@ def fit_irt(
     ``tol`` (relative) from the window before.
     """
     _check_fit_arguments(matrix, kind, dim, steps, batch_size, holdout_fraction)
+    _warn_uninformative(matrix)
     dim = 1 if kind in ("1pl", "2pl") else dim
     rng = np.random.default_rng(seed)
     pyro.set_rng_seed(seed)
@@ -335,6 +339,20 @@ def _check_fit_arguments(matrix: ResponseMatrix, kind: str, dim: int, steps: int
     values = matrix.matrix[matrix.observed]
     if not np.isin(values, (0.0, 1.0)).all():
         raise MergeflowError("the response matrix is not binary; load it with load_response_matrix")
+
+
+def _warn_uninformative(matrix: ResponseMatrix) -> None:
+    """Warn when no item tells the models apart (every model answers each item alike, e.g. an
+    all-correct matrix): the fit then runs, but its abilities and difficulties are the priors'."""
+    values = np.where(matrix.observed, matrix.matrix, np.nan)
+    with np.errstate(invalid="ignore"):
+        low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+    if np.all(low == high):
+        correct = int(np.sum(high == 1.0))
+        log.warning("every item is answered alike by all %d models (%d items all correct, %d all wrong): the IRT "
+                    "fit cannot tell models or items apart, and estimates from it carry no information; add "
+                    "models that differ (irt.calibration) or harder items", len(matrix.models), correct,
+                    len(matrix.items) - correct)
 
 
 def _holdout_mask(observed: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:

@@ -118,8 +118,8 @@ def binarize_scores(values: np.ndarray, scores: str = "threshold") -> tuple[np.n
     if scores == "reject":
         example = observed[~np.isin(observed, (0.0, 1.0))][0]
         raise MergeflowError(
-            f"column 'correct' has non-binary scores (e.g. {example}); "
-            "pass scores='threshold' to binarize them"
+            f"column 'correct' has non-binary scores (e.g. {example}); binarize them with a mean-preserving "
+            "threshold: `--scores threshold` (mergeflow irt fit), scores='threshold' (Python)"
         )
     threshold = mean_preserving_threshold(observed)
     binary = np.where(np.isnan(values), np.nan, (values > threshold).astype(float))

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from mergeflow.errors import MergeflowError
+from mergeflow.errors import MergeflowError, RecipeError
 
 RngFactory = Callable[[int], torch.Generator]
 MethodFunction = Callable[..., Tensor]
@@ -474,6 +474,42 @@ MERGE_METHODS: dict[str, MergeMethod] = {
         MergeMethod("model_stock", model_stock_merge, True, {}, {}, min_models=2),
     ]
 }
+
+
+PARAMETER_LEVELS = ("model", "method", "any")
+
+
+def read_parameters(methods: list[str], level: str) -> set[str]:
+    """The parameters any of ``methods`` reads at ``level``: ``model`` (per-model: weight,
+    density, ...), ``method`` (lambda, normalize, t, ...) or ``any`` (both: a recipe's or
+    slice's own ``parameters`` may give per-model defaults too)."""
+    names: set[str] = set()
+    for name in methods:
+        method = get_method(name)
+        if level in ("model", "any"):
+            names |= set(method.model_defaults)
+        if level in ("method", "any"):
+            names |= set(method.method_defaults)
+    return names
+
+
+def check_parameter_names(keys, level: str, where: str, methods: list[str] | None = None) -> None:
+    """Raise ``RecipeError`` naming the first of ``keys`` that no method reads at ``level`` (see
+    :func:`read_parameters`): a misspelt parameter would otherwise be ignored. ``methods``: the
+    methods in play (a search space's: a gene none of them reads is refused); None, every
+    registered method (a recipe: a slice may switch methods, as a per-group choice does)."""
+    import difflib
+
+    known = read_parameters(list(MERGE_METHODS) if methods is None else methods, level)
+    scope = "no merge method" if methods is None else f"no merge method here ({', '.join(methods)})"
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"{where}: parameter {key!r} is read by {scope}; "
+                              f"{'per-model ' if level == 'model' else ''}parameters "
+                              f"{'merge methods' if methods is None else 'they'} read: "
+                              f"{', '.join(sorted(known)) or 'none'}{hint}")
 
 
 def get_method(name: str) -> MergeMethod:

@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 import torch
 
-from mergeflow.errors import MergeflowError
-from mergeflow.merge.methods import MergeMethod, Workspace, get_method
+from mergeflow.errors import MergeflowError, RecipeError
+from mergeflow.merge.methods import MergeMethod, Workspace, check_parameter_names, get_method
 from mergeflow.merge.params import (
     is_pre_layer_tensor, layer_index, layer_position, resolve_value, with_layer_index,
 )
@@ -85,6 +85,22 @@ class _Planner:
         self.template = recipe.base_model or recipe.model_paths()[0]
         template = sources[self.template]
         self.slices = as_slices(recipe, template.num_layers)
+        self._check_names()
+
+    def _check_names(self) -> None:
+        """Every method of the recipe exists, and every parameter is one a merge method reads at
+        its level: a misspelt one (``wieght``) would otherwise be ignored. Errors name the key."""
+        for number, spec in enumerate(self.slices):
+            where = f"slices[{number}]" if self.recipe.slices else "models"
+            key = f"slices[{number}].merge_method" if spec.merge_method else "merge_method"
+            try:
+                get_method(spec.merge_method or self.recipe.merge_method)
+            except MergeflowError as err:
+                raise RecipeError(f"recipe: {key}: {err}") from None
+            for source in spec.sources:
+                check_parameter_names(source.parameters, "model", f"recipe: {where}: model {source.model!r}")
+            check_parameter_names(spec.parameters, "any", f"recipe: {where}: parameters")
+        check_parameter_names(self.recipe.parameters, "any", "recipe: parameters")
 
     def source_info(self, ref: TensorRef) -> TensorInfo:
         return self.sources[ref[0]].info(ref[1])

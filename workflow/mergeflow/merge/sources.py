@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from mergeflow.errors import MergeflowError
+from mergeflow.errors import MergeflowError, SourceFileError
 from mergeflow.merge.params import layer_index
 
 SAFETENSORS_DTYPES = {
@@ -32,11 +32,27 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
-def read_header(file: Path) -> dict:
-    """The JSON header of a safetensors file."""
-    with open(file, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return json.loads(handle.read(length))
+def read_header(file: Path, model: str | Path | None = None) -> dict:
+    """The JSON header of a safetensors file, checked to describe no more data than the file holds.
+
+    A file it cannot read (truncated, corrupt) raises ``SourceFileError`` naming the file and,
+    when given, its ``model``."""
+    owner = f"model {str(model)!r}: " if model is not None else ""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if 8 + length > size:
+                raise ValueError(f"its header claims {length} bytes but the file has {size}")
+            header = json.loads(handle.read(length))
+        end = max((meta["data_offsets"][1] for name, meta in header.items() if name != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as err:
+        raise SourceFileError(f"{owner}weight file {str(file)!r} is not a readable safetensors file "
+                              f"(truncated or corrupt?): {err}") from err
+    if 8 + length + end > size:
+        raise SourceFileError(f"{owner}weight file {str(file)!r} is truncated: its header describes "
+                              f"{8 + length + end} bytes but the file has {size}")
+    return header
 
 
 class ModelSource:
@@ -74,7 +90,7 @@ class ModelSource:
         for file in self._weight_files():
             if not file.is_file():
                 raise MergeflowError(f"model {str(self.path)!r}: weight file {file.name!r} is missing")
-            for name, meta in read_header(file).items():
+            for name, meta in read_header(file, self.path).items():
                 if name == "__metadata__":
                     continue
                 tensors[name] = TensorInfo(file, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]))
@@ -97,5 +113,9 @@ class ModelSource:
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor. The file is mapped only for this read, so memory stays bounded."""
         info = self.info(name)
-        with safe_open(info.file, framework="pt") as handle:
-            return handle.get_tensor(name)
+        try:
+            with safe_open(info.file, framework="pt") as handle:
+                return handle.get_tensor(name)
+        except (OSError, SafetensorError) as err:
+            raise SourceFileError(f"model {str(self.path)!r}: cannot read tensor {name!r} from weight file "
+                                  f"{str(info.file)!r}: {err}") from err

@@ -20,8 +20,9 @@ from mergeflow.errors import MergeflowError
 from mergeflow.merge.plan import (
     MergePlan, TensorPlan, check_finite, merge_tensor, open_sources, plan_merge,
 )
-from mergeflow.merge.recipe import Recipe, save_recipe
+from mergeflow.merge.recipe import Recipe, recipe_hash, save_recipe
 from mergeflow.merge.sources import DTYPE_CODES, INDEX_FILE, ModelSource
+from mergeflow.outputs import check_output_dir, staged_dir
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
 RECIPE_FILE = "mergeflow_recipe.yaml"
@@ -100,7 +101,8 @@ def _copy_tokenizer(source_dir: Path, out_dir: Path) -> list[str]:
     return copied
 
 
-def model_card(recipe: Recipe) -> str:
+def model_card(recipe: Recipe, lineage: list[str] | None = None) -> str:
+    """The README of a merged model; ``lineage`` lines (where it came from) close it."""
     models = "\n".join(f"- `{path}`" for path in recipe.model_paths())
     return (
         "---\nlibrary_name: transformers\ntags:\n- merge\n- mergeflow\n---\n"
@@ -111,22 +113,41 @@ def model_card(recipe: Recipe) -> str:
         "`mergeflow merge`; without the mergeflow extensions (`seed`, per-slice "
         "`merge_method`) it is a mergekit configuration.\n\n"
         f"```yaml\n{recipe.to_yaml()}```\n"
+        + ("" if lineage is None else
+           "\n".join(["", "## Lineage", "", f"- recipe hash: `{recipe_hash(recipe)}`", *lineage]) + "\n")
     )
 
 
 def merge_to_dir(recipe: Recipe, out_dir: str | Path, device: str = "cpu",
-                 dtype: str | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Merge ``recipe`` into an HF model directory ``out_dir``.
+                 dtype: str | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                 force: bool = False, lineage: list[str] | None = None) -> Path:
+    """Merge ``recipe`` into an HF model directory ``out_dir``, whole or not at all.
 
     ``dtype`` overrides the output dtype. Writes sharded safetensors with
     ``model.safetensors.index.json``, ``config.json``, the tokenizer of ``tokenizer_source``
-    (default: the base model), a model card ``README.md`` and the recipe.
+    (default: the base model), a model card ``README.md`` (closing with the ``lineage`` lines,
+    if given) and the recipe. Everything is written into a staging directory beside ``out_dir``
+    that replaces it only once complete; a non-empty ``out_dir`` is refused unless ``force``,
+    a directory of a model the recipe reads always (:func:`mergeflow.outputs.staged_dir`).
     """
+    protected = recipe.model_paths() + ([recipe.tokenizer_source] if recipe.tokenizer_source else [])
+    check_output_dir(out_dir, force=force, protected=protected)
     sources = open_sources(recipe)
     plan = plan_merge(recipe, sources, out_dtype=dtype)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch_device = torch.device(device)
+    tokenizer_dir = Path(recipe.tokenizer_source or plan.template)
+    if not tokenizer_dir.is_dir():
+        raise MergeflowError(f"tokenizer_source {str(tokenizer_dir)!r} is not a directory")
+    with staged_dir(out_dir, force=force, protected=protected) as out:
+        _write_merge(plan, sources, out, torch.device(device), max_shard_size)
+        _copy_tokenizer(tokenizer_dir, out)
+        (out / "README.md").write_text(model_card(recipe, lineage))
+        save_recipe(recipe, out / RECIPE_FILE)
+    return Path(out_dir)
+
+
+def _write_merge(plan: MergePlan, sources: dict[str, ModelSource], out: Path,
+                 torch_device: torch.device, max_shard_size: int) -> None:
+    """The weights (shards and their index), ``config.json`` and ``generation_config.json``."""
     fetch = _fetcher(sources, torch_device, plan.compute_dtype)
     shards = assign_shards(plan.tensors, plan.out_dtype, max_shard_size)
     weight_map = {}
@@ -147,10 +168,3 @@ def merge_to_dir(recipe: Recipe, out_dir: str | Path, device: str = "cpu",
     template_dir = sources[plan.template].path
     if (template_dir / "generation_config.json").is_file():
         shutil.copyfile(template_dir / "generation_config.json", out / "generation_config.json")
-    tokenizer_dir = Path(recipe.tokenizer_source or plan.template)
-    if not tokenizer_dir.is_dir():
-        raise MergeflowError(f"tokenizer_source {str(tokenizer_dir)!r} is not a directory")
-    _copy_tokenizer(tokenizer_dir, out)
-    (out / "README.md").write_text(model_card(recipe))
-    save_recipe(recipe, out / RECIPE_FILE)
-    return out

@@ -19,7 +19,7 @@ and fills its defaults first.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -40,9 +40,19 @@ class Space(Protocol):
     def genome_table(self, genome: np.ndarray) -> pd.DataFrame: ...
 
 
-# kind -> builder from a validated ``search_space`` mapping (base_model and models are paths)
-SPACES: dict[str, Callable[[dict], Space]] = {
-    "parameter": ParameterSpace.build,
+class SpaceKind(Protocol):
+    """A registry entry: ``build`` the space from a validated ``search_space`` mapping (base_model
+    and models are paths); ``check`` what can be checked before any job, without the models
+    (``num_layers``: the base's layer count where its config is already on disk)."""
+
+    def build(self, cfg: dict, where: str) -> Space: ...
+
+    def check(self, cfg: dict, where: str, num_layers: int | None) -> None: ...
+
+
+# kind -> its class (build and check)
+SPACES: dict[str, SpaceKind] = {
+    "parameter": ParameterSpace,
 }
 
 
@@ -51,7 +61,15 @@ def build_space(cfg: dict, where: str = "search_space") -> Space:
     from mergeflow.config import validate_section
 
     cfg = validate_section(cfg, "search_space", where)
-    return SPACES[cfg["kind"]](cfg)
+    return SPACES[cfg["kind"]].build(cfg, where)
 
 
-__all__ = ["SPACES", "ParameterSpace", "Space", "build_space"]
+def check_space(cfg: dict, where: str, num_layers: int | None = None) -> None:
+    """Check a ``search_space`` mapping before any job (no models read); errors name the key."""
+    from mergeflow.config import validate_section
+
+    cfg = validate_section(cfg, "search_space", where)
+    SPACES[cfg["kind"]].check(cfg, where, num_layers)
+
+
+__all__ = ["SPACES", "ParameterSpace", "Space", "SpaceKind", "build_space", "check_space"]

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mergeflow.errors import MergeflowError
-from mergeflow.merge.methods import get_method
+from mergeflow.merge.methods import check_parameter_names, get_method
 from mergeflow.merge.params import layer_position, resolve_value
 from mergeflow.merge.recipe import ModelEntry, Recipe, SliceSource, SliceSpec, recipe_from_dict
 from mergeflow.merge.sources import ModelSource
@@ -71,17 +71,20 @@ class Range:
 
 
 def _split(spec: dict[str, Any], where: str) -> tuple[dict[str, Range], dict[str, Any]]:
-    """Searched ranges and fixed values of a parameter mapping."""
+    """Searched ranges and fixed values of a parameter mapping (``where``: its config key)."""
     if not isinstance(spec, dict):
-        raise MergeflowError(f"search_space.{where} must be a mapping")
+        raise MergeflowError(f"{where} must be a mapping")
     ranges, fixed = {}, {}
     for key, value in spec.items():
         if isinstance(value, dict):
             if set(value) != {"min", "max"}:
-                raise MergeflowError(f"search_space.{where}.{key} must be {{min, max}} or a value")
+                raise MergeflowError(f"{where}.{key} must be {{min, max}} or a value")
+            for end in ("min", "max"):
+                if isinstance(value[end], bool) or not isinstance(value[end], (int, float)):
+                    raise MergeflowError(f"{where}.{key}.{end}: {value[end]!r} is not a number")
             low, high = float(value["min"]), float(value["max"])
             if low > high:
-                raise MergeflowError(f"search_space.{where}.{key}: min {low} > max {high}")
+                raise MergeflowError(f"{where}.{key}: min {low} > max {high}")
             ranges[key] = Range(low, high)
         else:
             fixed[key] = value
@@ -113,30 +116,46 @@ class ParameterSpace:
         self.kinds = [*self.filters, None]  # None: tensors matching no filter
 
     @classmethod
-    def build(cls, cfg: dict) -> "ParameterSpace":
+    def build(cls, cfg: dict, where: str = "search_space") -> "ParameterSpace":
         """The registry's entry: a validated ``search_space`` mapping, layers read from the base."""
-        return cls.from_config(cfg, ModelSource(cfg["base_model"]).num_layers)
+        return cls.from_config(cfg, ModelSource(cfg["base_model"]).num_layers, where)
 
-    @classmethod
-    def from_config(cls, cfg: dict, num_layers: int) -> "ParameterSpace":
-        """Build from a ``search_space`` mapping (schema defaults filled) for ``num_layers`` layers."""
+    @staticmethod
+    def check(cfg: dict, where: str = "search_space", num_layers: int | None = None) -> None:
+        """What can be checked without the models (before any job): every method exists, every
+        parameter is read by one of them, every range is numbers with min <= max, and — when
+        the base's layer count is known — ``layer_groups`` fits it. Errors name the key."""
         methods = cfg.get("method")
         methods = [methods] if isinstance(methods, str) else list(methods or [])
         if not methods:
-            raise MergeflowError("search_space.method is missing")
+            raise MergeflowError(f"{where}.method is missing")
         for name in methods:
-            get_method(name)
+            try:
+                get_method(name)
+            except MergeflowError as err:
+                raise MergeflowError(f"{where}.method: {err}") from None
+        model_ranges, model_fixed = _split(cfg["parameters"], f"{where}.parameters")
+        method_ranges, method_fixed = _split(cfg["method_parameters"], f"{where}.method_parameters")
+        check_parameter_names([*model_ranges, *model_fixed], "model", f"{where}.parameters", methods)
+        check_parameter_names([*method_ranges, *method_fixed], "method", f"{where}.method_parameters", methods)
+        groups = int(cfg["layer_groups"])
+        if num_layers is not None and not 1 <= groups <= max(num_layers, 1):
+            raise MergeflowError(f"{where}.layer_groups: {groups} must be between 1 and the base model's "
+                                 f"{num_layers} layers")
+
+    @classmethod
+    def from_config(cls, cfg: dict, num_layers: int, where: str = "search_space") -> "ParameterSpace":
+        """Build from a ``search_space`` mapping (schema defaults filled) for ``num_layers`` layers."""
+        cls.check(cfg, where, num_layers)
+        methods = cfg.get("method")
+        methods = [methods] if isinstance(methods, str) else list(methods)
         models = [str(m) for m in cfg.get("models") or []]
         if not models:
-            raise MergeflowError("search_space.models is empty")
-        groups = int(cfg["layer_groups"])
-        if not 1 <= groups <= max(num_layers, 1):
-            raise MergeflowError(
-                f"search_space.layer_groups {groups} must be between 1 and the {num_layers} layers")
-        model_ranges, model_fixed = _split(cfg["parameters"], "parameters")
-        method_ranges, method_fixed = _split(cfg["method_parameters"], "method_parameters")
+            raise MergeflowError(f"{where}.models is empty")
+        model_ranges, model_fixed = _split(cfg["parameters"], f"{where}.parameters")
+        method_ranges, method_fixed = _split(cfg["method_parameters"], f"{where}.method_parameters")
         return cls(methods, cfg.get("base_model"), models, num_layers,
-                   layer_groups(num_layers, groups), [str(f) for f in cfg["filters"]],
+                   layer_groups(num_layers, int(cfg["layer_groups"])), [str(f) for f in cfg["filters"]],
                    model_ranges, model_fixed, method_ranges, method_fixed, cfg.get("dtype"))
 
     # ---- layout

@@ -140,11 +140,14 @@ def train(model, tokenizer, spec: TrainSpec, seed: int, checkpoint_dir: Path | N
 
 
 def save_model(model, tokenizer, out: Path, extra: dict | None = None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    if extra is not None:
-        (out / "zoo.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+    """Write an HF model directory whole or not at all (:func:`mergeflow.outputs.staged_dir`)."""
+    from mergeflow.outputs import staged_dir
+
+    with staged_dir(out) as stage:
+        model.save_pretrained(stage, safe_serialization=True)
+        tokenizer.save_pretrained(stage)
+        if extra is not None:
+            (stage / "zoo.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
 
 
 def build_base(cfg: dict, out: Path) -> None:

@@ -1,8 +1,26 @@
 # Input functions of the check stage's rules (check.smk).
 
+from functools import lru_cache
+
+from mergeflow.check import weights_fingerprint
+from mergeflow.config import zoo_model_dirs
+
+# Model directories the zoo builds (outputs of its jobs: Snakemake tracks them).
+ZOO_DIRS = {str(p) for p in zoo_model_dirs(config).values()}
 # Hub models by the name of the directory the fetch stage writes them to.
 HUB_MODELS = {hub_model_dir(spec).name: spec for spec in config["models"].values() if "hub" in spec}
 
 
-def all_model_inputs(wildcards):
-    return [p for name in MODELS for p in model_inputs(name)]
+@lru_cache(maxsize=None)
+def external_fingerprint(name):
+    """The weights fingerprint of a model directory the workflow does not write (a local
+    ``path`` outside the zoo), read once per invocation; None for zoo and hub models, whose
+    directories are outputs of their own jobs. A directory the check cannot fingerprint is
+    left to the check job to name."""
+    spec = config["models"][name]
+    if "path" not in spec or str(local_model_dir(spec)) in ZOO_DIRS:
+        return None
+    try:
+        return weights_fingerprint(name, local_model_dir(spec))
+    except (MergeflowError, OSError):
+        return None

@@ -1,0 +1,123 @@
+"""Errors where the user looks: a failed job's log says what went wrong in one line, and a user's
+own config file stands alone (the embedded default is used only when no config file is given)."""
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from mergeflow.errors import DataError
+from mergeflow.logs import job_log
+
+REPO = Path(__file__).resolve().parents[1]
+FAILING_JOB = """
+from mergeflow.errors import DataError
+from mergeflow.logs import setup_job
+
+setup_job({log!r})
+raise DataError("task 't', item 'q3': answer column 'solution' holds 'none', which has no number")
+"""
+
+
+def run_script(tmp_path: Path, debug: bool) -> tuple[subprocess.CompletedProcess, str]:
+    log = tmp_path / "job.log"
+    env = {**os.environ, "MERGEFLOW_DEBUG": "1" if debug else "0"}
+    done = subprocess.run([sys.executable, "-c", FAILING_JOB.format(log=str(log))], capture_output=True, text=True,
+                          env=env, timeout=120)
+    return done, log.read_text()
+
+
+def test_a_failed_script_job_writes_its_one_line_message_into_its_log(tmp_path):
+    done, log = run_script(tmp_path, debug=False)
+    assert done.returncode == 1
+    assert log.strip().endswith("error: task 't', item 'q3': answer column 'solution' holds 'none', which has no number")
+    assert "Traceback" not in log and "Traceback" not in done.stderr and "which has no number" in done.stderr
+    done, log = run_script(tmp_path, debug=True)  # MERGEFLOW_DEBUG=1: the traceback too
+    assert done.returncode == 1 and "Traceback" in log and log.strip().endswith("which has no number")
+
+
+def test_a_failed_in_process_job_writes_its_message_into_its_log(tmp_path):
+    with pytest.raises(DataError):
+        with job_log(tmp_path / "job.log") as log:
+            log.info("started")
+            raise DataError("task 't': bad")
+    lines = (tmp_path / "job.log").read_text().splitlines()
+    assert lines[0].endswith("started") and lines[-1].endswith("error: task 't': bad") and len(lines) == 2
+    assert not logging.getLogger("mergeflow").handlers
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+                           "--cores", "1", *args], capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "MERGEFLOW_DEBUG": "0"})
+
+
+def planned_rules(output: str) -> set[str]:
+    return set(re.findall(r"^(?:local)?rule (\w+):", output, flags=re.M))
+
+
+def test_the_real_models_template_is_planned_alone(tmp_path):
+    done = snakemake(tmp_path, "--configfile", "config/examples/real-models.yaml", "-n")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rules = planned_rules(done.stdout)
+    assert {"fetch_model", "data", "check_model", "ask", "fitness", "tell", "final_table"} <= rules
+    assert not {r for r in rules if r.startswith("zoo")}  # the default's zoo is not merged in
+    assert "wildcards: task=gsm8k" in done.stdout and "task=math_l2" not in done.stdout
+    assert "run=merge3" in done.stdout and "run=full" not in done.stdout
+
+
+def test_a_failing_data_job_says_why_in_its_log(tmp_path):
+    n = 60
+    pd.DataFrame({"question": [f"what is {i} plus 1 ?" for i in range(n)],
+                  "solution": [f"#### {i + 1}" for i in range(n - 1)] + ["I do not know"]}).to_parquet(tmp_path / "t.parquet")
+    for name in ("base", "expert"):
+        (tmp_path / name).mkdir()
+    config = {"zoo": None,  # null: no zoo
+              "models": {"base": {"path": str(tmp_path / "base")}, "expert": {"path": str(tmp_path / "expert")}},
+              "base_model": "base", "endpoints": ["expert"],
+              "tasks": {"t": {"source": {"path": str(tmp_path / "t.parquet")}, "template": "{question}",
+                              "answer": "solution", "scorer": "exact_match", "splits": {"search": 40, "test": 20}}},
+              "runs": {"plain": {}}}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(config))
+    done = snakemake(tmp_path, "results/data/t/search.parquet", "--configfile", str(tmp_path / "mine.yaml"))
+    assert done.returncode != 0
+    log = (tmp_path / "results" / "logs" / "data" / "t.log").read_text()
+    assert log.strip().endswith("error: task 't', item 't-000059': answer column 'solution' holds 'I do not know', "
+                                "which has no number for exact_match to compare with")
+    assert "Traceback" not in log and not (tmp_path / "results" / "data" / "t" / "search.parquet").exists()
+
+
+@pytest.mark.slow
+def test_replaced_weights_in_a_local_model_rerun_its_check(tmp_path):
+    """Each model has its own check, whose parameter is its weights' fingerprint: weights
+    replaced inside a model directory are checked again; the other models' checks stand."""
+    from safetensors.torch import load_file, save_file
+
+    from factories import make_zoo
+
+    zoo = make_zoo(tmp_path / "zoo")
+    pd.DataFrame({"question": [f"what is {i} plus 1 ?" for i in range(30)],
+                  "solution": [f"#### {i + 1}" for i in range(30)]}).to_parquet(tmp_path / "t.parquet")
+    config = {"models": {name: {"path": path} for name, path in zoo.items()}, "base_model": "base",
+              "endpoints": ["math", "lang"],
+              "tasks": {"t": {"source": {"path": str(tmp_path / "t.parquet")}, "template": "{question}",
+                              "answer": "solution", "scorer": "exact_match", "splits": {"search": 20, "test": 10}}},
+              "runs": {"plain": {}}}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(config))
+    targets = ["results/check/math.json", "results/check/lang.json"]
+    done = snakemake(tmp_path, *targets, "--configfile", str(tmp_path / "mine.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert planned_rules(snakemake(tmp_path, *targets, "-n", "--configfile", str(tmp_path / "mine.yaml")).stdout) == set()
+    weights = Path(zoo["math"]) / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.0.mlp.up_proj.weight"] *= 2.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    plan = snakemake(tmp_path, *targets, "-n", "--configfile", str(tmp_path / "mine.yaml")).stdout
+    assert planned_rules(plan) == {"check_model"}
+    assert "wildcards: model=math" in plan and "wildcards: model=lang" not in plan

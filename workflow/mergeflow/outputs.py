@@ -1,0 +1,100 @@
+"""Output directories written whole or not at all.
+
+Every stage that writes a model directory writes it into a staging directory beside the target
+and renames it into place only once it is complete: a failed or killed job leaves the target as
+it was (an earlier good merge stays), never a half-written model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from mergeflow.errors import OutputError
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def check_output_dir(out: str | Path, *, force: bool = False, protected: Iterable[str | Path] = ()) -> Path:
+    """``out`` resolved, once it is known that writing it destroys nothing it should not.
+
+    Refuses a directory that is (or holds) one of ``protected`` (the models a merge reads),
+    always; refuses an existing non-empty directory or a file unless ``force``.
+    """
+    out = Path(out)
+    target = out.resolve()
+    for source in protected:
+        resolved = Path(source).resolve()
+        if _inside(resolved, target):
+            what = "is" if resolved == target else "holds"
+            raise OutputError(f"output directory {str(out)!r} {what} the source model {str(source)!r}; "
+                              "a merge never writes over a model it reads: choose another directory")
+    if not force:
+        if out.is_dir() and any(out.iterdir()):
+            raise OutputError(f"output directory {str(out)!r} is not empty; choose an empty or new "
+                              "directory, or pass --force to replace it whole")
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"output {str(out)!r} exists and is not a directory; pass --force to replace it")
+    return target
+
+
+def remove_abandoned_stages(out: Path) -> list[Path]:
+    """Remove staging directories of ``out`` left by killed writers: those of this host whose
+    process no longer exists (a killed 7B merge would otherwise leave its gigabytes behind)."""
+    host = socket.gethostname()
+    removed = []
+    for stage in out.parent.glob(f".{out.name}.partial-*"):
+        rest = stage.name[len(f".{out.name}.partial-"):]
+        owner, _, pid = rest.rpartition("-")[0].rpartition("-")
+        if owner != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(stage, ignore_errors=True)
+        removed.append(stage)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def staged_dir(out: str | Path, *, force: bool = False, protected: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield a fresh staging directory beside ``out``; on success it replaces ``out`` whole.
+
+    On any error the staging directory is removed and ``out`` is left untouched. See
+    :func:`check_output_dir` for what is refused.
+    """
+    out = Path(out)
+    check_output_dir(out, force=force, protected=protected)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_stages(out)
+    stage = out.parent / f".{out.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out.exists() or out.is_symlink():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
+        os.replace(out, old)
+        os.replace(stage, out)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    else:
+        os.replace(stage, out)
