@@ -236,6 +236,21 @@ def test_template_change_reruns_only_that_task(finished_run):
 
 
 @pytest.mark.slow
+def test_an_unrelated_model_reruns_nothing(finished_run):
+    """Adding a model that no search or table reads plans its own check and no scoring or search;
+    the config's record (provenance) and the README that cites it are redone."""
+    workdir, config = finished_run
+    config = yaml.safe_load(yaml.safe_dump(config))
+    config["models"]["extra"] = {"path": "results/zoo/checkpoints/math/step_00005"}
+    result = snakemake(workdir, config, "-n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = planned_jobs(result.stdout)
+    assert "check_model[model=extra]" in jobs
+    assert {j.split("[")[0] for j in jobs} <= {"check_model", "provenance", "results_readme", "all"}, jobs
+    assert [j for j in jobs if j.startswith("check_model")] == ["check_model[model=extra]"]
+
+
+@pytest.mark.slow
 def test_estimate_check_can_be_turned_off(finished_run):
     workdir, config = finished_run
     config = yaml.safe_load(yaml.safe_dump(config))
