@@ -117,3 +117,19 @@ def test_the_fit_records_how_far_its_accuracy_curve_misses_the_calibration_model
     y = (rng.random(logits.shape) < 1 / (1 + np.exp(-logits))).astype(float)
     mixed = ResponseMatrix(y, [f"m{i}" for i in range(60)], [f"i{j}" for j in range(300)])
     assert fit_irt(mixed, steps=600, seed=0).info["accuracy_misfit_sd"] > 0.03
+
+
+def test_a_saved_fit_is_the_same_bytes_from_any_process(tmp_path):
+    """posterior.safetensors and fit.json hold no wall time and no hash-ordered map: two
+    processes saving the same fit write the same files."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from mergeflow.irt.model import fit_irt; from mergeflow.irt.simulate import simulate_irt\n"
+        "fit_irt(simulate_irt(20, 40, seed=2).matrix, steps=30, min_steps=30, seed=0).save(sys.argv[1])\n"
+    )
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], check=True, capture_output=True)
+    for file in ("posterior.safetensors", "fit.json", "items.parquet"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file

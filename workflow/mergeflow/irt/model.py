@@ -172,8 +172,11 @@ class IRTFit:
         self.items_frame().to_parquet(directory / "items.parquet", index=False)
         tensors = {name: np.ascontiguousarray(value, dtype=np.float32)
                    for name, value in self.params.items()}
+        # one metadata key: safetensors writes its metadata map in hash order, which changes from
+        # one process to the next, and the same fit must give the same bytes
         save_file(tensors, str(directory / "posterior.safetensors"),
-                  metadata={"format": FORMAT, "kind": self.kind, "dim": str(self.dim)})
+                  metadata={"mergeflow": json.dumps({"format": FORMAT, "kind": self.kind, "dim": self.dim},
+                                                    sort_keys=True)})
         record = {"format": FORMAT, "kind": self.kind, "dim": self.dim, "models": self.models,
                   "n_items": self.n_items, **self.info}
         (directory / "fit.json").write_text(json.dumps(record, indent=1, default=_json_default))
@@ -263,7 +266,9 @@ def fit_irt(
             if abs(before - recent) <= tol * abs(before):
                 converged = True
                 break
-    seconds = time.perf_counter() - started
+    # the wall time goes to the log, not into fit.json: the same fit must give the same files
+    log.info("IRT fit: %d steps (%s) in %.1fs", len(trace), "converged" if converged else "not converged",
+             time.perf_counter() - started)
 
     params = {name: value.detach().cpu().numpy().astype(np.float64)
               for name, value in irt.posterior().items()}
@@ -274,7 +279,6 @@ def fit_irt(
         "steps": len(trace),
         "converged": converged,
         "tol": tol,
-        "seconds": seconds,
         "seed": seed,
         "lr": lr,
         "batch_size": batch_size,
