@@ -1,7 +1,8 @@
 # Fail fast, per model: it loads and matches the base (architecture, tensor names and shapes,
 # vocabulary) and every tensor is finite; every job that reads a model depends on its check, and
-# a local model's weights fingerprint is the check's parameter, so replaced weights rerun it. Tasks are checked where they are built: the data rule stops with a message naming
-# the task and column, before any model is run on it. Hub models are fetched first (fetch_model):
+# a local model's weights fingerprint is the check's parameter, so replaced weights rerun it.
+# Tasks are checked where they are built: the data rule stops with a message naming the task and
+# column, before any model is run on it. Hub models are fetched first (fetch_model):
 # a directory of links into the Hugging Face cache, so that every stage reads local files.
 
 
