@@ -143,8 +143,9 @@ def results_readme(runs: list[str], provenance_paths: list[str], tables: dict[st
               "pip install -r results/requirements.txt   # the exact environment that ran",
               "pip install --no-deps -e .",
               f"snakemake --cores 1{config_args}", "```", "",
-              "On the same hardware this reproduces every file under `results/` (histories byte for byte); on "
-              "other hardware expect small float differences.", ""]
+              "On the same hardware this reproduces the histories, anchor sets, IRT fits, merged models and "
+              "accuracies byte for byte (wall times and logs differ); on other hardware expect small float "
+              "differences.", ""]
     text = "\n".join(lines)
     Path(out).write_text(text)
     return text
