@@ -45,7 +45,8 @@ mkdir -p "$STATE"/{ctld,slurmd,log} /etc/slurm
 chmod 755 "$STATE"
 
 # Loopback only: the controller and the node are this host at 127.0.0.1.
-cat > "$CONF" <<EOF
+NEW_CONF=$(mktemp)
+cat > "$NEW_CONF" <<EOF
 $MARKER
 # One node ($HOST at 127.0.0.1), one partition (cpu); state under $STATE.
 ClusterName=mergeflow
@@ -87,9 +88,16 @@ SlurmdParameters=config_overrides
 NodeName=$HOST NodeAddr=127.0.0.1 NodeHostname=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=cpu Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
-# Debian's slurmd also reads cgroup.conf if it exists; none is needed with the plugins above.
 
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# A cluster started with another configuration (another node size) is restarted with this one.
+if ! cmp -s "$NEW_CONF" "$CONF" && { running "$STATE/slurmctld.pid" || running "$STATE/slurmd.pid"; }; then
+    echo "start-slurm.sh: the configuration changed; restarting the daemons"
+    MERGEFLOW_SLURM_STATE=$STATE "$(dirname "$0")/stop-slurm.sh"
+fi
+mv "$NEW_CONF" "$CONF"
+chmod 644 "$CONF"
 
 # munge: the key comes with the package (mungekey writes one if it is missing)
 mkdir -p /run/munge /var/log/munge /var/lib/munge
