@@ -142,6 +142,7 @@ def test_cluster_run_is_the_local_run(slurm, tmp_path):
     scancel mid-run is retried; the histories and final tables are the bytes of a local run."""
     config = cluster_config()
     local = tmp_path / "local"
+    local.mkdir()
     result = run(snakemake_command(local, config), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
 

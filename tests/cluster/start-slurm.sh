@@ -39,7 +39,7 @@ if [ -e "$CONF" ] && ! grep -qF "$MARKER" "$CONF"; then
 fi
 
 HOST=$(hostname -s)
-CPUS=${MERGEFLOW_SLURM_CPUS:-$(nproc)}
+CPUS=${MERGEFLOW_SLURM_CPUS:-$(getconf _NPROCESSORS_ONLN)}  # not nproc: it obeys OMP_NUM_THREADS
 MEM_MB=${MERGEFLOW_SLURM_MEM_MB:-$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)}
 mkdir -p "$STATE"/{ctld,slurmd,log} /etc/slurm
 chmod 755 "$STATE"

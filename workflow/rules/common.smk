@@ -77,9 +77,12 @@ def all_cores():
     """Every core a local run was given (--cores). Under a cluster executor the submitting process
     has no cores to give and each job sees the cores of its node: there 1, in the submitter and in
     the job alike (raise it with --set-threads RULE=N, which reaches the jobs too)."""
-    if workflow.non_local_exec or workflow.remote_exec:
+    if workflow.remote_exec:
         return 1
-    return max(1, workflow.cores)
+    try:
+        return max(1, workflow.cores)
+    except WorkflowError:  # the submitting process of a cluster executor: no --cores
+        return 1
 
 
 wildcard_constraints:
