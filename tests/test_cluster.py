@@ -6,18 +6,17 @@ installs them) and ``pip install -e ".[slurm]"``; without them it is skipped, sa
 missing. Run it alone with ``python -m pytest -q -m cluster``.
 """
 
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
+import pandas as pd
 import pytest
-import yaml
 
 from test_workflow import micro_config, snakemake_command
 
@@ -67,9 +66,7 @@ def why_no_cluster() -> str | None:
     missing = [tool for tool in ("slurmctld", "slurmd", "munged", "sbatch", "squeue") if not shutil.which(tool)]
     if missing:
         return f"Slurm is not installed ({', '.join(missing)} missing): run tests/cluster/start-slurm.sh as root"
-    try:
-        import snakemake_executor_plugin_slurm  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
         return "the Slurm executor plugin is not installed: pip install -e \".[slurm]\""
     return None
 
@@ -105,21 +102,28 @@ def slurm_jobs(run_id: str) -> dict[str, dict[str, str]]:
     return jobs
 
 
-def completion_times(state_dir: Path) -> dict[str, tuple[datetime, datetime]]:
-    """JobId -> (StartTime, EndTime) of every ended job (jobcomp/filetxt)."""
-    times = {}
+def completion_log(state_dir: Path) -> dict[str, dict[str, str]]:
+    """JobId -> the fields of its line in the job completion log (jobcomp/filetxt): every job
+    that ended, with its state and its submit, start and end times."""
+    jobs = {}
     for line in (state_dir / "log" / "jobcomp.log").read_text().splitlines():
         fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-        times[fields["JobId"]] = (datetime.fromisoformat(fields["StartTime"]), datetime.fromisoformat(fields["EndTime"]))
-    return times
+        jobs[fields["JobId"]] = fields
+    return jobs
 
 
 def outputs(workdir: Path) -> dict[str, bytes]:
-    """What must be the same bytes: every generation's history, each run's history and final table."""
+    """What must be the same bytes: every generation's history, each run's history, and the final
+    merge's answers on the test split."""
     results = workdir / "results" / "runs"
     files = sorted(results.glob("*/evolve/gen_*/history.parquet")) + sorted(results.glob("*/evolve/history.parquet"))
-    files += sorted(results.glob("*/final/test.parquet"))
+    files += sorted(results.glob("*/final/responses/*.parquet"))
     return {str(p.relative_to(workdir)): p.read_bytes() for p in files}
+
+
+def final_table(workdir: Path, run: str) -> pd.DataFrame:
+    """A run's final table less the search's wall time (the one column that is a measurement)."""
+    return pd.read_parquet(workdir / "results" / "runs" / run / "final" / "test.parquet").drop(columns="search_wall_s")
 
 
 def cancel_when_running(comment: str, log: Path, proc: subprocess.Popen, timeout: float) -> str:
@@ -166,33 +170,37 @@ def test_cluster_run_is_the_local_run(slurm, tmp_path):
     assert proc.returncode == 0, log[-6000:]
     print(f"cluster run: {elapsed:.0f} s")
 
-    # the same bytes as the local run
+    # the same bytes as the local run: histories, the final merges' answers; the same final tables
     expected, got = outputs(local), outputs(workdir)
-    assert len(expected) == 2 * 2 + 2 + 2 and sorted(got) == sorted(expected)
+    assert len(expected) == 2 * (2 + 1) + 2 and sorted(got) == sorted(expected)
     assert [name for name in expected if got[name] != expected[name]] == []
+    for name in config["runs"]:
+        pd.testing.assert_frame_equal(final_table(workdir, name), final_table(local, name), check_exact=True)
 
     # Slurm ran the jobs that score models; the evolution loop's bookkeeping ran here
     run_id = re.search(r"SLURM run ID: (\S+)", log).group(1)
     jobs = slurm_jobs(run_id)
+    ended = completion_log(slurm)
     for job_id, job in sorted(jobs.items(), key=lambda item: int(item[0])):
-        print(job_id, job["state"], job["partition"], job["comment"])
+        times = ended.get(job_id, {})
+        print(job_id, job["state"], job["partition"], job["comment"], times.get("StartTime"), times.get("EndTime"))
     rules = [job["comment"].split("_wildcards_")[0].removeprefix("rule_") for job in jobs.values()]
-    for rule in ("zoo_base", "respond", "calibrate", "fit_irt", "fitness", "final_respond", "provenance"):
+    for rule in ("zoo_base", "respond", "calibrate", "fit_irt", "select_anchors", "fitness", "final_merge",
+                 "final_respond", "provenance"):
         assert rule in rules, rule
-    assert not {"ask", "tell", "promote", "history", "final_table"} & set(rules)
+    assert not {"ask", "tell", "promote", "history", "final_table", "results_readme"} & set(rules)
     assert {job["partition"] for job in jobs.values()} == {"cpu"}
+    assert {ended[i]["JobState"] for i in jobs} == {job["state"] for job in jobs.values()} == {"COMPLETED", "CANCELLED"}
     # 2 generations x 2 shards + 2 x 1 shard, and the cancelled one's second attempt
     assert rules.count("fitness") == 2 * 2 + 2 + 1
     assert jobs[victim]["state"] == "CANCELLED" and jobs[victim]["comment"] == "rule_fitness_wildcards_full_1_0_0"
-    retried = [i for i, job in jobs.items() if job["comment"] == jobs[victim]["comment"] and i != victim]
-    assert len(retried) == 1 and jobs[retried[0]]["state"] == "COMPLETED"
-    assert {job["state"] for i, job in jobs.items() if i != victim} == {"COMPLETED"}
-    # a generation's shards ran side by side
-    times = completion_times(slurm)
-    shards = [i for i, job in jobs.items() if job["comment"] in
-              ("rule_fitness_wildcards_full_0_0_0", "rule_fitness_wildcards_full_0_0_1")]
-    (start_a, end_a), (start_b, end_b) = (times[i] for i in shards)
-    assert max(start_a, start_b) < min(end_a, end_b), (times[shards[0]], times[shards[1]])
+    assert [job["state"] for i, job in jobs.items() if i != victim and job["comment"] == jobs[victim]["comment"]] == [
+        "COMPLETED"]
+    assert [i for i, job in jobs.items() if job["state"] != "COMPLETED"] == [victim]
+    # a generation's shards were in Slurm's hands at once: each submitted before the other ended
+    shards = [ended[i] for i, job in jobs.items() if job["comment"].startswith("rule_fitness_wildcards_full_0_0_")]
+    assert len(shards) == 2
+    assert max(s["SubmitTime"] for s in shards) < min(s["EndTime"] for s in shards), shards
     # a second run does nothing
     again = run(slurm_command(workdir, config, "-n"), timeout=300)
     assert "Nothing to be done" in again.stdout + again.stderr
