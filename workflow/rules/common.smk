@@ -63,17 +63,18 @@ CONDA_ENV = "../../envs/mergeflow.yaml"
 CPU_JOB = {"slurm_partition": config["cluster"]["partitions"]["cpu"]}
 
 
-def device_job(device):
+def device_job(device: str) -> dict[str, str]:
     if device == "cpu":
         return CPU_JOB
     return {"slurm_partition": config["cluster"]["partitions"]["gpu"], "gres": config["cluster"]["gres"]}
 
 
-MODEL_JOB = device_job(config["evaluation"]["device"])  # respond, calibrate, fitness, final_respond, pareto_members
+# respond, calibrate, fitness, final_respond, pareto_members, and provenance (it names the hardware)
+MODEL_JOB = device_job(config["evaluation"]["device"])
 IRT_JOB = device_job(config["irt"]["device"])  # fit_irt
 
 
-def all_cores():
+def all_cores() -> int:
     """Every core a local run was given (--cores). Under a cluster executor the submitting process
     has no cores to give and each job sees the cores of its node: there 1, in the submitter and in
     the job alike (raise it with --set-threads RULE=N, which reaches the jobs too)."""
