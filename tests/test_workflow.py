@@ -309,6 +309,46 @@ def test_killed_run_resumes_to_the_same_history(finished_run, tmp_path):
     assert (copy / target).read_bytes() == (workdir / target).read_bytes()
 
 
+def planned_resources(dry_run_output: str) -> dict[str, dict[str, str]]:
+    """rule -> the resources a dry run shows for its jobs (the last job's, if several)."""
+    resources = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", dry_run_output):
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        r = re.search(r"resources: (.*)", block)
+        if m:
+            resources[m.group(1)] = dict(kv.split("=", 1) for kv in r.group(1).split(", ")) if r else {}
+    return resources
+
+
+def test_cluster_resources_follow_the_config(tmp_path):
+    """Under a GPU device the jobs that run models ask a cluster for the GPU partition and gres,
+    every other submitted job for the CPU partition (config: cluster); the IRT fit follows
+    irt.device; the local jobs ask for none."""
+    config = micro_config()
+    config["evaluation"]["device"] = "cuda"
+    config["cluster"] = {"partitions": {"cpu": "short", "gpu": "a100"}, "gres": "gpu:a100:1"}
+    result = snakemake(tmp_path, config, "-n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    planned = planned_resources(result.stdout)
+    models = {"respond", "calibrate", "fitness", "final_respond", "pareto_members", "provenance"}
+    local = {"ask", "promote", "tell", "history", "final_table", "compare_runs", "pareto_front", "final_model",
+             "search_progress", "best_genome", "pareto_figure", "irt_fit_figure", "accuracy_figure", "cost_figure",
+             "results_readme", "all"}
+    assert models | local <= set(planned) and "fit_irt" in planned and "zoo_base" in planned
+    for rule, resources in planned.items():
+        if rule in models:
+            assert (resources.get("slurm_partition"), resources.get("gres")) == ("a100", "gpu:a100:1"), rule
+        elif rule in local:
+            assert "slurm_partition" not in resources and "gres" not in resources, rule
+        else:
+            assert resources.get("slurm_partition") == "short" and "gres" not in resources, rule
+    config["irt"]["device"] = "cuda"
+    config["evaluation"]["device"] = "cpu"
+    planned = planned_resources(snakemake(tmp_path, config, "-n").stdout)
+    assert planned["fit_irt"]["gres"] == "gpu:a100:1" and planned["fit_irt"]["slurm_partition"] == "a100"
+    assert {planned[rule]["slurm_partition"] for rule in models} == {"short"}
+
+
 def test_unknown_config_key_is_named(tmp_path):
     config = micro_config()
     config["tasks"]["math_l2"]["tempalte"] = "{question}"

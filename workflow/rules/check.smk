@@ -22,6 +22,8 @@ rule check_model:
         fingerprints=lambda wc: {n: external_fingerprint(n) for n in (wc.model, config["base_model"])},
     wildcard_constraints:
         model="|".join(re.escape(m) for m in MODELS),
+    resources:
+        **CPU_JOB,
     log:
         "results/logs/check/{model}.log",
     conda:
@@ -38,6 +40,8 @@ rule fetch_model:
         revision=lambda wc: HUB_MODELS[wc.slug].get("revision"),
     wildcard_constraints:
         slug="|".join(re.escape(s) for s in HUB_MODELS) or "(?!)",
+    resources:
+        **CPU_JOB,
     log:
         "results/logs/fetch/{slug}.log",
     conda:

@@ -57,6 +57,35 @@ SOURCE_LOCATIONS = [model_location(config["models"][m]) for m in config["endpoin
 CONDA_ENV = "../../envs/mergeflow.yaml"
 
 
+# Where a cluster executor (profiles/slurm) sends each job (config: cluster); a local run ignores
+# these resources. Jobs that run models go to the GPU partition with a GPU when their device is not
+# cpu; every other job, and every job of a CPU-only config, to the CPU partition.
+CPU_JOB = {"slurm_partition": config["cluster"]["partitions"]["cpu"]}
+
+
+def device_job(device: str) -> dict[str, str]:
+    if device == "cpu":
+        return CPU_JOB
+    return {"slurm_partition": config["cluster"]["partitions"]["gpu"], "gres": config["cluster"]["gres"]}
+
+
+# respond, calibrate, fitness, final_respond, pareto_members, and provenance (it names the hardware)
+MODEL_JOB = device_job(config["evaluation"]["device"])
+IRT_JOB = device_job(config["irt"]["device"])  # fit_irt
+
+
+def all_cores() -> int:
+    """Every core a local run was given (--cores). Under a cluster executor the submitting process
+    has no cores to give and each job sees the cores of its node: there 1, in the submitter and in
+    the job alike (raise it with --set-threads RULE=N, which reaches the jobs too)."""
+    if workflow.remote_exec:
+        return 1
+    try:
+        return max(1, workflow.cores)
+    except WorkflowError:  # the submitting process of a cluster executor: no --cores
+        return 1
+
+
 wildcard_constraints:
     task="|".join(config["tasks"]),
     split="|".join(SPLITS),

@@ -13,6 +13,8 @@ rule data:
     params:
         task=lambda wc: canonical(config["tasks"][wc.task]),
         seed=config["seed"],
+    resources:
+        **CPU_JOB,
     log:
         "results/logs/data/{task}.log",
     conda:

@@ -2,8 +2,9 @@
 # promote(g, 0) -> fitness(g, rung 1, shard) -> ... -> tell(g); a fitness kind of one rung
 # (full, anchors) has no promote. All are `run:` jobs. Under the default profile (force-use-threads) they execute inside
 # the Snakemake process, so the source models loaded by the first fitness job stay resident
-# for every later generation; on a cluster fitness is an ordinary submitted job. ask and tell
-# are light (no model) and always run on the submitting host.
+# for every later generation; on a cluster fitness is an ordinary submitted job (one per shard,
+# side by side). ask, promote and tell are light (no model) and, like history's copy, always run
+# on the submitting host.
 
 
 include: "functions/evolve.smk"
@@ -13,6 +14,7 @@ localrules:
     ask,
     promote,
     tell,
+    history,
 
 
 rule ask:
@@ -45,7 +47,7 @@ rule fitness:
         files=fitness_files,
     threads: 1
     resources:
-        gpu=1 if config["evaluation"]["device"] != "cpu" else 0,
+        **MODEL_JOB,
     log:
         "results/logs/evolve/{run}/gen_{g}/rung_{r}/fitness_{k}.log",
     benchmark:
@@ -113,6 +115,8 @@ rule best_weights:
         directory("results/runs/{run}/evolve/gen_{g}/best/model"),
     params:
         lineage=lambda wc: {"run": wc.run, "generation": int(wc.g)},
+    resources:
+        **CPU_JOB,
     log:
         "results/logs/evolve/{run}/gen_{g}/best_weights.log",
     conda:

@@ -5,6 +5,14 @@
 include: "functions/final.smk"
 
 
+# Light bookkeeping (tables, the card, the front): on a cluster these run on the submitting host.
+localrules:
+    final_table,
+    compare_runs,
+    pareto_front,
+    final_model,
+
+
 rule baseline_model:
     input:
         models=search_model_inputs,
@@ -15,6 +23,8 @@ rule baseline_model:
         baseline=canonical(config["baseline"]),
         base=BASE_LOCATION,
         sources=SOURCE_LOCATIONS,
+    resources:
+        **CPU_JOB,
     log:
         "results/logs/baseline_model.log",
     conda:
@@ -34,6 +44,8 @@ rule final_merge:
         directory("results/runs/{run}/final/merge"),
     params:
         lineage=lambda wc: {"run": wc.run, "generations": generations(wc.run)},
+    resources:
+        **CPU_JOB,
     log:
         "results/logs/final/{run}/merge.log",
     conda:
@@ -56,6 +68,8 @@ rule final_respond:
         delimiter=lambda wc: config["tasks"][wc.task]["target_delimiter"],
         evaluation=canonical(config["evaluation"]),
     threads: 1
+    resources:
+        **MODEL_JOB,
     log:
         "results/logs/final/{run}/{scored}_{task}.log",
     conda:
@@ -140,6 +154,8 @@ rule provenance:
     params:
         config=canonical(config),
         run=lambda wc: wc.run,
+    resources:
+        **MODEL_JOB,  # it names the CPU and GPUs: those of the nodes that run the models
     log:
         "results/logs/provenance/{run}.log",
     conda:
@@ -166,6 +182,8 @@ rule pareto_members:
         tasks=pareto_test_tasks,
         evaluation=canonical(config["evaluation"]),
     threads: 1
+    resources:
+        **MODEL_JOB,
     log:
         "results/logs/final/{run}/pareto_members.log",
     conda:

@@ -21,6 +21,8 @@ rule calibrate:
         seed=config["seed"],
         evaluation=canonical(config["evaluation"]),
     threads: 1
+    resources:
+        **MODEL_JOB,
     log:
         "results/logs/calibrate/{task}.log",
     conda:
@@ -41,6 +43,8 @@ rule fit_irt:
         irt={k: v for k, v in config["irt"].items() if k != "calibration"},
         seed=config["seed"],
     threads: 1
+    resources:
+        **IRT_JOB,
     log:
         "results/logs/fit_irt/{task}.log",
     conda:
@@ -60,6 +64,8 @@ rule select_anchors:
         strategy="|".join(STRATEGIES),
         n=r"\d+",
         seed=r"\d+",
+    resources:
+        **CPU_JOB,
     log:
         "results/logs/select_anchors/{task}/{strategy}-{n}-seed{seed}.log",
     conda:

@@ -5,6 +5,17 @@
 include: "functions/report.smk"
 
 
+# Figures and the README are light: on a cluster they run on the submitting host.
+localrules:
+    search_progress,
+    best_genome,
+    pareto_figure,
+    irt_fit_figure,
+    accuracy_figure,
+    cost_figure,
+    results_readme,
+
+
 rule search_progress:
     input:
         history="results/runs/{run}/evolve/history.parquet",

@@ -17,6 +17,8 @@ rule respond:
         delimiter=lambda wc: config["tasks"][wc.task]["target_delimiter"],
         evaluation=canonical(config["evaluation"]),
     threads: 1
+    resources:
+        **MODEL_JOB,
     log:
         "results/logs/respond/{task}/{split}/{model}.log",
     conda:

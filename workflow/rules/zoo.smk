@@ -9,6 +9,8 @@ if config.get("zoo"):
             [str(p) for p in zoo_task_files(config).values()],
         params:
             zoo=canonical({k: config["zoo"][k] for k in ("seed", "tasks", "task_items")}),
+        resources:
+            **CPU_JOB,
         log:
             "results/logs/zoo/tasks.log",
         conda:
@@ -21,7 +23,9 @@ if config.get("zoo"):
             directory("results/zoo/base"),
         params:
             zoo=canonical({k: config["zoo"][k] for k in ("seed", "model", "base")}),
-        threads: max(1, workflow.cores)
+        threads: all_cores()
+        resources:
+            **CPU_JOB,
         log:
             "results/logs/zoo/base.log",
         conda:
@@ -45,7 +49,9 @@ if config.get("zoo"):
                     "experts": config["zoo"]["experts"],
                 }
             ),
-        threads: max(1, workflow.cores)
+        threads: all_cores()
+        resources:
+            **CPU_JOB,
         log:
             "results/logs/zoo/{expert}.log",
         conda:
