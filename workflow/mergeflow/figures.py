@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from mergeflow.evolve import history as hist
+from mergeflow.report import MERGED, runs_table
 
 DPI = 130
 Z_95 = 1.96  # half-width of a 95% interval, in sds
@@ -226,7 +227,7 @@ def pareto_figure(run: str, history_path: str | Path, members_path: str | Path, 
         ax.annotate("", xy=(test.at[member, tasks[0]], test.at[member, tasks[1]]),
                     xytext=(search.at[member, tasks[0]], search.at[member, tasks[1]]),
                     arrowprops={"arrowstyle": "->", "color": "#fdae6b", "lw": 0.8})
-    others = table[table["model"] != "merged"].pivot_table(index="model", columns="task", values="accuracy")
+    others = table[table["model"] != MERGED].pivot_table(index="model", columns="task", values="accuracy")
     for number, (model, row) in enumerate(others.iterrows()):
         if all(t in row.index for t in tasks):
             ax.scatter([row[tasks[0]]], [row[tasks[1]]], marker="X", s=60, color=plt.cm.Dark2(number),
@@ -252,10 +253,7 @@ def accuracy_figure(tables: dict[str, str | Path], out: str | Path) -> Path:
     """Test accuracy (±1.96 standard errors) of every model on every task: the endpoints and the
     baseline once, then each run's final merge."""
     plt = _pyplot()
-    table = _run_tables(tables)
-    shared = table[(table["model"] != "merged") & (table["run"] == next(iter(tables)))]
-    merged = table[table["model"] == "merged"].assign(model=lambda f: "merged (" + f["run"] + ")")
-    table = pd.concat([shared, merged], ignore_index=True)
+    table = runs_table(tables)
     tasks = list(dict.fromkeys(table["task"]))
     models = list(dict.fromkeys(table["model"]))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) * (1 + 0.25 * len(models))), 3.8))
@@ -281,7 +279,7 @@ def cost_figure(tables: dict[str, str | Path], objectives: dict[str, list[str]],
 
     plt = _pyplot()
     table = _run_tables(tables)
-    merged = table[table["model"] == "merged"]
+    merged = table[table["model"] == MERGED]
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 3.6), sharey=True)
     for ax, column, label in ((axes[0], "search_items", "items evaluated in the search"),
                               (axes[1], "search_wall_s", "search wall time (s)")):
@@ -296,7 +294,7 @@ def cost_figure(tables: dict[str, str | Path], objectives: dict[str, list[str]],
             ax.annotate(run, (row[column], row["accuracy"]), textcoords="offset points",
                         xytext=(6, 4 if number % 2 == 0 else -11), fontsize=8)
         targets = {tasks[0] for tasks in objectives.values()}
-        endpoints = table[(table["model"] != "merged") & table["task"].isin(targets)]
+        endpoints = table[(table["model"] != MERGED) & table["task"].isin(targets)]
         for number, (task, rows) in enumerate(endpoints.groupby("task")):
             best = rows.loc[rows["accuracy"].idxmax()]
             ax.axhline(best["accuracy"], color="grey", ls="--", lw=0.8)

@@ -113,13 +113,19 @@ def _estimate_check_lines(table: pd.DataFrame) -> list[str]:
     return lines + [""]
 
 
-def compare_runs(tables: dict[str, str], out: str | Path) -> pd.DataFrame:
-    """One table over runs: the endpoints and baseline once, then each run's merge."""
+def runs_table(tables: dict[str, str | Path]) -> pd.DataFrame:
+    """Every run's test table as one: the endpoints and baseline once (from the first run), then
+    each run's merge as ``merged ({run})``."""
     frames = [pd.read_parquet(path) for path in tables.values()]
     first = frames[0]
     shared = first[first["model"] != MERGED]
     merged = [f[f["model"] == MERGED].assign(model=f"merged ({run})") for run, f in zip(tables, frames)]
-    table = pd.concat([shared, *merged], ignore_index=True)
+    return pd.concat([shared, *merged], ignore_index=True)
+
+
+def compare_runs(tables: dict[str, str], out: str | Path) -> pd.DataFrame:
+    """One table over runs: the endpoints and baseline once, then each run's merge."""
+    table = runs_table(tables)
     tasks = list(dict.fromkeys(table["task"]))
     Path(out).write_text(markdown_summary(table, tasks, "All runs: test-split accuracy"))
     return table
