@@ -119,6 +119,7 @@ def test_the_fit_records_how_far_its_accuracy_curve_misses_the_calibration_model
     assert fit_irt(mixed, steps=600, seed=0).info["accuracy_misfit_sd"] > 0.03
 
 
+@pytest.mark.slow
 def test_a_saved_fit_is_the_same_bytes_from_any_process(tmp_path):
     """posterior.safetensors and fit.json hold no wall time and no hash-ordered map: two
     processes saving the same fit write the same files."""

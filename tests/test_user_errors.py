@@ -62,6 +62,7 @@ def planned_rules(output: str) -> set[str]:
     return set(re.findall(r"^(?:local)?rule (\w+):", output, flags=re.M))
 
 
+@pytest.mark.slow
 def test_the_real_models_template_is_planned_alone(tmp_path):
     done = snakemake(tmp_path, "--configfile", "config/examples/real-models.yaml", "-n")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -72,6 +73,7 @@ def test_the_real_models_template_is_planned_alone(tmp_path):
     assert "run=merge3" in done.stdout and "run=full" not in done.stdout
 
 
+@pytest.mark.slow
 def test_a_failing_data_job_says_why_in_its_log(tmp_path):
     n = 60
     pd.DataFrame({"question": [f"what is {i} plus 1 ?" for i in range(n)],

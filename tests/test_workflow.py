@@ -320,6 +320,7 @@ def planned_resources(dry_run_output: str) -> dict[str, dict[str, str]]:
     return resources
 
 
+@pytest.mark.slow
 def test_cluster_resources_follow_the_config(tmp_path):
     """Under a GPU device the jobs that run models ask a cluster for the GPU partition and gres,
     every other submitted job for the CPU partition (config: cluster); the IRT fit follows
@@ -358,6 +359,7 @@ def test_unknown_config_key_is_named(tmp_path):
         result.stdout + result.stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("section, bad, message", [
     ("fitness", {"kind": "anchor"},
      "config: at runs.anchored.evolve.fitness.kind: 'anchor' is not one of ['full', 'anchors', 'multi_fidelity']"),
@@ -372,6 +374,7 @@ def test_unknown_kind_is_named_with_the_known_kinds_before_any_job(tmp_path, sec
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_missing_model_directory_is_named_before_any_job(tmp_path):
     config = micro_config()
     config["models"]["math"] = {"path": "models/not-here"}
