@@ -1,0 +1,164 @@
+"""Search variants over seeds, in-process: a fast way to try search settings before judging the
+winner through Snakemake with bench/search_quality.py.
+
+Each variant is an overlay on one search run's ``evolve`` section (a YAML mapping, name -> keys).
+It is rerun with seeds 0..S-1 (run, anchor and rung seeds, as bench/search_quality.py seeds
+them) through the library's own stage functions — ``ask``, ``fitness``, ``promote``, ``tell``,
+the ones the Snakemake jobs call — on a finished default's zoo, data and IRT fits, in a scratch
+directory. Then the chosen merge of each is scored on the first objective's whole search split
+and its test split. A variant equal to the run itself gives the run's own accuracies seed for seed.
+
+    python bench/search_sweep.py --variants variants.yaml [--workdir .] [--run cheap] [--seeds 5]
+
+with, for example, variants.yaml:
+
+    cheap: {}
+    cheap-cma: {optimizer: CMA}
+    cheap-2-groups: {search_space: {layer_groups: 2}}
+
+Prints per variant: each seed's test accuracy, mean ± sd, wins over the best endpoint, the
+chosen merges' estimate against their whole-search-split accuracy (the winner's curse), items
+evaluated and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow"))
+
+from search_quality import endpoints_best, seeded_runs  # noqa: E402  (same directory)
+
+
+def deep_update(base: dict, overlay: dict) -> dict:
+    for key, value in overlay.items():
+        base[key] = deep_update(dict(base.get(key) or {}), value) if isinstance(value, dict) else value
+    return base
+
+
+def anchors_file(results: Path, task: str, anchor_set: dict, endpoints: list[str]) -> str:
+    """The anchor set the pipeline's select_anchors rule would write, made by the same calls."""
+    from mergeflow.irt.anchors import select_anchors
+    from mergeflow.irt.model import load_irt
+    from mergeflow.irt.responses import load_response_matrix
+
+    path = results / "bench" / "sweep" / "anchors" / task / "{strategy}-{n}-seed{seed}.parquet".format(**anchor_set)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ends = [results / "responses" / task / "search" / f"{m}.parquet" for m in endpoints]
+        matrix = load_response_matrix([*ends, results / "calibration" / f"{task}.parquet"])
+        select_anchors(matrix, load_irt(results / "irt" / task), **anchor_set).to_parquet(path, index=False)
+    return str(path)
+
+
+def search(config: dict, run: str, results: Path, scratch: Path) -> tuple[pd.DataFrame, float]:
+    """Run ``run``'s search in-process through the stage functions; its history and wall time."""
+    from mergeflow.evolve.stages import EvolveConfig, FitnessJob, ask, fitness, promote, tell
+    from mergeflow.fitness import FITNESS
+
+    cfg = EvolveConfig.from_config(config, run)
+    kind = FITNESS[cfg.fitness["kind"]]
+    paths = {"split": lambda t: str(results / "data" / t / "search.parquet"),
+             "irt": lambda t: str(results / "irt" / t / "items.parquet"),
+             "calibration": lambda t: str(results / "calibration" / f"{t}.parquet"),
+             "anchors": lambda t: anchors_file(results, t, kind.anchor_set(cfg.fitness), list(config["endpoints"]))}
+    files = {t: {need: paths[need](t) for need in kind.needs(cfg.fitness)} for t in cfg.tasks}
+    previous, start = None, time.perf_counter()
+    for g in range(config["runs"][run]["evolve"]["generations"]):
+        gen = scratch / f"gen_{g}"
+        ask(cfg, g, previous and str(scratch / f"gen_{g - 1}" / "optimizer.pkl"), previous,
+            str(gen / "candidates.parquet"), str(gen / "asked.pkl"))
+        earlier: tuple[str, ...] = ()
+        shards = []
+        for r in range(kind.rungs(cfg.fitness)):
+            rung = gen / f"rung_{r}"
+            job = FitnessJob(g, r, 0, str(gen / "candidates.parquet"),
+                             str(gen / f"rung_{r - 1}" / "promoted.parquet") if r else None, earlier,
+                             str(rung / "fitness_0.parquet"), str(rung / "responses_0.parquet"))
+            fitness(cfg, config["tasks"], config["evaluation"], files, job)
+            if r < kind.rungs(cfg.fitness) - 1:
+                promote(cfg, g, r, [job.out], str(rung / "promoted.parquet"))
+            earlier += (job.out_responses,)
+            shards.append(job.out)
+        tell(cfg, g, str(gen / "asked.pkl"), str(gen / "candidates.parquet"), shards, previous,
+             str(gen / "optimizer.pkl"), str(gen / "history.parquet"), str(gen / "best" / "recipe.yaml"))
+        previous = str(gen / "history.parquet")
+    return pd.read_parquet(previous), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", type=Path, required=True, help="YAML: variant name -> evolve overlay")
+    parser.add_argument("--workdir", type=Path, default=REPO, help="where a finished default's results/ is")
+    parser.add_argument("--configfile", type=Path, default=REPO / "config" / "config.yaml")
+    parser.add_argument("--run", default="cheap", help="the search run the variants overlay")
+    parser.add_argument("--seeds", type=int, default=5)
+    args = parser.parse_args()
+    import torch
+
+    from mergeflow.config import validate_config
+    from mergeflow.data import read_split
+    from mergeflow.evaluate import EvalSettings, evaluate_items
+    from mergeflow.evolve import history as hist
+    from mergeflow.evolve.resident import resident_merger
+    from mergeflow.evolve.stages import EvolveConfig
+    from mergeflow.merge import recipe_from_yaml
+
+    torch.set_num_threads(1)
+    os.chdir(args.workdir)  # the config's model and data paths are relative to it
+    results = Path("results")
+    raw = yaml.safe_load(args.configfile.read_text())
+    variants = yaml.safe_load(args.variants.read_text())
+    base = validate_config(copy.deepcopy(raw))
+    task = next(iter(base["runs"][args.run]["evolve"]["objectives"]))
+    best_name, best = endpoints_best(results, args.run, list(base["endpoints"]), task)
+    settings = EvalSettings.from_config(base["evaluation"])
+    tcfg = base["tasks"][task]
+    splits = {s: read_split(results / "data" / task / f"{s}.parquet") for s in ("search", "test")}
+    sources = EvolveConfig.from_config(base, args.run)
+
+    rows = []
+    for name, overlay in variants.items():
+        run = copy.deepcopy(raw["runs"][args.run])
+        run["evolve"] = deep_update(run["evolve"], overlay or {})
+        seeded = [run, *seeded_runs({"runs": {name: run}}, [name], args.seeds).values()]
+        for seed, rcfg in enumerate(seeded):
+            config = validate_config({**copy.deepcopy(raw), "runs": {name: rcfg}})
+            with tempfile.TemporaryDirectory(prefix="sweep-") as scratch:
+                history, wall = search(config, name, results, Path(scratch))
+            chosen = hist.best_row(history)
+            # the searches' fitness jobs hold the same resident sources between calls
+            with resident_merger([sources.base_path, *sources.endpoint_paths.values()], "cpu", "float32") as (merger, tok):
+                model = merger.merge(recipe_from_yaml(chosen["recipe"]))
+                acc = {s: float(evaluate_items(model, tok, items, tcfg["scorer"], settings,
+                                               tcfg["target_delimiter"])["correct"].mean())
+                       for s, items in splits.items()}
+            rows.append({"variant": name, "seed": seed, "test": acc["test"], "search": acc["search"],
+                         "estimate": float(chosen["fitness"]), "items": int(history["items"].sum()), "wall_s": wall})
+            print(f"{name} seed {seed}: test {acc['test']:.3f}, search split {acc['search']:.3f}, "
+                  f"estimate {chosen['fitness']:.3f}, {rows[-1]['items']:,} items, {wall:.0f} s", flush=True)
+
+    table = pd.DataFrame(rows)
+    print(f"\n{task} test accuracy over {args.seeds} seeds (best endpoint: {best_name} {best:.3f}), variants of "
+          f"run {args.run!r}\n")
+    print("| variant | " + " | ".join(f"seed {s}" for s in range(args.seeds))
+          + " | mean ± sd | beats the best endpoint | estimate − whole search split | items | wall (s) |")
+    print("|---|" + "---|" * args.seeds + "---|---|---|---|---|")
+    for name, r in table.groupby("variant", sort=False):
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in r["test"]) + f" | {r['test'].mean():.3f} ± "
+              f"{r['test'].std():.3f} | {int((r['test'] > best).sum())}/{len(r)} | "
+              f"{(r['estimate'] - r['search']).mean():+.3f} | {r['items'].mean():,.0f} | {r['wall_s'].mean():.0f} |")
+
+
+if __name__ == "__main__":
+    main()
