@@ -15,6 +15,9 @@ Every method has the same signature::
   so random methods (DARE, DELLA) are reproducible tensor by tensor.
 - ``ws``: a ``Workspace`` giving scratch tensors (default: fresh allocations);
   ``out``: an optional tensor to write the result into (same shape and dtype).
+- ``trims`` (magnitude-trimming methods only): the per-model ``Trim`` of the whole tensor,
+  given when the call merges one block of it (``plan.merge_tensor_blocks``); None, computed
+  from ``tensors``.
 
 Source tensors are never modified. The same operations run whether or not ``ws`` caches and
 whether or not ``out`` is given, so results are bitwise identical either way.
@@ -79,17 +82,23 @@ class Workspace:
         buffer = self.empty("ones", like).fill_(1.0)
         return buffer
 
-    def magnitude_threshold(self, delta: Callable[[], Tensor], keep: int, key: tuple | None) -> float:
-        """The ``keep``-th largest |delta()|. A caching workspace given the ``key`` of a
-        (model, base) tensor pair sorts that task vector's magnitudes once and then answers
-        any ``keep`` by lookup: the search varies densities, never the task vectors. That costs
-        one float32 copy of each task vector trimmed (``sort_cache=False`` to save it)."""
+    def trim(self, magnitudes: Callable[[], Tensor], keep: int, key: tuple | None) -> "Trim":
+        """The ``Trim`` keeping the ``keep`` largest of ``magnitudes()`` (flat float32). A
+        caching workspace given the ``key`` of a (model, base) tensor pair sorts that task
+        vector's magnitudes once and then answers any ``keep`` by lookup: the search varies
+        densities, never the task vectors. That costs one float32 copy of each task vector
+        trimmed (``sort_cache=False`` to save it)."""
         if not self.sort_cache or key is None:
-            return kth_largest(delta().abs_().reshape(-1).float(), keep, self)
+            return magnitude_trim(magnitudes(), keep, self)
         ordered = self._sorted.get(key)
         if ordered is None:
-            ordered = self._sorted[key] = delta().abs_().reshape(-1).float().sort().values
-        return float(ordered[ordered.numel() - keep])
+            ordered = self._sorted[key] = magnitudes().sort().values
+        total = ordered.numel()
+        cut = ordered[total - keep:total - keep + 1]
+        left = int(torch.searchsorted(ordered, cut))
+        right = int(torch.searchsorted(ordered, cut, right=True))
+        threshold = float(cut)
+        return _exact_trim(threshold, total - right, right - left, keep, magnitudes)
 
 
 def _destination(out: Tensor | None, ws: Workspace, like: Tensor) -> Tensor:
@@ -134,8 +143,65 @@ def kth_largest(magnitudes: Tensor, k: int, ws: Workspace | None = None) -> floa
 
 
 def keep_count(density: float, numel: int) -> int:
-    """Entries a magnitude trim keeps: ``int(density * n)`` (mergekit's rounding)."""
-    return int(density * numel)
+    """Entries a magnitude trim keeps: ``int(density * n)``, at least one of a non-empty
+    tensor (mergekit's rounding)."""
+    return max(1, int(density * numel)) if numel > 0 else 0
+
+
+@dataclass(frozen=True)
+class Trim:
+    """The entries a magnitude trim keeps: those with ``|x| >= threshold``; when entries tied
+    at the threshold straddle the cut, those with ``|x| > threshold`` and, of the tied ones,
+    only those at the sorted flat indices ``tied``."""
+
+    threshold: float
+    tied: Tensor | None = None
+
+    def block(self, start: int, stop: int) -> "Trim":
+        """This trim for the flat entries ``[start, stop)`` of the tensor, indexed from 0."""
+        if self.tied is None:
+            return self
+        low, high = torch.searchsorted(self.tied, torch.tensor([start, stop], device=self.tied.device)).tolist()
+        return Trim(self.threshold, self.tied[low:high] - start)
+
+
+def _exact_trim(threshold: float, above: int, tied: int, keep: int,
+                magnitudes: Callable[[], Tensor]) -> Trim:
+    """The trim keeping exactly ``keep`` entries, given the ``keep``-th largest magnitude and
+    the counts of entries above and at it. Entries tied at the cut are chosen as mergekit
+    chooses them, by the order of torch's descending argsort on the CPU (an unstable sort:
+    deterministic for a torch build, not a simple rule); only then is the whole tensor sorted.
+    Zeros are never chosen among: kept or not, a zero delta adds nothing."""
+    if above + tied == keep or threshold <= 0.0:
+        return Trim(threshold)
+    values = magnitudes()
+    order = torch.argsort(values.cpu(), descending=True)
+    return Trim(threshold, order[above:keep].sort().values.to(values.device))
+
+
+def magnitude_trim(magnitudes: Tensor, keep: int, ws: Workspace | None = None) -> Trim:
+    """The ``Trim`` keeping the ``keep`` largest of a flat float32 tensor of magnitudes."""
+    ws = ws or Workspace()
+    threshold = kth_largest(magnitudes, keep, ws)
+    flags = ws.empty("select_flags", magnitudes, torch.bool)
+    above = int(torch.count_nonzero(torch.gt(magnitudes, threshold, out=flags)))
+    tied = int(torch.count_nonzero(torch.eq(magnitudes, threshold, out=flags)))
+    return _exact_trim(threshold, above, tied, keep, lambda: magnitudes)
+
+
+def apply_trim(delta: Tensor, trim: Trim | None, ws: Workspace) -> Tensor:
+    """Zero, in place, the entries of ``delta`` (flat or not) that ``trim`` drops; None drops all."""
+    if trim is None:
+        return delta.zero_()
+    if trim.tied is None:
+        return shrink_below(delta, trim.threshold, ws)
+    flat = delta.view(-1)
+    kept = flat[trim.tied]
+    above = float(torch.nextafter(torch.tensor(trim.threshold, dtype=delta.dtype),
+                                  torch.tensor(math.inf, dtype=delta.dtype)))
+    shrink_below(delta, above, ws)
+    flat[trim.tied] = kept
+    return delta
 
 
 def shrink_below(delta: Tensor, threshold: float, ws: Workspace) -> Tensor:
@@ -275,7 +341,7 @@ class _TaskArithmeticVariant:
 
 
 def _sparsify_block(delta: Tensor, variant: _TaskArithmeticVariant, model: dict,
-                    threshold: float | None, rescale: bool, generator: torch.Generator | None,
+                    trim: Trim | None, rescale: bool, generator: torch.Generator | None,
                     ws: Workspace) -> Tensor:
     """Sparsify one task vector (block) in place; DARE's 1/density rescale is left to the
     caller's scale."""
@@ -283,7 +349,7 @@ def _sparsify_block(delta: Tensor, variant: _TaskArithmeticVariant, model: dict,
     if density >= 1.0:
         return delta
     if variant.sparsify == "magnitude":
-        return shrink_below(delta, threshold, ws) if threshold is not None else delta.zero_()
+        return apply_trim(delta, trim, ws)
     if variant.sparsify == "random":
         draws = torch.rand(delta.shape, generator=generator, out=ws.empty("random", delta))
         # a 0/1 float mask: a comparison into a float output and a float product are fast on
@@ -296,7 +362,7 @@ def _sparsify_block(delta: Tensor, variant: _TaskArithmeticVariant, model: dict,
     return delta
 
 
-def _merge_block(tensors, base, model_params, variant, params, thresholds, generators,
+def _merge_block(tensors, base, model_params, variant, params, trims, generators,
                  ws: Workspace, result: Tensor) -> Tensor:
     """The task-vector merge of one block (or a whole tensor), into ``result``."""
     weights = [float(p["weight"]) for p in model_params]
@@ -305,7 +371,7 @@ def _merge_block(tensors, base, model_params, variant, params, thresholds, gener
     deltas, scales = [], []
     for index, (tensor, model) in enumerate(zip(tensors, model_params)):
         delta = torch.sub(tensor, base, out=ws.empty(f"delta{index}", base))
-        delta = _sparsify_block(delta, variant, model, thresholds[index], rescale,
+        delta = _sparsify_block(delta, variant, model, trims[index], rescale,
                                 generators[index], ws)
         scale = weights[index]
         density = float(model["density"])
@@ -328,44 +394,55 @@ def _merge_block(tensors, base, model_params, variant, params, thresholds, gener
     return torch.add(base, result, alpha=float(params["lambda"]), out=result)
 
 
-def _trim_thresholds(tensors, base, model_params, variant, ws: Workspace) -> list[float | None]:
-    """Per model, the magnitude threshold of the TIES trim over the whole tensor (None when
-    nothing is kept; unused by the other variants)."""
-    thresholds: list[float | None] = []
-    for tensor, model in zip(tensors, model_params):
+def magnitude_trims(model_params, numel: int, magnitudes: Callable[[int], Tensor], ws: Workspace,
+                    keys: list[tuple] | None = None) -> list[Trim | None]:
+    """Per model, the ``Trim`` of the TIES magnitude trim over the whole tensor (None when
+    nothing is kept). ``magnitudes(i)``: model ``i``'s flat float32 |task vector|, called only
+    when needed; ``keys``: per model, the key under which a caching workspace keeps it sorted."""
+    trims: list[Trim | None] = []
+    for index, model in enumerate(model_params):
         density = float(model["density"])
-        keep = keep_count(density, base.numel())
-        if variant.sparsify != "magnitude" or density >= 1.0 or keep <= 0:
-            thresholds.append(0.0 if keep > 0 else None)
+        keep = keep_count(density, numel)
+        if density >= 1.0 or keep <= 0:
+            trims.append(Trim(0.0) if keep > 0 else None)
             continue
-        key = (tensor.data_ptr(), base.data_ptr(), tuple(base.shape), base.dtype)
-        thresholds.append(ws.magnitude_threshold(lambda tensor=tensor: torch.sub(tensor, base), keep, key))
-    return thresholds
+        trims.append(ws.trim(lambda index=index: magnitudes(index), keep,
+                             keys[index] if keys else None))
+    return trims
+
+
+def _whole_tensor_trims(tensors, base, model_params, ws: Workspace) -> list[Trim | None]:
+    keys = [(t.data_ptr(), base.data_ptr(), tuple(base.shape), base.dtype) for t in tensors]
+    return magnitude_trims(model_params, base.numel(),
+                           lambda i: torch.sub(tensors[i], base).abs_().reshape(-1).float(), ws, keys)
 
 
 def _generalized_task_arithmetic(variant: _TaskArithmeticVariant) -> MethodFunction:
     """Build a task-vector method: sparsify each ``x_i - base``, optionally elect signs, sum
     with weights, optionally normalize by the (agreeing) weights, scale by lambda, add base."""
 
-    def merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
+    def merge(tensors, base, model_params, params, rng, ws=None, out=None, trims=None) -> Tensor:
         ws = ws or Workspace()
         result = _destination(out, ws, base)
         if variant.sparsify is None and not variant.sign_consensus:
             weights = [float(p["weight"]) for p in model_params]
             return _task_vector_sum(tensors, base, weights, float(params["lambda"]),
                                     bool(params["normalize"]), result)
-        thresholds = _trim_thresholds(tensors, base, model_params, variant, ws)
+        if trims is None and variant.sparsify == "magnitude":
+            trims = _whole_tensor_trims(tensors, base, model_params, ws)
+        trims = trims or [None] * len(tensors)
         random = variant.sparsify in ("random", "magnitude_rank")
         generators = [rng(i) if random else None for i in range(len(tensors))]
         if not variant.elementwise or base.device.type != "cpu" or base.numel() <= CPU_BLOCK:
-            return _merge_block(tensors, base, model_params, variant, params, thresholds,
+            return _merge_block(tensors, base, model_params, variant, params, trims,
                                 generators, ws, result)
         flat_sources = [t.reshape(-1) for t in tensors]
         flat_base, flat_result = base.reshape(-1), result.view(-1)
         for start in range(0, base.numel(), CPU_BLOCK):
             block = slice(start, start + CPU_BLOCK)
+            block_trims = [t.block(start, start + CPU_BLOCK) if t is not None else None for t in trims]
             _merge_block([t[block] for t in flat_sources], flat_base[block], model_params,
-                         variant, params, thresholds, generators, ws, flat_result[block])
+                         variant, params, block_trims, generators, ws, flat_result[block])
         return result
 
     return merge
@@ -450,26 +527,33 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     random: bool = False
+    # How the streaming writer may split a large tensor: "flat" (any runs of entries: the
+    # method is elementwise given its ``trims``), "rows" (whole rows) or None (whole tensor).
+    blocks: str | None = None
+    trims: bool = False  # takes ``trims``: whole-tensor magnitude trims
 
 
-def _task_method(name, function, normalize, rescale=False, extra=None, random=False):
+def _task_method(name, function, normalize, rescale=False, extra=None, random=False,
+                 blocks=None, trims=False):
     model_defaults = {"weight": 1.0, "density": 1.0, **(extra or {})}
     method_defaults = {"lambda": 1.0, "normalize": normalize, "rescale": rescale}
-    return MergeMethod(name, function, True, model_defaults, method_defaults, random=random)
+    return MergeMethod(name, function, True, model_defaults, method_defaults, random=random,
+                       blocks=blocks, trims=trims)
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     method.name: method
     for method in [
-        MergeMethod("linear", linear_merge, False, {"weight": 1.0}, {"normalize": True}),
-        _task_method("task_arithmetic", task_arithmetic_merge, normalize=False),
-        _task_method("ties", ties_merge, normalize=True),
-        _task_method("dare_linear", dare_linear_merge, False, rescale=True, random=True),
-        _task_method("dare_ties", dare_ties_merge, False, rescale=True, random=True),
+        MergeMethod("linear", linear_merge, False, {"weight": 1.0}, {"normalize": True}, blocks="flat"),
+        _task_method("task_arithmetic", task_arithmetic_merge, normalize=False, blocks="flat"),
+        _task_method("ties", ties_merge, normalize=True, blocks="flat", trims=True),
+        _task_method("dare_linear", dare_linear_merge, False, rescale=True, random=True, blocks="flat"),
+        _task_method("dare_ties", dare_ties_merge, False, rescale=True, random=True, blocks="flat"),
         _task_method("breadcrumbs", breadcrumbs_merge, False, extra={"gamma": 0.01}),
         _task_method("breadcrumbs_ties", breadcrumbs_ties_merge, False, extra={"gamma": 0.01}),
-        _task_method("della", della_merge, True, True, {"epsilon": 0.15}, random=True),
-        _task_method("della_linear", della_linear_merge, False, True, {"epsilon": 0.15}, random=True),
+        _task_method("della", della_merge, True, True, {"epsilon": 0.15}, random=True, blocks="rows"),
+        _task_method("della_linear", della_linear_merge, False, True, {"epsilon": 0.15}, random=True,
+                     blocks="rows"),
         MergeMethod("slerp", slerp_merge, True, {}, {"t": None}, min_models=1, max_models=1),
         MergeMethod("model_stock", model_stock_merge, True, {}, {}, min_models=2),
     ]

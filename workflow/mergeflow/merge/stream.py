@@ -1,8 +1,10 @@
-"""Streaming merge to an HF model directory, one tensor in memory at a time.
+"""Streaming merge to an HF model directory, one block of one tensor in memory at a time.
 
 Shards are written as the tensors are merged: every shard's safetensors header is known in
-advance from the plan (names, shapes, output dtype), so each merged tensor goes straight to
-disk and peak memory is a few tensors, not a model.
+advance from the plan (names, shapes, output dtype), so each merged block goes straight to
+disk. Sources are read a block at a time with plain file reads into reused buffers, so peak
+memory is a few blocks (plus one float32 copy of a tensor for magnitude trims), not a model
+and not a tensor per source.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from mergeflow.dtypes import dtype_name
 from mergeflow.errors import MergeflowError
 from mergeflow.merge.plan import (
-    MergePlan, TensorPlan, check_finite, merge_tensor, open_sources, plan_merge,
+    MergePlan, ReadRange, TensorPlan, check_finite, merge_tensor_blocks, open_sources, plan_merge,
 )
 from mergeflow.merge.recipe import Recipe, recipe_hash, save_recipe
 from mergeflow.merge.sources import DTYPE_CODES, INDEX_FILE, ModelSource
@@ -74,13 +76,22 @@ def _write_tensor(handle: BinaryIO, tensor: torch.Tensor) -> None:
     handle.write(memoryview(flat.view(torch.uint8).numpy()))
 
 
-def _fetcher(sources: dict[str, ModelSource], device: torch.device, dtype: torch.dtype):
-    def fetch(model: str, name: str) -> torch.Tensor:
-        tensor = sources[model].read(name)
-        check_finite(tensor, name, model)
-        return tensor.to(device=device, dtype=dtype)
+def _block_reader(sources: dict[str, ModelSource], device: torch.device,
+                  dtype: torch.dtype) -> tuple[ReadRange, dict]:
+    """A ``ReadRange`` over ``sources`` reading into one reused buffer per (model, tensor);
+    clear the returned dict of buffers after each tensor."""
+    buffers: dict[tuple[str, str], torch.Tensor] = {}
 
-    return fetch
+    def read(model: str, name: str, start: int, stop: int) -> torch.Tensor:
+        info = sources[model].info(name)
+        buffer = buffers.get((model, name))
+        if buffer is None or buffer.numel() < stop - start:
+            buffer = buffers[(model, name)] = torch.empty(stop - start, dtype=info.dtype)
+        block = sources[model].read_range(name, start, buffer[:stop - start])
+        check_finite(block, name, model)
+        return block.to(device=device, dtype=dtype)
+
+    return read, buffers
 
 
 def _output_config(plan: MergePlan, sources: dict[str, ModelSource]) -> dict:
@@ -148,7 +159,7 @@ def merge_to_dir(recipe: Recipe, out_dir: str | Path, device: str = "cpu",
 def _write_merge(plan: MergePlan, sources: dict[str, ModelSource], out: Path,
                  torch_device: torch.device, max_shard_size: int) -> None:
     """The weights (shards and their index), ``config.json`` and ``generation_config.json``."""
-    fetch = _fetcher(sources, torch_device, plan.compute_dtype)
+    read, buffers = _block_reader(sources, torch_device, plan.compute_dtype)
     shards = assign_shards(plan.tensors, plan.out_dtype, max_shard_size)
     weight_map = {}
     total_size = 0
@@ -157,11 +168,11 @@ def _write_merge(plan: MergePlan, sources: dict[str, ModelSource], out: Path,
         with open(out / file_name, "wb") as handle:
             handle.write(shard_header(shard, plan.out_dtype))
             for tensor_plan in shard:
-                merged = merge_tensor(tensor_plan, fetch, torch_device).to(plan.out_dtype)
-                _write_tensor(handle, merged)
+                for block in merge_tensor_blocks(tensor_plan, read, torch_device):
+                    _write_tensor(handle, block.to(plan.out_dtype))
+                buffers.clear()
                 weight_map[tensor_plan.name] = file_name
                 total_size += _tensor_bytes(tensor_plan, plan.out_dtype)
-                del merged
     index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(_output_config(plan, sources), indent=2))

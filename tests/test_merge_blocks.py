@@ -1,0 +1,71 @@
+"""Block-by-block merging (the streaming writer's) against whole-tensor merging, and the exact
+``int(density * n)`` magnitude trim with entries tied at the cut."""
+
+import pytest
+import torch
+
+from mergeflow.merge.methods import CPU_BLOCK, Workspace, get_method, magnitude_trim
+from mergeflow.merge.plan import TensorPlan, merge_tensor, merge_tensor_blocks, tensor_seed
+
+BLOCKED = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear"]
+
+
+def quantized(shape, generator, step=1 / 64):
+    """Values on a coarse grid, so task vectors have many entries tied in magnitude."""
+    return torch.round(torch.randn(shape, generator=generator) / step) * step
+
+
+def plan_for(name, shape, models=3):
+    method = get_method(name)
+    sources = [(f"m{i}", "w") for i in range(models)]
+    model_params = [{**method.model_defaults, "weight": w, "density": d}
+                    for w, d in zip((0.5, 0.3, 0.2), (0.5, 0.37, 0.9))][:models]
+    if "density" not in method.model_defaults:
+        model_params = [{"weight": p["weight"]} for p in model_params]
+    return TensorPlan("w", method, sources, ("base", "w") if method.uses_base else None,
+                      model_params, dict(method.method_defaults), tensor_seed(3, "w"), shape)
+
+
+@pytest.mark.parametrize("name", BLOCKED)
+def test_blocks_equal_the_whole_tensor_bitwise(name):
+    generator = torch.Generator().manual_seed(1)
+    shape = (301, 199)  # odd sizes: blocks end mid-row and torch's threads split unevenly
+    base = quantized(shape, generator)
+    tensors = {("base", "w"): base}
+    for i in range(3):
+        tensors[(f"m{i}", "w")] = base + quantized(shape, generator)
+    plan = plan_for(name, shape)
+    whole = merge_tensor(plan, lambda model, tensor: tensors[(model, tensor)], "cpu")
+
+    def read(model, tensor, start, stop):
+        return tensors[(model, tensor)].reshape(-1)[start:stop]
+
+    blocks = list(merge_tensor_blocks(plan, read, "cpu", block=2 * CPU_BLOCK))
+    assert len(blocks) > 1
+    assert torch.equal(torch.cat(blocks).view(shape), whole)
+
+
+def test_trim_keeps_exactly_k_choosing_ties_by_descending_argsort():
+    magnitudes = torch.tensor([3.0, 1.0, 2.0, 2.0, 0.5, 2.0, 2.0, 1.0])
+    trim = magnitude_trim(magnitudes, 3)
+    kept = torch.zeros_like(magnitudes, dtype=torch.bool)
+    kept[magnitudes > trim.threshold] = True
+    kept[trim.tied] = True
+    expected = torch.zeros_like(kept)
+    expected[torch.argsort(magnitudes, descending=True)[:3]] = True
+    assert trim.threshold == 2.0 and int(kept.sum()) == 3
+    assert torch.equal(kept, expected)
+    assert magnitude_trim(magnitudes, 5).tied is None  # the cut falls after the ties: keep all
+
+
+def test_cached_sorted_trim_matches_the_selection():
+    generator = torch.Generator().manual_seed(2)
+    delta = quantized((400, 300), generator)
+    ws = Workspace(cache=True)
+    for keep in (1, 5000, 60000, 119999):
+        fresh = magnitude_trim(delta.abs().reshape(-1), keep)
+        cached = ws.trim(lambda: delta.abs().reshape(-1), keep, key=("delta",))
+        assert fresh.threshold == cached.threshold
+        assert (fresh.tied is None) == (cached.tied is None)
+        if fresh.tied is not None:
+            assert torch.equal(fresh.tied, cached.tied)
