@@ -28,10 +28,12 @@ the method; see ``MERGE_METHODS`` for the defaults of each.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -89,7 +91,7 @@ class Workspace:
         densities, never the task vectors. That costs one float32 copy of each task vector
         trimmed (``sort_cache=False`` to save it)."""
         if not self.sort_cache or key is None:
-            return magnitude_trim(magnitudes(), keep, self)
+            return magnitude_trim(magnitudes(), keep)
         ordered = self._sorted.get(key)
         if ordered is None:
             ordered = self._sorted[key] = magnitudes().sort().values
@@ -113,14 +115,27 @@ def _kth_largest(values: Tensor, k: int) -> float:
     return float(torch.kthvalue(values, values.numel() - k + 1).values)
 
 
-def kth_largest(magnitudes: Tensor, k: int, ws: Workspace | None = None) -> float:
+# Passes over large magnitude tensors go chunk by chunk: a mask of the whole tensor would be
+# the largest allocation of a streaming merge.
+_SCAN_CHUNK = 1 << 20
+
+
+def _chunks(values: Tensor):
+    for start in range(0, values.numel(), _SCAN_CHUNK):
+        yield values[start:start + _SCAN_CHUNK]
+
+
+def _count(values: Tensor, compare: Callable[[Tensor], Tensor]) -> int:
+    return sum(int(torch.count_nonzero(compare(chunk))) for chunk in _chunks(values))
+
+
+def kth_largest(magnitudes: Tensor, k: int) -> float:
     """The exact ``k``-th largest entry of a flat float32 tensor.
 
     For large tensors: the quantile is bracketed from an evenly strided sample, entries above
     the bracket are counted, and only the entries inside it go through ``kthvalue``; when the
     bracket misses (adversarial layouts) it falls back to the full selection.
     """
-    ws = ws or Workspace()
     total = magnitudes.numel()
     if total <= _EXACT_SELECTION_LIMIT:
         return _kth_largest(magnitudes, k)
@@ -130,12 +145,9 @@ def kth_largest(magnitudes: Tensor, k: int, ws: Workspace | None = None) -> floa
     margin = 6.0 * math.sqrt(max(below * (1.0 - below / size), 1.0)) + 8.0
     low = float(sample[max(int(below - margin), 0)])
     high = float(sample[min(int(below + margin), size - 1)])
-    flags = ws.empty("select_flags", magnitudes, torch.bool)
-    above = int(torch.count_nonzero(torch.gt(magnitudes, high, out=flags)))
+    above = _count(magnitudes, lambda chunk: chunk > high)
     if above < k:
-        in_band = torch.ge(magnitudes, low, out=flags)
-        in_band.logical_and_(torch.le(magnitudes, high, out=ws.empty("select_le", magnitudes, torch.bool)))
-        band = magnitudes[in_band]
+        band = torch.cat([chunk[(chunk >= low) & (chunk <= high)] for chunk in _chunks(magnitudes)])
         needed = k - above
         if needed <= band.numel():
             return _kth_largest(band, needed)
@@ -168,24 +180,28 @@ class Trim:
 def _exact_trim(threshold: float, above: int, tied: int, keep: int,
                 magnitudes: Callable[[], Tensor]) -> Trim:
     """The trim keeping exactly ``keep`` entries, given the ``keep``-th largest magnitude and
-    the counts of entries above and at it. Entries tied at the cut are chosen as mergekit
-    chooses them, by the order of torch's descending argsort on the CPU (an unstable sort:
-    deterministic for a torch build, not a simple rule); only then is the whole tensor sorted.
-    Zeros are never chosen among: kept or not, a zero delta adds nothing."""
+    the counts of entries above and at it. Of the entries tied at the cut, the first by flat
+    index are kept (the order of a stable descending sort). mergekit keeps ``keep`` entries too
+    but picks among tied ones by torch's unstable argsort, whose order has no rule short of
+    sorting the whole tensor (and differs between CPU and CUDA); that sort would be most of a
+    TIES merge's time. Zeros are never chosen among: kept or not, a zero delta adds nothing."""
     if above + tied == keep or threshold <= 0.0:
         return Trim(threshold)
-    values = magnitudes()
-    order = torch.argsort(values.cpu(), descending=True)
-    return Trim(threshold, order[above:keep].sort().values.to(values.device))
+    at_cut, needed = [], keep - above
+    for number, chunk in enumerate(_chunks(magnitudes())):
+        if needed <= 0:
+            break
+        found = torch.nonzero(chunk == threshold).reshape(-1)[:needed]
+        at_cut.append(found + number * _SCAN_CHUNK)
+        needed -= found.numel()
+    return Trim(threshold, torch.cat(at_cut))
 
 
-def magnitude_trim(magnitudes: Tensor, keep: int, ws: Workspace | None = None) -> Trim:
+def magnitude_trim(magnitudes: Tensor, keep: int) -> Trim:
     """The ``Trim`` keeping the ``keep`` largest of a flat float32 tensor of magnitudes."""
-    ws = ws or Workspace()
-    threshold = kth_largest(magnitudes, keep, ws)
-    flags = ws.empty("select_flags", magnitudes, torch.bool)
-    above = int(torch.count_nonzero(torch.gt(magnitudes, threshold, out=flags)))
-    tied = int(torch.count_nonzero(torch.eq(magnitudes, threshold, out=flags)))
+    threshold = kth_largest(magnitudes, keep)
+    above = _count(magnitudes, lambda chunk: chunk > threshold)
+    tied = _count(magnitudes, lambda chunk: chunk == threshold)
     return _exact_trim(threshold, above, tied, keep, lambda: magnitudes)
 
 
@@ -197,8 +213,9 @@ def apply_trim(delta: Tensor, trim: Trim | None, ws: Workspace) -> Tensor:
         return shrink_below(delta, trim.threshold, ws)
     flat = delta.view(-1)
     kept = flat[trim.tied]
-    above = float(torch.nextafter(torch.tensor(trim.threshold, dtype=delta.dtype),
-                                  torch.tensor(math.inf, dtype=delta.dtype)))
+    above = (_float32_away_from_zero(trim.threshold) if delta.dtype == torch.float32 else
+             float(torch.nextafter(torch.tensor(trim.threshold, dtype=delta.dtype),
+                                   torch.tensor(math.inf, dtype=delta.dtype))))
     shrink_below(delta, above, ws)
     flat[trim.tied] = kept
     return delta
@@ -211,10 +228,20 @@ def shrink_below(delta: Tensor, threshold: float, ws: Workspace) -> Tensor:
     if delta.dtype == torch.float32:
         # |x| >= threshold  <=>  |x| > the next float below it; hardshrink does that test in
         # one float pass (bool masks multiplied into floats are several times slower on CPU).
-        below = float(torch.nextafter(torch.tensor(threshold), torch.tensor(0.0)))
-        return torch.ops.aten.hardshrink.out(delta, below, out=delta)
+        return torch.ops.aten.hardshrink.out(delta, _float32_toward_zero(threshold), out=delta)
     magnitudes = torch.abs(delta, out=ws.empty("magnitude", delta))
     return delta.mul_(torch.ge(magnitudes, threshold, out=ws.empty("keep", delta, torch.bool)))
+
+
+@functools.lru_cache(maxsize=64)
+def _float32_toward_zero(value: float) -> float:
+    """The float32 next to ``value`` towards zero (cached: called per block with few values)."""
+    return float(numpy.nextafter(numpy.float32(value), numpy.float32(0.0)))
+
+
+@functools.lru_cache(maxsize=64)
+def _float32_away_from_zero(value: float) -> float:
+    return float(numpy.nextafter(numpy.float32(value), numpy.float32(math.inf)))
 
 
 def drop_magnitude_outliers(delta: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
