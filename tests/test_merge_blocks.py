@@ -69,3 +69,19 @@ def test_cached_sorted_trim_matches_the_selection():
         assert (fresh.tied is None) == (cached.tied is None)
         if fresh.tied is not None:
             assert torch.equal(fresh.tied, cached.tied)
+
+
+@pytest.mark.parametrize("layout", ["random", "sorted", "ties"])
+def test_selection_counts_entries_above_and_at_the_cut(layout):
+    from mergeflow.merge.methods import select_largest
+
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(600_000, generator=generator).abs()
+    if layout == "sorted":
+        values = values.sort().values
+    if layout == "ties":
+        values = torch.randint(0, 50, (600_000,), generator=generator).float()
+    for k in (1, 1000, 300_000, 599_999, 600_000):
+        threshold, above, tied = select_largest(values, k)
+        assert threshold == float(torch.kthvalue(values, values.numel() - k + 1).values)
+        assert above == int((values > threshold).sum()) and tied == int((values == threshold).sum())

@@ -130,28 +130,36 @@ def _count(values: Tensor, compare: Callable[[Tensor], Tensor]) -> int:
 
 
 def kth_largest(magnitudes: Tensor, k: int) -> float:
-    """The exact ``k``-th largest entry of a flat float32 tensor.
+    """The exact ``k``-th largest entry of a flat float32 tensor."""
+    return select_largest(magnitudes, k)[0]
+
+
+def select_largest(magnitudes: Tensor, k: int) -> tuple[float, int, int]:
+    """The exact ``k``-th largest entry of a flat float32 tensor, the number of entries above
+    it and the number equal to it.
 
     For large tensors: the quantile is bracketed from an evenly strided sample, entries above
-    the bracket are counted, and only the entries inside it go through ``kthvalue``; when the
-    bracket misses (adversarial layouts) it falls back to the full selection.
+    the bracket are counted, and only the entries inside it go through ``kthvalue`` and the
+    counts; when the bracket misses (adversarial layouts) it falls back to the full selection.
     """
     total = magnitudes.numel()
-    if total <= _EXACT_SELECTION_LIMIT:
-        return _kth_largest(magnitudes, k)
-    sample = magnitudes[:: total // _SAMPLE_SIZE].sort().values
-    size = sample.numel()
-    below = size * (1.0 - k / total)  # sample rank of the target
-    margin = 6.0 * math.sqrt(max(below * (1.0 - below / size), 1.0)) + 8.0
-    low = float(sample[max(int(below - margin), 0)])
-    high = float(sample[min(int(below + margin), size - 1)])
-    above = _count(magnitudes, lambda chunk: chunk > high)
-    if above < k:
-        band = torch.cat([chunk[(chunk >= low) & (chunk <= high)] for chunk in _chunks(magnitudes)])
-        needed = k - above
-        if needed <= band.numel():
-            return _kth_largest(band, needed)
-    return _kth_largest(magnitudes, k)
+    if total > _EXACT_SELECTION_LIMIT:
+        sample = magnitudes[:: total // _SAMPLE_SIZE].sort().values
+        size = sample.numel()
+        below = size * (1.0 - k / total)  # sample rank of the target
+        margin = 6.0 * math.sqrt(max(below * (1.0 - below / size), 1.0)) + 8.0
+        low = float(sample[max(int(below - margin), 0)])
+        high = float(sample[min(int(below + margin), size - 1)])
+        above = _count(magnitudes, lambda chunk: chunk > high)
+        if above < k:
+            band = torch.cat([chunk[(chunk >= low) & (chunk <= high)] for chunk in _chunks(magnitudes)])
+            if k - above <= band.numel():
+                threshold = _kth_largest(band, k - above)
+                return (threshold, above + int(torch.count_nonzero(band > threshold)),
+                        int(torch.count_nonzero(band == threshold)))
+    threshold = _kth_largest(magnitudes, k)
+    return (threshold, _count(magnitudes, lambda chunk: chunk > threshold),
+            _count(magnitudes, lambda chunk: chunk == threshold))
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -199,10 +207,7 @@ def _exact_trim(threshold: float, above: int, tied: int, keep: int,
 
 def magnitude_trim(magnitudes: Tensor, keep: int) -> Trim:
     """The ``Trim`` keeping the ``keep`` largest of a flat float32 tensor of magnitudes."""
-    threshold = kth_largest(magnitudes, keep)
-    above = _count(magnitudes, lambda chunk: chunk > threshold)
-    tied = _count(magnitudes, lambda chunk: chunk == threshold)
-    return _exact_trim(threshold, above, tied, keep, lambda: magnitudes)
+    return _exact_trim(*select_largest(magnitudes, keep), keep, lambda: magnitudes)
 
 
 def apply_trim(delta: Tensor, trim: Trim | None, ws: Workspace) -> Tensor:
@@ -274,7 +279,11 @@ def drop_by_magnitude_rank(
         return delta
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     columns = rows.shape[1]
-    ranks = torch.argsort(torch.argsort(rows.abs().float(), dim=1), dim=1).to(rows.dtype)
+    order = torch.argsort(rows.abs().float(), dim=1)
+    # the rank of each entry: the inverse permutation of the sort order, by a scatter (a
+    # second argsort would give the same, at the cost of another sort)
+    positions = torch.arange(columns, device=rows.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(rows.dtype)
     rank_fraction = ranks / (columns - 1) if columns > 1 else torch.full_like(ranks, 0.5)
     keep_probability = (density - epsilon + 2.0 * epsilon * rank_fraction).clamp_(_TINY, 1.0)
     keep = torch.rand(rows.shape, generator=generator, device=rows.device) < keep_probability
