@@ -20,7 +20,6 @@ mergekit is never a mergeflow dependency: the bench creates (or reuses) a virtua
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -307,7 +306,7 @@ def run_mode(mode: str, args, python: Path, recipes: dict[str, Path], root: Path
 
 
 def parity_only(args, python: Path, recipes: dict, root: Path) -> None:
-    print(f"\n## parity of the other deterministic methods both implement (one run each)")
+    print("\n## parity of the other deterministic methods both implement (one run each)")
     for method in args.parity:
         run_side("mergekit", python, recipes[("mergekit", method)], root / "out-mergekit", args.mergekit_args)
         run_side("mergeflow", Path(sys.executable), recipes[("mergeflow", method)], root / "out-mergeflow", [])
