@@ -279,7 +279,8 @@ def merge_tensor_blocks(plan: TensorPlan, read: ReadRange, device: torch.device 
     numel = math.prod(plan.shape)
     layout = plan.method.blocks
     refs = plan.sources + ([plan.base] if plan.base else [])
-    if layout is None or numel <= block:
+    # a row-wise method ranks a vector's entries across the whole vector: one row
+    if layout is None or numel <= block or (layout == "rows" and len(plan.shape) < 2):
         whole = {ref: read(*ref, 0, numel).view(plan.shape) for ref in refs}
         yield merge_tensor(plan, lambda model, name: whole[(model, name)], device).reshape(-1)
         return
