@@ -1,17 +1,26 @@
-"""Benchmark of the merge library on a locally built ~125M-parameter Llama.
+"""Benchmark of `mergeflow merge` against `mergekit-yaml` run in the same script.
 
-Prints, for each method: the CLI (streaming) merge's wall time and peak memory against the
-size of one source model; the in-memory per-candidate merge time; and that time as a ratio to
-one pass over all resident source tensors (summing them into a buffer: the memory-bound
-limit). Targets: <= 3x for linear and task_arithmetic, <= 10x for ties; CLI peak memory below
-one source model. When mergekit is installed (bench extra), it runs the same recipe too.
+On a locally built Llama (default: the issue's 134M-parameter float32 shape, vocabulary 32,000,
+hidden 768, 12 layers) and three "fine-tunes" of it (base + noise), merges one recipe per method
+(weights 0.5/0.3/0.2, density 0.5) with both tools, each as its own process at torch's default
+threads, best of ``--repeats``, quiet and with ``--busy`` processes spinning on the cores.
+Prints per method: wall time of each whole process and its ratio, the time spent importing
+(process start and imports, reported apart, like the source read time: the I/O floor of reading
+every source and writing one model), peak RSS above the imports as a fraction of one source
+model, and the largest |difference| between the two outputs' tensors for the deterministic
+methods. Then the in-memory merger's per-candidate time as a ratio to one pass over the resident
+sources (the search's merges).
 
-    PYTHONPATH=workflow python bench/merge.py [--layers 12 --hidden 768 ...]
+mergekit is never a mergeflow dependency: the bench creates (or reuses) a virtualenv at
+``--peer-venv`` with the CPU torch of this environment and mergekit pinned.
+
+    PYTHONPATH=workflow python bench/merge.py [--modes quiet,busy] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -23,25 +32,44 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = {"linear": 3.0, "task_arithmetic": 3.0, "ties": 10.0}
+PEER = "mergekit==0.1.5"
+DEFAULT_PEER_VENV = Path.home() / ".cache" / "mergeflow" / "bench" / "mergekit-0.1.5"
+# Speed targets against mergekit (issue 13), by method; in-memory targets against one pass.
+SPEED_TARGETS = {"ties": 5.0, "task_arithmetic": 1.5, "linear": 1.5, "dare_ties": 1.5, "della": 1.5}
+MEMORY_TARGET = 0.40  # peak RSS above imports, as a fraction of one source model
+PARITY_TOLERANCE = 1e-5
+IN_MEMORY_TARGETS = {"linear": 3.0, "task_arithmetic": 3.0, "ties": 10.0}
+TIMED = ["linear", "task_arithmetic", "ties", "dare_ties", "della"]
+# Deterministic methods both implement: compared once for parity, not timed.
+PARITY_ONLY = ["breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock"]
+RANDOM = {"dare_ties", "della"}
+
+
+# --------------------------------------------------------------------------------------------
+# Models and recipes
 
 
 def build_models(root: Path, args: argparse.Namespace) -> dict[str, Path]:
-    """A random base Llama and two "fine-tunes" (base + small noise), float32 safetensors."""
+    """A random base Llama and three "fine-tunes" (base + small noise), float32 safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    names = ["base", "ft1", "ft2", "ft3"]
+    if all((root / name / "config.json").is_file() for name in names):
+        return {name: root / name for name in names}
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                          intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                         num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False)
+                         num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                         tie_word_embeddings=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
     paths = {}
-    for index, name in enumerate(["base", "math", "lang"]):
+    for index, name in enumerate(names):
         if index:
             generator = torch.Generator().manual_seed(index)
             with torch.no_grad():
-                for param in model.parameters():
-                    param.add_(torch.randn(param.shape, generator=generator), alpha=0.002)
+                for key, param in model.state_dict().items():
+                    param.copy_(base[key] + 0.002 * torch.randn(param.shape, generator=generator))
         paths[name] = root / name
         model.save_pretrained(paths[name], safe_serialization=True)
     return paths
@@ -52,63 +80,149 @@ def model_bytes(path: Path) -> int:
 
 
 def recipe_for(method: str, paths: dict[str, Path]) -> dict:
-    density = {} if method in ("linear", "task_arithmetic") else {"density": 0.5}
-    return {
-        "merge_method": method, "base_model": str(paths["base"]),
-        "models": [{"model": str(paths["math"]), "parameters": {"weight": 0.6, **density}},
-                   {"model": str(paths["lang"]), "parameters": {"weight": 0.4, **density}}],
-        "seed": 1,
-    }
+    """The recipe of ``method``: the three fine-tunes on the base, weights 0.5/0.3/0.2 and
+    density 0.5 where the method reads them (slerp: base and the first, t = 0.5)."""
+    if method == "slerp":
+        return {"merge_method": "slerp", "base_model": str(paths["base"]),
+                "models": [{"model": str(paths["base"])}, {"model": str(paths["ft1"])}],
+                "parameters": {"t": 0.5}, "dtype": "float32"}
+    if method == "model_stock":
+        return {"merge_method": method, "base_model": str(paths["base"]),
+                "models": [{"model": str(paths[n])} for n in ("ft1", "ft2", "ft3")], "dtype": "float32"}
+    dense = method in ("linear", "task_arithmetic")
+    models = [{"model": str(paths[n]), "parameters": {"weight": w, **({} if dense else {"density": 0.5})}}
+              for n, w in (("ft1", 0.5), ("ft2", 0.3), ("ft3", 0.2))]
+    recipe = {"merge_method": method, "models": models, "dtype": "float32"}
+    if method != "linear":
+        recipe["base_model"] = str(paths["base"])
+    return recipe
 
 
-CLI_SNIPPET = """
+# --------------------------------------------------------------------------------------------
+# Running each side as its own process
+
+# Imports first, then the timed merge; prints seconds, peak RSS (VmHWM: this process's own
+# peak, unlike ru_maxrss, which counts what a forking parent held) and RSS after the imports.
+RUNNER = """
 import sys, time
-from mergeflow import cli
-cli.COMMAND_MODULES = ["mergeflow.commands.merge"]  # only the command under test
-
 def status(field):
-    # kB values from /proc: VmHWM is this process's own peak RSS (ru_maxrss would also count
-    # what the parent held when it forked us)
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-
-import torch  # imported before timing: we measure the merge, not the import
+started = float(sys.argv[1])
+tool, args = sys.argv[2], sys.argv[3:]
+import torch
+if tool == "mergeflow":
+    from mergeflow import cli
+    cli.COMMAND_MODULES = ["mergeflow.commands.merge"]  # only the command under test
+    run = lambda: cli.main(["merge", *args])
+else:
+    from mergekit.scripts.run_yaml import main as mergekit_main
+    run = lambda: mergekit_main(args, standalone_mode=False)
 after_imports = status("VmRSS")
+imported = time.time()
 start = time.perf_counter()
-code = cli.main(sys.argv[1:])
-print(f"{time.perf_counter() - start} {status('VmHWM')} {after_imports}")
-sys.exit(code)
+run()
+print("RESULT", time.perf_counter() - start, status("VmHWM"), after_imports, imported - started)
 """
 
 
-def run_cli_merge(recipe_path: Path, out_dir: Path) -> tuple[float, int, int]:
-    """Wall time, peak RSS and RSS after imports (bytes) of a CLI merge in a child process."""
-    result = subprocess.run(
-        [sys.executable, "-c", CLI_SNIPPET, "merge", str(recipe_path), str(out_dir),
-         "--max-shard-size", str(256 * 1024**2)],
-        env={"PYTHONPATH": str(REPO / "workflow"), "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True)
+def peer_python(venv: Path) -> Path:
+    """The peer virtualenv's python, creating the venv with this torch and mergekit pinned."""
+    python = venv / "bin" / "python"
+    if not (venv / "bin" / "mergekit-yaml").is_file():
+        print(f"creating the peer virtualenv {venv} ({PEER}, torch {torch.__version__})", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        torch_pin = "torch==" + torch.__version__.split("+")[0]
+        subprocess.run([str(python), "-m", "pip", "install", "-q", torch_pin, PEER], check=True)
+    return python
+
+
+def versions(python: Path) -> str:
+    code = ("import torch, importlib.metadata as m; "
+            "print(f\"mergekit {m.version('mergekit')}, torch {torch.__version__}\")")
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def run_side(tool: str, python: Path, recipe: Path, out: Path, extra: list[str]) -> dict:
+    """One merge as its own process: wall time of the process, in-process merge time, import
+    time, peak RSS and RSS after imports."""
+    shutil.rmtree(out, ignore_errors=True)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    if tool == "mergeflow":
+        env["PYTHONPATH"] = str(REPO / "workflow")
+    start = time.time()
+    result = subprocess.run([str(python), "-c", RUNNER, str(start), tool, str(recipe), str(out), *extra],
+                            env=env, capture_output=True, text=True)
+    wall = time.time() - start
     if result.returncode != 0:
-        raise RuntimeError(result.stderr)
-    seconds, peak, after_imports = result.stdout.strip().splitlines()[-1].split()
-    return float(seconds), int(peak), int(after_imports)
+        raise RuntimeError(f"{tool} failed:\n{result.stderr[-3000:]}")
+    line = [l for l in result.stdout.splitlines() if l.startswith("RESULT")][-1].split()
+    return {"wall": wall, "merge": float(line[1]), "peak": int(line[2]), "imports_rss": int(line[3]),
+            "import_s": float(line[4])}
 
 
-def summing_pass(merger) -> float:
-    """Seconds for one pass over all resident source tensors, summed into a buffer."""
-    names = list(merger.resident[merger.template])
-    buffers = {name: torch.empty_like(merger.resident[merger.template][name]) for name in names}
-    sources = list(merger.resident.values())
+def best_of(runs: list[dict]) -> dict:
+    """The run with the least wall time; peak RSS is the largest seen over the runs."""
+    best = dict(min(runs, key=lambda r: r["wall"]))
+    best["peak_above"] = max(r["peak"] - r["imports_rss"] for r in runs)
+    return best
 
-    def one_pass():
-        for name in names:
-            out = buffers[name]
-            torch.add(sources[0][name], sources[1][name], out=out)
-            for source in sources[2:]:
-                out.add_(source[name])
 
-    return best_time(one_pass, repeats=5)
+def io_floor(paths: dict[str, Path], out: Path) -> float:
+    """Seconds for a process to read every source file and write one model's bytes (the
+    source-load cost both tools pay, reported apart)."""
+    code = """
+import sys, time, pathlib
+start = time.perf_counter()
+data = None
+for path in sys.argv[2:]:
+    for file in sorted(pathlib.Path(path).glob("*.safetensors")):
+        data = file.read_bytes()
+pathlib.Path(sys.argv[1]).write_bytes(data)
+print(time.perf_counter() - start)
+"""
+    result = subprocess.run([sys.executable, "-c", code, str(out), *map(str, paths.values())],
+                            capture_output=True, text=True, check=True)
+    out.unlink()
+    return float(result.stdout)
+
+
+# --------------------------------------------------------------------------------------------
+# Parity
+
+
+def tensor_files(model_dir: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    files = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            files.update({name: file for name in handle.keys()})
+    return files
+
+
+def compare(ours: Path, theirs: Path) -> tuple[float, int, int]:
+    """Largest |difference| over every tensor, the entries differing by more than the parity
+    tolerance and the entries in all."""
+    from safetensors import safe_open
+
+    mine, peer = tensor_files(ours), tensor_files(theirs)
+    if set(mine) != set(peer):
+        raise RuntimeError(f"tensor names differ: {sorted(set(mine) ^ set(peer))[:5]}")
+    worst, differing, total = 0.0, 0, 0
+    for name, file in mine.items():
+        with safe_open(file, framework="pt") as a, safe_open(peer[name], framework="pt") as b:
+            x, y = a.get_tensor(name).float(), b.get_tensor(name).float()
+        diff = (x - y).abs()
+        worst = max(worst, float(diff.max()))
+        differing += int(torch.count_nonzero(diff > PARITY_TOLERANCE))
+        total += diff.numel()
+    return worst, differing, total
+
+
+# --------------------------------------------------------------------------------------------
+# In-memory merges (the search's)
 
 
 def best_time(function, repeats: int) -> float:
@@ -121,88 +235,142 @@ def best_time(function, repeats: int) -> float:
     return min(times)
 
 
-def run_mergekit(recipe: dict, root: Path) -> float | str | None:
-    """mergekit's wall time on the same recipe (None when not installed, a message when it
-    fails: mergekit is an optional bench extra, never a dependency)."""
-    executable = shutil.which("mergekit-yaml")
-    if executable is None:
-        return None
-    mergekit_recipe = {k: v for k, v in recipe.items() if k != "seed"}
-    path = root / "mergekit.yaml"
-    path.write_text(yaml.safe_dump(mergekit_recipe))
+def in_memory(recipes: dict[str, dict], repeats: int) -> None:
+    from mergeflow.merge import InMemoryMerger, recipe_from_dict
+
     start = time.perf_counter()
-    result = subprocess.run([executable, str(path), str(root / "mergekit-out")],
-                            capture_output=True, text=True)
-    shutil.rmtree(root / "mergekit-out", ignore_errors=True)
-    if result.returncode != 0:
-        return "failed: " + (result.stderr.strip().splitlines() or ["?"])[-1][:60]
-    return time.perf_counter() - start
+    merger = InMemoryMerger(recipe_from_dict(recipes["task_arithmetic"]))
+    print(f"\nin-memory merger (the search's): sources loaded in {time.perf_counter() - start:.1f}s")
+    names = list(merger.resident[merger.template])
+    buffers = {name: torch.empty_like(merger.resident[merger.template][name]) for name in names}
+    sources = list(merger.resident.values())
+
+    def one_pass():
+        for name in names:
+            torch.add(sources[0][name], sources[1][name], out=buffers[name])
+            for source in sources[2:]:
+                buffers[name].add_(source[name])
+
+    reference = best_time(one_pass, 5)
+    print(f"one pass summing all resident source tensors: {reference * 1000:.0f} ms")
+    for method, target in IN_MEMORY_TARGETS.items():
+        recipe = recipe_from_dict(recipes[method])
+        seconds = best_time(lambda: merger.merge(recipe), repeats)
+        verdict = "ok" if seconds / reference <= target else "MISSED"
+        print(f"  {method:<16}{seconds * 1000:>7.0f} ms  {seconds / reference:>5.1f}x one pass "
+              f"(target <= {target:.0f}x: {verdict})")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def spin(count: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def run_mode(mode: str, args, python: Path, recipes: dict[str, Path], root: Path, size: int) -> None:
+    busy = spin(args.busy) if mode == "busy" else []
+    try:
+        load = os.getloadavg()
+        print(f"\n## {mode}: {len(busy)} busy process(es) beside the merges; load average "
+              f"{load[0]:.2f} at start", flush=True)
+        header = (f"{'method':<18}{'mergekit s':>11}{'mergeflow s':>12}{'ratio':>7}{'target':>12}"
+                  f"{'(merge only)':>13}{'imports s':>11}{'peak/model':>16}{'max |diff|':>12}")
+        print(header)
+        for method in args.timed:
+            runs: dict[str, list[dict]] = {"mergekit": [], "mergeflow": []}
+            for _ in range(args.repeats):  # alternating, so load changes hit both sides alike
+                for tool in runs:
+                    runs[tool].append(run_side(tool, python if tool == "mergekit" else Path(sys.executable),
+                                               recipes[(tool, method)], root / f"out-{tool}",
+                                               args.mergekit_args if tool == "mergekit" else []))
+            rows = {tool: best_of(tool_runs) for tool, tool_runs in runs.items()}
+            parity = ""
+            if method not in RANDOM:
+                worst, differing, _ = compare(root / "out-mergeflow", root / "out-mergekit")
+                parity = f"{worst:.1e}" + (f" ({differing} entries)" if differing else "")
+            mk, mf = rows["mergekit"], rows["mergeflow"]
+            ratio = mk["wall"] / mf["wall"]
+            target = SPEED_TARGETS.get(method)
+            verdict = "" if target is None else f">={target:.1f} {'ok' if ratio >= target else 'MISSED'}"
+            memory = mf["peak_above"] / size
+            mem_text = f"{mk['peak_above'] / size:.2f}/{memory:.2f}" + (" ok" if memory <= MEMORY_TARGET else " MISSED")
+            print(f"{method:<18}{mk['wall']:>11.1f}{mf['wall']:>12.1f}{ratio:>6.1f}x{verdict:>12}"
+                  f"{mk['merge'] / mf['merge']:>12.1f}x{mk['import_s']:>5.1f}/{mf['import_s']:<5.1f}"
+                  f"{mem_text:>16}  {parity}", flush=True)
+        print(f"load average at end: {os.getloadavg()[0]:.2f}")
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+
+
+def parity_only(args, python: Path, recipes: dict, root: Path) -> None:
+    print("\n## parity of the other deterministic methods both implement (one run each)")
+    for method in args.parity:
+        run_side("mergekit", python, recipes[("mergekit", method)], root / "out-mergekit", args.mergekit_args)
+        run_side("mergeflow", Path(sys.executable), recipes[("mergeflow", method)], root / "out-mergeflow", [])
+        worst, differing, total = compare(root / "out-mergeflow", root / "out-mergekit")
+        verdict = "ok" if worst <= PARITY_TOLERANCE else "MISSED"
+        print(f"  {method:<18} max |diff| {worst:.1e} ({differing} of {total} entries differ by more "
+              f"than {PARITY_TOLERANCE:g}): {verdict}",
+              flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # 16 layers, vocabulary 8192: ~113M parameters with the embedding a realistic share of
-    # them (CLI peak memory grows with the largest tensor; --vocab 32000 makes the embedding
-    # and lm_head 40% of this small model)
-    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--intermediate", type=int, default=2048)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties")
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--timed", type=lambda s: s.split(","), default=TIMED)
+    parser.add_argument("--parity", type=lambda s: [m for m in s.split(",") if m], default=PARITY_ONLY)
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=["quiet", "busy"])
+    parser.add_argument("--busy", type=int, default=1, help="spinning processes in the busy mode")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workdir", default=None, help="kept when given; else a temp dir")
+    parser.add_argument("--no-in-memory", action="store_true", help="skip the in-memory merger's figures")
+    parser.add_argument("--peer-venv", type=Path, default=DEFAULT_PEER_VENV,
+                        help=f"virtualenv with {PEER} (created when missing; default {DEFAULT_PEER_VENV})")
+    parser.add_argument("--mergekit-args", type=lambda s: s.split(), default=["--no-cuda", "--quiet"])
+    parser.add_argument("--workdir", default=None, help="kept (and models reused) when given; else a temp dir")
     args = parser.parse_args()
 
-    from mergeflow.merge import InMemoryMerger, recipe_from_dict
-
+    python = peer_python(args.peer_venv)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="mergeflow-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
         start = time.perf_counter()
         paths = build_models(root, args)
         size = model_bytes(paths["base"])
-        n_params = size // 4
-        print(f"models: 3 x {n_params / 1e6:.0f}M parameters, float32, {size / 2**20:.0f} MiB each "
-              f"(built in {time.perf_counter() - start:.0f}s); largest tensor "
-              f"{args.vocab * args.hidden * 4 / 2**20:.0f} MiB; torch threads {torch.get_num_threads()}")
-
-        recipes = {method: recipe_for(method, paths) for method in args.methods.split(",")}
-        cli_results = {}
-        for method, recipe_data in recipes.items():  # before the merger fills this process
-            recipe_path = root / f"{method}.yaml"
-            recipe_path.write_text(yaml.safe_dump(recipe_data))
-            cli_results[method] = run_cli_merge(recipe_path, root / f"out-{method}")
-            shutil.rmtree(root / f"out-{method}")
-
-        start = time.perf_counter()
-        merger = InMemoryMerger(recipe_from_dict(recipes[next(iter(recipes))]))
-        print(f"in-memory merger: sources loaded in {time.perf_counter() - start:.1f}s")
-        reference = summing_pass(merger)
-        print(f"one pass summing all resident source tensors: {reference * 1000:.0f} ms")
-        rows = []
-        for method, recipe_data in recipes.items():
-            recipe = recipe_from_dict(recipe_data)
-            merge_seconds = best_time(lambda: merger.merge(recipe), args.repeats)
-            mergekit_seconds = run_mergekit(recipe_data, root)
-            rows.append((method, *cli_results[method], merge_seconds, merge_seconds / reference,
-                         mergekit_seconds))
-
-        print()
-        print(f"{'method':<16}{'CLI s':>8}{'CLI peak MiB':>14}{'(imports)':>11}{'peak/model':>12}"
-              f"{'mem ms':>9}{'mem/pass':>10}{'target':>8}  mergekit")
-        for method, cli_s, peak, baseline, mem_s, ratio, mk in rows:
-            target = TARGETS.get(method)
-            verdict = "" if target is None else ("ok" if ratio <= target else "MISSED")
-            target_text = f"<={target:.0f}x {verdict}" if target else "-"
-            if mk is None or isinstance(mk, str):
-                mk_text = mk or "not installed"
-            else:
-                mk_text = f"{mk:.1f}s ({mk / cli_s:.1f}x our CLI)"
-            print(f"{method:<16}{cli_s:>8.1f}{peak / 2**20:>14.0f}{baseline / 2**20:>11.0f}"
-                  f"{peak / size:>12.2f}{mem_s * 1000:>9.0f}{ratio:>9.1f}x  {target_text:<11} {mk_text}")
-        print("\nCLI peak = the merge process's peak RSS (VmHWM), including the python+torch "
-              "imports (RSS after them in parentheses); peak/model < 1 meets the target. "
-              "mem ms = best of the repeats after a warm-up merge.")
+        print(f"models: base + 3 fine-tunes, {size // 4 / 1e6:.0f}M parameters, float32, "
+              f"{size / 1e6:.0f} MB each (ready in {time.perf_counter() - start:.0f}s); "
+              f"vocabulary {args.vocab}, hidden {args.hidden}, {args.layers} layers")
+        print(f"peer: {versions(python)} in {args.peer_venv}; mergekit-yaml {' '.join(args.mergekit_args)}")
+        print(f"mergeflow: torch {torch.__version__}; both at torch's default threads "
+              f"({torch.get_num_threads()}), {os.cpu_count()} cores")
+        recipes = {}
+        for method in args.timed + args.parity:
+            data = recipe_for(method, paths)
+            for tool, extra in (("mergeflow", {"seed": 1}), ("mergekit", {})):
+                path = root / f"{tool}-{method}.yaml"
+                path.write_text(yaml.safe_dump({**data, **extra}))
+                recipes[(tool, method)] = path
+        floor = io_floor(paths, root / "floor.bin")
+        print(f"source load (I/O floor: read the 4 sources, write one model): {floor:.1f}s")
+        for mode in args.modes:
+            run_mode(mode, args, python, recipes, root, size)
+        print("\nwall = the whole process (start, imports, merge, writing), best of "
+              f"{args.repeats}; ratio = mergekit / mergeflow; (merge only) = the same ratio without "
+              "process start and imports; imports s = mergekit/mergeflow start and imports; "
+              "peak/model = peak RSS above the imports / one source model's bytes, "
+              f"mergekit/mergeflow (target <= {MEMORY_TARGET:.2f}); max |diff| over every "
+              f"tensor (target <= {PARITY_TOLERANCE:g}; in parentheses the entries beyond it; seeded "
+              "methods: speed only)")
+        if args.parity:
+            parity_only(args, python, recipes, root)
+        if not args.no_in_memory:
+            in_memory({m: recipe_for(m, paths) | {"seed": 1} for m in IN_MEMORY_TARGETS}, args.repeats)
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -157,7 +157,7 @@ def test_della_and_breadcrumbs_ties_elect_signs():
 
 @pytest.mark.parametrize("layout", ["random", "sorted", "ties"])
 def test_fast_selection_is_exact(layout):
-    from mergeflow.merge.methods import Workspace, kth_largest
+    from mergeflow.merge.methods import kth_largest
 
     torch.manual_seed(3)
     values = torch.randn(600_000).abs()
@@ -167,7 +167,7 @@ def test_fast_selection_is_exact(layout):
         values = torch.randint(0, 50, (600_000,)).float()
     for k in (1, 1000, 300_000, 599_999, 600_000):
         expected = float(torch.kthvalue(values, values.numel() - k + 1).values)
-        assert kth_largest(values, k, Workspace(cache=True)) == expected
+        assert kth_largest(values, k) == expected
 
 
 def ties_reference(tensors, base, weights, density):

@@ -15,6 +15,9 @@ Every method has the same signature::
   so random methods (DARE, DELLA) are reproducible tensor by tensor.
 - ``ws``: a ``Workspace`` giving scratch tensors (default: fresh allocations);
   ``out``: an optional tensor to write the result into (same shape and dtype).
+- ``trims`` (magnitude-trimming methods only): the per-model ``Trim`` of the whole tensor,
+  given when the call merges one block of it (``plan.merge_tensor_blocks``); None, computed
+  from ``tensors``.
 
 Source tensors are never modified. The same operations run whether or not ``ws`` caches and
 whether or not ``out`` is given, so results are bitwise identical either way.
@@ -25,10 +28,12 @@ the method; see ``MERGE_METHODS`` for the defaults of each.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -79,17 +84,23 @@ class Workspace:
         buffer = self.empty("ones", like).fill_(1.0)
         return buffer
 
-    def magnitude_threshold(self, delta: Callable[[], Tensor], keep: int, key: tuple | None) -> float:
-        """The ``keep``-th largest |delta()|. A caching workspace given the ``key`` of a
-        (model, base) tensor pair sorts that task vector's magnitudes once and then answers
-        any ``keep`` by lookup: the search varies densities, never the task vectors. That costs
-        one float32 copy of each task vector trimmed (``sort_cache=False`` to save it)."""
+    def trim(self, magnitudes: Callable[[], Tensor], keep: int, key: tuple | None) -> "Trim":
+        """The ``Trim`` keeping the ``keep`` largest of ``magnitudes()`` (flat float32). A
+        caching workspace given the ``key`` of a (model, base) tensor pair sorts that task
+        vector's magnitudes once and then answers any ``keep`` by lookup: the search varies
+        densities, never the task vectors. That costs one float32 copy of each task vector
+        trimmed (``sort_cache=False`` to save it)."""
         if not self.sort_cache or key is None:
-            return kth_largest(delta().abs_().reshape(-1).float(), keep, self)
+            return magnitude_trim(magnitudes(), keep)
         ordered = self._sorted.get(key)
         if ordered is None:
-            ordered = self._sorted[key] = delta().abs_().reshape(-1).float().sort().values
-        return float(ordered[ordered.numel() - keep])
+            ordered = self._sorted[key] = magnitudes().sort().values
+        total = ordered.numel()
+        cut = ordered[total - keep:total - keep + 1]
+        left = int(torch.searchsorted(ordered, cut))
+        right = int(torch.searchsorted(ordered, cut, right=True))
+        threshold = float(cut)
+        return _exact_trim(threshold, total - right, right - left, keep, magnitudes)
 
 
 def _destination(out: Tensor | None, ws: Workspace, like: Tensor) -> Tensor:
@@ -104,38 +115,115 @@ def _kth_largest(values: Tensor, k: int) -> float:
     return float(torch.kthvalue(values, values.numel() - k + 1).values)
 
 
-def kth_largest(magnitudes: Tensor, k: int, ws: Workspace | None = None) -> float:
-    """The exact ``k``-th largest entry of a flat float32 tensor.
+# Passes over large magnitude tensors go chunk by chunk: a mask of the whole tensor would be
+# the largest allocation of a streaming merge.
+_SCAN_CHUNK = 1 << 20
+
+
+def _chunks(values: Tensor):
+    for start in range(0, values.numel(), _SCAN_CHUNK):
+        yield values[start:start + _SCAN_CHUNK]
+
+
+def _count(values: Tensor, compare: Callable[[Tensor], Tensor]) -> int:
+    return sum(int(torch.count_nonzero(compare(chunk))) for chunk in _chunks(values))
+
+
+def kth_largest(magnitudes: Tensor, k: int) -> float:
+    """The exact ``k``-th largest entry of a flat float32 tensor."""
+    return select_largest(magnitudes, k)[0]
+
+
+def select_largest(magnitudes: Tensor, k: int) -> tuple[float, int, int]:
+    """The exact ``k``-th largest entry of a flat float32 tensor, the number of entries above
+    it and the number equal to it.
 
     For large tensors: the quantile is bracketed from an evenly strided sample, entries above
-    the bracket are counted, and only the entries inside it go through ``kthvalue``; when the
-    bracket misses (adversarial layouts) it falls back to the full selection.
+    the bracket are counted, and only the entries inside it go through ``kthvalue`` and the
+    counts; when the bracket misses (adversarial layouts) it falls back to the full selection.
     """
-    ws = ws or Workspace()
     total = magnitudes.numel()
-    if total <= _EXACT_SELECTION_LIMIT:
-        return _kth_largest(magnitudes, k)
-    sample = magnitudes[:: total // _SAMPLE_SIZE].sort().values
-    size = sample.numel()
-    below = size * (1.0 - k / total)  # sample rank of the target
-    margin = 6.0 * math.sqrt(max(below * (1.0 - below / size), 1.0)) + 8.0
-    low = float(sample[max(int(below - margin), 0)])
-    high = float(sample[min(int(below + margin), size - 1)])
-    flags = ws.empty("select_flags", magnitudes, torch.bool)
-    above = int(torch.count_nonzero(torch.gt(magnitudes, high, out=flags)))
-    if above < k:
-        in_band = torch.ge(magnitudes, low, out=flags)
-        in_band.logical_and_(torch.le(magnitudes, high, out=ws.empty("select_le", magnitudes, torch.bool)))
-        band = magnitudes[in_band]
-        needed = k - above
-        if needed <= band.numel():
-            return _kth_largest(band, needed)
-    return _kth_largest(magnitudes, k)
+    if total > _EXACT_SELECTION_LIMIT:
+        sample = magnitudes[:: total // _SAMPLE_SIZE].sort().values
+        size = sample.numel()
+        below = size * (1.0 - k / total)  # sample rank of the target
+        margin = 6.0 * math.sqrt(max(below * (1.0 - below / size), 1.0)) + 8.0
+        low = float(sample[max(int(below - margin), 0)])
+        high = float(sample[min(int(below + margin), size - 1)])
+        above = _count(magnitudes, lambda chunk: chunk > high)
+        if above < k:
+            band = torch.cat([chunk[(chunk >= low) & (chunk <= high)] for chunk in _chunks(magnitudes)])
+            if k - above <= band.numel():
+                threshold = _kth_largest(band, k - above)
+                return (threshold, above + int(torch.count_nonzero(band > threshold)),
+                        int(torch.count_nonzero(band == threshold)))
+    threshold = _kth_largest(magnitudes, k)
+    return (threshold, _count(magnitudes, lambda chunk: chunk > threshold),
+            _count(magnitudes, lambda chunk: chunk == threshold))
 
 
 def keep_count(density: float, numel: int) -> int:
-    """Entries a magnitude trim keeps: ``int(density * n)`` (mergekit's rounding)."""
-    return int(density * numel)
+    """Entries a magnitude trim keeps: ``int(density * n)``, at least one of a non-empty
+    tensor (mergekit's rounding)."""
+    return max(1, int(density * numel)) if numel > 0 else 0
+
+
+@dataclass(frozen=True)
+class Trim:
+    """The entries a magnitude trim keeps: those with ``|x| >= threshold``; when entries tied
+    at the threshold straddle the cut, those with ``|x| > threshold`` and, of the tied ones,
+    only those at the sorted flat indices ``tied``."""
+
+    threshold: float
+    tied: Tensor | None = None
+
+    def block(self, start: int, stop: int) -> "Trim":
+        """This trim for the flat entries ``[start, stop)`` of the tensor, indexed from 0."""
+        if self.tied is None:
+            return self
+        low, high = torch.searchsorted(self.tied, torch.tensor([start, stop], device=self.tied.device)).tolist()
+        return Trim(self.threshold, self.tied[low:high] - start)
+
+
+def _exact_trim(threshold: float, above: int, tied: int, keep: int,
+                magnitudes: Callable[[], Tensor]) -> Trim:
+    """The trim keeping exactly ``keep`` entries, given the ``keep``-th largest magnitude and
+    the counts of entries above and at it. Of the entries tied at the cut, the first by flat
+    index are kept (the order of a stable descending sort). mergekit keeps ``keep`` entries too
+    but picks among tied ones by torch's unstable argsort, whose order has no rule short of
+    sorting the whole tensor (and differs between CPU and CUDA); that sort would be most of a
+    TIES merge's time. Zeros are never chosen among: kept or not, a zero delta adds nothing."""
+    if above + tied == keep or threshold <= 0.0:
+        return Trim(threshold)
+    at_cut, needed = [], keep - above
+    for number, chunk in enumerate(_chunks(magnitudes())):
+        if needed <= 0:
+            break
+        found = torch.nonzero(chunk == threshold).reshape(-1)[:needed]
+        at_cut.append(found + number * _SCAN_CHUNK)
+        needed -= found.numel()
+    return Trim(threshold, torch.cat(at_cut))
+
+
+def magnitude_trim(magnitudes: Tensor, keep: int) -> Trim:
+    """The ``Trim`` keeping the ``keep`` largest of a flat float32 tensor of magnitudes."""
+    return _exact_trim(*select_largest(magnitudes, keep), keep, lambda: magnitudes)
+
+
+def apply_trim(delta: Tensor, trim: Trim | None, ws: Workspace) -> Tensor:
+    """Zero, in place, the entries of ``delta`` (flat or not) that ``trim`` drops; None drops all."""
+    if trim is None:
+        return delta.zero_()
+    if trim.tied is None:
+        return shrink_below(delta, trim.threshold, ws)
+    flat = delta.view(-1)
+    kept = flat[trim.tied]
+    above = (_float32_away_from_zero(trim.threshold) if delta.dtype == torch.float32 else
+             float(torch.nextafter(torch.tensor(trim.threshold, dtype=delta.dtype),
+                                   torch.tensor(math.inf, dtype=delta.dtype))))
+    shrink_below(delta, above, ws)
+    flat[trim.tied] = kept
+    return delta
 
 
 def shrink_below(delta: Tensor, threshold: float, ws: Workspace) -> Tensor:
@@ -145,10 +233,20 @@ def shrink_below(delta: Tensor, threshold: float, ws: Workspace) -> Tensor:
     if delta.dtype == torch.float32:
         # |x| >= threshold  <=>  |x| > the next float below it; hardshrink does that test in
         # one float pass (bool masks multiplied into floats are several times slower on CPU).
-        below = float(torch.nextafter(torch.tensor(threshold), torch.tensor(0.0)))
-        return torch.ops.aten.hardshrink.out(delta, below, out=delta)
+        return torch.ops.aten.hardshrink.out(delta, _float32_toward_zero(threshold), out=delta)
     magnitudes = torch.abs(delta, out=ws.empty("magnitude", delta))
     return delta.mul_(torch.ge(magnitudes, threshold, out=ws.empty("keep", delta, torch.bool)))
+
+
+@functools.lru_cache(maxsize=64)
+def _float32_toward_zero(value: float) -> float:
+    """The float32 next to ``value`` towards zero (cached: called per block with few values)."""
+    return float(numpy.nextafter(numpy.float32(value), numpy.float32(0.0)))
+
+
+@functools.lru_cache(maxsize=64)
+def _float32_away_from_zero(value: float) -> float:
+    return float(numpy.nextafter(numpy.float32(value), numpy.float32(math.inf)))
 
 
 def drop_magnitude_outliers(delta: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
@@ -181,7 +279,11 @@ def drop_by_magnitude_rank(
         return delta
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     columns = rows.shape[1]
-    ranks = torch.argsort(torch.argsort(rows.abs().float(), dim=1), dim=1).to(rows.dtype)
+    order = torch.argsort(rows.abs().float(), dim=1)
+    # the rank of each entry: the inverse permutation of the sort order, by a scatter (a
+    # second argsort would give the same, at the cost of another sort)
+    positions = torch.arange(columns, device=rows.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(rows.dtype)
     rank_fraction = ranks / (columns - 1) if columns > 1 else torch.full_like(ranks, 0.5)
     keep_probability = (density - epsilon + 2.0 * epsilon * rank_fraction).clamp_(_TINY, 1.0)
     keep = torch.rand(rows.shape, generator=generator, device=rows.device) < keep_probability
@@ -275,7 +377,7 @@ class _TaskArithmeticVariant:
 
 
 def _sparsify_block(delta: Tensor, variant: _TaskArithmeticVariant, model: dict,
-                    threshold: float | None, rescale: bool, generator: torch.Generator | None,
+                    trim: Trim | None, rescale: bool, generator: torch.Generator | None,
                     ws: Workspace) -> Tensor:
     """Sparsify one task vector (block) in place; DARE's 1/density rescale is left to the
     caller's scale."""
@@ -283,7 +385,7 @@ def _sparsify_block(delta: Tensor, variant: _TaskArithmeticVariant, model: dict,
     if density >= 1.0:
         return delta
     if variant.sparsify == "magnitude":
-        return shrink_below(delta, threshold, ws) if threshold is not None else delta.zero_()
+        return apply_trim(delta, trim, ws)
     if variant.sparsify == "random":
         draws = torch.rand(delta.shape, generator=generator, out=ws.empty("random", delta))
         # a 0/1 float mask: a comparison into a float output and a float product are fast on
@@ -296,7 +398,7 @@ def _sparsify_block(delta: Tensor, variant: _TaskArithmeticVariant, model: dict,
     return delta
 
 
-def _merge_block(tensors, base, model_params, variant, params, thresholds, generators,
+def _merge_block(tensors, base, model_params, variant, params, trims, generators,
                  ws: Workspace, result: Tensor) -> Tensor:
     """The task-vector merge of one block (or a whole tensor), into ``result``."""
     weights = [float(p["weight"]) for p in model_params]
@@ -305,7 +407,7 @@ def _merge_block(tensors, base, model_params, variant, params, thresholds, gener
     deltas, scales = [], []
     for index, (tensor, model) in enumerate(zip(tensors, model_params)):
         delta = torch.sub(tensor, base, out=ws.empty(f"delta{index}", base))
-        delta = _sparsify_block(delta, variant, model, thresholds[index], rescale,
+        delta = _sparsify_block(delta, variant, model, trims[index], rescale,
                                 generators[index], ws)
         scale = weights[index]
         density = float(model["density"])
@@ -328,44 +430,55 @@ def _merge_block(tensors, base, model_params, variant, params, thresholds, gener
     return torch.add(base, result, alpha=float(params["lambda"]), out=result)
 
 
-def _trim_thresholds(tensors, base, model_params, variant, ws: Workspace) -> list[float | None]:
-    """Per model, the magnitude threshold of the TIES trim over the whole tensor (None when
-    nothing is kept; unused by the other variants)."""
-    thresholds: list[float | None] = []
-    for tensor, model in zip(tensors, model_params):
+def magnitude_trims(model_params, numel: int, magnitudes: Callable[[int], Tensor], ws: Workspace,
+                    keys: list[tuple] | None = None) -> list[Trim | None]:
+    """Per model, the ``Trim`` of the TIES magnitude trim over the whole tensor (None when
+    nothing is kept). ``magnitudes(i)``: model ``i``'s flat float32 |task vector|, called only
+    when needed; ``keys``: per model, the key under which a caching workspace keeps it sorted."""
+    trims: list[Trim | None] = []
+    for index, model in enumerate(model_params):
         density = float(model["density"])
-        keep = keep_count(density, base.numel())
-        if variant.sparsify != "magnitude" or density >= 1.0 or keep <= 0:
-            thresholds.append(0.0 if keep > 0 else None)
+        keep = keep_count(density, numel)
+        if density >= 1.0 or keep <= 0:
+            trims.append(Trim(0.0) if keep > 0 else None)
             continue
-        key = (tensor.data_ptr(), base.data_ptr(), tuple(base.shape), base.dtype)
-        thresholds.append(ws.magnitude_threshold(lambda tensor=tensor: torch.sub(tensor, base), keep, key))
-    return thresholds
+        trims.append(ws.trim(lambda index=index: magnitudes(index), keep,
+                             keys[index] if keys else None))
+    return trims
+
+
+def _whole_tensor_trims(tensors, base, model_params, ws: Workspace) -> list[Trim | None]:
+    keys = [(t.data_ptr(), base.data_ptr(), tuple(base.shape), base.dtype) for t in tensors]
+    return magnitude_trims(model_params, base.numel(),
+                           lambda i: torch.sub(tensors[i], base).abs_().reshape(-1).float(), ws, keys)
 
 
 def _generalized_task_arithmetic(variant: _TaskArithmeticVariant) -> MethodFunction:
     """Build a task-vector method: sparsify each ``x_i - base``, optionally elect signs, sum
     with weights, optionally normalize by the (agreeing) weights, scale by lambda, add base."""
 
-    def merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
+    def merge(tensors, base, model_params, params, rng, ws=None, out=None, trims=None) -> Tensor:
         ws = ws or Workspace()
         result = _destination(out, ws, base)
         if variant.sparsify is None and not variant.sign_consensus:
             weights = [float(p["weight"]) for p in model_params]
             return _task_vector_sum(tensors, base, weights, float(params["lambda"]),
                                     bool(params["normalize"]), result)
-        thresholds = _trim_thresholds(tensors, base, model_params, variant, ws)
+        if trims is None and variant.sparsify == "magnitude":
+            trims = _whole_tensor_trims(tensors, base, model_params, ws)
+        trims = trims or [None] * len(tensors)
         random = variant.sparsify in ("random", "magnitude_rank")
         generators = [rng(i) if random else None for i in range(len(tensors))]
         if not variant.elementwise or base.device.type != "cpu" or base.numel() <= CPU_BLOCK:
-            return _merge_block(tensors, base, model_params, variant, params, thresholds,
+            return _merge_block(tensors, base, model_params, variant, params, trims,
                                 generators, ws, result)
         flat_sources = [t.reshape(-1) for t in tensors]
         flat_base, flat_result = base.reshape(-1), result.view(-1)
         for start in range(0, base.numel(), CPU_BLOCK):
             block = slice(start, start + CPU_BLOCK)
+            block_trims = [t.block(start, start + CPU_BLOCK) if t is not None else None for t in trims]
             _merge_block([t[block] for t in flat_sources], flat_base[block], model_params,
-                         variant, params, thresholds, generators, ws, flat_result[block])
+                         variant, params, block_trims, generators, ws, flat_result[block])
         return result
 
     return merge
@@ -450,26 +563,33 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     random: bool = False
+    # How the streaming writer may split a large tensor: "flat" (any runs of entries: the
+    # method is elementwise given its ``trims``), "rows" (whole rows) or None (whole tensor).
+    blocks: str | None = None
+    trims: bool = False  # takes ``trims``: whole-tensor magnitude trims
 
 
-def _task_method(name, function, normalize, rescale=False, extra=None, random=False):
+def _task_method(name, function, normalize, rescale=False, extra=None, random=False,
+                 blocks=None, trims=False):
     model_defaults = {"weight": 1.0, "density": 1.0, **(extra or {})}
     method_defaults = {"lambda": 1.0, "normalize": normalize, "rescale": rescale}
-    return MergeMethod(name, function, True, model_defaults, method_defaults, random=random)
+    return MergeMethod(name, function, True, model_defaults, method_defaults, random=random,
+                       blocks=blocks, trims=trims)
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     method.name: method
     for method in [
-        MergeMethod("linear", linear_merge, False, {"weight": 1.0}, {"normalize": True}),
-        _task_method("task_arithmetic", task_arithmetic_merge, normalize=False),
-        _task_method("ties", ties_merge, normalize=True),
-        _task_method("dare_linear", dare_linear_merge, False, rescale=True, random=True),
-        _task_method("dare_ties", dare_ties_merge, False, rescale=True, random=True),
+        MergeMethod("linear", linear_merge, False, {"weight": 1.0}, {"normalize": True}, blocks="flat"),
+        _task_method("task_arithmetic", task_arithmetic_merge, normalize=False, blocks="flat"),
+        _task_method("ties", ties_merge, normalize=True, blocks="flat", trims=True),
+        _task_method("dare_linear", dare_linear_merge, False, rescale=True, random=True, blocks="flat"),
+        _task_method("dare_ties", dare_ties_merge, False, rescale=True, random=True, blocks="flat"),
         _task_method("breadcrumbs", breadcrumbs_merge, False, extra={"gamma": 0.01}),
         _task_method("breadcrumbs_ties", breadcrumbs_ties_merge, False, extra={"gamma": 0.01}),
-        _task_method("della", della_merge, True, True, {"epsilon": 0.15}, random=True),
-        _task_method("della_linear", della_linear_merge, False, True, {"epsilon": 0.15}, random=True),
+        _task_method("della", della_merge, True, True, {"epsilon": 0.15}, random=True, blocks="rows"),
+        _task_method("della_linear", della_linear_merge, False, True, {"epsilon": 0.15}, random=True,
+                     blocks="rows"),
         MergeMethod("slerp", slerp_merge, True, {}, {"t": None}, min_models=1, max_models=1),
         MergeMethod("model_stock", model_stock_merge, True, {}, {}, min_models=2),
     ]

@@ -1,19 +1,24 @@
 """Planning a merge: for each output tensor, which source tensors, method and parameters.
 
 Both the streaming merge (``stream``) and the in-memory merge (``fast``) execute the same plan
-with ``merge_tensor``, which is what makes their outputs bitwise identical.
+with the same method functions, which is what makes their outputs bitwise identical: the
+in-memory merge a whole tensor at a time (``merge_tensor``), the streaming one large tensors in
+blocks (``merge_tensor_blocks``) that reproduce the whole tensor's result bit for bit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from mergeflow.errors import MergeflowError, RecipeError
-from mergeflow.merge.methods import MergeMethod, Workspace, check_parameter_names, get_method
+from mergeflow.merge.methods import (
+    CPU_BLOCK, MergeMethod, Workspace, check_parameter_names, get_method, magnitude_trims,
+)
 from mergeflow.merge.params import (
     is_pre_layer_tensor, layer_index, layer_position, resolve_value, with_layer_index,
 )
@@ -23,6 +28,14 @@ from mergeflow.merge.sources import ModelSource, TensorInfo
 
 TensorRef = tuple[str, str]  # (model path, tensor name)
 Fetch = Callable[[str, str], torch.Tensor]
+# (model, name, start, stop) -> flat entries [start, stop) of a tensor, in the compute dtype
+# on the device; valid until the next read of the same (model, name)
+ReadRange = Callable[[str, str, int, int], torch.Tensor]
+
+# The streaming merge splits tensors above this many entries into blocks of about this many
+# (4 MiB of float32): a multiple of CPU_BLOCK, so the methods' own blocks fall where they fall
+# in the whole tensor.
+STREAM_BLOCK = 64 * CPU_BLOCK
 
 
 @dataclass
@@ -228,14 +241,90 @@ def merge_tensor(plan: TensorPlan, fetch: Fetch, device: torch.device | str,
     they change where results go, never their values."""
     tensors = [fetch(model, name) for model, name in plan.sources]
     base = fetch(*plan.base) if plan.base else None
+    return plan.method.function(tensors, base, plan.model_params, plan.params,
+                                _rng_factory(plan, device), ws, out)
+
+
+def _rng_factory(plan: TensorPlan, device: torch.device | str) -> Callable[[int], torch.Generator]:
+    """Model ``i``'s generator, seeded with ``plan.seed + i`` on first use and then the same
+    object: a tensor merged in blocks continues each model's draws from block to block."""
     if not plan.method.random:
-        rng = _no_rng
-    else:
-        def rng(model_index: int) -> torch.Generator:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(plan.seed + model_index)
-            return generator
-    return plan.method.function(tensors, base, plan.model_params, plan.params, rng, ws, out)
+        return _no_rng
+    generators: dict[int, torch.Generator] = {}
+
+    def rng(model_index: int) -> torch.Generator:
+        if model_index not in generators:
+            generators[model_index] = torch.Generator(device=device)
+            generators[model_index].manual_seed(plan.seed + model_index)
+        return generators[model_index]
+
+    return rng
+
+
+def merge_tensor_blocks(plan: TensorPlan, read: ReadRange, device: torch.device | str,
+                        block: int | None = None) -> Iterator[torch.Tensor]:
+    """Run one tensor's plan, yielding its result as consecutive flat blocks; together they
+    equal ``merge_tensor``'s result bit for bit. Tensors of at most ``block`` entries, and those
+    of methods that need the whole tensor (``MergeMethod.blocks`` None), come as one block.
+
+    A block sees the same entries and the same operations as in the whole tensor: blocks are
+    multiples of the methods' own CPU blocks (or whole rows for row-wise methods), each
+    model's random generator continues across blocks, and whole-tensor magnitude trims are
+    computed first from one pass over each trimmed model's blocks into a float32 buffer of the
+    tensor's size, the one whole tensor held. ``block``: default ``STREAM_BLOCK``.
+    """
+    block = block or STREAM_BLOCK
+    if block % CPU_BLOCK:
+        raise ValueError(f"block {block} is not a multiple of {CPU_BLOCK}")
+    numel = math.prod(plan.shape)
+    layout = plan.method.blocks
+    refs = plan.sources + ([plan.base] if plan.base else [])
+    # a row-wise method ranks a vector's entries across the whole vector: one row
+    if layout is None or numel <= block or (layout == "rows" and len(plan.shape) < 2):
+        whole = {ref: read(*ref, 0, numel).view(plan.shape) for ref in refs}
+        yield merge_tensor(plan, lambda model, name: whole[(model, name)], device).reshape(-1)
+        return
+    if layout == "rows":
+        row = numel // plan.shape[0]
+        block = max(1, block // row) * row
+    ws = Workspace(cache=True, sort_cache=False)
+    trims = _whole_tensor_trims(plan, read, device, numel, block) if plan.method.trims else None
+    rng = _rng_factory(plan, device)
+    for start in range(0, numel, block):
+        stop = min(start + block, numel)
+        tensors = [read(model, name, start, stop) for model, name in plan.sources]
+        base = read(*plan.base, start, stop) if plan.base else None
+        if layout == "rows":
+            tensors = [t.view(-1, row) for t in tensors]
+            base = base.view(-1, row) if base is not None else None
+        options = {}
+        if trims is not None:
+            options["trims"] = [t.block(start, stop) if t is not None else None for t in trims]
+        out = ws.empty("block_result", tensors[0])
+        yield plan.method.function(tensors, base, plan.model_params, plan.params, rng, ws, out,
+                                   **options).reshape(-1)
+
+
+def _whole_tensor_trims(plan: TensorPlan, read: ReadRange, device: torch.device | str,
+                        numel: int, block: int) -> list:
+    """The magnitude trims of ``plan``'s whole tensor, from its blocks (see ``methods.Trim``)."""
+    magnitudes = torch.empty(numel, dtype=torch.float32, device=device)
+    scratch = Workspace(cache=True)
+
+    def fill(index: int) -> torch.Tensor:
+        model, name = plan.sources[index]
+        for start in range(0, numel, block):
+            stop = min(start + block, numel)
+            source = read(model, name, start, stop)
+            # as the whole-tensor trim: the difference in the compute dtype, then float32
+            target = magnitudes[start:stop]
+            into = target if source.dtype == torch.float32 else scratch.empty("delta", source)
+            torch.sub(source, read(*plan.base, start, stop), out=into).abs_()
+            if into is not target:
+                target.copy_(into)
+        return magnitudes
+
+    return magnitude_trims(plan.model_params, numel, fill, Workspace())
 
 
 def _no_rng(model_index: int) -> torch.Generator:
@@ -244,5 +333,12 @@ def _no_rng(model_index: int) -> torch.Generator:
 
 def check_finite(tensor: torch.Tensor, tensor_name: str, model: str) -> None:
     """MergeflowError naming the tensor and model when a tensor holds NaN or Inf."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if tensor.is_floating_point() and tensor.numel() and not _finite(tensor):
         raise MergeflowError(f"tensor {tensor_name!r} of model {model!r} contains NaN or Inf")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    # min and max are NaN when any entry is, +-Inf when one is: one reduction pass, no mask
+    # (isfinite().all() costs a bool tensor and is an order of magnitude slower on CPU)
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))

@@ -30,10 +30,19 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # of the tensor's first byte in the file
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
 
 
 def read_header(file: Path, model: str | Path | None = None) -> dict:
-    """The JSON header of a safetensors file, checked to describe no more data than the file holds.
+    """The JSON header of a safetensors file, checked to describe no more data than the file
+    holds; its ``__data_start__`` is the offset of the data in the file.
 
     A file it cannot read (truncated, corrupt) raises ``SourceFileError`` naming the file and,
     when given, its ``model``."""
@@ -52,6 +61,7 @@ def read_header(file: Path, model: str | Path | None = None) -> dict:
     if 8 + length + end > size:
         raise SourceFileError(f"{owner}weight file {str(file)!r} is truncated: its header describes "
                               f"{8 + length + end} bytes but the file has {size}")
+    header["__data_start__"] = 8 + length
     return header
 
 
@@ -90,10 +100,13 @@ class ModelSource:
         for file in self._weight_files():
             if not file.is_file():
                 raise MergeflowError(f"model {str(self.path)!r}: weight file {file.name!r} is missing")
-            for name, meta in read_header(file, self.path).items():
+            header = read_header(file, self.path)
+            start = header.pop("__data_start__")
+            for name, meta in header.items():
                 if name == "__metadata__":
                     continue
-                tensors[name] = TensorInfo(file, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]))
+                tensors[name] = TensorInfo(file, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]),
+                                           start + meta["data_offsets"][0])
         return tensors
 
     @property
@@ -119,3 +132,23 @@ class ModelSource:
         except (OSError, SafetensorError) as err:
             raise SourceFileError(f"model {str(self.path)!r}: cannot read tensor {name!r} from weight file "
                                   f"{str(info.file)!r}: {err}") from err
+
+    def read_range(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Read the flat entries ``[start, start + out.numel())`` of a tensor into ``out`` (a
+        contiguous tensor of the tensor's dtype) with plain file reads: unlike a memory map, no
+        page of the file counts towards this process's memory, and no tensor is allocated."""
+        info = self.info(name)
+        if out.dtype != info.dtype or not out.is_contiguous() or start + out.numel() > info.numel:
+            raise MergeflowError(f"read_range of tensor {name!r}: bad buffer or range")
+        target = memoryview(out.view(-1).view(torch.uint8).numpy())
+        try:
+            with open(info.file, "rb") as handle:
+                handle.seek(info.offset + start * out.element_size())
+                read = handle.readinto(target)
+        except OSError as err:
+            raise SourceFileError(f"model {str(self.path)!r}: cannot read tensor {name!r} from weight file "
+                                  f"{str(info.file)!r}: {err}") from err
+        if read != len(target):
+            raise SourceFileError(f"model {str(self.path)!r}: weight file {str(info.file)!r} ended "
+                                  f"inside tensor {name!r}")
+        return out

@@ -1,0 +1,71 @@
+"""Tensor parity with mergekit on tiny models, for every deterministic method both implement.
+
+mergekit is no dependency of mergeflow: it runs from the virtualenv that ``bench/merge.py``
+creates (``MERGEFLOW_PEER_VENV``, default the bench's), and this test is skipped without it.
+"""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from factories import make_zoo
+from mergeflow.merge import merge_to_dir, recipe_from_dict
+
+PEER_VENV = Path(os.environ.get("MERGEFLOW_PEER_VENV",
+                                Path.home() / ".cache" / "mergeflow" / "bench" / "mergekit-0.1.5"))
+MERGEKIT = PEER_VENV / "bin" / "mergekit-yaml"
+pytestmark = pytest.mark.skipif(not MERGEKIT.is_file(), reason=f"no mergekit at {MERGEKIT}")
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    paths = make_zoo(root, num_layers=2)
+    from factories import make_model
+    paths["code"] = str(make_model(root / "code", 3, 2, base=Path(paths["base"])))
+    return paths
+
+
+def recipe(zoo, method):
+    if method == "slerp":
+        return {"merge_method": method, "base_model": zoo["base"], "parameters": {"t": 0.3},
+                "models": [{"model": zoo["base"]}, {"model": zoo["math"]}]}
+    models = [{"model": zoo[name], "parameters": {"weight": weight, "density": 0.5}}
+              for name, weight in (("math", 0.5), ("lang", 0.3), ("code", 0.2))]
+    if method in ("linear", "task_arithmetic", "model_stock"):
+        for model in models:
+            model["parameters"].pop("density")
+            if method == "model_stock":
+                model.pop("parameters")
+    data = {"merge_method": method, "models": models}
+    if method != "linear":
+        data["base_model"] = zoo["base"]
+    return data
+
+
+def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    result = {}
+    for file in model_dir.glob("*.safetensors"):
+        result.update(load_file(file))
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "breadcrumbs",
+                                    "breadcrumbs_ties", "slerp", "model_stock"])
+def test_matches_mergekit(zoo, tmp_path, method):
+    data = recipe(zoo, method)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    subprocess.run([str(MERGEKIT), str(tmp_path / "recipe.yaml"), str(tmp_path / "mergekit"),
+                    "--no-cuda", "--quiet"], check=True, capture_output=True,
+                   env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    ours = tensors(merge_to_dir(recipe_from_dict(data), tmp_path / "mergeflow"))
+    theirs = tensors(tmp_path / "mergekit")
+    assert set(ours) == set(theirs)
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=1e-5, msg=name)
