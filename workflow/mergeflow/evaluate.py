@@ -29,11 +29,9 @@ from mergeflow.data import extract_number
 from mergeflow.dtypes import torch_dtype
 from mergeflow.errors import MergeflowError
 from mergeflow.progress import Progress
+from mergeflow.scorers import SCORERS, get_scorer  # noqa: F401 (SCORERS: the registry's home for callers)
 
 log = logging.getLogger(__name__)
-
-SCORERS = ("mc_loglik", "exact_match")
-
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -43,9 +41,9 @@ class EvalSettings:
     batch_size: int
     device: str
     dtype: str
-    max_length: int
+    max_length: int | str  # "model": the model's own context length
     max_new_tokens: int
-    add_bos: bool
+    add_bos: bool | str  # "auto": as the tokenizer adds it
 
     @classmethod
     def from_config(cls, cfg: dict | None = None) -> "EvalSettings":
@@ -108,13 +106,63 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     return [ids[t] for t in texts]
 
 
-def _context_ids(tokenizer, prompt: str, settings: EvalSettings) -> list[int]:
-    return _contexts(tokenizer, [prompt], settings)[0]
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself puts BOS in front of a text it encodes with special tokens."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("0", add_special_tokens=True)["input_ids"]
+    return len(ids) > len(_encode(tokenizer, "0")) and ids[0] == tokenizer.bos_token_id
 
 
-def _contexts(tokenizer, prompts: list[str], settings: EvalSettings) -> list[list[int]]:
-    bos = [tokenizer.bos_token_id] if settings.add_bos and tokenizer.bos_token_id is not None else []
-    return [bos + ids for ids in _encode_many(tokenizer, prompts)]
+def _prefix(tokenizer, settings: EvalSettings) -> list[int]:
+    """The tokens put before every context: BOS when ``add_bos`` says so (``auto``: as the
+    tokenizer does when it encodes with special tokens)."""
+    add = tokenizer_adds_bos(tokenizer) if settings.add_bos == "auto" else settings.add_bos
+    return [tokenizer.bos_token_id] if add and tokenizer.bos_token_id is not None else []
+
+
+def context_length(model, settings: EvalSettings) -> int:
+    """The longest sequence the evaluator feeds ``model``: ``max_length``, or with ``model`` the
+    model's own context length (its config's ``max_position_embeddings`` or a synonym)."""
+    config = model.config
+    own = next((getattr(config, key) for key in CONTEXT_KEYS if isinstance(getattr(config, key, None), int)), None)
+    if settings.max_length == "model":
+        if own is None:
+            raise MergeflowError(
+                f"evaluation.max_length is 'model' but the model's config has none of {list(CONTEXT_KEYS)}; "
+                "set evaluation.max_length to its context length")
+        return own
+    if own is not None and settings.max_length > own:
+        log.warning("evaluation.max_length %d is longer than the model's context length %d (%s)",
+                    settings.max_length, own, type(config).__name__)
+    return settings.max_length
+
+
+# Config keys that hold a model's context length, in the order they are looked up.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+# Config keys of models whose logits are not just the output embedding of the last hidden state
+# (soft-capping, scaling): those are scored from the model's own full logits.
+LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def split_boundary(context: str, continuation: str) -> tuple[str, str]:
+    """Whitespace at the end of a context belongs to the continuation (as lm-evaluation-harness
+    has it), so a template ending in a space with an empty delimiter scores `` 7``, not a doubled space."""
+    n = len(context) - len(context.rstrip())
+    return (context[:-n], context[-n:] + continuation) if n else (context, continuation)
+
+
+def encode_requests(tokenizer, pairs: list[tuple[str, str]], settings: EvalSettings) -> list[tuple[list[int], list[int]]]:
+    """Token ids of (context, continuation) text pairs: the context with the BOS prefix, and the
+    continuation as the tokens the joint text has past the context's own (the tokenizer sees the
+    answer in its context, as when the model reads it)."""
+    prefix = _prefix(tokenizer, settings)
+    pairs = [split_boundary(c, x) for c, x in pairs]
+    contexts = _encode_many(tokenizer, [c for c, _ in pairs])
+    wholes = _encode_many(tokenizer, [c + x for c, x in pairs])
+    # An empty context with no BOS still needs a token to predict the continuation's first from.
+    empty = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+    return [((prefix + ctx) or empty, whole[len(ctx):]) for ctx, whole in zip(contexts, wholes)]
 
 
 def _padded(seqs: list[list[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,36 +177,82 @@ def _padded(seqs: list[list[int]], pad: int, left: bool = False) -> tuple[torch.
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], settings: EvalSettings,
-                         progress: str = "") -> np.ndarray:
-    """Summed log-probability of each continuation given its context, in batches.
+def _warn_truncated(count: int, total: int, max_length: int, what: str) -> None:
+    if count:
+        log.warning("%d of %d %s are longer than the context length %d and lose their first tokens",
+                    count, total, what, max_length)
 
-    Requests are sorted by length (longest first) so a batch pads little, and only the positions
-    that predict continuation tokens go through the log-softmax, which matters for large vocabularies.
+
+def shared_passes(inputs: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The fewest sequences whose forward passes give every input's logits: an input that is a
+    prefix of another (choices sharing all but their last tokens, above all) is read off the
+    longer one's pass, since a causal model's output at a position sees only what precedes it.
+    Returns the sequences to run and, per input, the index of the one it is read from."""
+    host = [0] * len(inputs)
+    passes: list[tuple[int, ...]] = []
+    # In sorted order a sequence's extensions follow it directly, so walking backwards the
+    # current pass extends an input exactly when any pass does.
+    for i in sorted(range(len(inputs)), key=inputs.__getitem__, reverse=True):
+        seq = inputs[i]
+        if not passes or passes[-1][:len(seq)] != seq:
+            passes.append(seq)
+        host[i] = len(passes) - 1
+    return passes, host
+
+
+def _answer_logits(model, input_ids: torch.Tensor, attention: torch.Tensor, rows: torch.Tensor,
+                   cols: torch.Tensor) -> torch.Tensor:
+    """The logits at positions (``rows``, ``cols``) only: the output embedding is applied to the
+    gathered hidden states, not to every position (with a large vocabulary it dominates the cost)."""
+    head = model.get_output_embeddings()
+    if head is None or any(getattr(model.config, key, None) for key in LOGIT_TRANSFORM_KEYS):
+        return model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[rows, cols]
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
+    return head(hidden[rows, cols])
+
+
+def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], batch_size: int, max_length: int,
+                         progress: str = "") -> np.ndarray:
+    """Summed log-probability of each continuation given its context.
+
+    A request is scored from the input ``(context + continuation)[:-1]`` cut to ``max_length``
+    from the left. Inputs that are prefixes of others share one pass (:func:`shared_passes`);
+    passes are sorted by length, longest first, so a batch pads little; logits are computed at
+    continuation positions only.
     """
     device = next(model.parameters()).device
-    out = np.empty(len(requests), dtype=np.float64)
-    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
-    n_batches = math.ceil(len(order) / settings.batch_size)
-    meter = Progress(progress, n_batches, "batch") if progress else None
+    fulls = [(ctx + cont)[-(max_length + 1):] for ctx, cont in requests]
+    _warn_truncated(sum(len(c) + len(x) > max_length + 1 for c, x in requests), len(requests), max_length,
+                    "scored sequences")
+    cont_lens = [min(len(cont), len(full) - 1) for (_, cont), full in zip(requests, fulls)]
+    passes, host = shared_passes([tuple(full[:-1]) for full in fulls])
+    order = sorted(range(len(passes)), key=lambda p: -len(passes[p]))
+    batch_of, row_of = [0] * len(passes), [0] * len(passes)
+    for rank, p in enumerate(order):
+        batch_of[p], row_of[p] = divmod(rank, batch_size)
+    members: list[list[int]] = [[] for _ in range(math.ceil(len(passes) / batch_size))]
+    for i, p in enumerate(host):
+        members[batch_of[p]].append(i)
+    out = np.zeros(len(requests), dtype=np.float64)
+    meter = Progress(progress, len(members), "batch") if progress else None
     with torch.inference_mode():
-        for b in range(n_batches):
-            idx = order[b * settings.batch_size:(b + 1) * settings.batch_size]
-            fulls = [(requests[i][0] + requests[i][1])[-(settings.max_length + 1):] for i in idx]
-            cont_len = torch.tensor([len(requests[i][1]) for i in idx])
-            full_ids, mask = _padded(fulls, 0)
-            input_ids, attention = full_ids[:, :-1], mask[:, :-1]
-            # Position p of the input predicts token p + 1; a continuation of length c ending at
-            # the sequence's last token is predicted from positions len - 1 - c .. len - 2.
-            ends = torch.tensor([len(f) - 1 for f in fulls])
-            rows = torch.repeat_interleave(torch.arange(len(idx)), cont_len)
-            first = torch.repeat_interleave(torch.cumsum(cont_len, 0) - cont_len, cont_len)
-            cols = (ends - cont_len)[rows] + torch.arange(len(rows)) - first
-            targets = full_ids[rows, cols + 1]
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-            logprobs = torch.log_softmax(logits[rows.to(device), cols.to(device)].float(), dim=-1)
-            token_lp = logprobs.gather(1, targets.to(device)[:, None])[:, 0].double()
-            sums = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows.to(device), token_lp)
+        for b, idx in enumerate(members):
+            input_ids, attention = _padded([list(passes[p]) for p in order[b * batch_size:(b + 1) * batch_size]], 0)
+            # Input position j predicts token j + 1, so a continuation of length c ending at
+            # token n - 1 of its full sequence is predicted from positions n - 1 - c .. n - 2.
+            rows, cols, targets, owner = [], [], [], []
+            for k, i in enumerate(idx):
+                n, c = len(fulls[i]), cont_lens[i]
+                rows += [row_of[host[i]]] * c
+                cols += range(n - 1 - c, n - 1)
+                targets += fulls[i][n - c:]
+                owner += [k] * c
+            rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+            logits = _answer_logits(model, input_ids.to(device), attention.to(device), rows_t, cols_t)
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            token_lp = logprobs.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0].double()
+            sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
+            sums.index_add_(0, torch.tensor(owner, device=device), token_lp)
             out[idx] = sums.cpu().numpy()
             if meter:
                 meter.update()
@@ -176,11 +270,17 @@ def _numbers_equal(a: str | None, b: str | None) -> bool:
 
 def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings, stop: tuple[str, ...] = ("\n",),
                     progress: str = "") -> list[str]:
-    """Greedy generations for ``prompts``, left-padded in batches, cut at the first stop string."""
+    """Greedy generations for ``prompts``, left-padded in batches, cut at the first stop string.
+    A context keeps its last ``context length - max_new_tokens`` tokens, so that the prompt and
+    the generation fit the model."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts: list[str] = [""] * len(prompts)
-    contexts = [c[-settings.max_length:] for c in _contexts(tokenizer, prompts, settings)]
+    keep = max(1, context_length(model, settings) - settings.max_new_tokens)
+    prefix = _prefix(tokenizer, settings)
+    full = [prefix + ids for ids in _encode_many(tokenizer, prompts)]
+    _warn_truncated(sum(len(c) > keep for c in full), len(full), keep, "prompts to generate from")
+    contexts = [c[-keep:] for c in full]
     order = sorted(range(len(prompts)), key=lambda i: -len(contexts[i]))
     n_batches = math.ceil(len(order) / settings.batch_size)
     meter = Progress(f"{progress} (generation)", n_batches, "batch") if progress else None
@@ -203,32 +303,39 @@ def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings
 
 def evaluate_items(model, tokenizer, items: pd.DataFrame, scorer: str, settings: EvalSettings,
                    delimiter: str = " ", progress: str = "") -> pd.DataFrame:
-    """Score every item: ``item_id``, ``correct`` (0/1), ``loglik`` of the gold continuation."""
-    if scorer not in SCORERS:
-        raise MergeflowError(f"unknown scorer {scorer!r}; use one of {list(SCORERS)}")
+    """Score every item: ``item_id``, ``correct`` (0/1), ``loglik`` of the gold continuation, and
+    for debugging ``choice_logliks`` (every choice's log-likelihood, multiple choice) or
+    ``generation`` (the greedy answer, cut at the stop string)."""
+    how = get_scorer(scorer)
     if len(items) == 0:
         raise MergeflowError("no items to evaluate")
-    contexts = _contexts(tokenizer, list(items["prompt"]), settings)
-    if scorer == "mc_loglik":
-        conts = iter(_encode_many(tokenizer, [delimiter + str(c) for choices in items["choices"] for c in choices]))
-        requests = [(ctx, next(conts)) for ctx, choices in zip(contexts, items["choices"]) for _ in choices]
-        scores = continuation_logliks(model, requests, settings, progress)
+    max_length = context_length(model, settings)
+    prompts = [str(p) for p in items["prompt"]]
+    if how.choices:
+        pairs = [(p, delimiter + str(c)) for p, choices in zip(prompts, items["choices"]) for c in choices]
+        scores = continuation_logliks(model, encode_requests(tokenizer, pairs, settings), settings.batch_size,
+                                      max_length, progress)
         correct = np.zeros(len(items), dtype=np.int8)
         loglik = np.zeros(len(items), dtype=np.float64)
+        per_choice = []
         start = 0
         for i, (choices, gold) in enumerate(zip(items["choices"], items["answer"])):
             s = scores[start:start + len(choices)]
             start += len(choices)
-            correct[i] = int(np.argmax(s) == gold)
+            ranked = s / np.array([len(str(c)) for c in choices], dtype=np.float64) if how.length_normalised else s
+            correct[i] = int(np.argmax(ranked) == gold)
             loglik[i] = s[gold]
+            per_choice.append(s.tolist())
+        extra = {"choice_logliks": per_choice}
     else:
-        targets = _encode_many(tokenizer, [delimiter + str(t) for t in items["target"]])
-        requests = list(zip(contexts, targets))
-        loglik = continuation_logliks(model, requests, settings, progress)
-        generations = generate_greedy(model, tokenizer, list(items["prompt"]), settings, progress=progress)
+        pairs = [(p, delimiter + str(t)) for p, t in zip(prompts, items["target"])]
+        loglik = continuation_logliks(model, encode_requests(tokenizer, pairs, settings), settings.batch_size,
+                                      max_length, progress)
+        generations = generate_greedy(model, tokenizer, prompts, settings, progress=progress)
         correct = np.array([_numbers_equal(extract_number(g), extract_number(str(t)))
                             for g, t in zip(generations, items["target"])], dtype=np.int8)
-    return pd.DataFrame({"item_id": items["item_id"].to_numpy(), "correct": correct, "loglik": loglik})
+        extra = {"generation": generations}
+    return pd.DataFrame({"item_id": items["item_id"].to_numpy(), "correct": correct, "loglik": loglik, **extra})
 
 
 def respond(model_spec: dict, items_path: str | Path, scorer: str, delimiter: str, evaluation: dict,
