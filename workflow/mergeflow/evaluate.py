@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -183,76 +183,129 @@ def _warn_truncated(count: int, total: int, max_length: int, what: str) -> None:
                     count, total, what, max_length)
 
 
-def shared_passes(inputs: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
-    """The fewest sequences whose forward passes give every input's logits: an input that is a
-    prefix of another (choices sharing all but their last tokens, above all) is read off the
-    longer one's pass, since a causal model's output at a position sees only what precedes it.
-    Returns the sequences to run and, per input, the index of the one it is read from."""
-    host = [0] * len(inputs)
-    passes: list[tuple[int, ...]] = []
-    # In sorted order a sequence's extensions follow it directly, so walking backwards the
-    # current pass extends an input exactly when any pass does.
-    for i in sorted(range(len(inputs)), key=inputs.__getitem__, reverse=True):
-        seq = inputs[i]
-        if not passes or passes[-1][:len(seq)] != seq:
-            passes.append(seq)
-        host[i] = len(passes) - 1
-    return passes, host
+@dataclass
+class ScoringTree:
+    """One context and every continuation scored after it, packed into one sequence: the context,
+    then one token per distinct continuation prefix (a trie), each at the position it has in its
+    own sequence and attending to the context and its own ancestors only. Choices that share
+    their first tokens (a delimiter, a digit) share those positions, and the context is run once."""
+
+    tokens: list[int]
+    parents: list[int]  # for each packed token past the context: the packed index it follows
+    positions: list[int]
+    context_len: int
+    nodes: dict = field(default_factory=dict)  # continuation prefix -> packed index
+
+    @classmethod
+    def of(cls, context: tuple[int, ...]) -> "ScoringTree":
+        return cls(list(context), [], list(range(len(context))), len(context))
+
+    def add(self, answer: list[int]) -> list[int]:
+        """Add a continuation; returns, for each of its tokens, the packed index predicting it."""
+        at = [self.context_len - 1]
+        for j in range(1, len(answer)):
+            prefix = tuple(answer[:j])
+            if prefix not in self.nodes:
+                self.nodes[prefix] = len(self.tokens)
+                self.tokens.append(answer[j - 1])
+                self.parents.append(at[-1])
+                self.positions.append(self.context_len + j - 1)
+            at.append(self.nodes[prefix])
+        return at
+
+    def mask(self) -> np.ndarray:
+        """Which packed tokens each attends to: causal over the context, ancestors past it."""
+        n = len(self.tokens)
+        allowed = np.zeros((n, n), dtype=bool)
+        allowed[:self.context_len, :self.context_len] = np.tri(self.context_len, dtype=bool)
+        for i, parent in enumerate(self.parents, start=self.context_len):
+            allowed[i] = allowed[parent]
+            allowed[i, i] = True
+        return allowed
 
 
-def _answer_logits(model, input_ids: torch.Tensor, attention: torch.Tensor, rows: torch.Tensor,
-                   cols: torch.Tensor) -> torch.Tensor:
+def pack_requests(requests: list[tuple[list[int], list[int]]], max_length: int
+                  ) -> tuple[list[ScoringTree], list[tuple[int, list[int], list[int]]]]:
+    """The scoring trees of ``requests`` and, per request, its tree, the packed indices that
+    predict its tokens and the tokens. A request reads ``(context + continuation)`` cut to
+    ``max_length + 1`` tokens from the left, so that requests truncated alike share a tree."""
+    trees: list[ScoringTree] = []
+    by_context: dict[tuple[int, ...], int] = {}
+    reads = []
+    for ctx, cont in requests:
+        full = (ctx + cont)[-(max_length + 1):]
+        c = min(len(cont), len(full) - 1)
+        context, answer = tuple(full[:len(full) - c]), full[len(full) - c:]
+        if context not in by_context:
+            by_context[context] = len(trees)
+            trees.append(ScoringTree.of(context))
+        t = by_context[context]
+        reads.append((t, trees[t].add(answer), answer))
+    return trees, reads
+
+
+def _answer_logits(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+                   rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """The logits at positions (``rows``, ``cols``) only: the output embedding is applied to the
     gathered hidden states, not to every position (with a large vocabulary it dominates the cost)."""
     head = model.get_output_embeddings()
+    inputs = {"input_ids": input_ids, "attention_mask": attention, "position_ids": positions, "use_cache": False}
     if head is None or any(getattr(model.config, key, None) for key in LOGIT_TRANSFORM_KEYS):
-        return model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[rows, cols]
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
-    return head(hidden[rows, cols])
+        return model(**inputs).logits[rows, cols]
+    return head(model.get_decoder()(**inputs).last_hidden_state[rows, cols])
 
 
 def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], batch_size: int, max_length: int,
                          progress: str = "") -> np.ndarray:
     """Summed log-probability of each continuation given its context.
 
-    A request is scored from the input ``(context + continuation)[:-1]`` cut to ``max_length``
-    from the left. Inputs that are prefixes of others share one pass (:func:`shared_passes`);
-    passes are sorted by length, longest first, so a batch pads little; logits are computed at
-    continuation positions only.
+    Requests with the same context are scored from one packed sequence (:class:`ScoringTree`);
+    the sequences are sorted by length, longest first, so that a batch pads little; logits are
+    computed once for each position that predicts a continuation token, and nowhere else.
     """
     device = next(model.parameters()).device
-    fulls = [(ctx + cont)[-(max_length + 1):] for ctx, cont in requests]
+    dtype = next(model.parameters()).dtype
     _warn_truncated(sum(len(c) + len(x) > max_length + 1 for c, x in requests), len(requests), max_length,
                     "scored sequences")
-    cont_lens = [min(len(cont), len(full) - 1) for (_, cont), full in zip(requests, fulls)]
-    passes, host = shared_passes([tuple(full[:-1]) for full in fulls])
-    order = sorted(range(len(passes)), key=lambda p: -len(passes[p]))
-    batch_of, row_of = [0] * len(passes), [0] * len(passes)
-    for rank, p in enumerate(order):
-        batch_of[p], row_of[p] = divmod(rank, batch_size)
-    members: list[list[int]] = [[] for _ in range(math.ceil(len(passes) / batch_size))]
-    for i, p in enumerate(host):
-        members[batch_of[p]].append(i)
+    trees, reads = pack_requests(requests, max_length)
+    order = sorted(range(len(trees)), key=lambda t: -len(trees[t].tokens))
+    batch_of = [0] * len(trees)
+    for rank, t in enumerate(order):
+        batch_of[t] = rank // batch_size
+    members: list[list[int]] = [[] for _ in range(math.ceil(len(trees) / batch_size))]
+    for i, (t, _, _) in enumerate(reads):
+        members[batch_of[t]].append(i)
     out = np.zeros(len(requests), dtype=np.float64)
     meter = Progress(progress, len(members), "batch") if progress else None
     with torch.inference_mode():
         for b, idx in enumerate(members):
-            input_ids, attention = _padded([list(passes[p]) for p in order[b * batch_size:(b + 1) * batch_size]], 0)
-            # Input position j predicts token j + 1, so a continuation of length c ending at
-            # token n - 1 of its full sequence is predicted from positions n - 1 - c .. n - 2.
-            rows, cols, targets, owner = [], [], [], []
-            for k, i in enumerate(idx):
-                n, c = len(fulls[i]), cont_lens[i]
-                rows += [row_of[host[i]]] * c
-                cols += range(n - 1 - c, n - 1)
-                targets += fulls[i][n - c:]
-                owner += [k] * c
-            rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-            logits = _answer_logits(model, input_ids.to(device), attention.to(device), rows_t, cols_t)
+            batch = order[b * batch_size:(b + 1) * batch_size]
+            width = len(trees[batch[0]].tokens)
+            ids = np.zeros((len(batch), width), dtype=np.int64)
+            positions = np.zeros((len(batch), width), dtype=np.int64)
+            allowed = np.broadcast_to(np.eye(width, dtype=bool), (len(batch), 1, width, width)).copy()
+            # Logits are needed from the context's last token on; first[t] is where tree t's rows
+            # start among the gathered ones.
+            rows, cols, first = [], [], {}
+            for r, t in enumerate(batch):
+                tree, n = trees[t], len(trees[t].tokens)
+                ids[r, :n], positions[r, :n] = tree.tokens, tree.positions
+                allowed[r, 0, :n, :n] = tree.mask()
+                first[t] = len(rows) - (tree.context_len - 1)
+                rows += [r] * (n - tree.context_len + 1)
+                cols += range(tree.context_len - 1, n)
+            attention = torch.zeros(allowed.shape, dtype=dtype)
+            attention.masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
+            logits = _answer_logits(model, torch.from_numpy(ids).to(device), attention.to(device),
+                                    torch.from_numpy(positions).to(device), torch.tensor(rows, device=device),
+                                    torch.tensor(cols, device=device))
             logprobs = torch.log_softmax(logits.float(), dim=-1)
-            token_lp = logprobs.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0].double()
+            at = [first[reads[i][0]] + j for i in idx for j in reads[i][1][:len(reads[i][2])]]
+            targets = [tok for i in idx for tok in reads[i][2]]
+            owner = [k for k, i in enumerate(idx) for _ in reads[i][2]]
+            token_lp = logprobs[torch.tensor(at, device=device), torch.tensor(targets, device=device)].double()
             sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
-            sums.index_add_(0, torch.tensor(owner, device=device), token_lp)
+            sums.index_add_(0, torch.tensor(owner, device=device, dtype=torch.long), token_lp)
             out[idx] = sums.cpu().numpy()
             if meter:
                 meter.update()
