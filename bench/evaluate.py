@@ -196,16 +196,18 @@ def vocab32k_model(zoo_model: Path, out: Path) -> Path:
     return out
 
 
-def run_side(python: Path, side: str, model: Path, splits: dict[str, str], args, agreement: bool) -> dict:
+def run_side(python: Path, side: str, model: Path, splits: dict[str, str], batch_size: int, max_new_tokens: int,
+             agreement: bool) -> dict:
+    """One side's report from a process of its own (this script with ``--side``), single-threaded."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         env = {**os.environ, **SINGLE_THREAD, "PYTHONPATH": os.pathsep.join(
             [str(REPO / "workflow"), os.environ.get("PYTHONPATH", "")])}
         cmd = [python, __file__, "--side", side, "--model", model, "--splits", json.dumps(splits),
-               "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens), "--out", out.name]
+               "--batch-size", str(batch_size), "--max-new-tokens", str(max_new_tokens), "--out", out.name]
         done = subprocess.run([str(c) for c in cmd + (["--agreement"] if agreement else [])], env=env,
                               capture_output=True, text=True)
         if done.returncode:
-            sys.exit(f"{side} on {model} failed:\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"{side} on {model} failed:\n{done.stderr[-3000:]}")
         return json.loads(Path(out.name).read_text())
 
 
@@ -281,8 +283,8 @@ def main() -> None:
         for name, model in models.items():
             runs: dict[str, list[dict]] = {"mergeflow": [], "lm-eval": []}
             for r in range(args.repeats):  # the sides alternate, so that a change of load hits both
-                runs["mergeflow"].append(run_side(Path(sys.executable), "mergeflow", model, splits, args, r == 0))
-                runs["lm-eval"].append(run_side(peer, "lm-eval", model, splits, args, r == 0))
+                for side, python in (("mergeflow", Path(sys.executable)), ("lm-eval", peer)):
+                    runs[side].append(run_side(python, side, model, splits, args.batch_size, args.max_new_tokens, r == 0))
             results[name] = {side: best(reports) for side, reports in runs.items()}
     load_after = os.getloadavg()
 
