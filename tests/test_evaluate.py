@@ -182,3 +182,18 @@ def test_packed_scoring_matches_one_pass_per_request(tiny_zoo, batch_size):
         n = len(full)
         expected = sum(logp[n - 1 - len(cont) + j, t].item() for j, t in enumerate(cont))
         assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_sliding_window_model_is_scored_one_sequence_per_request(tiny_zoo):
+    """A window shorter than the sequences: the packed mask would ignore it, so each request is
+    scored as a plain sequence under the model's own mask."""
+    from mergeflow.evaluate import continuation_logliks, shares_contexts
+
+    model, tok = load_causal_lm(tiny_zoo / "math", EvalSettings.from_config())
+    ctx = [tok.bos_token_id] + tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    requests = [(ctx, tok(" " + c, add_special_tokens=False)["input_ids"]) for c in CHOICES[0]]
+    packed = continuation_logliks(model, requests, 3, 64)
+    model.config.sliding_window = 8
+    assert shares_contexts(model, 64) is False and shares_contexts(model, 8) is True
+    plain = continuation_logliks(model, requests, 3, 64)
+    assert plain == pytest.approx(packed, abs=1e-4)  # Llama applies no window: same scores either way

@@ -1,16 +1,24 @@
 """The evaluator: batched scoring of any Hugging Face causal LM on a task's items.
 
-Two scorers:
+Scorers (the registry is :mod:`mergeflow.scorers`):
 
 - ``mc_loglik``: multiple choice by log-likelihood. Each choice is scored as the summed
   log-probability of its tokens after the prompt; the item is correct when the gold choice has
   the highest score (lm-evaluation-harness's ``acc``).
+- ``mc_loglik_norm``: the same, choices ranked by log-likelihood per character (its ``acc_norm``).
 - ``exact_match``: greedy generation, then the number in the answer is extracted (GSM8K style:
   the text after ``####`` if present, else the last number) and compared with the target.
 
-Both also record ``loglik``, the log-likelihood of the gold continuation, which the IRT stage can
-use as a graded response. Items arrive as a frame with ``item_id``, ``prompt``, ``choices``,
-``answer`` (gold index, -1 for generative) and ``target`` (gold text), as the data stage writes.
+All record ``loglik``, the log-likelihood of the gold continuation, which the IRT stage can use
+as a graded response, and for debugging ``choice_logliks`` (multiple choice) or ``generation``.
+Items arrive as a frame with ``item_id``, ``prompt``, ``choices``, ``answer`` (gold index, -1 for
+generative) and ``target`` (gold text), as the data stage writes.
+
+Tokenization follows lm-evaluation-harness (BOS as the tokenizer adds it, whitespace ending the
+prompt moved into the answer, the answer's tokens taken from the joint encoding), so the two
+agree item by item (``bench/evaluate.py``). Scoring runs each context once with all its
+continuations packed after it (:class:`ScoringTree`) and computes logits only where a
+continuation token is predicted.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from mergeflow.progress import Progress
 from mergeflow.scorers import SCORERS, get_scorer  # noqa: F401 (SCORERS: the registry's home for callers)
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -224,27 +233,38 @@ class ScoringTree:
         return allowed
 
 
-def pack_requests(requests: list[tuple[list[int], list[int]]], max_length: int
+def shares_contexts(model, max_length: int) -> bool:
+    """Whether ``model`` can score packed trees exactly: not with an attention that takes no
+    arbitrary mask (flash attention), nor with a sliding window shorter than the sequences
+    (the packed mask replaces the model's own, window included)."""
+    window = getattr(model.config, "sliding_window", None)
+    return ("flash" not in (getattr(model.config, "_attn_implementation", None) or "")
+            and not (isinstance(window, int) and window < max_length))
+
+
+def pack_requests(requests: list[tuple[list[int], list[int]]], max_length: int, share: bool = True
                   ) -> tuple[list[ScoringTree], list[tuple[int, list[int], list[int]]]]:
     """The scoring trees of ``requests`` and, per request, its tree, the packed indices that
     predict its tokens and the tokens. A request reads ``(context + continuation)`` cut to
-    ``max_length + 1`` tokens from the left, so that requests truncated alike share a tree."""
+    ``max_length + 1`` tokens from the left, so that requests truncated alike share a tree;
+    without ``share`` each request has a tree of its own (a plain sequence)."""
     trees: list[ScoringTree] = []
-    by_context: dict[tuple[int, ...], int] = {}
+    by_context: dict = {}
     reads = []
-    for ctx, cont in requests:
+    for i, (ctx, cont) in enumerate(requests):
         full = (ctx + cont)[-(max_length + 1):]
         c = min(len(cont), len(full) - 1)
         context, answer = tuple(full[:len(full) - c]), full[len(full) - c:]
-        if context not in by_context:
-            by_context[context] = len(trees)
+        key = context if share else i
+        if key not in by_context:
+            by_context[key] = len(trees)
             trees.append(ScoringTree.of(context))
-        t = by_context[context]
+        t = by_context[key]
         reads.append((t, trees[t].add(answer), answer))
     return trees, reads
 
 
-def _answer_logits(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+def _answer_logits(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor | None,
                    rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """The logits at positions (``rows``, ``cols``) only: the output embedding is applied to the
     gathered hidden states, not to every position (with a large vocabulary it dominates the cost)."""
@@ -267,7 +287,8 @@ def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], bat
     dtype = next(model.parameters()).dtype
     _warn_truncated(sum(len(c) + len(x) > max_length + 1 for c, x in requests), len(requests), max_length,
                     "scored sequences")
-    trees, reads = pack_requests(requests, max_length)
+    share = shares_contexts(model, max_length)
+    trees, reads = pack_requests(requests, max_length, share)
     order = sorted(range(len(trees)), key=lambda t: -len(trees[t].tokens))
     batch_of = [0] * len(trees)
     for rank, t in enumerate(order):
@@ -294,11 +315,15 @@ def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], bat
                 first[t] = len(rows) - (tree.context_len - 1)
                 rows += [r] * (n - tree.context_len + 1)
                 cols += range(tree.context_len - 1, n)
-            attention = torch.zeros(allowed.shape, dtype=dtype)
-            attention.masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
-            logits = _answer_logits(model, torch.from_numpy(ids).to(device), attention.to(device),
-                                    torch.from_numpy(positions).to(device), torch.tensor(rows, device=device),
-                                    torch.tensor(cols, device=device))
+            if share:  # an additive mask: eager attention adds it, SDPA takes it as it is
+                attention = torch.zeros(allowed.shape, dtype=dtype)
+                attention.masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
+                pos = torch.from_numpy(positions).to(device)
+            else:  # plain right-padded sequences: the model builds its own causal (and window) mask
+                lengths = torch.tensor([len(trees[t].tokens) for t in batch])
+                attention, pos = (torch.arange(width)[None, :] < lengths[:, None]).long(), None
+            logits = _answer_logits(model, torch.from_numpy(ids).to(device), attention.to(device), pos,
+                                    torch.tensor(rows, device=device), torch.tensor(cols, device=device))
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             at = [first[reads[i][0]] + j for i in idx for j in reads[i][1][:len(reads[i][2])]]
             targets = [tok for i in idx for tok in reads[i][2]]
