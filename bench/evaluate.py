@@ -9,7 +9,7 @@ Each side runs as its own process, ``--repeats`` times; the best time of each ki
 - end to end: from the split on disk to per-item results (mergeflow: ``read_split`` and
   ``evaluate_items``; lm-eval: ``simple_evaluate`` on a task over the same parquet file);
 - scoring call: from (prompt, answer) strings to log-likelihoods or generations (mergeflow:
-  ``encode_requests``, ``continuation_logliks`` and ``generate_greedy``; lm-eval: its model's
+  ``encode_requests`` and ``score_requests`` (which also generates); lm-eval: its model's
   ``loglikelihood`` and ``generate_until``).
 
 It prints items/s and the ratios mergeflow / lm-eval (targets: >= 3 end to end, >= 2 scoring
@@ -84,7 +84,7 @@ def run_mergeflow(model_dir: str, splits: dict[str, str], batch_size: int, max_n
     model, tokenizer = evaluate.load_causal_lm(model_dir, settings)
     report: dict = {"load_s": time.perf_counter() - t0, "tasks": {}}
     watch = Stopwatch()
-    for name in ("encode_requests", "continuation_logliks", "generate_greedy"):
+    for name in ("encode_requests", "_generation_contexts", "continuation_logliks", "score_requests", "generate_greedy"):
         setattr(evaluate, name, watch.wrap(getattr(evaluate, name)))
     for task, path in splits.items():
         watch.seconds = 0.0

@@ -138,7 +138,8 @@ def test_bos_follows_the_tokenizer_unless_set(tiny_zoo):
     bare.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
     assert tokenizer_adds_bos(tok) and not tokenizer_adds_bos(bare)
     pair = [(PROMPTS[0], " 7")]
-    for tokenizer, setting, bos in [(tok, "auto", True), (bare, "auto", False), (tok, False, False), (bare, True, True)]:
+    cases = [(tok, "auto", True), (bare, "auto", False), (tok, False, False), (bare, True, True)]
+    for tokenizer, setting, bos in cases:
         (ctx, cont), = encode_requests(tokenizer, pair, EvalSettings.from_config({"add_bos": setting}))
         assert (ctx[0] == tok.bos_token_id) == bos
         assert ctx[int(bos):] == tok(PROMPTS[0], add_special_tokens=False)["input_ids"]

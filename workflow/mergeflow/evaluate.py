@@ -23,6 +23,7 @@ continuation token is predicted.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -161,7 +162,8 @@ def split_boundary(context: str, continuation: str) -> tuple[str, str]:
     return (context[:-n], context[-n:] + continuation) if n else (context, continuation)
 
 
-def encode_requests(tokenizer, pairs: list[tuple[str, str]], settings: EvalSettings) -> list[tuple[list[int], list[int]]]:
+def encode_requests(tokenizer, pairs: list[tuple[str, str]],
+                    settings: EvalSettings) -> list[tuple[list[int], list[int]]]:
     """Token ids of (context, continuation) text pairs: the context with the BOS prefix, and the
     continuation as the tokens the joint text has past the context's own (the tokenizer sees the
     answer in its context, as when the model reads it)."""
@@ -264,30 +266,56 @@ def pack_requests(requests: list[tuple[list[int], list[int]]], max_length: int, 
     return trees, reads
 
 
-def _answer_logits(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor | None,
-                   rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """The logits at positions (``rows``, ``cols``) only: the output embedding is applied to the
-    gathered hidden states, not to every position (with a large vocabulary it dominates the cost)."""
+def _forward(model, inputs: dict, rows: torch.Tensor, cols: torch.Tensor):
+    """The logits at positions (``rows``, ``cols``) only, and the model's cache (None unless
+    ``inputs`` ask for one): the output embedding is applied to the gathered hidden states, not
+    to every position (with a large vocabulary it dominates the cost)."""
     head = model.get_output_embeddings()
-    inputs = {"input_ids": input_ids, "attention_mask": attention, "position_ids": positions, "use_cache": False}
     if head is None or any(getattr(model.config, key, None) for key in LOGIT_TRANSFORM_KEYS):
-        return model(**inputs).logits[rows, cols]
-    return head(model.get_decoder()(**inputs).last_hidden_state[rows, cols])
+        out = model(**inputs)
+        logits = out.logits[rows, cols]
+    else:
+        out = model.get_decoder()(**inputs)
+        logits = head(out.last_hidden_state[rows, cols])
+    return logits, (out.get("cache") if "cache" in out else out.get("past_key_values"))
+
+
+def _cache_keyword(model) -> str:
+    """The name the model's forward takes its key/value cache by (``cache`` from transformers 5)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _additive(allowed: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask to add to the scores (eager attention adds it, SDPA takes it as it is)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    return mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
 
 
 def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], batch_size: int, max_length: int,
                          progress: str = "") -> np.ndarray:
-    """Summed log-probability of each continuation given its context.
+    """Summed log-probability of each continuation given its context (:func:`score_requests`)."""
+    return score_requests(model, requests, batch_size, max_length, progress)[0]
+
+
+def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_size: int, max_length: int,
+                   progress: str = "", max_new_tokens: int = 0, stop_ids: frozenset[int] = frozenset()
+                   ) -> tuple[np.ndarray, list[list[int]]]:
+    """Summed log-probability of each continuation given its context and, with
+    ``max_new_tokens``, the greedy continuation of each request's scoring tree (up to a stop id,
+    which is left out), decoded from the tree's own pass and key/value cache.
 
     Requests with the same context are scored from one packed sequence (:class:`ScoringTree`);
     the sequences are sorted by length, longest first, so that a batch pads little; logits are
     computed once for each position that predicts a continuation token, and nowhere else.
+    Generation needs the packed mask (:func:`shares_contexts`).
     """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     _warn_truncated(sum(len(c) + len(x) > max_length + 1 for c, x in requests), len(requests), max_length,
                     "scored sequences")
     share = shares_contexts(model, max_length)
+    if max_new_tokens and not share:
+        raise MergeflowError("greedy generation from scoring trees needs a model that takes a packed mask")
     trees, reads = pack_requests(requests, max_length, share)
     order = sorted(range(len(trees)), key=lambda t: -len(trees[t].tokens))
     batch_of = [0] * len(trees)
@@ -297,6 +325,8 @@ def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], bat
     for i, (t, _, _) in enumerate(reads):
         members[batch_of[t]].append(i)
     out = np.zeros(len(requests), dtype=np.float64)
+    generated: list[list[int]] = [[] for _ in trees]
+    cache_keyword = _cache_keyword(model)
     meter = Progress(progress, len(members), "batch") if progress else None
     with torch.inference_mode():
         for b, idx in enumerate(members):
@@ -315,15 +345,14 @@ def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], bat
                 first[t] = len(rows) - (tree.context_len - 1)
                 rows += [r] * (n - tree.context_len + 1)
                 cols += range(tree.context_len - 1, n)
-            if share:  # an additive mask: eager attention adds it, SDPA takes it as it is
-                attention = torch.zeros(allowed.shape, dtype=dtype)
-                attention.masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
-                pos = torch.from_numpy(positions).to(device)
+            inputs = {"input_ids": torch.from_numpy(ids).to(device), "use_cache": bool(max_new_tokens)}
+            if share:
+                inputs |= {"attention_mask": _additive(allowed, dtype).to(device),
+                           "position_ids": torch.from_numpy(positions).to(device)}
             else:  # plain right-padded sequences: the model builds its own causal (and window) mask
                 lengths = torch.tensor([len(trees[t].tokens) for t in batch])
-                attention, pos = (torch.arange(width)[None, :] < lengths[:, None]).long(), None
-            logits = _answer_logits(model, torch.from_numpy(ids).to(device), attention.to(device), pos,
-                                    torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+                inputs["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long().to(device)
+            logits, cache = _forward(model, inputs, torch.tensor(rows, device=device), torch.tensor(cols, device=device))
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             at = [first[reads[i][0]] + j for i in idx for j in reads[i][1][:len(reads[i][2])]]
             targets = [tok for i in idx for tok in reads[i][2]]
@@ -332,9 +361,41 @@ def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], bat
             sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
             sums.index_add_(0, torch.tensor(owner, device=device, dtype=torch.long), token_lp)
             out[idx] = sums.cpu().numpy()
+            if max_new_tokens:
+                ends = [first[t] + trees[t].context_len - 1 for t in batch]
+                _decode_greedy(model, [trees[t] for t in batch], logits[ends].float().argmax(-1), cache,
+                               cache_keyword, width, max_new_tokens, stop_ids, [generated[t] for t in batch])
             if meter:
                 meter.update()
-    return out
+    return out, [generated[t] for t, _, _ in reads]
+
+
+def _decode_greedy(model, trees: list[ScoringTree], first: torch.Tensor, cache, cache_keyword: str, width: int,
+                   max_new_tokens: int, stop_ids: frozenset[int], into: list[list[int]]) -> None:
+    """Greedy decoding of a batch of trees after their packed pass: ``first`` are the tokens the
+    contexts' last positions predict, ``cache`` holds the pass's keys and values. A new token
+    sits at the position after its context and attends to the context and the tokens generated
+    before it, never to the continuations packed after the context; ``into`` (one list per tree)
+    receives the tokens up to the first stop id."""
+    device, dtype = first.device, next(model.parameters()).dtype
+    seen = np.zeros((len(trees), width), dtype=bool)
+    for r, tree in enumerate(trees):
+        seen[r, :tree.context_len] = True
+    start = torch.tensor([tree.context_len for tree in trees], device=device)
+    token, done = first, [False] * len(trees)
+    for step in range(max_new_tokens):
+        for r, tok in enumerate(token.tolist()):
+            done[r] = done[r] or tok in stop_ids
+            if not done[r]:
+                into[r].append(tok)
+        if all(done) or step == max_new_tokens - 1:
+            return
+        seen = np.concatenate([seen, np.ones((len(trees), 1), dtype=bool)], axis=1)
+        inputs = {"input_ids": token[:, None], "position_ids": (start + step)[:, None], cache_keyword: cache,
+                  "attention_mask": _additive(seen[:, None, None, :], dtype).to(device), "use_cache": True}
+        logits, cache = _forward(model, inputs, torch.arange(len(trees), device=device),
+                                 torch.zeros(len(trees), dtype=torch.long, device=device))
+        token = logits.float().argmax(-1)
 
 
 def _numbers_equal(a: str | None, b: str | None) -> bool:
@@ -346,19 +407,38 @@ def _numbers_equal(a: str | None, b: str | None) -> bool:
         return a == b
 
 
-def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings, stop: tuple[str, ...] = ("\n",),
-                    progress: str = "") -> list[str]:
-    """Greedy generations for ``prompts``, left-padded in batches, cut at the first stop string.
-    A context keeps its last ``context length - max_new_tokens`` tokens, so that the prompt and
-    the generation fit the model."""
+STOP = ("\n",)  # a generation ends at the first of these
+
+
+def _cut(text: str, stop: tuple[str, ...] = STOP) -> str:
+    for s in stop:
+        text = text.split(s)[0]
+    return text
+
+
+def _stop_ids(model, tokenizer) -> frozenset[int]:
+    """The tokens that end a generation: the model's generation config's EOS, as ``generate`` has it."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return frozenset([eos] if isinstance(eos, int) else eos or [])
+
+
+def _generation_contexts(tokenizer, prompts: list[str], settings: EvalSettings, max_length: int) -> list[list[int]]:
+    """The prompts' tokens a generation starts from: the last ``context length - max_new_tokens``,
+    so that the prompt and the generation fit the model."""
+    keep = max(1, max_length - settings.max_new_tokens)
+    full = [_prefix(tokenizer, settings) + ids for ids in _encode_many(tokenizer, prompts)]
+    _warn_truncated(sum(len(c) > keep for c in full), len(full), keep, "prompts to generate from")
+    return [c[-keep:] for c in full]
+
+
+def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings, progress: str = "") -> list[str]:
+    """Greedy generations for ``prompts`` with ``generate``, left-padded in batches, cut at the
+    first stop string: for models that take no packed mask (see :func:`score_requests`)."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts: list[str] = [""] * len(prompts)
-    keep = max(1, context_length(model, settings) - settings.max_new_tokens)
-    prefix = _prefix(tokenizer, settings)
-    full = [prefix + ids for ids in _encode_many(tokenizer, prompts)]
-    _warn_truncated(sum(len(c) > keep for c in full), len(full), keep, "prompts to generate from")
-    contexts = [c[-keep:] for c in full]
+    contexts = _generation_contexts(tokenizer, prompts, settings, context_length(model, settings))
     order = sorted(range(len(prompts)), key=lambda i: -len(contexts[i]))
     n_batches = math.ceil(len(order) / settings.batch_size)
     meter = Progress(f"{progress} (generation)", n_batches, "batch") if progress else None
@@ -370,10 +450,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  max_new_tokens=settings.max_new_tokens, do_sample=False, pad_token_id=pad_id)
             for r, i in enumerate(idx):
-                text = tokenizer.decode(gen[r, width:], skip_special_tokens=True)
-                for s in stop:
-                    text = text.split(s)[0]
-                texts[i] = text
+                texts[i] = _cut(tokenizer.decode(gen[r, width:], skip_special_tokens=True))
             if meter:
                 meter.update()
     return texts
@@ -407,9 +484,18 @@ def evaluate_items(model, tokenizer, items: pd.DataFrame, scorer: str, settings:
         extra = {"choice_logliks": per_choice}
     else:
         pairs = [(p, delimiter + str(t)) for p, t in zip(prompts, items["target"])]
-        loglik = continuation_logliks(model, encode_requests(tokenizer, pairs, settings), settings.batch_size,
-                                      max_length, progress)
-        generations = generate_greedy(model, tokenizer, prompts, settings, progress=progress)
+        gold = encode_requests(tokenizer, pairs, settings)
+        if shares_contexts(model, max_length):
+            # One pass per prompt scores the gold answer and starts the generation (their
+            # contexts coincide unless the prompt ends in whitespace or is cut).
+            contexts = _generation_contexts(tokenizer, prompts, settings, max_length)
+            loglik, tokens = score_requests(model, gold + [(c, []) for c in contexts], settings.batch_size,
+                                            max_length, progress, settings.max_new_tokens, _stop_ids(model, tokenizer))
+            loglik = loglik[:len(gold)]
+            generations = [_cut(tokenizer.decode(t, skip_special_tokens=True)) for t in tokens[len(gold):]]
+        else:
+            loglik = continuation_logliks(model, gold, settings.batch_size, max_length, progress)
+            generations = generate_greedy(model, tokenizer, prompts, settings, progress=progress)
         correct = np.array([_numbers_equal(extract_number(g), extract_number(str(t)))
                             for g, t in zip(generations, items["target"])], dtype=np.int8)
         extra = {"generation": generations}
