@@ -84,7 +84,8 @@ def run_mergeflow(model_dir: str, splits: dict[str, str], batch_size: int, max_n
     model, tokenizer = evaluate.load_causal_lm(model_dir, settings)
     report: dict = {"load_s": time.perf_counter() - t0, "tasks": {}}
     watch = Stopwatch()
-    for name in ("encode_requests", "_generation_contexts", "continuation_logliks", "score_requests", "generate_greedy"):
+    timed = ("encode_requests", "_generation_contexts", "continuation_logliks", "score_requests", "generate_greedy")
+    for name in timed:
         setattr(evaluate, name, watch.wrap(getattr(evaluate, name)))
     for task, path in splits.items():
         watch.seconds = 0.0
@@ -169,7 +170,9 @@ def peer_python(venv: Path) -> Path:
     import transformers
 
     python = venv / "bin" / "python"
-    if python.exists() and subprocess.run([python, "-c", "import lm_eval.models.huggingface"], capture_output=True).returncode == 0:
+    found = python.exists() and subprocess.run([python, "-c", "import lm_eval.models.huggingface"],
+                                               capture_output=True).returncode == 0
+    if found:
         return python
     print(f"making the peer's virtualenv {venv} ({PEER}) ...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
@@ -284,7 +287,8 @@ def main() -> None:
             runs: dict[str, list[dict]] = {"mergeflow": [], "lm-eval": []}
             for r in range(args.repeats):  # the sides alternate, so that a change of load hits both
                 for side, python in (("mergeflow", Path(sys.executable)), ("lm-eval", peer)):
-                    runs[side].append(run_side(python, side, model, splits, args.batch_size, args.max_new_tokens, r == 0))
+                    runs[side].append(run_side(python, side, model, splits, args.batch_size, args.max_new_tokens,
+                                               agreement=r == 0))
             results[name] = {side: best(reports) for side, reports in runs.items()}
     load_after = os.getloadavg()
 

@@ -198,3 +198,19 @@ def test_a_sliding_window_model_is_scored_one_sequence_per_request(tiny_zoo):
     assert shares_contexts(model, 64) is False and shares_contexts(model, 8) is True
     plain = continuation_logliks(model, requests, 3, 64)
     assert plain == pytest.approx(packed, abs=1e-4)  # Llama applies no window: same scores either way
+
+
+def test_generation_from_the_scoring_pass_matches_generate(tiny_zoo):
+    """exact_match decodes from the pass that scores the gold answer; it generates what the
+    model's ``generate`` does: prompts of several lengths, one ending in a space (its gold
+    context differs), one cut to the context length, one repeated."""
+    from mergeflow.evaluate import generate_greedy
+
+    settings = EvalSettings.from_config({"batch_size": 3, "max_new_tokens": 5})
+    model, tok = load_causal_lm(tiny_zoo / "math", settings)
+    prompts = [PROMPTS[0], PROMPTS[1] + " ", " ".join([PROMPTS[0]] * 5), "bob has 20 apples . how many apples ? answer",
+               PROMPTS[0]]
+    items = pd.DataFrame({"item_id": [f"g{k}" for k in range(len(prompts))], "prompt": prompts,
+                          "choices": [[] for _ in prompts], "answer": -1, "target": ["7", "12", "7", "20", "7"]})
+    out = evaluate_items(model, tok, items, "exact_match", settings)
+    assert list(out["generation"]) == generate_greedy(model, tok, prompts, settings)

@@ -18,7 +18,8 @@ Tokenization follows lm-evaluation-harness (BOS as the tokenizer adds it, whites
 prompt moved into the answer, the answer's tokens taken from the joint encoding), so the two
 agree item by item (``bench/evaluate.py``). Scoring runs each context once with all its
 continuations packed after it (:class:`ScoringTree`) and computes logits only where a
-continuation token is predicted.
+continuation token is predicted; ``exact_match`` generates from the key/value cache of the same
+pass that scores its gold answer.
 """
 
 from __future__ import annotations
@@ -350,8 +351,8 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_siz
                 inputs |= {"attention_mask": _additive(allowed, dtype).to(device),
                            "position_ids": torch.from_numpy(positions).to(device)}
             else:  # plain right-padded sequences: the model builds its own causal (and window) mask
-                lengths = torch.tensor([len(trees[t].tokens) for t in batch])
-                inputs["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long().to(device)
+                lengths = torch.tensor([len(trees[t].tokens) for t in batch])[:, None]
+                inputs["attention_mask"] = (torch.arange(width)[None, :] < lengths).long().to(device)
             logits, cache = _forward(model, inputs, torch.tensor(rows, device=device), torch.tensor(cols, device=device))
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             at = [first[reads[i][0]] + j for i in idx for j in reads[i][1][:len(reads[i][2])]]
