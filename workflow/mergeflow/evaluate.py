@@ -428,7 +428,8 @@ def _generation_contexts(tokenizer, prompts: list[str], settings: EvalSettings, 
     """The prompts' tokens a generation starts from: the last ``context length - max_new_tokens``,
     so that the prompt and the generation fit the model."""
     keep = max(1, max_length - settings.max_new_tokens)
-    full = [_prefix(tokenizer, settings) + ids for ids in _encode_many(tokenizer, prompts)]
+    prefix = _prefix(tokenizer, settings)
+    full = [prefix + ids for ids in _encode_many(tokenizer, prompts)]
     _warn_truncated(sum(len(c) > keep for c in full), len(full), keep, "prompts to generate from")
     return [c[-keep:] for c in full]
 
