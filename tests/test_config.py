@@ -30,7 +30,7 @@ def test_the_default_validates_with_every_default_filled():
     assert config["runs"]["full"]["evolve"]["fitness"] == {"kind": "full"}
     space = config["runs"]["full"]["evolve"]["search_space"]
     assert space["kind"] == "parameter" and space["filters"] == [] and space["method_parameters"] == {}
-    assert config["evaluation"]["add_bos"] is True and config["evaluation"]["max_new_tokens"] == 6
+    assert config["evaluation"]["add_bos"] == "auto" and config["evaluation"]["max_new_tokens"] == 6
 
 
 def test_an_absent_calibration_space_takes_the_schema_default():

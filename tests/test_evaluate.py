@@ -77,5 +77,140 @@ def test_unknown_scorer_is_named(tiny_zoo):
     settings = EvalSettings.from_config()
     model, tok = load_causal_lm(tiny_zoo / "base", settings)
     items = pd.DataFrame({"item_id": ["a"], "prompt": ["x"], "choices": [["1"]], "answer": [0], "target": ["1"]})
-    with pytest.raises(MergeflowError, match="unknown scorer 'bleu'"):
+    with pytest.raises(MergeflowError, match="unknown scorer .bleu."):
         evaluate_items(model, tok, items, "bleu", settings)
+
+
+def _items(prompts, choices, answers):
+    return pd.DataFrame({"item_id": [f"i{k}" for k in range(len(prompts))], "prompt": prompts, "choices": choices,
+                         "answer": answers, "target": [c[a] for c, a in zip(choices, answers)]})
+
+
+PROMPTS = ["tom has 3 pens and gets 4 more . how many pens does tom have ? answer",
+           "ann has 12 cups . how many cups does ann have ? answer"]
+CHOICES = [["3", "7", "8", "4"], ["12", "120", "13", "1"]]
+
+
+def test_per_choice_logliks_and_generations_are_kept(tiny_zoo):
+    settings = EvalSettings.from_config({"batch_size": 2, "max_new_tokens": 4})
+    model, tok = load_causal_lm(tiny_zoo / "math", settings)
+    out = evaluate_items(model, tok, _items(PROMPTS, CHOICES, [1, 0]), "mc_loglik", settings)
+    for k, (prompt, choices) in enumerate(zip(PROMPTS, CHOICES)):
+        expected = [_manual_loglik(model, tok, prompt, " " + c) for c in choices]
+        assert out["choice_logliks"][k] == pytest.approx(expected, abs=1e-4)
+    generative = _items(PROMPTS, [["7"], ["12"]], [0, 0]).assign(choices=[[], []], answer=-1)
+    out = evaluate_items(model, tok, generative, "exact_match", settings)
+    assert list(out.columns) == ["item_id", "correct", "loglik", "generation"]
+    assert all(isinstance(g, str) for g in out["generation"])
+
+
+def test_length_normalised_scorer_ranks_by_loglik_per_character(tiny_zoo):
+    settings = EvalSettings.from_config()
+    model, tok = load_causal_lm(tiny_zoo / "math", settings)
+    items = _items(PROMPTS, CHOICES, [1, 0])
+    plain = evaluate_items(model, tok, items, "mc_loglik", settings)
+    norm = evaluate_items(model, tok, items, "mc_loglik_norm", settings)
+    for k, choices in enumerate(CHOICES):
+        per_char = [ll / len(c) for ll, c in zip(plain["choice_logliks"][k], choices)]
+        assert norm["correct"][k] == int(max(range(len(choices)), key=per_char.__getitem__) == items["answer"][k])
+    assert list(norm["loglik"]) == list(plain["loglik"])
+
+
+def test_a_prompt_ending_in_space_scores_the_answer_with_that_space(tiny_zoo):
+    """As lm-eval: "answer " + "7" is scored as "answer" + " 7", not as a doubled space."""
+    settings = EvalSettings.from_config()
+    model, tok = load_causal_lm(tiny_zoo / "math", settings)
+    spaced = evaluate_items(model, tok, _items([p + " " for p in PROMPTS], CHOICES, [1, 0]), "mc_loglik", settings,
+                            delimiter="")
+    plain = evaluate_items(model, tok, _items(PROMPTS, CHOICES, [1, 0]), "mc_loglik", settings)
+    assert list(spaced["choice_logliks"]) == list(plain["choice_logliks"])
+
+
+def test_bos_follows_the_tokenizer_unless_set(tiny_zoo):
+    import copy
+
+    from tokenizers import processors
+
+    from mergeflow.evaluate import encode_requests, tokenizer_adds_bos
+
+    _, tok = load_causal_lm(tiny_zoo / "math", EvalSettings.from_config())
+    bare = copy.deepcopy(tok)
+    bare.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    assert tokenizer_adds_bos(tok) and not tokenizer_adds_bos(bare)
+    pair = [(PROMPTS[0], " 7")]
+    cases = [(tok, "auto", True), (bare, "auto", False), (tok, False, False), (bare, True, True)]
+    for tokenizer, setting, bos in cases:
+        (ctx, cont), = encode_requests(tokenizer, pair, EvalSettings.from_config({"add_bos": setting}))
+        assert (ctx[0] == tok.bos_token_id) == bos
+        assert ctx[int(bos):] == tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
+        assert cont == tok(" 7", add_special_tokens=False)["input_ids"]
+
+
+def test_context_length_comes_from_the_model_and_truncation_warns(tiny_zoo, caplog):
+    from mergeflow.evaluate import context_length
+
+    settings = EvalSettings.from_config()
+    model, tok = load_causal_lm(tiny_zoo / "math", settings)
+    assert settings.max_length == "model" and context_length(model, settings) == model.config.max_position_embeddings
+    with caplog.at_level("WARNING", logger="mergeflow.evaluate"):
+        assert context_length(model, EvalSettings.from_config({"max_length": 1000})) == 1000
+    assert "longer than the model's context length" in caplog.text
+    caplog.clear()
+    long_prompt = " ".join([PROMPTS[0]] * 5)  # well past the 64 positions of the tiny models
+    with caplog.at_level("WARNING", logger="mergeflow.evaluate"):
+        out = evaluate_items(model, tok, _items([long_prompt, PROMPTS[1]], CHOICES, [1, 0]), "mc_loglik", settings)
+    assert "4 of 8 scored sequences are longer than the context length 64" in caplog.text
+    assert all(math.isfinite(v) for row in out["choice_logliks"] for v in row)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 7])
+def test_packed_scoring_matches_one_pass_per_request(tiny_zoo, batch_size):
+    """Shared contexts and prefixes, continuations of several lengths, and contexts cut to the
+    context length differently per continuation: each as its own unpadded pass would score it."""
+    from mergeflow.evaluate import continuation_logliks
+
+    model, tok = load_causal_lm(tiny_zoo / "math", EvalSettings.from_config())
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ctx_a, ctx_b = [tok.bos_token_id] + enc(PROMPTS[0]), [tok.bos_token_id] + enc(PROMPTS[1]) * 3
+    requests = [(ctx_a, enc(" " + c)) for c in ("3", "30", "31", "4", "3")] + \
+               [(ctx_b, enc(" " + c)) for c in ("12", "1", "120")] + [(ctx_a, enc(" 12 pens"))]
+    max_length = 40  # ctx_b is longer: its requests keep different tails of it
+    got = continuation_logliks(model, requests, batch_size, max_length)
+    for (ctx, cont), value in zip(requests, got):
+        full = (ctx + cont)[-(max_length + 1):]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([full[:-1]])).logits[0].double(), dim=-1)
+        n = len(full)
+        expected = sum(logp[n - 1 - len(cont) + j, t].item() for j, t in enumerate(cont))
+        assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_sliding_window_model_is_scored_one_sequence_per_request(tiny_zoo):
+    """A window shorter than the sequences: the packed mask would ignore it, so each request is
+    scored as a plain sequence under the model's own mask."""
+    from mergeflow.evaluate import continuation_logliks, shares_contexts
+
+    model, tok = load_causal_lm(tiny_zoo / "math", EvalSettings.from_config())
+    ctx = [tok.bos_token_id] + tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    requests = [(ctx, tok(" " + c, add_special_tokens=False)["input_ids"]) for c in CHOICES[0]]
+    packed = continuation_logliks(model, requests, 3, 64)
+    model.config.sliding_window = 8
+    assert shares_contexts(model, 64) is False and shares_contexts(model, 8) is True
+    plain = continuation_logliks(model, requests, 3, 64)
+    assert plain == pytest.approx(packed, abs=1e-4)  # Llama applies no window: same scores either way
+
+
+def test_generation_from_the_scoring_pass_matches_generate(tiny_zoo):
+    """exact_match decodes from the pass that scores the gold answer; it generates what the
+    model's ``generate`` does: prompts of several lengths, one ending in a space (its gold
+    context differs), one cut to the context length, one repeated."""
+    from mergeflow.evaluate import generate_greedy
+
+    settings = EvalSettings.from_config({"batch_size": 3, "max_new_tokens": 5})
+    model, tok = load_causal_lm(tiny_zoo / "math", settings)
+    prompts = [PROMPTS[0], PROMPTS[1] + " ", " ".join([PROMPTS[0]] * 5), "bob has 20 apples . how many apples ? answer",
+               PROMPTS[0]]
+    items = pd.DataFrame({"item_id": [f"g{k}" for k in range(len(prompts))], "prompt": prompts,
+                          "choices": [[] for _ in prompts], "answer": -1, "target": ["7", "12", "7", "20", "7"]})
+    out = evaluate_items(model, tok, items, "exact_match", settings)
+    assert list(out["generation"]) == generate_greedy(model, tok, prompts, settings)

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from mergeflow.errors import MergeflowError
+from mergeflow.scorers import get_scorer
 
 RESULTS = Path("results")
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
@@ -73,8 +74,8 @@ def check_config(config: dict) -> None:
             raise MergeflowError(f"config: model {name!r}: directory {str(path)!r} does not exist")
     written = {str(p) for p in zoo_task_files(config).values()}
     for task, tcfg in config["tasks"].items():
-        if tcfg["scorer"] == "mc_loglik" and "choices" not in tcfg:
-            raise MergeflowError(f"config: task {task!r} uses scorer mc_loglik but names no 'choices' column")
+        if get_scorer(tcfg["scorer"]).choices and "choices" not in tcfg:
+            raise MergeflowError(f"config: task {task!r} uses scorer {tcfg['scorer']} but names no 'choices' column")
         src = tcfg["source"]
         if "path" in src and src["path"] not in written and not Path(src["path"]).exists():
             raise MergeflowError(f"config: task {task!r}: source file {src['path']!r} does not exist")

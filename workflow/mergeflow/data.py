@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mergeflow.errors import DataError, MergeflowError
+from mergeflow.scorers import get_scorer
 
 SPLITS = ("search", "test")
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -138,11 +139,11 @@ def _gold_index(task: str, item_id: str, answer, choices: list[str]) -> int:
 def render_items(task: str, frame: pd.DataFrame, cfg: dict) -> pd.DataFrame:
     """Turn source rows into evaluator items (without few-shot context)."""
     template = cfg["template"]
-    scorer = cfg["scorer"]
+    multiple_choice = get_scorer(cfg["scorer"]).choices
     fields = template_fields(template, f"tasks.{task}.template")
     _require_columns(task, frame, fields, f"template {template!r}")
     _require_columns(task, frame, [cfg["answer"]], "'answer'")
-    if scorer == "mc_loglik":
+    if multiple_choice:
         _require_columns(task, frame, [cfg["choices"]], "'choices'")
     id_col = cfg.get("id_column")
     if id_col is not None:
@@ -159,7 +160,7 @@ def render_items(task: str, frame: pd.DataFrame, cfg: dict) -> pd.DataFrame:
                 what = "answer" if column == cfg["answer"] and column not in fields else "template field"
                 raise DataError(f"task {task!r}, item {item_id!r}: {what} {column!r} is null")
         prompt = template.format(**{f: rec[f] for f in fields})
-        if scorer == "mc_loglik":
+        if multiple_choice:
             choices = _choices_list(task, item_id, cfg["choices"], rec[cfg["choices"]])
             gold = _gold_index(task, item_id, rec[cfg["answer"]], choices)
             target = choices[gold]

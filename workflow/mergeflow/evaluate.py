@@ -1,24 +1,34 @@
 """The evaluator: batched scoring of any Hugging Face causal LM on a task's items.
 
-Two scorers:
+Scorers (the registry is :mod:`mergeflow.scorers`):
 
 - ``mc_loglik``: multiple choice by log-likelihood. Each choice is scored as the summed
   log-probability of its tokens after the prompt; the item is correct when the gold choice has
   the highest score (lm-evaluation-harness's ``acc``).
+- ``mc_loglik_norm``: the same, choices ranked by log-likelihood per character (its ``acc_norm``).
 - ``exact_match``: greedy generation, then the number in the answer is extracted (GSM8K style:
   the text after ``####`` if present, else the last number) and compared with the target.
 
-Both also record ``loglik``, the log-likelihood of the gold continuation, which the IRT stage can
-use as a graded response. Items arrive as a frame with ``item_id``, ``prompt``, ``choices``,
-``answer`` (gold index, -1 for generative) and ``target`` (gold text), as the data stage writes.
+All record ``loglik``, the log-likelihood of the gold continuation, which the IRT stage can use
+as a graded response, and for debugging ``choice_logliks`` (multiple choice) or ``generation``.
+Items arrive as a frame with ``item_id``, ``prompt``, ``choices``, ``answer`` (gold index, -1 for
+generative) and ``target`` (gold text), as the data stage writes.
+
+Tokenization follows lm-evaluation-harness (BOS as the tokenizer adds it, whitespace ending the
+prompt moved into the answer, the answer's tokens taken from the joint encoding), so the two
+agree item by item (``bench/evaluate.py``). Scoring runs each context once with all its
+continuations packed after it (:class:`ScoringTree`) and computes logits only where a
+continuation token is predicted; ``exact_match`` generates from the key/value cache of the same
+pass that scores its gold answer.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +39,9 @@ from mergeflow.data import extract_number
 from mergeflow.dtypes import torch_dtype
 from mergeflow.errors import MergeflowError
 from mergeflow.progress import Progress
+from mergeflow.scorers import SCORERS, get_scorer  # noqa: F401 (SCORERS: the registry's home for callers)
 
 log = logging.getLogger(__name__)
-
-SCORERS = ("mc_loglik", "exact_match")
 
 
 @dataclass(frozen=True)
@@ -43,9 +52,9 @@ class EvalSettings:
     batch_size: int
     device: str
     dtype: str
-    max_length: int
+    max_length: int | str  # "model": the model's own context length
     max_new_tokens: int
-    add_bos: bool
+    add_bos: bool | str  # "auto": as the tokenizer adds it
 
     @classmethod
     def from_config(cls, cfg: dict | None = None) -> "EvalSettings":
@@ -108,13 +117,64 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     return [ids[t] for t in texts]
 
 
-def _context_ids(tokenizer, prompt: str, settings: EvalSettings) -> list[int]:
-    return _contexts(tokenizer, [prompt], settings)[0]
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself puts BOS in front of a text it encodes with special tokens."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("0", add_special_tokens=True)["input_ids"]
+    return len(ids) > len(_encode(tokenizer, "0")) and ids[0] == tokenizer.bos_token_id
 
 
-def _contexts(tokenizer, prompts: list[str], settings: EvalSettings) -> list[list[int]]:
-    bos = [tokenizer.bos_token_id] if settings.add_bos and tokenizer.bos_token_id is not None else []
-    return [bos + ids for ids in _encode_many(tokenizer, prompts)]
+def _prefix(tokenizer, settings: EvalSettings) -> list[int]:
+    """The tokens put before every context: BOS when ``add_bos`` says so (``auto``: as the
+    tokenizer does when it encodes with special tokens)."""
+    add = tokenizer_adds_bos(tokenizer) if settings.add_bos == "auto" else settings.add_bos
+    return [tokenizer.bos_token_id] if add and tokenizer.bos_token_id is not None else []
+
+
+def context_length(model, settings: EvalSettings) -> int:
+    """The longest sequence the evaluator feeds ``model``: ``max_length``, or with ``model`` the
+    model's own context length (its config's ``max_position_embeddings`` or a synonym)."""
+    config = model.config
+    own = next((getattr(config, key) for key in CONTEXT_KEYS if isinstance(getattr(config, key, None), int)), None)
+    if settings.max_length == "model":
+        if own is None:
+            raise MergeflowError(
+                f"evaluation.max_length is 'model' but the model's config has none of {list(CONTEXT_KEYS)}; "
+                "set evaluation.max_length to its context length")
+        return own
+    if own is not None and settings.max_length > own:
+        log.warning("evaluation.max_length %d is longer than the model's context length %d (%s)",
+                    settings.max_length, own, type(config).__name__)
+    return settings.max_length
+
+
+# Config keys that hold a model's context length, in the order they are looked up.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+# Config keys of models whose logits are not just the output embedding of the last hidden state
+# (soft-capping, scaling): those are scored from the model's own full logits.
+LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def split_boundary(context: str, continuation: str) -> tuple[str, str]:
+    """Whitespace at the end of a context belongs to the continuation (as lm-evaluation-harness
+    has it), so a template ending in a space with an empty delimiter scores `` 7``, not a doubled space."""
+    n = len(context) - len(context.rstrip())
+    return (context[:-n], context[-n:] + continuation) if n else (context, continuation)
+
+
+def encode_requests(tokenizer, pairs: list[tuple[str, str]],
+                    settings: EvalSettings) -> list[tuple[list[int], list[int]]]:
+    """Token ids of (context, continuation) text pairs: the context with the BOS prefix, and the
+    continuation as the tokens the joint text has past the context's own (the tokenizer sees the
+    answer in its context, as when the model reads it)."""
+    prefix = _prefix(tokenizer, settings)
+    pairs = [split_boundary(c, x) for c, x in pairs]
+    contexts = _encode_many(tokenizer, [c for c, _ in pairs])
+    wholes = _encode_many(tokenizer, [c + x for c, x in pairs])
+    # An empty context with no BOS still needs a token to predict the continuation's first from.
+    empty = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+    return [((prefix + ctx) or empty, whole[len(ctx):]) for ctx, whole in zip(contexts, wholes)]
 
 
 def _padded(seqs: list[list[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,40 +189,214 @@ def _padded(seqs: list[list[int]], pad: int, left: bool = False) -> tuple[torch.
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], settings: EvalSettings,
-                         progress: str = "") -> np.ndarray:
-    """Summed log-probability of each continuation given its context, in batches.
+def _warn_truncated(count: int, total: int, max_length: int, what: str) -> None:
+    if count:
+        log.warning("%d of %d %s are longer than the context length %d and lose their first tokens",
+                    count, total, what, max_length)
 
-    Requests are sorted by length (longest first) so a batch pads little, and only the positions
-    that predict continuation tokens go through the log-softmax, which matters for large vocabularies.
+
+@dataclass
+class ScoringTree:
+    """One context and every continuation scored after it, packed into one sequence: the context,
+    then one token per distinct continuation prefix (a trie), each at the position it has in its
+    own sequence and attending to the context and its own ancestors only. Choices that share
+    their first tokens (a delimiter, a digit) share those positions, and the context is run once."""
+
+    tokens: list[int]
+    parents: list[int]  # for each packed token past the context: the packed index it follows
+    positions: list[int]
+    context_len: int
+    nodes: dict = field(default_factory=dict)  # continuation prefix -> packed index
+
+    @classmethod
+    def of(cls, context: tuple[int, ...]) -> "ScoringTree":
+        return cls(list(context), [], list(range(len(context))), len(context))
+
+    def add(self, answer: list[int]) -> list[int]:
+        """Add a continuation; returns, for each of its tokens, the packed index predicting it."""
+        at = [self.context_len - 1]
+        for j in range(1, len(answer)):
+            prefix = tuple(answer[:j])
+            if prefix not in self.nodes:
+                self.nodes[prefix] = len(self.tokens)
+                self.tokens.append(answer[j - 1])
+                self.parents.append(at[-1])
+                self.positions.append(self.context_len + j - 1)
+            at.append(self.nodes[prefix])
+        return at
+
+    def mask(self) -> np.ndarray:
+        """Which packed tokens each attends to: causal over the context, ancestors past it."""
+        n = len(self.tokens)
+        allowed = np.zeros((n, n), dtype=bool)
+        allowed[:self.context_len, :self.context_len] = np.tri(self.context_len, dtype=bool)
+        for i, parent in enumerate(self.parents, start=self.context_len):
+            allowed[i] = allowed[parent]
+            allowed[i, i] = True
+        return allowed
+
+
+def shares_contexts(model, max_length: int) -> bool:
+    """Whether ``model`` can score packed trees exactly: not with an attention that takes no
+    arbitrary mask (flash attention), nor with a sliding window shorter than the sequences
+    (the packed mask replaces the model's own, window included)."""
+    window = getattr(model.config, "sliding_window", None)
+    return ("flash" not in (getattr(model.config, "_attn_implementation", None) or "")
+            and not (isinstance(window, int) and window < max_length))
+
+
+def pack_requests(requests: list[tuple[list[int], list[int]]], max_length: int, share: bool = True
+                  ) -> tuple[list[ScoringTree], list[tuple[int, list[int], list[int]]]]:
+    """The scoring trees of ``requests`` and, per request, its tree, the packed indices that
+    predict its tokens and the tokens. A request reads ``(context + continuation)`` cut to
+    ``max_length + 1`` tokens from the left, so that requests truncated alike share a tree;
+    without ``share`` each request has a tree of its own (a plain sequence)."""
+    trees: list[ScoringTree] = []
+    by_context: dict = {}
+    reads = []
+    for i, (ctx, cont) in enumerate(requests):
+        full = (ctx + cont)[-(max_length + 1):]
+        c = min(len(cont), len(full) - 1)
+        context, answer = tuple(full[:len(full) - c]), full[len(full) - c:]
+        key = context if share else i
+        if key not in by_context:
+            by_context[key] = len(trees)
+            trees.append(ScoringTree.of(context))
+        t = by_context[key]
+        reads.append((t, trees[t].add(answer), answer))
+    return trees, reads
+
+
+def _forward(model, inputs: dict, rows: torch.Tensor, cols: torch.Tensor):
+    """The logits at positions (``rows``, ``cols``) only, and the model's cache (None unless
+    ``inputs`` ask for one): the output embedding is applied to the gathered hidden states, not
+    to every position (with a large vocabulary it dominates the cost)."""
+    head = model.get_output_embeddings()
+    if head is None or any(getattr(model.config, key, None) for key in LOGIT_TRANSFORM_KEYS):
+        out = model(**inputs)
+        logits = out.logits[rows, cols]
+    else:
+        out = model.get_decoder()(**inputs)
+        logits = head(out.last_hidden_state[rows, cols])
+    return logits, (out.get("cache") if "cache" in out else out.get("past_key_values"))
+
+
+def _cache_keyword(model) -> str:
+    """The name the model's forward takes its key/value cache by (``cache`` from transformers 5)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _additive(allowed: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask to add to the scores (eager attention adds it, SDPA takes it as it is)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    return mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
+
+
+def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], batch_size: int, max_length: int,
+                         progress: str = "") -> np.ndarray:
+    """Summed log-probability of each continuation given its context (:func:`score_requests`)."""
+    return score_requests(model, requests, batch_size, max_length, progress)[0]
+
+
+def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_size: int, max_length: int,
+                   progress: str = "", max_new_tokens: int = 0, stop_ids: frozenset[int] = frozenset()
+                   ) -> tuple[np.ndarray, list[list[int]]]:
+    """Summed log-probability of each continuation given its context and, with
+    ``max_new_tokens``, the greedy continuation of each request's scoring tree (up to a stop id,
+    which is left out), decoded from the tree's own pass and key/value cache.
+
+    Requests with the same context are scored from one packed sequence (:class:`ScoringTree`);
+    the sequences are sorted by length, longest first, so that a batch pads little; logits are
+    computed once for each position that predicts a continuation token, and nowhere else.
+    Generation needs the packed mask (:func:`shares_contexts`).
     """
     device = next(model.parameters()).device
-    out = np.empty(len(requests), dtype=np.float64)
-    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
-    n_batches = math.ceil(len(order) / settings.batch_size)
-    meter = Progress(progress, n_batches, "batch") if progress else None
+    dtype = next(model.parameters()).dtype
+    _warn_truncated(sum(len(c) + len(x) > max_length + 1 for c, x in requests), len(requests), max_length,
+                    "scored sequences")
+    share = shares_contexts(model, max_length)
+    if max_new_tokens and not share:
+        raise MergeflowError("greedy generation from scoring trees needs a model that takes a packed mask")
+    trees, reads = pack_requests(requests, max_length, share)
+    order = sorted(range(len(trees)), key=lambda t: -len(trees[t].tokens))
+    batch_of = [0] * len(trees)
+    for rank, t in enumerate(order):
+        batch_of[t] = rank // batch_size
+    members: list[list[int]] = [[] for _ in range(math.ceil(len(trees) / batch_size))]
+    for i, (t, _, _) in enumerate(reads):
+        members[batch_of[t]].append(i)
+    out = np.zeros(len(requests), dtype=np.float64)
+    generated: list[list[int]] = [[] for _ in trees]
+    cache_keyword = _cache_keyword(model)
+    meter = Progress(progress, len(members), "batch") if progress else None
     with torch.inference_mode():
-        for b in range(n_batches):
-            idx = order[b * settings.batch_size:(b + 1) * settings.batch_size]
-            fulls = [(requests[i][0] + requests[i][1])[-(settings.max_length + 1):] for i in idx]
-            cont_len = torch.tensor([len(requests[i][1]) for i in idx])
-            full_ids, mask = _padded(fulls, 0)
-            input_ids, attention = full_ids[:, :-1], mask[:, :-1]
-            # Position p of the input predicts token p + 1; a continuation of length c ending at
-            # the sequence's last token is predicted from positions len - 1 - c .. len - 2.
-            ends = torch.tensor([len(f) - 1 for f in fulls])
-            rows = torch.repeat_interleave(torch.arange(len(idx)), cont_len)
-            first = torch.repeat_interleave(torch.cumsum(cont_len, 0) - cont_len, cont_len)
-            cols = (ends - cont_len)[rows] + torch.arange(len(rows)) - first
-            targets = full_ids[rows, cols + 1]
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-            logprobs = torch.log_softmax(logits[rows.to(device), cols.to(device)].float(), dim=-1)
-            token_lp = logprobs.gather(1, targets.to(device)[:, None])[:, 0].double()
-            sums = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows.to(device), token_lp)
+        for b, idx in enumerate(members):
+            batch = order[b * batch_size:(b + 1) * batch_size]
+            width = len(trees[batch[0]].tokens)
+            ids = np.zeros((len(batch), width), dtype=np.int64)
+            positions = np.zeros((len(batch), width), dtype=np.int64)
+            allowed = np.broadcast_to(np.eye(width, dtype=bool), (len(batch), 1, width, width)).copy()
+            # Logits are needed from the context's last token on; first[t] is where tree t's rows
+            # start among the gathered ones.
+            rows, cols, first = [], [], {}
+            for r, t in enumerate(batch):
+                tree, n = trees[t], len(trees[t].tokens)
+                ids[r, :n], positions[r, :n] = tree.tokens, tree.positions
+                allowed[r, 0, :n, :n] = tree.mask()
+                first[t] = len(rows) - (tree.context_len - 1)
+                rows += [r] * (n - tree.context_len + 1)
+                cols += range(tree.context_len - 1, n)
+            inputs = {"input_ids": torch.from_numpy(ids).to(device), "use_cache": bool(max_new_tokens)}
+            if share:
+                inputs |= {"attention_mask": _additive(allowed, dtype).to(device),
+                           "position_ids": torch.from_numpy(positions).to(device)}
+            else:  # plain right-padded sequences: the model builds its own causal (and window) mask
+                lengths = torch.tensor([len(trees[t].tokens) for t in batch])[:, None]
+                inputs["attention_mask"] = (torch.arange(width)[None, :] < lengths).long().to(device)
+            logits, cache = _forward(model, inputs, torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            at = [first[reads[i][0]] + j for i in idx for j in reads[i][1][:len(reads[i][2])]]
+            targets = [tok for i in idx for tok in reads[i][2]]
+            owner = [k for k, i in enumerate(idx) for _ in reads[i][2]]
+            token_lp = logprobs[torch.tensor(at, device=device), torch.tensor(targets, device=device)].double()
+            sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
+            sums.index_add_(0, torch.tensor(owner, device=device, dtype=torch.long), token_lp)
             out[idx] = sums.cpu().numpy()
+            if max_new_tokens:
+                ends = [first[t] + trees[t].context_len - 1 for t in batch]
+                _decode_greedy(model, [trees[t] for t in batch], logits[ends].float().argmax(-1), cache,
+                               cache_keyword, width, max_new_tokens, stop_ids, [generated[t] for t in batch])
             if meter:
                 meter.update()
-    return out
+    return out, [generated[t] for t, _, _ in reads]
+
+
+def _decode_greedy(model, trees: list[ScoringTree], first: torch.Tensor, cache, cache_keyword: str, width: int,
+                   max_new_tokens: int, stop_ids: frozenset[int], into: list[list[int]]) -> None:
+    """Greedy decoding of a batch of trees after their packed pass: ``first`` are the tokens the
+    contexts' last positions predict, ``cache`` holds the pass's keys and values. A new token
+    sits at the position after its context and attends to the context and the tokens generated
+    before it, never to the continuations packed after the context; ``into`` (one list per tree)
+    receives the tokens up to the first stop id."""
+    device, dtype = first.device, next(model.parameters()).dtype
+    seen = np.zeros((len(trees), width), dtype=bool)
+    for r, tree in enumerate(trees):
+        seen[r, :tree.context_len] = True
+    start = torch.tensor([tree.context_len for tree in trees], device=device)
+    token, done = first, [False] * len(trees)
+    for step in range(max_new_tokens):
+        for r, tok in enumerate(token.tolist()):
+            done[r] = done[r] or tok in stop_ids
+            if not done[r]:
+                into[r].append(tok)
+        if all(done) or step == max_new_tokens - 1:
+            return
+        seen = np.concatenate([seen, np.ones((len(trees), 1), dtype=bool)], axis=1)
+        inputs = {"input_ids": token[:, None], "position_ids": (start + step)[:, None], cache_keyword: cache,
+                  "attention_mask": _additive(seen[:, None, None, :], dtype).to(device), "use_cache": True}
+        logits, cache = _forward(model, inputs, torch.arange(len(trees), device=device),
+                                 torch.zeros(len(trees), dtype=torch.long, device=device))
+        token = logits.float().argmax(-1)
 
 
 def _numbers_equal(a: str | None, b: str | None) -> bool:
@@ -174,13 +408,39 @@ def _numbers_equal(a: str | None, b: str | None) -> bool:
         return a == b
 
 
-def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings, stop: tuple[str, ...] = ("\n",),
-                    progress: str = "") -> list[str]:
-    """Greedy generations for ``prompts``, left-padded in batches, cut at the first stop string."""
+STOP = ("\n",)  # a generation ends at the first of these
+
+
+def _cut(text: str, stop: tuple[str, ...] = STOP) -> str:
+    for s in stop:
+        text = text.split(s)[0]
+    return text
+
+
+def _stop_ids(model, tokenizer) -> frozenset[int]:
+    """The tokens that end a generation: the model's generation config's EOS, as ``generate`` has it."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return frozenset([eos] if isinstance(eos, int) else eos or [])
+
+
+def _generation_contexts(tokenizer, prompts: list[str], settings: EvalSettings, max_length: int) -> list[list[int]]:
+    """The prompts' tokens a generation starts from: the last ``context length - max_new_tokens``,
+    so that the prompt and the generation fit the model."""
+    keep = max(1, max_length - settings.max_new_tokens)
+    prefix = _prefix(tokenizer, settings)
+    full = [prefix + ids for ids in _encode_many(tokenizer, prompts)]
+    _warn_truncated(sum(len(c) > keep for c in full), len(full), keep, "prompts to generate from")
+    return [c[-keep:] for c in full]
+
+
+def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings, progress: str = "") -> list[str]:
+    """Greedy generations for ``prompts`` with ``generate``, left-padded in batches, cut at the
+    first stop string: for models that take no packed mask (see :func:`score_requests`)."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts: list[str] = [""] * len(prompts)
-    contexts = [c[-settings.max_length:] for c in _contexts(tokenizer, prompts, settings)]
+    contexts = _generation_contexts(tokenizer, prompts, settings, context_length(model, settings))
     order = sorted(range(len(prompts)), key=lambda i: -len(contexts[i]))
     n_batches = math.ceil(len(order) / settings.batch_size)
     meter = Progress(f"{progress} (generation)", n_batches, "batch") if progress else None
@@ -192,10 +452,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  max_new_tokens=settings.max_new_tokens, do_sample=False, pad_token_id=pad_id)
             for r, i in enumerate(idx):
-                text = tokenizer.decode(gen[r, width:], skip_special_tokens=True)
-                for s in stop:
-                    text = text.split(s)[0]
-                texts[i] = text
+                texts[i] = _cut(tokenizer.decode(gen[r, width:], skip_special_tokens=True))
             if meter:
                 meter.update()
     return texts
@@ -203,32 +460,48 @@ def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings
 
 def evaluate_items(model, tokenizer, items: pd.DataFrame, scorer: str, settings: EvalSettings,
                    delimiter: str = " ", progress: str = "") -> pd.DataFrame:
-    """Score every item: ``item_id``, ``correct`` (0/1), ``loglik`` of the gold continuation."""
-    if scorer not in SCORERS:
-        raise MergeflowError(f"unknown scorer {scorer!r}; use one of {list(SCORERS)}")
+    """Score every item: ``item_id``, ``correct`` (0/1), ``loglik`` of the gold continuation, and
+    for debugging ``choice_logliks`` (every choice's log-likelihood, multiple choice) or
+    ``generation`` (the greedy answer, cut at the stop string)."""
+    how = get_scorer(scorer)
     if len(items) == 0:
         raise MergeflowError("no items to evaluate")
-    contexts = _contexts(tokenizer, list(items["prompt"]), settings)
-    if scorer == "mc_loglik":
-        conts = iter(_encode_many(tokenizer, [delimiter + str(c) for choices in items["choices"] for c in choices]))
-        requests = [(ctx, next(conts)) for ctx, choices in zip(contexts, items["choices"]) for _ in choices]
-        scores = continuation_logliks(model, requests, settings, progress)
+    max_length = context_length(model, settings)
+    prompts = [str(p) for p in items["prompt"]]
+    if how.choices:
+        pairs = [(p, delimiter + str(c)) for p, choices in zip(prompts, items["choices"]) for c in choices]
+        scores = continuation_logliks(model, encode_requests(tokenizer, pairs, settings), settings.batch_size,
+                                      max_length, progress)
         correct = np.zeros(len(items), dtype=np.int8)
         loglik = np.zeros(len(items), dtype=np.float64)
+        per_choice = []
         start = 0
         for i, (choices, gold) in enumerate(zip(items["choices"], items["answer"])):
             s = scores[start:start + len(choices)]
             start += len(choices)
-            correct[i] = int(np.argmax(s) == gold)
+            ranked = s / np.array([len(str(c)) for c in choices], dtype=np.float64) if how.length_normalised else s
+            correct[i] = int(np.argmax(ranked) == gold)
             loglik[i] = s[gold]
+            per_choice.append(s.tolist())
+        extra = {"choice_logliks": per_choice}
     else:
-        targets = _encode_many(tokenizer, [delimiter + str(t) for t in items["target"]])
-        requests = list(zip(contexts, targets))
-        loglik = continuation_logliks(model, requests, settings, progress)
-        generations = generate_greedy(model, tokenizer, list(items["prompt"]), settings, progress=progress)
+        pairs = [(p, delimiter + str(t)) for p, t in zip(prompts, items["target"])]
+        gold = encode_requests(tokenizer, pairs, settings)
+        if shares_contexts(model, max_length):
+            # One pass per prompt scores the gold answer and starts the generation (their
+            # contexts coincide unless the prompt ends in whitespace or is cut).
+            contexts = _generation_contexts(tokenizer, prompts, settings, max_length)
+            loglik, tokens = score_requests(model, gold + [(c, []) for c in contexts], settings.batch_size,
+                                            max_length, progress, settings.max_new_tokens, _stop_ids(model, tokenizer))
+            loglik = loglik[:len(gold)]
+            generations = [_cut(tokenizer.decode(t, skip_special_tokens=True)) for t in tokens[len(gold):]]
+        else:
+            loglik = continuation_logliks(model, gold, settings.batch_size, max_length, progress)
+            generations = generate_greedy(model, tokenizer, prompts, settings, progress=progress)
         correct = np.array([_numbers_equal(extract_number(g), extract_number(str(t)))
                             for g, t in zip(generations, items["target"])], dtype=np.int8)
-    return pd.DataFrame({"item_id": items["item_id"].to_numpy(), "correct": correct, "loglik": loglik})
+        extra = {"generation": generations}
+    return pd.DataFrame({"item_id": items["item_id"].to_numpy(), "correct": correct, "loglik": loglik, **extra})
 
 
 def respond(model_spec: dict, items_path: str | Path, scorer: str, delimiter: str, evaluation: dict,
