@@ -29,7 +29,7 @@ the same folded factor make one slice, and a slice's factor 1/S_k is mergekit's 
 hop scales are read back as ratios of consecutive slices' factors. What mergekit does not read:
 ``base_model`` (mergekit takes the embeddings from the first slice's model and the norm and LM
 head from the last slice's: the same model whenever the path starts and ends in the base, as DFS
-paths do) and the ``seed``.
+paths do).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import yaml
 from mergeflow.dtypes import DTYPES, dtype_name, torch_dtype
 from mergeflow.errors import MergeflowError
 from mergeflow.merge.params import layer_index, with_layer_index
+from mergeflow.merge.recipe import recipe_hash
 from mergeflow.merge.sources import ModelSource
 
 PASSTHROUGH = "passthrough"
@@ -140,8 +141,7 @@ class LayerPath:
         data: dict[str, Any] = {"merge_method": PASSTHROUGH, "base_model": self.base_model, "slices": slices}
         if self.dtype:
             data["dtype"] = self.dtype
-        data["seed"] = self.seed
-        return data
+        return data  # no seed: nothing in a path is random, so one path has one hash
 
     def to_yaml(self) -> str:
         """The recipe, opened by a comment listing the hops with their scales (for a reader)."""
@@ -277,7 +277,8 @@ def path_card(path: LayerPath, lineage: list[str] | None = None) -> str:
         f"{hops}\n\n## Recipe\n\nThe `passthrough` recipe below (also in `{PATH_RECIPE_FILE}`) rebuilds these "
         "weights with `mergeflow merge` or `mergekit-yaml`.\n\n"
         f"```yaml\n{path.to_yaml()}```\n"
-        + ("" if lineage is None else "\n".join(["", "## Lineage", "", *lineage]) + "\n")
+        + ("" if lineage is None else
+           "\n".join(["", "## Lineage", "", f"- recipe hash: `{recipe_hash(path)}`", *lineage]) + "\n")
     )
 
 
