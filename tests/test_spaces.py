@@ -116,7 +116,7 @@ def test_the_registry_builds_the_default_kind_and_fills_the_schema_defaults(tmp_
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"kind": "dfz"}, r"search_space\.kind: 'dfz' is not one of \['parameter'\]"),
+    ({"kind": "dfz"}, r"search_space\.kind: 'dfz' is not one of \['parameter', 'dfs', 'dis'\]"),
     ({"layer_groupz": 2}, r"at search_space: Additional properties are not allowed \('layer_groupz'"),
     ({"method": "tie"}, r"search_space\.method"),
 ])
