@@ -362,7 +362,7 @@ def test_unknown_config_key_is_named(tmp_path):
     ("fitness", {"kind": "anchor"},
      "config: at runs.anchored.evolve.fitness.kind: 'anchor' is not one of ['full', 'anchors', 'multi_fidelity']"),
     ("search_space", {"kind": "dfz", "method": "ties"},
-     "config: at runs.anchored.evolve.search_space.kind: 'dfz' is not one of ['parameter']"),
+     "config: at runs.anchored.evolve.search_space.kind: 'dfz' is not one of ['parameter', 'dfs', 'dis']"),
 ])
 def test_unknown_kind_is_named_with_the_known_kinds_before_any_job(tmp_path, section, bad, message):
     config = micro_config()
