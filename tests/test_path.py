@@ -145,3 +145,28 @@ def test_bad_paths_are_refused_by_name(models, tmp_path):
     with pytest.raises(MergeflowError, match="hidden size 96"):
         export_path(LayerPath([Hop(a, 0), Hop(str(wide), 1)], a), tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_pareto_members_of_a_data_flow_run_are_exported_and_scored(models, tmp_path):
+    """A Pareto member that is a layer path (deeper than its base) becomes a plain model that the
+    evaluator loads and scores; its card lists the path."""
+    import pandas as pd
+
+    from mergeflow.merge.recipe import recipe_hash
+    from mergeflow.report import pareto_members
+
+    a, b = models
+    path = hand_path(a, b)
+    front = pd.DataFrame([{"generation": 0, "index": 3, "recipe_hash": recipe_hash(path), "recipe": path.to_yaml(),
+                           "fitness_t": 0.5, "problem": ""}])
+    front.to_parquet(tmp_path / "pareto.parquet")
+    items = pd.DataFrame({"item_id": ["i0", "i1"], "prompt": ["tom has 3", "ann has 5"],
+                          "choices": [["apples", "pens"], ["pens", "apples"]], "answer": [0, 1], "target": ["", ""]})
+    items.to_parquet(tmp_path / "test.parquet")
+    tasks = {"t": {"split": str(tmp_path / "test.parquet"), "scorer": "mc_loglik", "delimiter": " "}}
+    table = pareto_members("dfs", str(tmp_path / "pareto.parquet"), tasks, {}, tmp_path / "members",
+                           tmp_path / "table.parquet", tmp_path / "pareto.md")
+    member = tmp_path / "members" / "member_00"
+    assert json.loads((member / "config.json").read_text())["num_hidden_layers"] == 6
+    assert "## Layer path" in (member / "README.md").read_text() and "Pareto member 0" in (member / "README.md").read_text()
+    assert len(table) == 1 and table["items"].iloc[0] == 2
