@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from mergeflow.merge.path import LayerPath
 from mergeflow.merge.recipe import Recipe
 from mergeflow.spaces.dfs import DfsSpace
 from mergeflow.spaces.dis import DisSpace
@@ -38,9 +39,9 @@ from mergeflow.spaces.parameter import ParameterSpace
 class Space(Protocol):
     dim: int
 
-    def to_recipe(self, genome: np.ndarray, seed: int = 0) -> Recipe: ...
+    def to_recipe(self, genome: np.ndarray, seed: int = 0) -> Recipe | LayerPath: ...
 
-    def from_recipe(self, recipe: Recipe) -> np.ndarray: ...
+    def from_recipe(self, recipe: Recipe | LayerPath) -> np.ndarray: ...
 
     def initial_genome(self, init: dict[str, float] | None) -> tuple[float, ...] | None: ...
 
