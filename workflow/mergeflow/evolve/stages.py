@@ -77,8 +77,9 @@ class EvolveConfig:
         from mergeflow.spaces import space_models
 
         space = dict(ecfg["search_space"])
-        base, names = space_models(space)
-        space.pop("models", None), space.pop("base_model", None)
+        base, names = space_models(space)  # names; replaced by paths below
+        for key in ("models", "base_model"):
+            space.pop(key, None)
         names = list(names or config["endpoints"])
         base = base or config["base_model"]
         for name in [base, *names]:
