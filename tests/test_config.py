@@ -45,7 +45,7 @@ def test_an_absent_calibration_space_takes_the_schema_default():
     ({"fitness": {"kind": "anchor"}},
      r"at runs\.anchored\.evolve\.fitness\.kind: 'anchor' is not one of \['full', 'anchors', 'multi_fidelity'\]"),
     ({"search_space": {"kind": "dfz", "method": "ties"}},
-     r"at runs\.anchored\.evolve\.search_space\.kind: 'dfz' is not one of \['parameter'\]"),
+     r"at runs\.anchored\.evolve\.search_space\.kind: 'dfz' is not one of \['parameter', 'dfs', 'dis'\]"),
     ({"fitness": {"kind": "full", "estimator": "pirt"}},
      r"at runs\.anchored\.evolve\.fitness: Additional properties are not allowed \('estimator' was unexpected\)"),
     ({"fitness": {"kind": "anchors", "anchors": {"n": 0}}},

@@ -108,7 +108,7 @@ def test_the_registry_builds_the_default_kind_and_fills_the_schema_defaults(tmp_
     zoo = make_zoo(tmp_path / "zoo", num_layers=4)
     space = build_space({"method": "task_arithmetic", "base_model": zoo["base"], "models": [zoo["math"]],
                          "parameters": {"weight": {"min": 0.0, "max": 1.0}}})
-    assert list(SPACES) == ["parameter"]
+    assert list(SPACES) == ["parameter", "dfs", "dis"]
     assert isinstance(space, ParameterSpace)
     assert space.groups == [(0, 4)] and space.filters == []  # schema defaults: layer_groups 1, no filters
     assert space.initial_genome(None) is None
@@ -116,7 +116,7 @@ def test_the_registry_builds_the_default_kind_and_fills_the_schema_defaults(tmp_
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"kind": "dfz"}, r"search_space\.kind: 'dfz' is not one of \['parameter'\]"),
+    ({"kind": "dfz"}, r"search_space\.kind: 'dfz' is not one of \['parameter', 'dfs', 'dis'\]"),
     ({"layer_groupz": 2}, r"at search_space: Additional properties are not allowed \('layer_groupz'"),
     ({"method": "tie"}, r"search_space\.method"),
 ])

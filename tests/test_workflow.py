@@ -364,7 +364,7 @@ def test_unknown_config_key_is_named(tmp_path):
     ("fitness", {"kind": "anchor"},
      "config: at runs.anchored.evolve.fitness.kind: 'anchor' is not one of ['full', 'anchors', 'multi_fidelity']"),
     ("search_space", {"kind": "dfz", "method": "ties"},
-     "config: at runs.anchored.evolve.search_space.kind: 'dfz' is not one of ['parameter']"),
+     "config: at runs.anchored.evolve.search_space.kind: 'dfz' is not one of ['parameter', 'dfs', 'dis']"),
 ])
 def test_unknown_kind_is_named_with_the_known_kinds_before_any_job(tmp_path, section, bad, message):
     config = micro_config()
@@ -436,7 +436,7 @@ def test_missing_hub_model_is_named(tmp_path):
 def test_example_configs_validate(example):
     """Each example is a whole config (its local models and data are not on this machine, which
     must be the only complaint; one of hub models and data validates as it is), or an overlay on
-    the default (it has no ``models``)."""
+    the default (it has no ``tasks``)."""
     from snakemake.utils import update_config
 
     from mergeflow.config import validate_config
@@ -444,7 +444,7 @@ def test_example_configs_validate(example):
 
     overlay = yaml.safe_load(example.read_text())
     config = overlay
-    if "models" not in overlay:
+    if "tasks" not in overlay:  # an overlay (it may add models, e.g. another run's merge)
         config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
         update_config(config, overlay)
         assert set(overlay["runs"]) <= set(validate_config(config)["runs"])

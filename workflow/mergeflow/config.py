@@ -43,9 +43,19 @@ def hub_model_dir(spec: dict) -> Path:
     return RESULTS / "hub" / (spec["hub"].replace("/", "--") + (f"@{revision}" if revision else ""))
 
 
+def run_merge_dir(run: str) -> Path:
+    """Where a run's final merge is written (``final_merge``): what ``{run: NAME}`` models read."""
+    return RESULTS / "runs" / run / "final" / "merge"
+
+
 def local_model_dir(spec: dict) -> Path:
-    """A model's local directory: its ``path``, or the directory its hub id is fetched to."""
-    return Path(spec["path"]) if "path" in spec else hub_model_dir(spec)
+    """A model's local directory: its ``path``, another run's final merge, or the directory its
+    hub id is fetched to."""
+    if "path" in spec:
+        return Path(spec["path"])
+    if "run" in spec:
+        return run_merge_dir(spec["run"])
+    return hub_model_dir(spec)
 
 
 def model_location(spec: dict) -> str:
@@ -55,6 +65,74 @@ def model_location(spec: dict) -> str:
 
 def run_tasks(config: dict, run: str) -> list[str]:
     return list(config["runs"][run].get("tasks") or config["tasks"])
+
+
+def search_model_names(config: dict, run: str) -> list[str]:
+    """The models a run's search reads, by name: its space's base and sources (the config's
+    base_model and endpoints where the space names none)."""
+    from mergeflow.spaces import space_models
+
+    base, names = space_models(config["runs"][run]["evolve"]["search_space"])
+    return list(dict.fromkeys([base or config["base_model"], *(names or config["endpoints"])]))
+
+
+def check_run_sources(config: dict) -> None:
+    """Models that are another run's final merge (``{run: NAME}``): the run exists and searches,
+    only search spaces read them (every run's table reads the base and the endpoints, so one
+    there would make each run wait for itself), and no run reads its own merge, even through
+    other runs."""
+    models, runs = config["models"], config["runs"]
+    for name, spec in models.items():
+        if "run" not in spec:
+            continue
+        if spec["run"] not in runs or "evolve" not in runs[spec["run"]]:
+            raise MergeflowError(f"config: model {name!r} is the final merge of run {spec['run']!r}, which is not a "
+                                 f"searching run of runs {sorted(runs)}")
+        if name == config["base_model"] or name in config["endpoints"]:
+            raise MergeflowError(f"config: model {name!r} is a run's final merge and cannot be the base_model or an "
+                                 "endpoint; name it in a run's search_space (dfs: a / b, dis: models)")
+    searching = [r for r in runs if "evolve" in runs[r]]
+    needs = {r: {models[m]["run"] for m in search_model_names(config, r) if m in models and "run" in models[m]}
+             for r in searching}
+
+    def visit(run: str, trail: list[str]) -> None:
+        if run in trail:
+            raise MergeflowError(f"config: runs {' -> '.join(trail[trail.index(run):] + [run])} read each other's "
+                                 "final merge in a circle")
+        for other in sorted(needs.get(run, ())):
+            visit(other, trail + [run])
+
+    for run in searching:
+        visit(run, [])
+
+
+def model_config_json(config: dict, name: str) -> dict | None:
+    """Model ``name``'s ``config.json`` where it is already on disk; for another run's merge,
+    its search's base model's (a parameter merge keeps the base's shapes)."""
+    import json
+
+    spec = config["models"][name]
+    if "run" in spec:
+        return model_config_json(config, search_model_names(config, spec["run"])[0])
+    config_file = local_model_dir(spec) / "config.json"
+    return json.loads(config_file.read_text()) if config_file.is_file() else None
+
+
+def check_path_sources(config: dict, run: str) -> None:
+    """A data-flow run's models chain their layers: each needs the hidden size of the path's
+    base (checked where the configs are on disk)."""
+    from mergeflow.spaces import candidates_of
+
+    if candidates_of(config["runs"][run]["evolve"]["search_space"]) != "path":
+        return
+    names = search_model_names(config, run)
+    configs = {name: model_config_json(config, name) for name in names if name in config["models"]}
+    known = {name: c.get("hidden_size") for name, c in configs.items() if c is not None}
+    base = names[0]
+    for name, hidden in known.items():
+        if base in known and hidden != known[base]:
+            raise MergeflowError(f"config: runs.{run}.evolve.search_space: model {name!r} has hidden size {hidden}, "
+                                 f"model {base!r} {known[base]}; a layer path chains their layers, so they must agree")
 
 
 def check_config(config: dict) -> None:
@@ -91,6 +169,7 @@ def check_config(config: dict) -> None:
                     raise MergeflowError(f"config: runs.{run}.evolve.objectives names task {task!r}, which is not one of "
                                          f"tasks {sorted(config['tasks'])}")
             FITNESS[rcfg["evolve"]["fitness"]["kind"]].check(config, run)
+    check_run_sources(config)
     check_before_jobs(config)
 
 
@@ -126,7 +205,7 @@ def check_before_jobs(config: dict) -> None:
             ecfg, where = rcfg["evolve"], f"runs.{run}.evolve"
             check_optimizer(ecfg["optimizer"], f"{where}.optimizer")
             space = ecfg["search_space"]
-            spaces[f"{where}.search_space"] = (space, space.get("base_model") or config["base_model"])
+            spaces[f"{where}.search_space"] = (space, search_model_names(config, run)[0])
             kind = FITNESS[ecfg["fitness"]["kind"]]
             anchors = kind.anchor_set(ecfg["fitness"]) if kind.anchor_set else None
             for task in ecfg["objectives"] if anchors else []:
@@ -137,6 +216,9 @@ def check_before_jobs(config: dict) -> None:
                                          f"split of task {task!r} ({size}, tasks.{task}.splits.search)")
         for where, (space, base) in spaces.items():
             check_space(space, where, base_layers(config, base) if base in config["models"] else None)
+        for run, rcfg in config["runs"].items():
+            if "evolve" in rcfg:
+                check_path_sources(config, run)
     except MergeflowError as err:
         message = str(err)
         raise type(err)(message if message.startswith("config:") else f"config: {message}") from None

@@ -23,13 +23,13 @@ def baseline_model(baseline: dict, base: str, sources: list[str], recipe_out: st
 def merge_recipe(recipe_path: str, out_dir: str, lineage: dict, history_path: str | None = None) -> None:
     """Materialise a recipe as an HF directory whose model card also records where it came from."""
     from mergeflow.evolve.history import best_row
-    from mergeflow.merge import load_recipe, merge_to_dir
+    from mergeflow.merge.candidates import load_candidate, materialise
 
-    recipe = load_recipe(recipe_path)
+    recipe = load_candidate(recipe_path)
     lines = [f"- {key}: {value}" for key, value in lineage.items()]
     if history_path:
         history = pd.read_parquet(history_path)
         best = best_row(history)
         lines += [f"- found in generation {int(best['generation'])} as candidate {int(best['index'])} of "
                   f"{len(history)} evaluated", f"- search fitness: {best['fitness']:.4f}"]
-    merge_to_dir(recipe, out_dir, lineage=lines)
+    materialise(recipe, out_dir, lineage=lines)

@@ -140,7 +140,7 @@ def pareto_members(run: str, pareto_path: str | Path, tasks: dict[str, dict], ev
     """
     from mergeflow.data import read_split
     from mergeflow.evaluate import EvalSettings, evaluate_items, load_causal_lm
-    from mergeflow.merge import merge_to_dir, recipe_from_yaml
+    from mergeflow.merge.candidates import candidate_from_yaml, materialise
 
     settings = EvalSettings.from_config(evaluation)
     front = pd.read_parquet(pareto_path)
@@ -151,10 +151,10 @@ def pareto_members(run: str, pareto_path: str | Path, tasks: dict[str, dict], ev
     splits = {task: read_split(spec["split"]) for task, spec in tasks.items()}
     rows = []
     for member, cand in front.iterrows():
-        recipe = recipe_from_yaml(cand["recipe"])
+        recipe = candidate_from_yaml(cand["recipe"])
         out = Path(models_out) / f"member_{member:02d}"
         search = {c.removeprefix("fitness_"): float(cand[c]) for c in objectives}
-        merge_to_dir(recipe, out, lineage=[f"- run: {run}, Pareto member {member} of {len(front)}",
+        materialise(recipe, out, lineage=[f"- run: {run}, Pareto member {member} of {len(front)}",
                                            f"- found in generation {int(cand['generation'])} as candidate "
                                            f"{int(cand['index'])}",
                                            "- search fitness: " + ", ".join(f"{t} {v:.4f}" for t, v in search.items())])

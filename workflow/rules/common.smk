@@ -20,6 +20,7 @@ from mergeflow.config import (
     local_model_dir,
     model_location,
     run_tasks,
+    search_model_names,
     validate_config,
     zoo_task_files,
 )
@@ -107,8 +108,10 @@ def model_check(name):
 
 
 def search_model_inputs(wildcards):
-    """The base and the endpoints, and their checks: what every merge reads."""
-    names = [config["base_model"], *config["endpoints"]]
+    """What a run's merges read, and their checks: its search space's models (a data-flow run's
+    A and B, which may be another run's final merge), else the base and the endpoints."""
+    run = getattr(wildcards, "run", None)
+    names = search_model_names(config, run) if run in EVOLVE else [config["base_model"], *config["endpoints"]]
     return [p for name in names for p in model_inputs(name)] + [model_check(name) for name in names]
 
 

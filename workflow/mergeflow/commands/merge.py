@@ -47,10 +47,10 @@ def return_freed_memory_to_os() -> None:
 def run(args: argparse.Namespace) -> None:
     return_freed_memory_to_os()
     # Imported here so that `mergeflow --help` does not load torch.
-    from mergeflow.merge.recipe import load_recipe
-    from mergeflow.merge.stream import DEFAULT_MAX_SHARD_SIZE, merge_to_dir
+    from mergeflow.merge.candidates import load_candidate, materialise
+    from mergeflow.merge.stream import DEFAULT_MAX_SHARD_SIZE
 
-    recipe = load_recipe(args.recipe)
-    out = merge_to_dir(recipe, args.out_dir, device=args.device, dtype=args.dtype,
-                       max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE, force=args.force)
+    recipe = load_candidate(args.recipe)
+    out = materialise(recipe, args.out_dir, device=args.device, dtype=args.dtype, force=args.force,
+                      max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
     print(f"merged {len(recipe.model_paths())} models into {out}")

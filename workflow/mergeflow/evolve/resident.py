@@ -31,17 +31,21 @@ def _fingerprint(path: str) -> tuple:
 
 
 @contextmanager
-def resident_merger(paths: Sequence[str], device: str, dtype: str | None) -> Iterator[tuple]:
-    """``(merger, tokenizer)`` for ``paths`` (the first is the template), held for the duration."""
+def resident_merger(paths: Sequence[str], device: str, dtype: str | None, candidates: str = "recipe") -> Iterator[tuple]:
+    """``(merger, tokenizer)`` for ``paths`` (the first is the template), held for the duration;
+    ``candidates``: ``recipe`` (an :class:`InMemoryMerger`) or ``path`` (a :class:`PathAssembler`
+    whose shell is the first path)."""
     from mergeflow.evaluate import load_tokenizer
     from mergeflow.merge import InMemoryMerger
+    from mergeflow.merge.assemble import PathAssembler
 
     with _LOCK:
-        key = (tuple(_fingerprint(p) for p in paths), device, dtype)
+        key = (tuple(_fingerprint(p) for p in paths), device, dtype, candidates)
         if key not in _RESIDENT:
             _RESIDENT.clear()  # free the old sources before loading new ones
             log.info("loading %d source models onto %s", len(paths), device)
-            merger = InMemoryMerger(list(paths), device=device, dtype=dtype)
+            kind = PathAssembler if candidates == "path" else InMemoryMerger
+            merger = kind(list(paths), device=device, dtype=dtype)
             _RESIDENT[key] = (merger, load_tokenizer(paths[0]))
         else:
             log.info("source models already resident")

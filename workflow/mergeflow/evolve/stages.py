@@ -74,9 +74,14 @@ class EvolveConfig:
         rcfg = config["runs"][run]
         ecfg = rcfg["evolve"]
         models = config["models"]
+        from mergeflow.spaces import space_models
+
         space = dict(ecfg["search_space"])
-        names = space.pop("models", None) or list(config["endpoints"])
-        base = space.pop("base_model", None) or config["base_model"]
+        base, names = space_models(space)  # names; replaced by paths below
+        for key in ("models", "base_model"):
+            space.pop(key, None)
+        names = list(names or config["endpoints"])
+        base = base or config["base_model"]
         for name in [base, *names]:
             if name not in models:
                 raise MergeflowError(f"config: runs.{run}.evolve.search_space names model {name!r}, "
@@ -198,7 +203,8 @@ def fitness(cfg: EvolveConfig, tasks: dict[str, dict], evaluation: dict, files: 
     from mergeflow.evaluate import EvalSettings
     from mergeflow.evolve.resident import resident_merger
     from mergeflow.fitness import FITNESS, evaluate_candidate
-    from mergeflow.merge import recipe_from_yaml
+    from mergeflow.merge.candidates import candidate_from_yaml
+    from mergeflow.spaces import candidates_of
 
     settings = EvalSettings.from_config(evaluation)
     candidates = pd.read_parquet(job.candidates)
@@ -209,12 +215,15 @@ def fitness(cfg: EvolveConfig, tasks: dict[str, dict], evaluation: dict, files: 
     kind = FITNESS[cfg.fitness["kind"]]
     scorers = [kind.task_fitness(task, tasks[task], files[task], cfg, job.rung) for task in cfg.tasks]
     rows, answers = [], []
+    space = cfg.space()
+    turn_down = getattr(space, "problem", lambda candidate: None)  # e.g. a path over max_layers
     with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], settings.device,
-                         settings.dtype) as (merger, tokenizer):
+                         settings.dtype, candidates_of(cfg.search_space)) as (merger, tokenizer):
         meter = Progress(f"generation {job.generation} rung {job.rung} shard {job.shard}", len(mine), "candidate")
         for _, cand in mine.iterrows():
             known = hist.known_answers(earlier, cand["recipe_hash"])
-            result = evaluate_candidate(merger, tokenizer, recipe_from_yaml(cand["recipe"]), scorers, settings, known)
+            candidate = candidate_from_yaml(cand["recipe"])
+            result = evaluate_candidate(merger, tokenizer, candidate, scorers, settings, known, turn_down(candidate))
             for task in cfg.tasks:
                 rows.append({"generation": job.generation, "index": int(cand["index"]), "rung": job.rung, "task": task,
                              "fitness": result.fitness[task], "sd": result.sd[task], "items": result.items[task],

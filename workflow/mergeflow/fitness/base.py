@@ -105,15 +105,20 @@ class CandidateResult:
 
 
 def evaluate_candidate(merger, tokenizer, recipe, tasks: list[TaskFitness], settings: "EvalSettings",
-                       known: dict[str, dict] | None = None) -> CandidateResult:
-    """Merge ``recipe`` in memory and score it on each task's items it has not answered yet
-    (``known``: task -> item id -> 0/1); non-finite weights or fitness become a problem."""
+                       known: dict[str, dict] | None = None, problem: str | None = None) -> CandidateResult:
+    """Merge ``recipe`` in memory (or assemble a layer path) and score it on each task's items it
+    has not answered yet (``known``: task -> item id -> 0/1); non-finite weights or fitness become
+    a problem. A ``problem`` given (a path deeper than the space allows) skips both: the
+    candidate gets the worst loss having cost no item."""
     t0 = time.perf_counter()
     known = known or {}
     fitness = {t.task: float("nan") for t in tasks}
     sd = {t.task: float("nan") for t in tasks}
     answers: dict[str, dict] = {t.task: {} for t in tasks}
-    items = {t.task: len(t.new_items(known.get(t.task, {}))) for t in tasks}
+    items = {t.task: len(t.new_items(known.get(t.task, {}))) if problem is None else 0 for t in tasks}
+    if problem is not None:
+        log.warning("candidate gets the worst fitness without evaluation: %s", problem)
+        return CandidateResult(fitness, sd, answers, items, problem, time.perf_counter() - t0)
     model = merger.merge(recipe) if any(items.values()) else None
     bad = merger.nonfinite_tensors() if model is not None else []
     if bad:
