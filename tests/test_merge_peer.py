@@ -69,3 +69,24 @@ def test_matches_mergekit(zoo, tmp_path, method):
     assert set(ours) == set(theirs)
     for name, tensor in ours.items():
         torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_a_layer_path_recipe_rebuilds_in_mergekit(zoo, tmp_path):
+    """The passthrough recipe a layer path writes rebuilds the same weights in mergekit (scales
+    folded into o_proj and down_proj by mergekit's per-tensor ``scale``); the path starts with a
+    layer of its base model, since mergekit takes the embeddings from the first slice's model."""
+    from mergeflow.merge.path import Hop, LayerPath, export_path
+
+    path = LayerPath([Hop(zoo["base"], 0), Hop(zoo["math"], 1, 0.8), Hop(zoo["math"], 1, 1.25),
+                      Hop(zoo["lang"], 0, 1.5), Hop(zoo["base"], 1)], base_model=zoo["base"])
+    (tmp_path / "recipe.yaml").write_text(path.to_yaml())
+    subprocess.run([str(MERGEKIT), str(tmp_path / "recipe.yaml"), str(tmp_path / "mergekit"),
+                    "--no-cuda", "--quiet"], check=True, capture_output=True,
+                   env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    ours = tensors(export_path(path, tmp_path / "mergeflow"))
+    theirs = tensors(tmp_path / "mergekit")
+    assert set(ours) == set(theirs)
+    assert any(".4." in name for name in ours)  # five hops: layers 0..4
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=1e-6, msg=name)
