@@ -142,9 +142,27 @@ def test_bad_paths_are_refused_by_name(models, tmp_path):
     with pytest.raises(MergeflowError, match="no layer 5"):
         export_path(LayerPath([Hop(a, 0), Hop(b, 5)], a), tmp_path / "x")
     wide = make_model(tmp_path / "wide", 3, num_layers=2, hidden=96, intermediate=128)
-    with pytest.raises(MergeflowError, match="hidden size 96"):
+    with pytest.raises(MergeflowError, match="hidden_size 96"):
         export_path(LayerPath([Hop(a, 0), Hop(str(wide), 1)], a), tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("max_position_embeddings", 32, "max_position_embeddings 32, fewer than model"),
+    ("rope_parameters", {"rope_theta": 500000.0, "rope_type": "default"}, "rope_parameters"),
+    ("num_key_value_heads", 4, "num_key_value_heads 4"),
+])
+def test_a_source_whose_attention_or_positions_differ_is_refused_by_name(models, tmp_path, key, value, message):
+    """The exported model runs every hop with the base's heads and rotary encoding up to the
+    base's max_position_embeddings: a source trained otherwise is named before any tensor is read."""
+    a, _ = models
+    other = make_model(tmp_path / "other", 5, num_layers=2)
+    config = json.loads((other / "config.json").read_text())
+    config[key] = value
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MergeflowError, match=message):
+        export_path(LayerPath([Hop(a, 0), Hop(str(other), 1)], a), tmp_path / "z")
+    assert not (tmp_path / "z").exists()
 
 
 def test_pareto_members_of_a_data_flow_run_are_exported_and_scored(models, tmp_path):

@@ -117,6 +117,7 @@ def test_killed_dfs_search_resumes_to_the_same_history(path_run, tmp_path):
     assert (copy / target).read_bytes() == (workdir / target).read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     (lambda c: c["runs"]["psdfs"]["evolve"]["search_space"].update(repeats=0),
      "runs.psdfs.evolve.search_space.repeats: 0 is less than the minimum of 1"),
@@ -145,6 +146,7 @@ def test_bad_data_flow_configs_stop_before_any_job(tmp_path, change, message):
     assert message in str(err.value)
 
 
+@pytest.mark.slow
 def test_a_source_with_another_hidden_size_stops_the_workflow(tmp_path):
     config = paths_config()
     wide = tmp_path / "wide"
@@ -158,6 +160,6 @@ def test_a_source_with_another_hidden_size_stops_the_workflow(tmp_path):
     config["runs"]["dis"]["evolve"]["search_space"]["base_model"] = "lang"
     result = snakemake(tmp_path, config, "-n")
     assert result.returncode != 0
-    assert ("runs.dis.evolve.search_space: model 'wide' has hidden size 96, model 'lang' 32"
+    assert ("runs.dis.evolve.search_space: model 'wide' has hidden_size 96, model 'lang' 32"
             in result.stdout + result.stderr), result.stderr[-2000:]
     assert not (tmp_path / "results").exists()

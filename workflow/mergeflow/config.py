@@ -125,14 +125,17 @@ def check_path_sources(config: dict, run: str) -> None:
 
     if candidates_of(config["runs"][run]["evolve"]["search_space"]) != "path":
         return
+    from mergeflow.merge.path import chain_mismatch
+
     names = search_model_names(config, run)
     configs = {name: model_config_json(config, name) for name in names if name in config["models"]}
-    known = {name: c.get("hidden_size") for name, c in configs.items() if c is not None}
+    known = {name: c for name, c in configs.items() if c is not None}
     base = names[0]
-    for name, hidden in known.items():
-        if base in known and hidden != known[base]:
-            raise MergeflowError(f"config: runs.{run}.evolve.search_space: model {name!r} has hidden size {hidden}, "
-                                 f"model {base!r} {known[base]}; a layer path chains their layers, so they must agree")
+    for name, model_config in known.items():
+        why = base in known and chain_mismatch(name, model_config, base, known[base])
+        if why:
+            raise MergeflowError(f"config: runs.{run}.evolve.search_space: {why}; a layer path chains their layers, "
+                                 "so they must agree")
 
 
 def check_config(config: dict) -> None:

@@ -210,15 +210,34 @@ def path_from_dict(data: dict, where: str = "recipe") -> LayerPath:
 
 # ---- checks against the source models
 
+# The exported model runs every hop with the base's attention shapes and rotary position encoding.
+_CHAINED_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling",
+                 "rope_parameters")
+
+
+def chain_mismatch(name: str, config: dict, base: str, base_config: dict) -> str | None:
+    """Why model ``name``'s layers cannot run inside a path on ``base`` (None: they can): a
+    different hidden size, attention shape or rotary encoding, or fewer positions than the base
+    declares (the exported model would run its layers past the positions they were trained on)."""
+    for key in _CHAINED_KEYS:
+        if config.get(key) != base_config.get(key):
+            return f"model {name!r} has {key} {config.get(key)}, model {base!r} {base_config.get(key)}"
+    mine, theirs = config.get("max_position_embeddings"), base_config.get("max_position_embeddings")
+    if mine is not None and theirs is not None and mine < theirs:
+        return (f"model {name!r} has max_position_embeddings {mine}, fewer than model {base!r}'s {theirs}, which "
+                "the path's model declares")
+    return None
+
+
 def check_sources(path: LayerPath, sources: dict[str, ModelSource]) -> None:
-    """Every hop's layer exists, every model has the base's hidden size, and the scales fold
-    for this architecture; errors name the model (before any tensor is read)."""
+    """Every hop's layer exists, every model's layers chain with the base's (hidden size,
+    attention, positions), and the scales fold for this architecture; errors name the model
+    (before any tensor is read)."""
     base = sources[path.base_model]
-    hidden = base.config.get("hidden_size")
     for name, source in sources.items():
-        if source.config.get("hidden_size") != hidden:
-            raise MergeflowError(f"model {name!r} has hidden size {source.config.get('hidden_size')}, the path's base "
-                                 f"{path.base_model!r} {hidden}: their layers cannot be chained")
+        why = chain_mismatch(name, source.config, path.base_model, base.config)
+        if why:
+            raise MergeflowError(f"{why}: their layers cannot be chained in one layer path")
     for k, hop in enumerate(path.hops):
         layers = sources[hop.model].num_layers
         if not 0 <= hop.layer < layers:
