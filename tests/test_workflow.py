@@ -99,7 +99,9 @@ def test_run_writes_every_stage(finished_run):
             assert len(pd.read_parquet(results / "data" / task / f"{split}.parquet")) == (60 if split == "search" else 40)
         for model in ["base", "math", "lang"]:
             responses = pd.read_parquet(results / "responses" / task / "test" / f"{model}.parquet")
-            assert set(responses.columns) == {"item_id", "correct", "loglik"} and len(responses) == 40
+            # each choice's log-likelihood for multiple choice, the greedy answer for generation
+            kept = "choice_logliks" if task == "math_l2" else "generation"
+            assert set(responses.columns) == {"item_id", "correct", "loglik", kept} and len(responses) == 40
     table = pd.read_parquet(results / "runs" / "full" / "final" / "test.parquet")
     assert sorted(table["model"].unique()) == ["base", "baseline", "lang", "math", "merged"]
     summary = (results / "runs" / "full" / "final" / "summary.md").read_text()
