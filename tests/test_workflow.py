@@ -35,6 +35,8 @@ def micro_config() -> dict:
     for task in config["tasks"].values():
         task["splits"] = {"search": 60, "test": 40}
     config["irt"] = {"steps": 200, "calibration": {"random_merges": 6}}
+    # the zoo's models, not the default's merges of its own runs (replaced below)
+    config["models"] = {name: model for name, model in config["models"].items() if "run" not in model}
     space = {"method": "task_arithmetic", "layer_groups": 2, "parameters": {"weight": {"min": 0.0, "max": 1.5}}}
     evolve = {"objectives": {"math_l2": 1.0}, "population": 3, "generations": 3, "search_space": space}
     config["runs"] = {
