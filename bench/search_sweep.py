@@ -118,6 +118,8 @@ def main() -> None:
     os.chdir(args.workdir)  # the config's model and data paths are relative to it
     results = Path("results")
     raw = yaml.safe_load(args.configfile.read_text())
+    # the variants replace the config's runs: models that are another run's final merge go too
+    raw["models"] = {name: spec for name, spec in raw["models"].items() if "run" not in spec}
     variants = yaml.safe_load(args.variants.read_text())
     base = validate_config(copy.deepcopy(raw))
     task = next(iter(base["runs"][args.run]["evolve"]["objectives"]))

@@ -147,7 +147,8 @@ def test_cluster_run_is_the_local_run(slurm, tmp_path):
     config = cluster_config()
     local = tmp_path / "local"
     local.mkdir()
-    result = run(snakemake_command(local, config), timeout=900)
+    # one core, as each Slurm job has: the zoo trains on every core a run is given
+    result = run(snakemake_command(local, config, cores=1), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
 
     workdir = tmp_path / "slurm"

@@ -54,7 +54,7 @@ def test_a_failed_in_process_job_writes_its_message_into_its_log(tmp_path):
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-                           "--cores", "1", *args], capture_output=True, text=True, timeout=600, cwd=REPO,
+                           "--cores", "2", *args], capture_output=True, text=True, timeout=600, cwd=REPO,
                           env={**os.environ, "MERGEFLOW_DEBUG": "0"})
 
 

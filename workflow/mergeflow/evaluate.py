@@ -28,6 +28,7 @@ import inspect
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -299,11 +300,13 @@ def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], bat
 
 
 def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_size: int, max_length: int,
-                   progress: str = "", max_new_tokens: int = 0, stop_ids: frozenset[int] = frozenset()
-                   ) -> tuple[np.ndarray, list[list[int]]]:
+                   progress: str = "", max_new_tokens: int = 0, stop_ids: frozenset[int] = frozenset(),
+                   stopped: Callable[[list[int]], bool] | None = None) -> tuple[np.ndarray, list[list[int]]]:
     """Summed log-probability of each continuation given its context and, with
     ``max_new_tokens``, the greedy continuation of each request's scoring tree (up to a stop id,
-    which is left out), decoded from the tree's own pass and key/value cache.
+    which is left out), decoded from the tree's own pass and key/value cache. A continuation for
+    which ``stopped`` holds (it reached a stop string) gets no more tokens, and decoding ends when
+    every continuation of the batch is done.
 
     Requests with the same context are scored from one packed sequence (:class:`ScoringTree`);
     the sequences are sorted by length, longest first, so that a batch pads little; logits are
@@ -365,14 +368,16 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_siz
             if max_new_tokens:
                 ends = [first[t] + trees[t].context_len - 1 for t in batch]
                 _decode_greedy(model, [trees[t] for t in batch], logits[ends].float().argmax(-1), cache,
-                               cache_keyword, width, max_new_tokens, stop_ids, [generated[t] for t in batch])
+                               cache_keyword, width, max_new_tokens, stop_ids, [generated[t] for t in batch],
+                               stopped)
             if meter:
                 meter.update()
     return out, [generated[t] for t, _, _ in reads]
 
 
 def _decode_greedy(model, trees: list[ScoringTree], first: torch.Tensor, cache, cache_keyword: str, width: int,
-                   max_new_tokens: int, stop_ids: frozenset[int], into: list[list[int]]) -> None:
+                   max_new_tokens: int, stop_ids: frozenset[int], into: list[list[int]],
+                   stopped: Callable[[list[int]], bool] | None = None) -> None:
     """Greedy decoding of a batch of trees after their packed pass: ``first`` are the tokens the
     contexts' last positions predict, ``cache`` holds the pass's keys and values. A new token
     sits at the position after its context and attends to the context and the tokens generated
@@ -389,6 +394,7 @@ def _decode_greedy(model, trees: list[ScoringTree], first: torch.Tensor, cache, 
             done[r] = done[r] or tok in stop_ids
             if not done[r]:
                 into[r].append(tok)
+                done[r] = stopped is not None and stopped(into[r])
         if all(done) or step == max_new_tokens - 1:
             return
         seen = np.concatenate([seen, np.ones((len(trees), 1), dtype=bool)], axis=1)
@@ -415,6 +421,24 @@ def _cut(text: str, stop: tuple[str, ...] = STOP) -> str:
     for s in stop:
         text = text.split(s)[0]
     return text
+
+
+def _reaches_stop(tokenizer, stop: tuple[str, ...] = STOP) -> Callable[[list[int]], bool]:
+    """Whether generated tokens already hold a stop string: the tokens after it are cut
+    (:func:`_cut`), so generating them is wasted (lm-eval's ``until`` ends there too)."""
+    return lambda tokens: any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop)
+
+
+class _StopCriterion:
+    """``generate``'s stopping criterion for :func:`_reaches_stop`: per row, whether the tokens
+    after the prompt (``width`` wide) hold a stop string."""
+
+    def __init__(self, width: int, stopped: Callable[[list[int]], bool]):
+        self.width, self.stopped = width, stopped
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = [self.stopped(row[self.width:].tolist()) for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _stop_ids(model, tokenizer) -> frozenset[int]:
@@ -450,7 +474,8 @@ def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings
             input_ids, attention = _padded([contexts[i] for i in idx], pad_id, left=True)
             width = input_ids.shape[1]
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                 max_new_tokens=settings.max_new_tokens, do_sample=False, pad_token_id=pad_id)
+                                 max_new_tokens=settings.max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                 stopping_criteria=[_StopCriterion(width, _reaches_stop(tokenizer))])
             for r, i in enumerate(idx):
                 texts[i] = _cut(tokenizer.decode(gen[r, width:], skip_special_tokens=True))
             if meter:
@@ -492,7 +517,8 @@ def evaluate_items(model, tokenizer, items: pd.DataFrame, scorer: str, settings:
             # contexts coincide unless the prompt ends in whitespace or is cut).
             contexts = _generation_contexts(tokenizer, prompts, settings, max_length)
             loglik, tokens = score_requests(model, gold + [(c, []) for c in contexts], settings.batch_size,
-                                            max_length, progress, settings.max_new_tokens, _stop_ids(model, tokenizer))
+                                            max_length, progress, settings.max_new_tokens, _stop_ids(model, tokenizer),
+                                            _reaches_stop(tokenizer))
             loglik = loglik[:len(gold)]
             generations = [_cut(tokenizer.decode(t, skip_special_tokens=True)) for t in tokens[len(gold):]]
         else:
