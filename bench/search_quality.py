@@ -19,6 +19,7 @@ import argparse
 import copy
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -60,6 +61,22 @@ def collect(results: Path, run: str, names: list[str], task: str) -> pd.DataFram
         rows.append({"search": run, "seed": seed, "test": merged["accuracy"], "items": merged["search_items"],
                      "wall_s": merged["search_wall_s"]})
     return pd.DataFrame(rows)
+
+
+def seed_table(table: pd.DataFrame, by: str, seeds: int, best: float,
+               columns: dict[str, Callable[[pd.DataFrame], str]]) -> list[str]:
+    """Markdown lines: per ``by`` group of ``table`` (columns ``by``, ``test``), each seed's test
+    accuracy, mean ± sd and wins over the best endpoint, then ``columns`` (header -> its cell,
+    from the group's rows)."""
+    lines = [f"| {by} | " + " | ".join(f"seed {s}" for s in range(seeds))
+             + " | mean ± sd | beats the best endpoint | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * (seeds + 2 + len(columns))]
+    for name, rows in table.groupby(by, sort=False):
+        test = rows["test"]
+        lines.append(f"| {name} | " + " | ".join([f"{v:.3f}" for v in test] + [""] * (seeds - len(test)))
+                     + f" | {test.mean():.3f} ± {test.std():.3f} | {int((test > best).sum())}/{len(test)} | "
+                     + " | ".join(cell(rows) for cell in columns.values()) + " |")
+    return lines
 
 
 def endpoints_best(results: Path, run: str, endpoints: list[str], task: str) -> tuple[str, float]:
@@ -107,19 +124,13 @@ def main() -> None:
     reference_gain = table[table["search"] == reference]["test"].mean() - best
     print(f"\n{task} test accuracy over {args.seeds} seeds (best endpoint: {best_name} {best:.3f}); "
           f"gain kept = (mean - {best:.3f}) / ({reference} mean - {best:.3f})\n")
-    print("| search | " + " | ".join(f"seed {s}" for s in range(args.seeds))
-          + " | mean ± sd | beats the best endpoint | gain kept | items evaluated | wall time (s) |")
-    print("|---|" + "---|" * args.seeds + "---|---|---|---|---|")
-    for run, rows in table.groupby("search", sort=False):
-        mean, sd = rows["test"].mean(), rows["test"].std()
-        kept = (mean - best) / reference_gain if reference_gain > 0 else float("nan")
-        print(f"| {run} | " + " | ".join(f"{v:.3f}" for v in rows["test"]) + f" | {mean:.3f} ± {sd:.3f} | "
-              f"{int((rows['test'] > best).sum())}/{len(rows)} | {kept:.0%} | {rows['items'].mean():,.0f} | "
-              f"{rows['wall_s'].mean():.0f} |")
-    peer = pd.Series(PEER["test"])
-    print(f"| {PEER['name']} | " + " | ".join(f"{v:.3f}" for v in peer) + " |" * (args.seeds - len(peer) + 1)
-          + f" {peer.mean():.3f} ± {peer.std():.3f} | {int((peer > best).sum())}/{len(peer)} | "
-          f"{(peer.mean() - best) / reference_gain:.0%} | {PEER['items']:,} | {PEER['wall_s'][0]}–{PEER['wall_s'][1]} |")
+    peer = pd.DataFrame({"search": PEER["name"], "test": PEER["test"], "items": PEER["items"],
+                         "wall_s": "{}–{}".format(*PEER["wall_s"])})
+    columns = {"gain kept": lambda r: f"{(r['test'].mean() - best) / reference_gain:.0%}" if reference_gain > 0 else "n/a",
+               "items evaluated": lambda r: f"{r['items'].mean():,.0f}",
+               "wall time (s)": lambda r: r["wall_s"].iloc[0] if isinstance(r["wall_s"].iloc[0], str)
+               else f"{r['wall_s'].mean():.0f}"}
+    print("\n".join(seed_table(pd.concat([table, peer], ignore_index=True), "search", args.seeds, best, columns)))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 
-from search_quality import endpoints_best, seeded_runs  # noqa: E402  (same directory)
+from search_quality import endpoints_best, seed_table, seeded_runs  # noqa: E402  (same directory)
 
 
 def deep_update(base: dict, overlay: dict) -> dict:
@@ -46,13 +46,16 @@ def deep_update(base: dict, overlay: dict) -> dict:
     return base
 
 
-def anchors_file(results: Path, task: str, anchor_set: dict, endpoints: list[str]) -> str:
-    """The anchor set the pipeline's select_anchors rule would write, made by the same calls."""
+def anchors_file(results: Path, task: str, fitness_cfg: dict, endpoints: list[str]) -> str:
+    """The anchor set the pipeline's select_anchors rule would write, made by the same calls
+    (under results/bench/sweep/, so as not to touch the workflow's own files)."""
+    from mergeflow.fitness import FITNESS, anchors_path
     from mergeflow.irt.anchors import select_anchors
     from mergeflow.irt.model import load_irt
     from mergeflow.irt.responses import load_response_matrix
 
-    path = results / "bench" / "sweep" / "anchors" / task / "{strategy}-{n}-seed{seed}.parquet".format(**anchor_set)
+    anchor_set = FITNESS[fitness_cfg["kind"]].anchor_set(fitness_cfg)
+    path = Path(anchors_path(task, anchor_set, str(results / "bench" / "sweep")))
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         ends = [results / "responses" / task / "search" / f"{m}.parquet" for m in endpoints]
@@ -64,15 +67,14 @@ def anchors_file(results: Path, task: str, anchor_set: dict, endpoints: list[str
 def search(config: dict, run: str, results: Path, scratch: Path) -> tuple[pd.DataFrame, float]:
     """Run ``run``'s search in-process through the stage functions; its history and wall time."""
     from mergeflow.evolve.stages import EvolveConfig, FitnessJob, ask, fitness, promote, tell
-    from mergeflow.fitness import FITNESS
+    from mergeflow.fitness import FITNESS, need_paths
 
     cfg = EvolveConfig.from_config(config, run)
     kind = FITNESS[cfg.fitness["kind"]]
-    paths = {"split": lambda t: str(results / "data" / t / "search.parquet"),
-             "irt": lambda t: str(results / "irt" / t / "items.parquet"),
-             "calibration": lambda t: str(results / "calibration" / f"{t}.parquet"),
-             "anchors": lambda t: anchors_file(results, t, kind.anchor_set(cfg.fitness), list(config["endpoints"]))}
-    files = {t: {need: paths[need](t) for need in kind.needs(cfg.fitness)} for t in cfg.tasks}
+    files = need_paths(cfg.fitness, cfg.tasks, str(results))
+    for task, paths in files.items():
+        if "anchors" in paths:
+            paths["anchors"] = anchors_file(results, task, cfg.fitness, list(config["endpoints"]))
     previous, start = None, time.perf_counter()
     for g in range(config["runs"][run]["evolve"]["generations"]):
         gen = scratch / f"gen_{g}"
@@ -153,13 +155,9 @@ def main() -> None:
     table = pd.DataFrame(rows)
     print(f"\n{task} test accuracy over {args.seeds} seeds (best endpoint: {best_name} {best:.3f}), variants of "
           f"run {args.run!r}\n")
-    print("| variant | " + " | ".join(f"seed {s}" for s in range(args.seeds))
-          + " | mean ± sd | beats the best endpoint | estimate − whole search split | items | wall (s) |")
-    print("|---|" + "---|" * args.seeds + "---|---|---|---|---|")
-    for name, r in table.groupby("variant", sort=False):
-        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in r["test"]) + f" | {r['test'].mean():.3f} ± "
-              f"{r['test'].std():.3f} | {int((r['test'] > best).sum())}/{len(r)} | "
-              f"{(r['estimate'] - r['search']).mean():+.3f} | {r['items'].mean():,.0f} | {r['wall_s'].mean():.0f} |")
+    columns = {"estimate − whole search split": lambda r: f"{(r['estimate'] - r['search']).mean():+.3f}",
+               "items": lambda r: f"{r['items'].mean():,.0f}", "wall (s)": lambda r: f"{r['wall_s'].mean():.0f}"}
+    print("\n".join(seed_table(table, "variant", args.seeds, best, columns)))
 
 
 if __name__ == "__main__":

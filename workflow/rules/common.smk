@@ -26,7 +26,7 @@ from mergeflow.config import (
 )
 from mergeflow.errors import MergeflowError
 from mergeflow.evolve.stages import EvolveConfig
-from mergeflow.fitness import FITNESS
+from mergeflow.fitness import FITNESS, NEED_PATHS, need_paths
 
 # Schema (keys, types, defaults) and cross-references, then each run's search, before any job
 # is planned.

@@ -65,7 +65,7 @@ class FitnessKind:
     """A registered fitness kind.
 
     - ``needs(fitness_cfg)``: the files it reads per task, by name; the workflow maps each name
-      to a path in one place (``NEED_PATHS`` in ``workflow/rules/functions/evolve.smk``):
+      to a path in one place (:data:`mergeflow.fitness.NEED_PATHS`):
       ``split`` (the search split), ``anchors`` (the anchor set ``anchor_set`` names), ``irt``
       (the task's IRT fit, ``items.parquet``), ``calibration`` (the calibration population's
       responses).

@@ -3,19 +3,6 @@ from mergeflow.evolve.stages import FitnessJob, ask, fitness, promote, tell
 from mergeflow.logs import job_log, pin_threads
 
 
-def anchors_path(task, anchor_set):
-    return f"results/anchors/{task}/{anchor_set['strategy']}-{anchor_set['n']}-seed{anchor_set['seed']}.parquet"
-
-
-# What a fitness kind may need per task (its `needs`), as paths: the one place that maps them.
-NEED_PATHS = {
-    "split": lambda task, fit: f"results/data/{task}/search.parquet",
-    "anchors": lambda task, fit: anchors_path(task, FITNESS[fit["kind"]].anchor_set(fit)),
-    "irt": lambda task, fit: f"results/irt/{task}/items.parquet",
-    "calibration": lambda task, fit: f"results/calibration/{task}.parquet",
-}
-
-
 def evolve_params(wildcards):
     """The run's search settings; the number of generations is left out so that extending a
     finished search reruns nothing it already did."""
@@ -25,8 +12,7 @@ def evolve_params(wildcards):
 def fitness_files(wildcards):
     """Objective -> need -> path: input lists cannot say which file is whose task."""
     cfg = EVOLVE[wildcards.run]
-    needs = FITNESS[cfg.fitness["kind"]].needs(cfg.fitness)
-    return canonical({t: {need: NEED_PATHS[need](t, cfg.fitness) for need in needs} for t in cfg.tasks})
+    return canonical(need_paths(cfg.fitness, cfg.tasks))
 
 
 def rungs(run):

@@ -30,7 +30,7 @@ def all_figures():
 
 def irt_figure_inputs(wildcards):
     task, runs = wildcards.task, irt_runs(wildcards.task)
-    anchors = {NEED_PATHS["anchors"](task, EVOLVE[run].fitness) for run in runs
+    anchors = {NEED_PATHS["anchors"](task, EVOLVE[run].fitness, "results") for run in runs
                if "anchors" in FITNESS[EVOLVE[run].fitness["kind"]].needs(EVOLVE[run].fitness)}
     return {
         "irt": f"results/irt/{task}/items.parquet",
