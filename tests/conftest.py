@@ -17,3 +17,16 @@ def tiny_zoo(tmp_path_factory):
 
     torch.set_num_threads(1)
     return build_tiny_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """The micro workflow (``test_workflow.micro_config``) run to the end, once per session: the
+    workflow tests read it, and the data-flow tests start from a copy of it."""
+    from test_workflow import micro_config, snakemake
+
+    workdir = tmp_path_factory.mktemp("run")
+    config = micro_config()
+    result = snakemake(workdir, config)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir, config

@@ -214,3 +214,23 @@ def test_generation_from_the_scoring_pass_matches_generate(tiny_zoo):
                           "choices": [[] for _ in prompts], "answer": -1, "target": ["7", "12", "7", "20", "7"]})
     out = evaluate_items(model, tok, items, "exact_match", settings)
     assert list(out["generation"]) == generate_greedy(model, tok, prompts, settings)
+
+
+def test_generation_stops_once_every_answer_holds_a_stop_string(tiny_zoo):
+    """Tokens after a stop string are cut, so they are not generated: with every row stopped after
+    its first token, the packed pass is the batch's only forward; without, decoding goes on."""
+    from mergeflow.evaluate import _encode, score_requests
+
+    settings = EvalSettings.from_config({"max_new_tokens": 6})
+    model, tok = load_causal_lm(tiny_zoo / "math", settings)
+    contexts = [[tok.bos_token_id] + _encode(tok, p) for p in ["ann has 12 cups . how many cups ? answer",
+                                                              "tom has 3 pens . how many pens ? answer"]]
+    forwards = []
+    hook = model.get_decoder().register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        for stopped, expected in [(lambda tokens: True, 1), (lambda tokens: False, 6)]:
+            forwards.clear()
+            _, tokens = score_requests(model, [(c, []) for c in contexts], 8, 64, max_new_tokens=6, stopped=stopped)
+            assert len(forwards) == expected and all(len(t) == (1 if expected == 1 else 6) for t in tokens)
+    finally:
+        hook.remove()

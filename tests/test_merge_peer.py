@@ -55,17 +55,44 @@ def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return result
 
 
+METHODS = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock"]
+
+# mergekit-yaml's own two calls, for several recipes in one process (each start costs seconds)
+RUN_MERGES = """
+import sys, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+for recipe, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    source = open(recipe).read()
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(source)), out,
+              options=MergeOptions(cuda=False, quiet=True), config_source=source)
+"""
+
+
+def run_mergekit(pairs: list[tuple[Path, Path]]) -> None:
+    """mergekit merges each recipe file into its output directory."""
+    subprocess.run([str(PEER_VENV / "bin" / "python"), "-c", RUN_MERGES, *[str(p) for pair in pairs for p in pair]],
+                   check=True, capture_output=True, env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+
+
+@pytest.fixture(scope="module")
+def mergekit_outputs(zoo, tmp_path_factory):
+    """Every method's recipe merged by mergekit, in one process."""
+    root = tmp_path_factory.mktemp("mergekit")
+    pairs = []
+    for method in METHODS:
+        (root / f"{method}.yaml").write_text(yaml.safe_dump(recipe(zoo, method)))
+        pairs.append((root / f"{method}.yaml", root / method))
+    run_mergekit(pairs)
+    return root
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "breadcrumbs",
-                                    "breadcrumbs_ties", "slerp", "model_stock"])
-def test_matches_mergekit(zoo, tmp_path, method):
-    data = recipe(zoo, method)
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
-    subprocess.run([str(MERGEKIT), str(tmp_path / "recipe.yaml"), str(tmp_path / "mergekit"),
-                    "--no-cuda", "--quiet"], check=True, capture_output=True,
-                   env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
-    ours = tensors(merge_to_dir(recipe_from_dict(data), tmp_path / "mergeflow"))
-    theirs = tensors(tmp_path / "mergekit")
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_mergekit(zoo, mergekit_outputs, tmp_path, method):
+    ours = tensors(merge_to_dir(recipe_from_dict(recipe(zoo, method)), tmp_path / "mergeflow"))
+    theirs = tensors(mergekit_outputs / method)
     assert set(ours) == set(theirs)
     for name, tensor in ours.items():
         torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=1e-5, msg=name)
@@ -81,9 +108,7 @@ def test_a_layer_path_recipe_rebuilds_in_mergekit(zoo, tmp_path):
     path = LayerPath([Hop(zoo["base"], 0), Hop(zoo["math"], 1, 0.8), Hop(zoo["math"], 1, 1.25),
                       Hop(zoo["lang"], 0, 1.5), Hop(zoo["base"], 1)], base_model=zoo["base"])
     (tmp_path / "recipe.yaml").write_text(path.to_yaml())
-    subprocess.run([str(MERGEKIT), str(tmp_path / "recipe.yaml"), str(tmp_path / "mergekit"),
-                    "--no-cuda", "--quiet"], check=True, capture_output=True,
-                   env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    run_mergekit([(tmp_path / "recipe.yaml", tmp_path / "mergekit")])
     ours = tensors(export_path(path, tmp_path / "mergeflow"))
     theirs = tensors(tmp_path / "mergekit")
     assert set(ours) == set(theirs)

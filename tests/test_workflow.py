@@ -82,15 +82,6 @@ def planned_jobs(dry_run_output: str) -> list[str]:
     return sorted(jobs)
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    config = micro_config()
-    result = snakemake(workdir, config)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return workdir, config
-
-
 @pytest.mark.slow
 def test_run_writes_every_stage(finished_run):
     workdir, _ = finished_run

@@ -18,9 +18,9 @@ from test_workflow import micro_config, snakemake, snakemake_command
 
 
 def paths_config() -> dict:
+    """The micro config's zoo, tasks and models (so a copy of its finished run has them done) and
+    data-flow runs instead of its runs."""
     config = micro_config()
-    config["tasks"] = {"math_l2": config["tasks"]["math_l2"]}
-    config["zoo"]["tasks"] = ["math_l2"]
     config["models"]["ps"] = {"run": "ps"}
     evolve = {"objectives": {"math_l2": 1.0}, "population": 3, "generations": 2, "fitness": {"kind": "full"}}
     config["runs"] = {
@@ -37,8 +37,11 @@ def paths_config() -> dict:
 
 
 @pytest.fixture(scope="module")
-def path_run(tmp_path_factory):
+def path_run(finished_run, tmp_path_factory):
+    """The data-flow runs, in a copy of the finished micro run: its zoo, data, responses and IRT
+    fits are up to date there, so only the new runs and the summaries are computed."""
     workdir = tmp_path_factory.mktemp("paths")
+    shutil.copytree(finished_run[0], workdir, symlinks=True, dirs_exist_ok=True)
     config = paths_config()
     result = snakemake(workdir, config)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -361,7 +361,9 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_siz
             at = [first[reads[i][0]] + j for i in idx for j in reads[i][1][:len(reads[i][2])]]
             targets = [tok for i in idx for tok in reads[i][2]]
             owner = [k for k, i in enumerate(idx) for _ in reads[i][2]]
-            token_lp = logprobs[torch.tensor(at, device=device), torch.tensor(targets, device=device)].double()
+            # (long: a batch of generation contexts alone has no continuation tokens to index)
+            token_lp = logprobs[torch.tensor(at, dtype=torch.long, device=device),
+                                torch.tensor(targets, dtype=torch.long, device=device)].double()
             sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
             sums.index_add_(0, torch.tensor(owner, device=device, dtype=torch.long), token_lp)
             out[idx] = sums.cpu().numpy()
