@@ -52,6 +52,37 @@ def test_a_failed_in_process_job_writes_its_message_into_its_log(tmp_path):
     assert not logging.getLogger("mergeflow").handlers
 
 
+def test_in_process_jobs_side_by_side_keep_their_logs_when_one_ends_first(tmp_path):
+    """Two jobs in threads of one process (snakemake --cores 2 with the default profile): each
+    file gets its own thread's records, also after the other job has ended."""
+    import threading
+
+    log = logging.getLogger("mergeflow.test")
+    b_started, a_ended = threading.Event(), threading.Event()
+
+    def job_a():
+        with job_log(tmp_path / "a.log"):
+            b_started.wait(10)
+            log.info("from a")
+        a_ended.set()
+
+    def job_b():
+        with job_log(tmp_path / "b.log"):
+            b_started.set()
+            a_ended.wait(10)
+            log.info("from b, after a ended")
+
+    threads = [threading.Thread(target=job) for job in (job_a, job_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    a, b = (tmp_path / "a.log").read_text(), (tmp_path / "b.log").read_text()
+    assert "from a" in a and "from b" not in a
+    assert "from b, after a ended" in b and "from a" not in b
+    assert logging.getLogger("mergeflow").level == logging.NOTSET and not logging.getLogger("mergeflow").handlers
+
+
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
                            "--cores", "2", *args], capture_output=True, text=True, timeout=600, cwd=REPO,

@@ -14,6 +14,11 @@ from pathlib import Path
 # Set to 1 for the traceback behind a MergeflowError in the job's log (default: its message alone).
 DEBUG_ENV = "MERGEFLOW_DEBUG"
 
+# In-process jobs open at once (job_log) and the mergeflow logger's level before the first: the
+# level goes back only when the last one ends, so a job ending first cannot mute the others.
+_OPEN_JOBS = {"count": 0, "level": logging.NOTSET}
+_OPEN_LOCK = threading.Lock()
+
 
 def debugging() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
@@ -83,9 +88,12 @@ def job_log(log_file: str | Path):
     handler.addFilter(lambda record: record.thread == thread)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logger = logging.getLogger("mergeflow")
-    level = logger.level
+    with _OPEN_LOCK:
+        if _OPEN_JOBS["count"] == 0:
+            _OPEN_JOBS["level"] = logger.level
+        _OPEN_JOBS["count"] += 1
+        logger.setLevel(logging.INFO)
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     try:
         yield logger
     except BaseException as err:
@@ -93,5 +101,8 @@ def job_log(log_file: str | Path):
         raise
     finally:
         logger.removeHandler(handler)
-        logger.setLevel(level)
         handler.close()
+        with _OPEN_LOCK:
+            _OPEN_JOBS["count"] -= 1
+            if _OPEN_JOBS["count"] == 0:
+                logger.setLevel(_OPEN_JOBS["level"])
