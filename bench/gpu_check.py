@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mergeflow.data import read_split
-from mergeflow.evaluate import EvalSettings, evaluate_items, load_causal_lm
+from mergeflow.evaluate import EvalSettings, evaluate_items, load_causal_lm, load_tokenizer
 from mergeflow.merge import InMemoryMerger, recipe_from_dict
 
 TASKS = {"math_l2": "mc_loglik", "math_l1": "exact_match"}
@@ -90,17 +90,11 @@ def main() -> None:
             torch.cuda.synchronize()
         per = (time.perf_counter() - t0) / 10
         merged[device, dtype] = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-        acc = evaluate_items(model, merger_tokenizer(paths[0]), items["math_l2"], "mc_loglik",
+        acc = evaluate_items(model, load_tokenizer(paths[0]), items["math_l2"], "mc_loglik",
                              settings(device, dtype))["correct"].mean()
         diff = max(float((merged["cpu", "float32"][k] - merged[device, dtype][k]).abs().max()) for k in merged[device, dtype])
         print(f"in-memory merge on {device}, {dtype}: {per * 1000:.1f} ms per candidate; merged model math_l2 test "
               f"{acc:.3f}; tensors against the CPU's float32 merge: max abs diff {diff:.2e}", flush=True)
-
-def merger_tokenizer(path: str):
-    from mergeflow.evaluate import load_tokenizer
-
-    return load_tokenizer(path)
-
 
 if __name__ == "__main__":
     main()

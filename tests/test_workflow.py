@@ -279,6 +279,26 @@ def test_more_generations_run_only_the_new_ones(finished_run):
                              "accuracy_figure", "cost_figure", "results_readme"])
 
 
+def kill_when(cmd: list[str], marker: Path, why: str) -> None:
+    """Start ``cmd`` and SIGKILL it, jobs included, as soon as ``marker`` exists (``why``: the
+    failure message if the run ends first)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists() and proc.poll() is None, why
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def resume(cmd: list[str]) -> None:
+    """Resume a killed run as the README says: a SIGKILL leaves Snakemake's lock behind, so unlock,
+    then rerun with --rerun-incomplete."""
+    subprocess.run(cmd + ["--unlock"], capture_output=True, text=True, timeout=120, check=True)
+    result = subprocess.run(cmd + ["--rerun-incomplete"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_history(finished_run, tmp_path):
     """SIGKILL a multi-fidelity search during generation 1, rerun with --rerun-incomplete: same bytes."""
@@ -288,21 +308,12 @@ def test_killed_run_resumes_to_the_same_history(finished_run, tmp_path):
     shutil.rmtree(copy / "results" / "runs" / "multi" / "evolve")
     target = "results/runs/multi/evolve/history.parquet"
     cmd = snakemake_command(copy, config, target)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = copy / "results" / "runs" / "multi" / "evolve" / "gen_1" / "rung_0" / "promoted.parquet"
-    deadline = time.time() + 300
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert marker.exists() and proc.poll() is None, "the run ended before generation 2 started"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd, copy / "results" / "runs" / "multi" / "evolve" / "gen_1" / "rung_0" / "promoted.parquet",
+              "the run ended before generation 2 started")
     assert not (copy / target).exists()
     finished = copy / "results" / "runs" / "multi" / "evolve" / "gen_0" / "history.parquet"
     before = finished.stat().st_mtime_ns
-    # a SIGKILL leaves Snakemake's lock behind: unlock, then resume (as the README says)
-    subprocess.run(cmd + ["--unlock"], capture_output=True, text=True, timeout=120, check=True)
-    result = subprocess.run(cmd + ["--rerun-incomplete"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    resume(cmd)
     assert finished.stat().st_mtime_ns == before  # the finished generation was not redone
     assert (copy / target).read_bytes() == (workdir / target).read_bytes()
 

@@ -4,17 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import time
 
 import pandas as pd
 import pytest
 import yaml
 
-from test_workflow import micro_config, snakemake, snakemake_command
+from test_workflow import kill_when, micro_config, resume, snakemake, snakemake_command
 
 
 def paths_config() -> dict:
@@ -105,18 +101,10 @@ def test_killed_dfs_search_resumes_to_the_same_history(path_run, tmp_path):
     shutil.rmtree(copy / "results" / "runs" / "psdfs" / "evolve")
     target = "results/runs/psdfs/evolve/history.parquet"
     cmd = snakemake_command(copy, config, target)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = copy / "results" / "runs" / "psdfs" / "evolve" / "gen_1" / "candidates.parquet"
-    deadline = time.time() + 300
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert marker.exists() and proc.poll() is None, "the run ended before generation 1 was scored"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd, copy / "results" / "runs" / "psdfs" / "evolve" / "gen_1" / "candidates.parquet",
+              "the run ended before generation 1 was scored")
     assert not (copy / target).exists()
-    subprocess.run(cmd + ["--unlock"], capture_output=True, text=True, timeout=120, check=True)
-    result = subprocess.run(cmd + ["--rerun-incomplete"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    resume(cmd)
     assert (copy / target).read_bytes() == (workdir / target).read_bytes()
 
 
