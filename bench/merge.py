@@ -40,8 +40,9 @@ MEMORY_TARGET = 0.40  # peak RSS above imports, as a fraction of one source mode
 PARITY_TOLERANCE = 1e-5
 IN_MEMORY_TARGETS = {"linear": 3.0, "task_arithmetic": 3.0, "ties": 10.0}
 TIMED = ["linear", "task_arithmetic", "ties", "dare_ties", "della"]
-# Deterministic methods both implement: compared once for parity, not timed.
-PARITY_ONLY = ["breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock"]
+# Deterministic methods both implement: compared once for parity, not timed. "ties-argsort" is
+# TIES with mergeflow's opt-in ``tie_break: argsort`` (mergekit's order among tied entries).
+PARITY_ONLY = ["breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ties-argsort"]
 RANDOM = {"dare_ties", "della"}
 
 
@@ -82,6 +83,8 @@ def model_bytes(path: Path) -> int:
 def recipe_for(method: str, paths: dict[str, Path]) -> dict:
     """The recipe of ``method``: the three fine-tunes on the base, weights 0.5/0.3/0.2 and
     density 0.5 where the method reads them (slerp: base and the first, t = 0.5)."""
+    if method == "ties-argsort":
+        return recipe_for("ties", paths)
     if method == "slerp":
         return {"merge_method": "slerp", "base_model": str(paths["base"]),
                 "models": [{"model": str(paths["base"])}, {"model": str(paths["ft1"])}],
@@ -308,13 +311,13 @@ def run_mode(mode: str, args, python: Path, recipes: dict[str, Path], root: Path
 def parity_only(args, python: Path, recipes: dict, root: Path) -> None:
     print("\n## parity of the other deterministic methods both implement (one run each)")
     for method in args.parity:
-        run_side("mergekit", python, recipes[("mergekit", method)], root / "out-mergekit", args.mergekit_args)
-        run_side("mergeflow", Path(sys.executable), recipes[("mergeflow", method)], root / "out-mergeflow", [])
+        theirs = run_side("mergekit", python, recipes[("mergekit", method)], root / "out-mergekit", args.mergekit_args)
+        ours = run_side("mergeflow", Path(sys.executable), recipes[("mergeflow", method)], root / "out-mergeflow", [])
         worst, differing, total = compare(root / "out-mergeflow", root / "out-mergekit")
         verdict = "ok" if worst <= PARITY_TOLERANCE else "MISSED"
         print(f"  {method:<18} max |diff| {worst:.1e} ({differing} of {total} entries differ by more "
-              f"than {PARITY_TOLERANCE:g}): {verdict}",
-              flush=True)
+              f"than {PARITY_TOLERANCE:g}): {verdict}; wall mergekit {theirs['wall']:.1f} s, "
+              f"mergeflow {ours['wall']:.1f} s", flush=True)
 
 
 def main() -> None:
@@ -324,9 +327,9 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=2048)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--timed", type=lambda s: s.split(","), default=TIMED)
+    parser.add_argument("--timed", type=lambda s: [m for m in s.split(",") if m], default=TIMED)
     parser.add_argument("--parity", type=lambda s: [m for m in s.split(",") if m], default=PARITY_ONLY)
-    parser.add_argument("--modes", type=lambda s: s.split(","), default=["quiet", "busy"])
+    parser.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["quiet", "busy"])
     parser.add_argument("--busy", type=int, default=1, help="spinning processes in the busy mode")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-in-memory", action="store_true", help="skip the in-memory merger's figures")
@@ -353,6 +356,8 @@ def main() -> None:
         for method in args.timed + args.parity:
             data = recipe_for(method, paths)
             for tool, extra in (("mergeflow", {"seed": 1}), ("mergekit", {})):
+                if tool == "mergeflow" and method == "ties-argsort":
+                    extra = {**extra, "parameters": {"tie_break": "argsort"}}
                 path = root / f"{tool}-{method}.yaml"
                 path.write_text(yaml.safe_dump({**data, **extra}))
                 recipes[(tool, method)] = path

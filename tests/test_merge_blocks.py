@@ -58,6 +58,24 @@ def test_trim_keeps_exactly_k_choosing_tied_entries_by_index():
     assert magnitude_trim(magnitudes, 5).tied is None  # the cut falls after the ties: keep all
 
 
+def test_argsort_tie_break_keeps_what_a_descending_argsort_keeps():
+    """mergekit's trim: the first ``k`` of torch's (unstable) descending argsort."""
+    generator = torch.Generator().manual_seed(4)
+    magnitudes = quantized((200_000,), generator).abs()
+    ws = Workspace(cache=True)
+    for keep in (1, 7_000, 100_000, 150_001):
+        expected = torch.zeros_like(magnitudes, dtype=torch.bool)
+        expected[torch.argsort(magnitudes, descending=True)[:keep]] = True
+        for trim in (magnitude_trim(magnitudes, keep, "argsort"), ws.trim(lambda: magnitudes, keep, ("m",), "argsort")):
+            kept = magnitudes > trim.threshold if trim.tied is not None else magnitudes >= trim.threshold
+            if trim.tied is not None:
+                kept[trim.tied] = True
+            assert int(kept.sum()) == keep
+            assert torch.equal(kept, expected)
+    by_index = magnitude_trim(magnitudes, 100_000)
+    assert not torch.equal(by_index.tied, magnitude_trim(magnitudes, 100_000, "argsort").tied)  # ties do differ
+
+
 def test_cached_sorted_trim_matches_the_selection():
     generator = torch.Generator().manual_seed(2)
     delta = quantized((400, 300), generator)

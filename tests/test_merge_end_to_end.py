@@ -76,6 +76,7 @@ def test_cli_merge_loads_and_generates(zoo, tmp_path, merge_cli):
 
 @pytest.mark.parametrize("method, extra", [
     ("linear", {}), ("task_arithmetic", {"parameters": {"lambda": 0.8}}), ("ties", {}),
+    ("ties", {"parameters": {"tie_break": "argsort"}}),
     ("dare_ties", {}), ("dare_linear", {}), ("della", {}), ("breadcrumbs_ties", {}),
     ("model_stock", {}),
 ])
@@ -175,6 +176,11 @@ def test_error_density_outside_unit_interval(zoo, density):
     data = recipe_dict(zoo)
     data["models"][1]["parameters"]["density"] = density
     _expect_error(data, rf"density {density} of model '.*lang'.*outside \(0, 1\]")
+
+
+def test_error_unknown_tie_break(zoo):
+    data = recipe_dict(zoo, "ties", parameters={"tie_break": "sorted"})
+    _expect_error(data, r"tie_break 'sorted' for tensor .*: expected one of index, argsort")
 
 
 def test_error_nan_in_source(zoo, tmp_path):

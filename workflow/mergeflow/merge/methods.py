@@ -84,14 +84,15 @@ class Workspace:
         buffer = self.empty("ones", like).fill_(1.0)
         return buffer
 
-    def trim(self, magnitudes: Callable[[], Tensor], keep: int, key: tuple | None) -> "Trim":
+    def trim(self, magnitudes: Callable[[], Tensor], keep: int, key: tuple | None,
+             tie_break: str = "index") -> "Trim":
         """The ``Trim`` keeping the ``keep`` largest of ``magnitudes()`` (flat float32). A
         caching workspace given the ``key`` of a (model, base) tensor pair sorts that task
         vector's magnitudes once and then answers any ``keep`` by lookup: the search varies
         densities, never the task vectors. That costs one float32 copy of each task vector
-        trimmed (``sort_cache=False`` to save it)."""
+        trimmed (``sort_cache=False`` to save it). ``tie_break``: see :func:`_exact_trim`."""
         if not self.sort_cache or key is None:
-            return magnitude_trim(magnitudes(), keep)
+            return magnitude_trim(magnitudes(), keep, tie_break)
         ordered = self._sorted.get(key)
         if ordered is None:
             ordered = self._sorted[key] = magnitudes().sort().values
@@ -100,7 +101,7 @@ class Workspace:
         left = int(torch.searchsorted(ordered, cut))
         right = int(torch.searchsorted(ordered, cut, right=True))
         threshold = float(cut)
-        return _exact_trim(threshold, total - right, right - left, keep, magnitudes)
+        return _exact_trim(threshold, total - right, right - left, keep, magnitudes, tie_break)
 
 
 def _destination(out: Tensor | None, ws: Workspace, like: Tensor) -> Tensor:
@@ -185,16 +186,26 @@ class Trim:
         return Trim(self.threshold, self.tied[low:high] - start)
 
 
+TIE_BREAKS = ("index", "argsort")
+"""How a TIES trim picks among entries tied in magnitude at its cut (the ``tie_break`` parameter)."""
+
+
 def _exact_trim(threshold: float, above: int, tied: int, keep: int,
-                magnitudes: Callable[[], Tensor]) -> Trim:
+                magnitudes: Callable[[], Tensor], tie_break: str = "index") -> Trim:
     """The trim keeping exactly ``keep`` entries, given the ``keep``-th largest magnitude and
-    the counts of entries above and at it. Of the entries tied at the cut, the first by flat
-    index are kept (the order of a stable descending sort). mergekit keeps ``keep`` entries too
-    but picks among tied ones by torch's unstable argsort, whose order has no rule short of
-    sorting the whole tensor (and differs between CPU and CUDA); that sort would be most of a
-    TIES merge's time. Zeros are never chosen among: kept or not, a zero delta adds nothing."""
+    the counts of entries above and at it. Of the entries tied at the cut, ``tie_break``
+    ``index`` keeps the first by flat index (the order of a stable descending sort);
+    ``argsort`` keeps those mergekit keeps: the first in torch's unstable descending
+    ``argsort`` of the magnitudes, an order with no rule short of that sort of the whole tensor
+    (deterministic for one torch build and device, and most of a TIES merge's time when it runs,
+    so it runs only where ties straddle the cut). Zeros are never chosen among: kept or not, a
+    zero delta adds nothing."""
     if above + tied == keep or threshold <= 0.0:
         return Trim(threshold)
+    if tie_break == "argsort":
+        # a descending sort puts the ``above`` larger entries first, then the tied ones
+        ranked = torch.argsort(magnitudes(), descending=True)[above:keep]
+        return Trim(threshold, torch.sort(ranked).values)
     at_cut, needed = [], keep - above
     for number, chunk in enumerate(_chunks(magnitudes())):
         if needed <= 0:
@@ -205,9 +216,9 @@ def _exact_trim(threshold: float, above: int, tied: int, keep: int,
     return Trim(threshold, torch.cat(at_cut))
 
 
-def magnitude_trim(magnitudes: Tensor, keep: int) -> Trim:
+def magnitude_trim(magnitudes: Tensor, keep: int, tie_break: str = "index") -> Trim:
     """The ``Trim`` keeping the ``keep`` largest of a flat float32 tensor of magnitudes."""
-    return _exact_trim(*select_largest(magnitudes, keep), keep, lambda: magnitudes)
+    return _exact_trim(*select_largest(magnitudes, keep), keep, lambda: magnitudes, tie_break)
 
 
 def apply_trim(delta: Tensor, trim: Trim | None, ws: Workspace) -> Tensor:
@@ -431,10 +442,11 @@ def _merge_block(tensors, base, model_params, variant, params, trims, generators
 
 
 def magnitude_trims(model_params, numel: int, magnitudes: Callable[[int], Tensor], ws: Workspace,
-                    keys: list[tuple] | None = None) -> list[Trim | None]:
+                    keys: list[tuple] | None = None, tie_break: str = "index") -> list[Trim | None]:
     """Per model, the ``Trim`` of the TIES magnitude trim over the whole tensor (None when
     nothing is kept). ``magnitudes(i)``: model ``i``'s flat float32 |task vector|, called only
-    when needed; ``keys``: per model, the key under which a caching workspace keeps it sorted."""
+    when needed; ``keys``: per model, the key under which a caching workspace keeps it sorted;
+    ``tie_break``: see :func:`_exact_trim`."""
     trims: list[Trim | None] = []
     for index, model in enumerate(model_params):
         density = float(model["density"])
@@ -443,14 +455,15 @@ def magnitude_trims(model_params, numel: int, magnitudes: Callable[[int], Tensor
             trims.append(Trim(0.0) if keep > 0 else None)
             continue
         trims.append(ws.trim(lambda index=index: magnitudes(index), keep,
-                             keys[index] if keys else None))
+                             keys[index] if keys else None, tie_break))
     return trims
 
 
-def _whole_tensor_trims(tensors, base, model_params, ws: Workspace) -> list[Trim | None]:
+def _whole_tensor_trims(tensors, base, model_params, ws: Workspace, tie_break: str) -> list[Trim | None]:
     keys = [(t.data_ptr(), base.data_ptr(), tuple(base.shape), base.dtype) for t in tensors]
     return magnitude_trims(model_params, base.numel(),
-                           lambda i: torch.sub(tensors[i], base).abs_().reshape(-1).float(), ws, keys)
+                           lambda i: torch.sub(tensors[i], base).abs_().reshape(-1).float(), ws, keys,
+                           tie_break)
 
 
 def _generalized_task_arithmetic(variant: _TaskArithmeticVariant) -> MethodFunction:
@@ -465,7 +478,7 @@ def _generalized_task_arithmetic(variant: _TaskArithmeticVariant) -> MethodFunct
             return _task_vector_sum(tensors, base, weights, float(params["lambda"]),
                                     bool(params["normalize"]), result)
         if trims is None and variant.sparsify == "magnitude":
-            trims = _whole_tensor_trims(tensors, base, model_params, ws)
+            trims = _whole_tensor_trims(tensors, base, model_params, ws, params.get("tie_break", "index"))
         trims = trims or [None] * len(tensors)
         random = variant.sparsify in ("random", "magnitude_rank")
         generators = [rng(i) if random else None for i in range(len(tensors))]
@@ -572,7 +585,8 @@ class MergeMethod:
 def _task_method(name, function, normalize, rescale=False, extra=None, random=False,
                  blocks=None, trims=False):
     model_defaults = {"weight": 1.0, "density": 1.0, **(extra or {})}
-    method_defaults = {"lambda": 1.0, "normalize": normalize, "rescale": rescale}
+    method_defaults = {"lambda": 1.0, "normalize": normalize, "rescale": rescale,
+                       **({"tie_break": "index"} if trims else {})}
     return MergeMethod(name, function, True, model_defaults, method_defaults, random=random,
                        blocks=blocks, trims=trims)
 

@@ -17,7 +17,7 @@ import torch
 
 from mergeflow.errors import MergeflowError, RecipeError
 from mergeflow.merge.methods import (
-    CPU_BLOCK, MergeMethod, Workspace, check_parameter_names, get_method, magnitude_trims,
+    CPU_BLOCK, TIE_BREAKS, MergeMethod, Workspace, check_parameter_names, get_method, magnitude_trims,
 )
 from mergeflow.merge.params import (
     is_pre_layer_tensor, layer_index, layer_position, resolve_value, with_layer_index,
@@ -200,6 +200,9 @@ class _Planner:
             if value is None:
                 raise MergeflowError(
                     f"merge method {method.name!r} needs parameter {key!r} (tensor {tensor!r})")
+            if key == "tie_break" and value not in TIE_BREAKS:
+                raise MergeflowError(f"tie_break {value!r} for tensor {tensor!r}: expected one of "
+                                     f"{', '.join(TIE_BREAKS)}")
             values[key] = value
         return values
 
@@ -324,7 +327,8 @@ def _whole_tensor_trims(plan: TensorPlan, read: ReadRange, device: torch.device 
                 target.copy_(into)
         return magnitudes
 
-    return magnitude_trims(plan.model_params, numel, fill, Workspace())
+    return magnitude_trims(plan.model_params, numel, fill, Workspace(),
+                           tie_break=plan.params.get("tie_break", "index"))
 
 
 def _no_rng(model_index: int) -> torch.Generator:
