@@ -35,7 +35,8 @@ ReadRange = Callable[[str, str, int, int], torch.Tensor]
 # The streaming merge splits tensors above this many entries into blocks of about this many
 # (4 MiB of float32): a multiple of CPU_BLOCK, so the methods' own blocks fall where they fall
 # in the whole tensor.
-STREAM_BLOCK = 64 * CPU_BLOCK
+STREAM_BLOCK = 1 << 20
+assert STREAM_BLOCK % CPU_BLOCK == 0
 
 
 @dataclass
