@@ -40,9 +40,11 @@ MEMORY_TARGET = 0.40  # peak RSS above imports, as a fraction of one source mode
 PARITY_TOLERANCE = 1e-5
 IN_MEMORY_TARGETS = {"linear": 3.0, "task_arithmetic": 3.0, "ties": 10.0}
 TIMED = ["linear", "task_arithmetic", "ties", "dare_ties", "della"]
-# Deterministic methods both implement: compared once for parity, not timed. "ties-argsort" is
-# TIES with mergeflow's opt-in ``tie_break: argsort`` (mergekit's order among tied entries).
+# Deterministic methods both implement: compared once for parity, not timed.
 PARITY_ONLY = ["breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ties-argsort"]
+# Rows that are a method with mergeflow-only parameters: TIES with the opt-in ``tie_break:
+# argsort`` (mergekit's order among tied entries); mergekit runs the plain method.
+VARIANTS = {"ties-argsort": ("ties", {"tie_break": "argsort"})}
 RANDOM = {"dare_ties", "della"}
 
 
@@ -83,8 +85,6 @@ def model_bytes(path: Path) -> int:
 def recipe_for(method: str, paths: dict[str, Path]) -> dict:
     """The recipe of ``method``: the three fine-tunes on the base, weights 0.5/0.3/0.2 and
     density 0.5 where the method reads them (slerp: base and the first, t = 0.5)."""
-    if method == "ties-argsort":
-        return recipe_for("ties", paths)
     if method == "slerp":
         return {"merge_method": "slerp", "base_model": str(paths["base"]),
                 "models": [{"model": str(paths["base"])}, {"model": str(paths["ft1"])}],
@@ -354,10 +354,9 @@ def main() -> None:
               f"({torch.get_num_threads()}), {os.cpu_count()} cores")
         recipes = {}
         for method in args.timed + args.parity:
-            data = recipe_for(method, paths)
-            for tool, extra in (("mergeflow", {"seed": 1}), ("mergekit", {})):
-                if tool == "mergeflow" and method == "ties-argsort":
-                    extra = {**extra, "parameters": {"tie_break": "argsort"}}
+            base_method, ours = VARIANTS.get(method, (method, {}))
+            data = recipe_for(base_method, paths)
+            for tool, extra in (("mergeflow", {"seed": 1, **({"parameters": ours} if ours else {})}), ("mergekit", {})):
                 path = root / f"{tool}-{method}.yaml"
                 path.write_text(yaml.safe_dump({**data, **extra}))
                 recipes[(tool, method)] = path

@@ -160,10 +160,8 @@ def select_largest(magnitudes: Tensor, k: int) -> tuple[float, int, int]:
         values = magnitudes.numpy() if magnitudes.device.type == "cpu" else magnitudes
         above = _count(values, lambda chunk: chunk > high)
         if above < k:
-            if isinstance(values, numpy.ndarray):
-                band = torch.from_numpy(numpy.concatenate([c[(c >= low) & (c <= high)] for c in _chunks(values)]))
-            else:
-                band = torch.cat([c[(c >= low) & (c <= high)] for c in _chunks(values)])
+            parts = [c[(c >= low) & (c <= high)] for c in _chunks(values)]
+            band = torch.from_numpy(numpy.concatenate(parts)) if isinstance(values, numpy.ndarray) else torch.cat(parts)
             if k - above <= band.numel():
                 threshold = _kth_largest(band, k - above)
                 return (threshold, above + int(torch.count_nonzero(band > threshold)),
@@ -490,7 +488,7 @@ def _generalized_task_arithmetic(variant: _TaskArithmeticVariant) -> MethodFunct
             return _task_vector_sum(tensors, base, weights, float(params["lambda"]),
                                     bool(params["normalize"]), result)
         if trims is None and variant.sparsify == "magnitude":
-            trims = _whole_tensor_trims(tensors, base, model_params, ws, params.get("tie_break", "index"))
+            trims = _whole_tensor_trims(tensors, base, model_params, ws, params["tie_break"])
         trims = trims or [None] * len(tensors)
         random = variant.sparsify in ("random", "magnitude_rank")
         generators = [rng(i) if random else None for i in range(len(tensors))]

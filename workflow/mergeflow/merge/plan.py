@@ -36,7 +36,6 @@ ReadRange = Callable[[str, str, int, int], torch.Tensor]
 # (4 MiB of float32): a multiple of CPU_BLOCK, so the methods' own blocks fall where they fall
 # in the whole tensor.
 STREAM_BLOCK = 1 << 20
-assert STREAM_BLOCK % CPU_BLOCK == 0
 
 
 @dataclass
@@ -328,8 +327,7 @@ def _whole_tensor_trims(plan: TensorPlan, read: ReadRange, device: torch.device 
                 target.copy_(into)
         return magnitudes
 
-    return magnitude_trims(plan.model_params, numel, fill, Workspace(),
-                           tie_break=plan.params.get("tie_break", "index"))
+    return magnitude_trims(plan.model_params, numel, fill, Workspace(), tie_break=plan.params["tie_break"])
 
 
 def _no_rng(model_index: int) -> torch.Generator:
