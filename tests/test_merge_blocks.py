@@ -26,7 +26,7 @@ def plan_for(name, shape, models=3):
                       model_params, dict(method.method_defaults), tensor_seed(3, "w"), shape)
 
 
-@pytest.mark.parametrize("shape", [(601, 399), (239_899,)])  # odd sizes: blocks end mid-row
+@pytest.mark.parametrize("shape", [(1201, 399), (479_899,)])  # odd sizes: blocks end mid-row
 @pytest.mark.parametrize("name", BLOCKED)
 def test_blocks_equal_the_whole_tensor_bitwise(name, shape):
     generator = torch.Generator().manual_seed(1)
@@ -109,14 +109,14 @@ _WIDE_ZOO = {}
 
 
 def wide_zoo(tmp_path_factory) -> dict[str, str]:
-    """A base and two fine-tunes with MLP matrices of 196,608 entries (three blocks of 65,536)."""
+    """A base and two fine-tunes with MLP matrices of 393,216 entries (three blocks of 131,072)."""
     from factories import make_model
 
     if not _WIDE_ZOO:
         root = tmp_path_factory.mktemp("wide")
-        base = make_model(root / "base", 0, 1, hidden=256, intermediate=768)
+        base = make_model(root / "base", 0, 1, hidden=256, intermediate=1536)
         _WIDE_ZOO.update(base=str(base), **{name: str(make_model(root / name, seed, 1, base=base, hidden=256,
-                                                                 intermediate=768))
+                                                                 intermediate=1536))
                                               for name, seed in (("math", 1), ("lang", 2))})
     return _WIDE_ZOO
 

@@ -341,12 +341,13 @@ def _task_vector_sum(tensors, base, weights, lam: float, normalize: bool, result
     return result
 
 
-# CPU merges run in blocks of this many entries (256 KiB of float32): a dozen passes over a
+# CPU merges run in blocks of this many entries (512 KiB of float32): a dozen passes over a
 # block stay in cache, where over a whole tensor each pass goes to memory, and the Python cost
-# per block stays small. On the bench's 134M-parameter TIES merge, 2^16 against 2^14: in memory
-# 1.44 s against 2.3 s (one core busy beside it: 1.75 s against 3.3 s), streaming about even
-# (busy: 8.9 s against 10.2 s); 2^18 streams slower.
-CPU_BLOCK = 1 << 16
+# per block stays small. On the bench's 134M-parameter TIES merge: 2^16 against 2^14 in memory
+# 1.44 s against 2.3 s (one core busy beside it: 1.75 s against 3.3 s); 2^17 against 2^16 in
+# memory 1.24-1.38 s against 1.43-1.76 s, streaming about even (9.9-12.3 s against 10.5-13.0 s,
+# a noisy machine); 2^18 streamed slower in one run.
+CPU_BLOCK = 1 << 17
 
 
 def _elect_and_merge(deltas: list[Tensor], scales: list[float], weights: list[float],
