@@ -356,9 +356,12 @@ def main() -> None:
         for method in args.timed + args.parity:
             base_method, ours = VARIANTS.get(method, (method, {}))
             data = recipe_for(base_method, paths)
-            for tool, extra in (("mergeflow", {"seed": 1, **({"parameters": ours} if ours else {})}), ("mergekit", {})):
+            sides = {"mergeflow": {**data, "seed": 1}, "mergekit": data}
+            if ours:  # added to the method's own parameters (slerp's t), not in their place
+                sides["mergeflow"]["parameters"] = {**data.get("parameters", {}), **ours}
+            for tool, recipe in sides.items():
                 path = root / f"{tool}-{method}.yaml"
-                path.write_text(yaml.safe_dump({**data, **extra}))
+                path.write_text(yaml.safe_dump(recipe))
                 recipes[(tool, method)] = path
         floor = io_floor(paths, root / "floor.bin")
         print(f"source load (I/O floor: read the 4 sources, write one model): {floor:.1f}s")
