@@ -82,10 +82,11 @@ def search(config: dict, run: str, results: Path, scratch: Path) -> tuple[pd.Dat
             str(gen / "candidates.parquet"), str(gen / "asked.pkl"))
         earlier: tuple[str, ...] = ()
         shards = []
-        for r in range(kind.rungs(cfg.fitness)):
+        first = kind.first_rung(cfg.fitness, g)
+        for r in range(first, kind.rungs(cfg.fitness)):
             rung = gen / f"rung_{r}"
             job = FitnessJob(g, r, 0, str(gen / "candidates.parquet"),
-                             str(gen / f"rung_{r - 1}" / "promoted.parquet") if r else None, earlier,
+                             str(gen / f"rung_{r - 1}" / "promoted.parquet") if r > first else None, earlier,
                              str(rung / "fitness_0.parquet"), str(rung / "responses_0.parquet"))
             fitness(cfg, config["tasks"], config["evaluation"], files, job)
             if r < kind.rungs(cfg.fitness) - 1:

@@ -134,11 +134,42 @@ def test_multi_fidelity_promotes_the_best_and_scores_only_unseen_items(stages, t
     assert hist.best_row(history)["rung"] == 2  # the best is chosen among the most exact fitnesses
 
 
+def test_a_bracket_starts_every_candidate_of_its_generation_at_its_rung(stages, tmp_path):
+    """Brackets [1, 0]: generation 0 puts all 4 candidates on rung 1 (20 items, none seen before)
+    and promotes 2 of them to the whole split, as a generation starting at rung 0 does from there."""
+    config = copy.deepcopy(stages[0])
+    config["runs"]["multi"]["evolve"]["fitness"]["brackets"] = [1, 0]
+    cfg = EvolveConfig.from_config(validate_config(config), "multi")
+    from mergeflow.fitness import FITNESS
+
+    kind = FITNESS[cfg.fitness["kind"]]
+    assert [kind.first_rung(cfg.fitness, g) for g in range(4)] == [1, 0, 1, 0]
+    gen = tmp_path / "gen_0"
+    ask(cfg, 0, None, None, str(gen / "candidates.parquet"), str(gen / "asked.pkl"))
+    shards, earlier = [], ()
+    for rung in (1, 2):
+        out = gen / f"rung_{rung}"
+        job = FitnessJob(0, rung, 0, str(gen / "candidates.parquet"),
+                         str(gen / "rung_1" / "promoted.parquet") if rung == 2 else None, earlier,
+                         str(out / "fitness_0.parquet"), str(out / "responses_0.parquet"))
+        rows = fitness(cfg, config["tasks"], config["evaluation"], {"math_l2": stages[2]}, job)
+        assert len(rows) == {1: 4, 2: 2}[rung] and set(rows["items"]) == {20}
+        if rung == 1:
+            assert len(promote(cfg, 0, 1, [job.out], str(out / "promoted.parquet"))) == 2
+        shards.append(job.out)
+        earlier += (job.out_responses,)
+    history = tell(cfg, 0, str(gen / "asked.pkl"), str(gen / "candidates.parquet"), shards, None,
+                   str(gen / "optimizer.pkl"), str(gen / "history.parquet"), str(gen / "best" / "recipe.yaml"))
+    assert sorted(history["rung"]) == [1, 1, 2, 2] and sorted(history["items"]) == [20, 20, 40, 40]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"rungs": [20, 8]}, r"fitness\.rungs \[20, 8\]: each rung must have more items"),
     ({"rungs": [8, 60]}, r"the top rung has 60 items, more than task 'math_l2'\'s search split \(40"),
     ({"eta": 1.5}, r"fitness\.eta: 1\.5 is less than the minimum of 2"),
     ({"rungs": [4, 8, 16, 40]}, r"population 4 is too small for 4 rungs at eta 2: .* at least 5"),
+    ({"brackets": [0, 3]}, r"fitness\.brackets \[0, 3\]: a bracket starts at rung 3, but the rungs are 0 to 2"),
+    ({"brackets": []}, r"fitness\.brackets: \[\] should be non-empty"),
 ])
 def test_bad_multi_fidelity_settings_are_named(stages, change, message):
     from mergeflow.errors import MergeflowError

@@ -279,6 +279,21 @@ def test_more_generations_run_only_the_new_ones(finished_run):
                              "accuracy_figure", "cost_figure", "results_readme"])
 
 
+@pytest.mark.slow
+def test_a_bracketed_generation_plans_no_jobs_below_its_first_rung(finished_run):
+    """Brackets [0, 1] on the successive-halving run: generation 1 starts at rung 1, so it has no
+    rung-0 fitness or promote jobs; generations 0 and 2 climb all three rungs."""
+    workdir, config = finished_run
+    config = yaml.safe_load(yaml.safe_dump(config))
+    config["runs"]["multi"]["evolve"]["fitness"]["brackets"] = [0, 1]
+    planned = planned_jobs(snakemake(workdir, config, "-n").stdout)
+    rungs = {0: (0, 1, 2), 1: (1, 2), 2: (0, 1, 2)}
+    assert [j for j in planned if j.startswith("fitness[run=multi")] == sorted(
+        f"fitness[run=multi, g={g}, r={r}, k={k}]" for g, climbed in rungs.items() for r in climbed for k in (0, 1))
+    assert [j for j in planned if j.startswith("promote[run=multi")] == sorted(
+        f"promote[run=multi, g={g}, r={r}]" for g, climbed in rungs.items() for r in climbed[:-1])
+
+
 def kill_when(cmd: list[str], marker: Path, why: str) -> None:
     """Start ``cmd`` and SIGKILL it, jobs included, as soon as ``marker`` exists (``why``: the
     failure message if the run ends first)."""

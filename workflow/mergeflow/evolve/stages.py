@@ -176,8 +176,8 @@ def restore_optimizer(cfg: EvolveConfig, settings: SearchSettings, state_path: s
 class FitnessJob:
     """One fitness job: shard ``shard`` of rung ``rung`` of generation ``generation``.
 
-    ``promoted``: the previous rung's promotions (None at rung 0); ``earlier``: the previous
-    rungs' responses files, whose answers a promoted candidate reuses; ``out``: its fitness
+    ``promoted``: the previous rung's promotions (None at the generation's first rung);
+    ``earlier``: the previous rungs' responses files, whose answers a promoted candidate reuses; ``out``: its fitness
     rows; ``out_responses``: its candidates' answers at this rung.
     """
 
@@ -247,7 +247,8 @@ def promote(cfg: EvolveConfig, generation: int, rung: int, fitness_paths: list[s
     from mergeflow.fitness import FITNESS
 
     shards = hist.read_shards(fitness_paths)
-    count = FITNESS[cfg.fitness["kind"]].promoted(cfg.fitness, cfg.population, rung)
+    kind = FITNESS[cfg.fitness["kind"]]
+    count = kind.promoted(cfg.fitness, cfg.population, rung - kind.first_rung(cfg.fitness, generation))
     kept = hist.promotions(cfg.objectives, shards, count, cfg.fitness.get("promote") == "ucb")
     kept.to_parquet(out, index=False)
     log.info("generation %d rung %d: promoted candidates %s", generation, rung, kept["index"].tolist())

@@ -74,8 +74,11 @@ class FitnessKind:
       is checked against that split).
     - ``task_fitness(task, tcfg, files, cfg, rung)``: the task's scorer at a rung.
     - ``rungs(fitness_cfg)``: how many rungs a generation's candidates climb (default 1).
-    - ``promoted(fitness_cfg, population, rung)``: how many candidates of rung ``rung`` move on
-      to the next rung (kinds with several rungs).
+    - ``first_rung(fitness_cfg, generation)``: the rung a generation's candidates all start at
+      (default 0; Hyperband-style brackets start some generations higher).
+    - ``promoted(fitness_cfg, population, step)``: how many candidates move on from the
+      ``step``-th rung they climb (0: the generation's first rung) to the next (kinds with several
+      rungs).
     - ``anchor_set(fitness_cfg)``: the anchor set it reads (``strategy``, ``n``, ``seed``).
     - ``check(config, run)``: cross-checks of the run's fitness against the rest of the
       validated config that the schema cannot express; raises ``MergeflowError`` naming the key.
@@ -86,6 +89,7 @@ class FitnessKind:
     estimates: Callable[[dict, int], bool]
     task_fitness: Callable[[str, dict, dict[str, str], "EvolveConfig", int], TaskFitness]
     rungs: Callable[[dict], int] = lambda fitness_cfg: 1
+    first_rung: Callable[[dict, int], int] = lambda fitness_cfg, generation: 0
     promoted: Callable[[dict, int, int], int] | None = None
     anchor_set: Callable[[dict], dict] | None = None
     check: Callable[[dict, str], None] = lambda config, run: None

@@ -12,8 +12,12 @@ answers so far (its anchors' weights at an anchor rung, equal weights on a rando
 accuracy itself where the rung is the whole split — so the optimizer is told every candidate on
 one scale. ``promote: ucb`` ranks by estimate + sd instead of the estimate.
 
+``brackets`` (Hyperband-style, optional): generation g starts all P candidates at rung
+``brackets[g mod len(brackets)]`` instead of rung 0 and halves from there, so that in a fixed
+cycle some generations rank every candidate on more items (and cost more).
+
 Keys (schema ``fitness_multi_fidelity``): ``rungs``, ``eta``, ``lowest``, ``estimator``,
-``anchors`` (``strategy``, ``seed``), ``promote``, ``seed``.
+``anchors`` (``strategy``, ``seed``), ``promote``, ``brackets``, ``seed``.
 """
 
 from __future__ import annotations
@@ -59,9 +63,15 @@ def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg, rung: int = 
     return TaskFitness(task, items, tcfg["scorer"], tcfg["target_delimiter"], estimator)
 
 
-def promoted(fitness_cfg: dict, population: int, rung: int) -> int:
-    """Candidates that move on from rung ``rung``: ⌈P / η^(rung + 1)⌉."""
-    return math.ceil(population / fitness_cfg["eta"] ** (rung + 1))
+def first_rung(fitness_cfg: dict, generation: int) -> int:
+    """The rung generation ``generation`` starts at: its bracket in the cycle, else rung 0."""
+    brackets = fitness_cfg.get("brackets") or [0]
+    return brackets[generation % len(brackets)]
+
+
+def promoted(fitness_cfg: dict, population: int, step: int) -> int:
+    """Candidates that move on from the ``step``-th rung climbed: ⌈P / η^(step + 1)⌉."""
+    return math.ceil(population / fitness_cfg["eta"] ** (step + 1))
 
 
 def check(config: dict, run: str) -> None:
@@ -82,6 +92,10 @@ def check(config: dict, run: str) -> None:
     if evolve["population"] < smallest:
         raise MergeflowError(f"{where}.population {evolve['population']} is too small for {len(rungs)} rungs at eta "
                              f"{eta}: successive halving needs at least {smallest} candidates")
+    top = [b for b in fitness_cfg.get("brackets") or [] if b >= len(rungs)]
+    if top:
+        raise MergeflowError(f"{where}.fitness.brackets {fitness_cfg['brackets']}: a bracket starts at rung {top[0]}, "
+                             f"but the rungs are 0 to {len(rungs) - 1}")
     check_irt_population(config, run)
 
 
@@ -93,6 +107,7 @@ KIND = FitnessKind(
     "multi_fidelity", needs=needs,
     # the search ends on estimates unless its top rung is the whole split
     estimates=lambda fitness_cfg, split_size: fitness_cfg["rungs"][-1] < split_size,
-    task_fitness=task_fitness, rungs=lambda fitness_cfg: len(fitness_cfg["rungs"]), promoted=promoted,
+    task_fitness=task_fitness, rungs=lambda fitness_cfg: len(fitness_cfg["rungs"]), first_rung=first_rung,
+    promoted=promoted,
     anchor_set=lambda fitness_cfg: {**fitness_cfg["anchors"], "n": fitness_cfg["rungs"][0]}, check=check,
 )

@@ -15,8 +15,10 @@ def fitness_files(wildcards):
     return canonical(need_paths(cfg.fitness, cfg.tasks))
 
 
-def rungs(run):
-    return FITNESS[EVOLVE[run].fitness["kind"]].rungs(EVOLVE[run].fitness)
+def rungs(run, g):
+    """The rungs generation ``g`` climbs: from its first (its bracket's) to the top."""
+    kind, fit = FITNESS[EVOLVE[run].fitness["kind"]], EVOLVE[run].fitness
+    return range(kind.first_rung(fit, int(g)), kind.rungs(fit))
 
 
 def rung_files(run, g, rung, what):
@@ -31,9 +33,10 @@ def fitness_inputs(wildcards):
         "models": search_model_inputs(wildcards),
         "needs": sorted({p for per_task in fitness_files(wildcards).values() for p in per_task.values()}),
     }
-    if rung > 0:  # the previous rung's promotions, and the answers of every lower rung
+    climbed = [r for r in rungs(run, g) if r < rung]
+    if climbed:  # the previous rung's promotions, and the answers of every rung climbed below
         inputs["promoted"] = f"{evolve_dir(run)}/gen_{g}/rung_{rung - 1}/promoted.parquet"
-        inputs["earlier"] = [p for r in range(rung) for p in rung_files(run, g, r, "responses")]
+        inputs["earlier"] = [p for r in climbed for p in rung_files(run, g, r, "responses")]
     return inputs
 
 
@@ -50,8 +53,8 @@ def previous_generation(wildcards):
 
 
 def shard_files(wildcards):
-    """Every rung's fitness shards of a generation: what tell reads."""
-    return [p for r in range(rungs(wildcards.run)) for p in rung_files(wildcards.run, wildcards.g, r, "fitness")]
+    """Every climbed rung's fitness shards of a generation: what tell reads."""
+    return [p for r in rungs(wildcards.run, wildcards.g) for p in rung_files(wildcards.run, wildcards.g, r, "fitness")]
 
 
 # The `run:` jobs' adapters: the snakemake objects -> a mergeflow.evolve.stages function.
