@@ -177,8 +177,8 @@ class FitnessJob:
     """One fitness job: shard ``shard`` of rung ``rung`` of generation ``generation``.
 
     ``promoted``: the previous rung's promotions (None at the generation's first rung);
-    ``earlier``: the previous rungs' responses files, whose answers a promoted candidate reuses; ``out``: its fitness
-    rows; ``out_responses``: its candidates' answers at this rung.
+    ``earlier``: the previous rungs' responses files, whose answers a promoted candidate reuses;
+    ``out``: its fitness rows; ``out_responses``: its candidates' answers at this rung.
     """
 
     generation: int
