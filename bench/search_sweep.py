@@ -82,14 +82,14 @@ def search(config: dict, run: str, results: Path, scratch: Path) -> tuple[pd.Dat
             str(gen / "candidates.parquet"), str(gen / "asked.pkl"))
         earlier: tuple[str, ...] = ()
         shards = []
-        first = kind.first_rung(cfg.fitness, g)
-        for r in range(first, kind.rungs(cfg.fitness)):
+        climbed = kind.climbed(cfg.fitness, g)
+        for r in climbed:
             rung = gen / f"rung_{r}"
             job = FitnessJob(g, r, 0, str(gen / "candidates.parquet"),
-                             str(gen / f"rung_{r - 1}" / "promoted.parquet") if r > first else None, earlier,
+                             str(gen / f"rung_{r - 1}" / "promoted.parquet") if r > climbed[0] else None, earlier,
                              str(rung / "fitness_0.parquet"), str(rung / "responses_0.parquet"))
             fitness(cfg, config["tasks"], config["evaluation"], files, job)
-            if r < kind.rungs(cfg.fitness) - 1:
+            if r < climbed[-1]:
                 promote(cfg, g, r, [job.out], str(rung / "promoted.parquet"))
             earlier += (job.out_responses,)
             shards.append(job.out)

@@ -94,6 +94,10 @@ class FitnessKind:
     anchor_set: Callable[[dict], dict] | None = None
     check: Callable[[dict, str], None] = lambda config, run: None
 
+    def climbed(self, fitness_cfg: dict, generation: int) -> range:
+        """The rungs generation ``generation``'s candidates climb: from its first to the top."""
+        return range(self.first_rung(fitness_cfg, generation), self.rungs(fitness_cfg))
+
 
 @dataclass
 class CandidateResult:

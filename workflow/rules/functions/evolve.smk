@@ -17,8 +17,7 @@ def fitness_files(wildcards):
 
 def rungs(run, g):
     """The rungs generation ``g`` climbs: from its first (its bracket's) to the top."""
-    kind, fit = FITNESS[EVOLVE[run].fitness["kind"]], EVOLVE[run].fitness
-    return range(kind.first_rung(fit, int(g)), kind.rungs(fit))
+    return FITNESS[EVOLVE[run].fitness["kind"]].climbed(EVOLVE[run].fitness, int(g))
 
 
 def rung_files(run, g, rung, what):
