@@ -37,7 +37,8 @@ PEER = {"name": "mergekit-evolve (issue 17)", "test": [0.518, 0.400, 0.564, 0.46
 
 def seeded_runs(config: dict, runs: list[str], seeds: int) -> dict[str, dict]:
     """Run name -> run config for seeds 1..S-1 of each search (seed 0 is the config's own run).
-    The seed moves the optimizer and, where the fitness has them, the anchors and rung items."""
+    The seed moves the optimizer and, where the fitness has them, the anchors, rung items and
+    minibatches."""
     out = {}
     for run in runs:
         for seed in range(1, seeds):
@@ -46,8 +47,8 @@ def seeded_runs(config: dict, runs: list[str], seeds: int) -> dict[str, dict]:
             fitness = rcfg["evolve"].get("fitness", {"kind": "full"})
             if isinstance(fitness, dict) and fitness.get("kind") in ("anchors", "multi_fidelity"):
                 fitness.setdefault("anchors", {})["seed"] = seed
-                if fitness["kind"] == "multi_fidelity":
-                    fitness["seed"] = seed
+            if isinstance(fitness, dict) and fitness.get("kind") in ("multi_fidelity", "gradient"):
+                fitness["seed"] = seed  # the rung items, or the minibatches
             rcfg["evolve"]["fitness"] = fitness
             out[f"{run}-s{seed}"] = rcfg
     return out

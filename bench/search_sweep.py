@@ -41,8 +41,13 @@ from search_quality import endpoints_best, seed_table, seeded_runs  # noqa: E402
 
 
 def deep_update(base: dict, overlay: dict) -> dict:
+    """``overlay`` merged into ``base``; a mapping of another ``kind`` (a fitness or search space
+    of another kind) replaces the mapping instead."""
     for key, value in overlay.items():
-        base[key] = deep_update(dict(base.get(key) or {}), value) if isinstance(value, dict) else value
+        old = base.get(key)
+        keep = isinstance(old, dict) and old.get("kind", value.get("kind")) == value.get("kind", old.get("kind")) \
+            if isinstance(value, dict) else False
+        base[key] = deep_update(dict(old), value) if keep else (deep_update({}, value) if isinstance(value, dict) else value)
     return base
 
 

@@ -16,7 +16,10 @@ One row per candidate, in this column order:
 - ``fitness``: the objectives' weighted mean (NaN for a problem); ``loss``: its negation
   (:data:`WORST_LOSS` for a problem);
 - ``loss_{task}`` per objective: the negated fitness (:data:`WORST_LOSS` for a problem), what a
-  multi-objective run tells the optimizer.
+  multi-objective run tells the optimizer;
+- ``gradient``: only with a gradient fitness (``fitness.kind: gradient``), the gradient of the
+  objectives' weighted training loss with respect to the genome, what the gradient optimizer is
+  told (NaN for a problem).
 
 It holds no wall times, so the same config and seed give the same bytes.
 """
@@ -37,6 +40,8 @@ CANDIDATE_COLUMNS = ["generation", "index", "genome", "seed", "recipe_hash", "re
 # What a fitness shard (``rung_{r}/fitness_{k}.parquet``) holds: one row per candidate and
 # objective, with the items newly scored at that rung; and its answers (``responses_{k}.parquet``).
 SHARD_COLUMNS = ["generation", "index", "rung", "task", "fitness", "sd", "items", "problem", "wall_s"]
+# ... and with a gradient fitness, the gradient of that task's training loss w.r.t. the genome.
+GRADIENT_COLUMN = "gradient"
 ANSWER_COLUMNS = ["recipe_hash", "task", "item_id", "correct"]
 
 
@@ -100,6 +105,12 @@ def candidate_table(objectives: dict[str, float], candidates: pd.DataFrame, shar
     wide["loss"] = np.where(valid, -scalar, WORST_LOSS)
     for task in tasks:
         wide[loss_column(task)] = np.where(valid, -wide[fitness_column(task)], WORST_LOSS)
+    if GRADIENT_COLUMN in shards.columns:
+        per_task = top.set_index(["index", "task"])[GRADIENT_COLUMN]
+        total = sum(objectives.values())
+        wide[GRADIENT_COLUMN] = [
+            (sum(w * np.asarray(per_task[(i, t)], dtype=float) for t, w in objectives.items()) / total).tolist()
+            if ok else [float("nan")] * len(wide.loc[i, "genome"]) for i, ok in zip(wide.index, valid)]
     return wide.reset_index()[["generation", "index", *[c for c in wide.columns if c != "generation"]]]
 
 
@@ -109,6 +120,13 @@ def losses(rows: pd.DataFrame, objectives: list[str] | None) -> list:
     if objectives is None:
         return [float(v) for v in rows["loss"]]
     return [[float(v) for v in row] for row in rows[[loss_column(t) for t in objectives]].to_numpy()]
+
+
+def gradients(rows: pd.DataFrame) -> list[np.ndarray] | None:
+    """Each row's gradient in index order (a gradient fitness), else None."""
+    if GRADIENT_COLUMN not in rows.columns:
+        return None
+    return [np.asarray(g, dtype=float) for g in rows.sort_values("index")[GRADIENT_COLUMN]]
 
 
 def generation(history: pd.DataFrame, g: int) -> pd.DataFrame:
@@ -126,7 +144,11 @@ def extend(previous: str | Path | None, table: pd.DataFrame, out: str | Path) ->
 
 def best_row(history: pd.DataFrame) -> pd.Series:
     """The lowest-loss candidate among those scored at the highest rung any reached (its most
-    exact fitness); ties go to the earliest (generation, index)."""
+    exact fitness); ties go to the earliest (generation, index). A gradient search's result is
+    its last step: each step's fitness is one minibatch's, too noisy to pick by."""
+    if GRADIENT_COLUMN in history.columns:
+        valid = history[history["problem"] == ""]
+        return (valid if len(valid) else history).sort_values(["generation", "index"], kind="mergesort").iloc[-1]
     if "rung" in history.columns:
         history = history[history["rung"] == history["rung"].max()]
     return history.sort_values(["loss", "generation", "index"], kind="mergesort").iloc[0]

@@ -1,4 +1,4 @@
-"""The optimizer side of the search: Nevergrad ask / tell across process boundaries.
+"""The optimizer side of the search: Nevergrad (or Adam) ask / tell across process boundaries.
 
 The evolution loop is a static DAG of jobs (``ask(g)``, ``evaluate(g, shard)``, ``tell(g)``), so
 the optimizer lives on disk between them. ``asked.pkl`` holds the optimizer together with the
@@ -37,23 +37,74 @@ class SearchSettings:
     budget: int | None = None
     init: tuple[float, ...] | None = None  # the genome the search starts from (default: the centre)
     sigma: float | None = None  # the genome's mutation scale (Nevergrad's parametrization sigma)
+    learning_rate: float | None = None  # a gradient optimizer's step size, in genome units
+
+
+@dataclass
+class Step:
+    """A gradient optimizer's candidate: the genome it asks to be scored (``value``, like a
+    Nevergrad candidate's)."""
+
+    value: np.ndarray
+
+
+class Adam:
+    """Adam on the genome, projected onto [0, 1]^dim: one candidate per generation, told its
+    loss's gradient (``fitness.kind: gradient``). Plain float64 NumPy, so a replay of the
+    history's gradients gives the same genomes bit for bit."""
+
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+
+    def __init__(self, settings: SearchSettings):
+        if settings.init is None:
+            self.x = np.full(settings.dim, 0.5)
+        else:
+            self.x = np.asarray(settings.init, dtype=np.float64).copy()
+        self.lr = float(settings.learning_rate)
+        self.m = np.zeros(settings.dim)
+        self.v = np.zeros(settings.dim)
+        self.steps = 0
+
+    def ask(self) -> Step:
+        return Step(self.x.copy())
+
+    def tell(self, candidate: Step, loss: float, gradient: np.ndarray | None = None) -> None:
+        if gradient is None:
+            raise MergeflowError("optimizer Adam needs the loss's gradient (fitness kind 'gradient')")
+        g = np.asarray(gradient, dtype=np.float64)
+        if not np.all(np.isfinite(g)):
+            return  # a candidate with a problem: keep the step where it was, try the next batch
+        self.steps += 1
+        self.m = self.beta1 * self.m + (1 - self.beta1) * g
+        self.v = self.beta2 * self.v + (1 - self.beta2) * g * g
+        m_hat = self.m / (1 - self.beta1 ** self.steps)
+        v_hat = self.v / (1 - self.beta2 ** self.steps)
+        self.x = np.clip(candidate.value - self.lr * m_hat / (np.sqrt(v_hat) + self.eps), 0.0, 1.0)
+
+
+# Optimizers that follow gradients, mergeflow's own (every other name is a Nevergrad optimizer).
+GRADIENT_OPTIMIZERS = {"Adam": Adam}
 
 
 def check_optimizer(name: str, where: str = "optimizer") -> None:
-    """``name`` is a Nevergrad optimizer; else a ``MergeflowError`` naming ``where`` (its key)."""
+    """``name`` is a Nevergrad or gradient optimizer; else a ``MergeflowError`` naming ``where``."""
     import nevergrad as ng
 
-    if name not in ng.optimizers.registry:
-        close = [n for n in ng.optimizers.registry if n.lower() == name.lower()]
+    if name not in ng.optimizers.registry and name not in GRADIENT_OPTIMIZERS:
+        close = [n for n in [*ng.optimizers.registry, *GRADIENT_OPTIMIZERS] if n.lower() == name.lower()]
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise MergeflowError(f"{where}: unknown Nevergrad optimizer {name!r}{hint}")
+        raise MergeflowError(f"{where}: unknown Nevergrad optimizer {name!r}{hint} (gradient optimizers: "
+                             f"{', '.join(GRADIENT_OPTIMIZERS)})")
 
 
 def make_optimizer(settings: SearchSettings):
-    """A fresh Nevergrad optimizer over [0, 1]^dim, seeded, told the population as its workers."""
+    """A fresh Nevergrad optimizer over [0, 1]^dim, seeded, told the population as its workers
+    (or a gradient optimizer)."""
     import nevergrad as ng
 
     check_optimizer(settings.optimizer)
+    if settings.optimizer in GRADIENT_OPTIMIZERS:
+        return GRADIENT_OPTIMIZERS[settings.optimizer](settings)
     if settings.init is not None:
         param = ng.p.Array(init=np.asarray(settings.init, dtype=float), lower=0.0, upper=1.0)
     else:
@@ -70,9 +121,13 @@ def ask_generation(optimizer, population: int) -> list:
     return [optimizer.ask() for _ in range(population)]
 
 
-def tell_generation(optimizer, candidates: list, losses: list) -> None:
-    for candidate, loss in zip(candidates, losses):
-        optimizer.tell(candidate, loss)
+def tell_generation(optimizer, candidates: list, losses: list, gradients: list | None = None) -> None:
+    """Tell each candidate's loss (and, to a gradient optimizer, its gradient)."""
+    for i, (candidate, loss) in enumerate(zip(candidates, losses)):
+        if gradients is None:
+            optimizer.tell(candidate, loss)
+        else:
+            optimizer.tell(candidate, loss, gradients[i])
 
 
 def replay(settings: SearchSettings, history: pd.DataFrame, objectives: list[str] | None = None):
@@ -91,7 +146,7 @@ def replay(settings: SearchSettings, history: pd.DataFrame, objectives: list[str
                     f"history generation {generation}: the optimizer re-asks a different genome; the history "
                     f"does not belong to optimizer {settings.optimizer!r} with seed {settings.seed}"
                 )
-        tell_generation(optimizer, candidates, hist.losses(rows, objectives))
+        tell_generation(optimizer, candidates, hist.losses(rows, objectives), hist.gradients(rows))
     return optimizer
 
 

@@ -109,7 +109,7 @@ class EvolveConfig:
         space = self.space()
         return SearchSettings(self.optimizer, space.dim, self.population, self.seed,
                               len(self.objectives) if self.multi_objective else 1, self.budget,
-                              space.initial_genome(self.init), self.sigma)
+                              space.initial_genome(self.init), self.sigma, self.fitness.get("learning_rate"))
 
     def candidate_seed(self, generation: int, index: int) -> int:
         """The recipe seed of candidate (g, i): drawn from (run seed, g, i), for DARE / DELLA."""
@@ -203,6 +203,7 @@ def fitness(cfg: EvolveConfig, tasks: dict[str, dict], evaluation: dict, files: 
     from mergeflow.evaluate import EvalSettings
     from mergeflow.evolve.resident import resident_merger
     from mergeflow.fitness import FITNESS, evaluate_candidate
+    from mergeflow.fitness.gradient import genome_gradient
     from mergeflow.merge.candidates import candidate_from_yaml
     from mergeflow.spaces import candidates_of
 
@@ -213,7 +214,7 @@ def fitness(cfg: EvolveConfig, tasks: dict[str, dict], evaluation: dict, files: 
     mine = candidates[candidates["index"] % cfg.shards == job.shard]
     earlier = hist.read_shards(job.earlier) if job.earlier else None
     kind = FITNESS[cfg.fitness["kind"]]
-    scorers = [kind.task_fitness(task, tasks[task], files[task], cfg, job.rung) for task in cfg.tasks]
+    scorers = [kind.task_fitness(task, tasks[task], files[task], cfg, job.rung, job.generation) for task in cfg.tasks]
     rows, answers = [], []
     space = cfg.space()
     turn_down = getattr(space, "problem", lambda candidate: None)  # e.g. a path over max_layers
@@ -224,17 +225,25 @@ def fitness(cfg: EvolveConfig, tasks: dict[str, dict], evaluation: dict, files: 
             known = hist.known_answers(earlier, cand["recipe_hash"])
             candidate = candidate_from_yaml(cand["recipe"])
             result = evaluate_candidate(merger, tokenizer, candidate, scorers, settings, known, turn_down(candidate))
+            gradient = {}
+            if kind.differentiable and not result.problem:
+                gradient, losses = genome_gradient(merger, tokenizer, space, np.asarray(cand["genome"]), scorers,
+                                                   settings, int(cand["seed"]))
+                log.info("generation %d candidate %d: training loss %s", job.generation, cand["index"],
+                         {t: round(v, 4) for t, v in losses.items()})
             for task in cfg.tasks:
                 rows.append({"generation": job.generation, "index": int(cand["index"]), "rung": job.rung, "task": task,
                              "fitness": result.fitness[task], "sd": result.sd[task], "items": result.items[task],
                              "problem": result.problem or "", "wall_s": result.wall_s})
+                if kind.differentiable:
+                    rows[-1][hist.GRADIENT_COLUMN] = gradient[task].tolist() if gradient else [float("nan")] * space.dim
                 answers += [{"recipe_hash": cand["recipe_hash"], "task": task, "item_id": item, "correct": int(value)}
                             for item, value in result.answers[task].items()]
             log.info("generation %d rung %d candidate %d: %s (%.2fs)%s", job.generation, job.rung, cand["index"],
                      {t: round(result.fitness[t], 4) for t in cfg.tasks}, result.wall_s,
                      f" PROBLEM: {result.problem}" if result.problem else "")
             meter.update()
-    frame = pd.DataFrame(rows, columns=hist.SHARD_COLUMNS)
+    frame = pd.DataFrame(rows, columns=hist.SHARD_COLUMNS + ([hist.GRADIENT_COLUMN] if kind.differentiable else []))
     Path(job.out).parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(job.out, index=False)
     pd.DataFrame(answers, columns=hist.ANSWER_COLUMNS).to_parquet(job.out_responses, index=False)
@@ -266,7 +275,7 @@ def tell(cfg: EvolveConfig, generation: int, asked_state: str, candidates_path: 
 
     shards = hist.read_shards(fitness_paths)
     table = hist.candidate_table(cfg.objectives, candidates, shards, FITNESS[cfg.fitness["kind"]].rungs(cfg.fitness))
-    tell_generation(optimizer, pending, hist.losses(table, cfg.objectives_told()))
+    tell_generation(optimizer, pending, hist.losses(table, cfg.objectives_told()), hist.gradients(table))
     save_state(out_state, optimizer)
     history = hist.extend(previous_history, table.sort_values("index"), out_history)
     best = hist.best_row(history)

@@ -8,10 +8,11 @@ scorer from them (:class:`FitnessKind`).
 
 from __future__ import annotations
 
-from mergeflow.fitness import anchors, full, multi_fidelity
+from mergeflow.fitness import anchors, full, gradient, multi_fidelity
 from mergeflow.fitness.base import CandidateResult, FitnessKind, TaskFitness, evaluate_candidate
 
-FITNESS: dict[str, FitnessKind] = {kind.name: kind for kind in [full.KIND, anchors.KIND, multi_fidelity.KIND]}
+FITNESS: dict[str, FitnessKind] = {kind.name: kind for kind in [full.KIND, anchors.KIND, multi_fidelity.KIND,
+                                                                     gradient.KIND]}
 
 
 def anchors_path(task: str, anchor_set: dict, results: str = "results") -> str:

@@ -69,7 +69,8 @@ def check_irt_population(config: dict, run: str) -> None:
             "estimator 'mean'")
 
 
-def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg, rung: int = 0) -> TaskFitness:
+def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg, rung: int = 0,
+                 generation: int = 0) -> TaskFitness:
     _, subset, anchors = anchor_items(task, files)
     return TaskFitness(task, subset, tcfg["scorer"], tcfg["target_delimiter"], estimator_for(cfg, anchors, files))
 

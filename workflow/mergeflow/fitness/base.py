@@ -72,7 +72,8 @@ class FitnessKind:
     - ``estimates(fitness_cfg, split_size)``: whether the fitness the search ends on is an
       estimate of the accuracy on a search split of ``split_size`` items (then the final merge
       is checked against that split).
-    - ``task_fitness(task, tcfg, files, cfg, rung)``: the task's scorer at a rung.
+    - ``task_fitness(task, tcfg, files, cfg, rung, generation)``: the task's scorer at a rung of a
+      generation.
     - ``rungs(fitness_cfg)``: how many rungs a generation's candidates climb (default 1).
     - ``first_rung(fitness_cfg, generation)``: the rung a generation's candidates all start at
       (default 0; Hyperband-style brackets start some generations higher).
@@ -82,17 +83,20 @@ class FitnessKind:
     - ``anchor_set(fitness_cfg)``: the anchor set it reads (``strategy``, ``n``, ``seed``).
     - ``check(config, run)``: cross-checks of the run's fitness against the rest of the
       validated config that the schema cannot express; raises ``MergeflowError`` naming the key.
+    - ``differentiable``: the fitness job also computes each task's training-loss gradient with
+      respect to the genome, for a gradient optimizer (:mod:`mergeflow.fitness.gradient`).
     """
 
     name: str
     needs: Callable[[dict], tuple[str, ...]]
     estimates: Callable[[dict, int], bool]
-    task_fitness: Callable[[str, dict, dict[str, str], "EvolveConfig", int], TaskFitness]
+    task_fitness: Callable[[str, dict, dict[str, str], "EvolveConfig", int, int], TaskFitness]
     rungs: Callable[[dict], int] = lambda fitness_cfg: 1
     first_rung: Callable[[dict, int], int] = lambda fitness_cfg, generation: 0
     promoted: Callable[[dict, int, int], int] | None = None
     anchor_set: Callable[[dict], dict] | None = None
     check: Callable[[dict, str], None] = lambda config, run: None
+    differentiable: bool = False
 
     def climbed(self, fitness_cfg: dict, generation: int) -> range:
         """The rungs generation ``generation``'s candidates climb: from its first to the top."""

@@ -57,7 +57,8 @@ def rung_items(task: str, fitness_cfg: dict, files: dict[str, str], rung: int) -
     return subset, weights, len(items)
 
 
-def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg, rung: int = 0) -> TaskFitness:
+def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg, rung: int = 0,
+                 generation: int = 0) -> TaskFitness:
     items, weights, split_size = rung_items(task, cfg.fitness, files, rung)
     estimator = None if len(items) == split_size else estimator_for(cfg, weights, files)
     return TaskFitness(task, items, tcfg["scorer"], tcfg["target_delimiter"], estimator)

@@ -1,0 +1,197 @@
+"""``gradient`` fitness: a search that follows the gradient of the merge's loss in its genome.
+
+Each generation has one candidate (``population: 1``, ``optimizer: Adam``). It answers a
+minibatch of the search split, ``batch`` items per task drawn without replacement from seeded
+permutations of the split (one per pass over it), and its fitness is its accuracy on them.
+The same items also give the gradient of a training loss with respect to the genome: for
+multiple choice the cross-entropy of the softmax over the choices' log-likelihoods (per
+character with ``mc_loglik_norm``), for generation the gold answer's negative log-likelihood.
+Adam, told that gradient, takes the next step (:class:`mergeflow.evolve.search.Adam`).
+
+A genome gene is not a model parameter, so the gradient is taken in two parts. One backward
+pass gives the loss's gradient G with respect to the merged weights θ(x). The space's merge
+must be affine in the genome (task arithmetic: θ(x) = θ(0) + Σ_k x_k (θ(e_k) − θ(0))), so
+∂loss/∂x_k = ⟨G, θ(e_k) − θ(0)⟩, from dim + 1 merges of basis genomes by the resident merger;
+the job checks that the affine form reproduces θ(x) before it trusts it.
+
+Every step costs ``batch`` items per task, like a multi-fidelity rung: 40 steps of 60 items are
+the cheap search's 2,400 items. Where each candidate of an evolutionary search yields one noisy
+number from its items, a step here yields one number per gene from the same items.
+
+Keys (schema ``fitness_gradient``): ``batch``, ``learning_rate`` (Adam's step, in genome units),
+``seed``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mergeflow.errors import MergeflowError
+from mergeflow.fitness.base import FitnessKind, TaskFitness
+
+# Merges the genome gradient trusts: those whose merged weights are affine in the weights.
+AFFINE_METHODS = ("task_arithmetic",)
+
+
+def batch_items(task: str, fitness_cfg: dict, split: pd.DataFrame, generation: int) -> pd.DataFrame:
+    """Generation ``generation``'s minibatch of ``split``: the next ``batch`` items of a stream of
+    seeded permutations of the split (a new one per pass), in split order."""
+    size, n = fitness_cfg["batch"], len(split)
+    start = generation * size
+    picked: list[int] = []
+    epoch, pos = divmod(start, n)
+    while len(picked) < size:
+        order = np.random.default_rng([fitness_cfg["seed"], zlib.crc32(task.encode()), epoch]).permutation(n)
+        picked += order[pos:pos + size - len(picked)].tolist()
+        epoch, pos = epoch + 1, 0
+    # a batch that straddles two passes may meet an item twice: it is answered once
+    return split.iloc[sorted(set(picked))].reset_index(drop=True)
+
+
+def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg, rung: int = 0,
+                 generation: int = 0) -> TaskFitness:
+    from mergeflow.data import read_split
+
+    items = batch_items(task, cfg.fitness, read_split(files["split"]), generation)
+    return TaskFitness(task, items, tcfg["scorer"], tcfg["target_delimiter"])
+
+
+def _continuation_logliks(model, requests: list[tuple[list[int], list[int]]], max_length: int) -> torch.Tensor:
+    """Each (context, continuation)'s log-likelihood, differentiable (right-padded, one pass);
+    sequences longer than ``max_length`` lose their first tokens, as in the evaluator."""
+    seqs = [(ctx + cont)[-(max_length + 1):] for ctx, cont in requests]
+    width = max(len(s) for s in seqs) - 1
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    scored = torch.zeros(len(seqs), width, dtype=torch.bool)
+    targets = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, ((_, cont), seq) in enumerate(zip(requests, seqs)):
+        n = len(seq) - 1
+        ids[r, :n] = torch.tensor(seq[:-1])
+        targets[r, :n] = torch.tensor(seq[1:])
+        mask[r, :n] = 1
+        scored[r, n - len(cont):n] = True
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.to(device)[..., None])[..., 0]
+    return (logp * scored.to(device)).sum(-1)
+
+
+def backward_task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int) -> float:
+    """Accumulate the gradient of the task's mean training loss over its items into the model's
+    parameters; returns the loss. Items go in chunks of about ``settings.batch_size`` requests."""
+    from mergeflow.evaluate import encode_requests
+    from mergeflow.scorers import get_scorer
+
+    how = get_scorer(fit.scorer)
+    items, n = fit.items, len(fit.items)
+    prompts = [str(p) for p in items["prompt"]]
+    if how.choices:
+        options = [[str(c) for c in cs] for cs in items["choices"]]
+        golds = [int(a) for a in items["answer"]]
+    else:
+        options = [[str(t)] for t in items["target"]]
+        golds = [0] * n
+    total = 0.0
+    per_item = max(len(o) for o in options)
+    step = max(1, settings.batch_size // per_item)
+    for lo in range(0, n, step):
+        chunk = range(lo, min(n, lo + step))
+        pairs = [(prompts[i], fit.delimiter + c) for i in chunk for c in options[i]]
+        ll = _continuation_logliks(model, encode_requests(tokenizer, pairs, settings), max_length)
+        losses, at = [], 0
+        for i in chunk:
+            scores = ll[at:at + len(options[i])]
+            at += len(options[i])
+            if how.length_normalised:
+                scores = scores / torch.tensor([len(c) for c in options[i]], dtype=scores.dtype, device=scores.device)
+            # multiple choice: cross-entropy over the choices; generation: the gold's NLL
+            losses.append(torch.logsumexp(scores, 0) - scores[golds[i]] if how.choices else -scores[0])
+        loss = torch.stack(losses).sum() / n
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def genome_gradient(merger, tokenizer, space, genome: np.ndarray, tasks: list[TaskFitness], settings,
+                    seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Per task, the gradient of its training loss with respect to the genome at ``genome``, and
+    the loss. Leaves the merger's model holding the merge of ``genome`` with no gradients."""
+    from mergeflow.evaluate import context_length
+
+    genome = np.asarray(genome, dtype=np.float64)
+    model = merger.merge(space.to_recipe(genome, seed=seed))
+    params = dict(model.named_parameters())
+    max_length = context_length(model, settings)
+    grads: dict[str, dict[str, torch.Tensor]] = {}
+    losses: dict[str, float] = {}
+    model.requires_grad_(True)
+    try:
+        for fit in tasks:
+            model.zero_grad(set_to_none=True)
+            losses[fit.task] = backward_task_loss(model, tokenizer, fit, settings, max_length)
+            grads[fit.task] = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
+    merged = {n: p.detach().clone() for n, p in params.items()}
+    # the basis merges: θ(0) and each θ(e_k); their differences are the genes' directions
+    origin = {n: p.detach().clone() for n, p in merger.merge(space.to_recipe(np.zeros(space.dim), seed=seed)).named_parameters()}
+    affine = {n: t.clone() for n, t in origin.items()}
+    out = {fit.task: np.zeros(space.dim) for fit in tasks}
+    for k in range(space.dim):
+        basis = np.zeros(space.dim)
+        basis[k] = 1.0
+        for n, p in merger.merge(space.to_recipe(basis, seed=seed)).named_parameters():
+            direction = p.detach() - origin[n]
+            if not torch.any(direction):
+                continue
+            affine[n] += genome[k] * direction
+            for task, g in grads.items():
+                if n in g:
+                    out[task][k] += float(torch.sum(g[n].double() * direction.double()))
+    worst = max(float((affine[n] - merged[n]).abs().max() / (merged[n].abs().max() + 1e-12)) for n in merged)
+    merger.merge(space.to_recipe(genome, seed=seed))  # leave the candidate in place, as it was
+    if not math.isfinite(worst) or worst > 1e-4:
+        raise MergeflowError(f"fitness kind 'gradient': the search space's merge is not affine in its genome (relative "
+                             f"difference {worst:.2g}); it needs a {' or '.join(AFFINE_METHODS)} space")
+    return out, losses
+
+
+def check(config: dict, run: str) -> None:
+    """One candidate per generation, a gradient optimizer, a task-arithmetic parameter space and
+    batches that fit every objective's search split."""
+    from mergeflow.evolve.search import GRADIENT_OPTIMIZERS
+
+    evolve = config["runs"][run]["evolve"]
+    where = f"config: runs.{run}.evolve"
+    if evolve["optimizer"] not in GRADIENT_OPTIMIZERS:
+        raise MergeflowError(f"{where}.optimizer: fitness kind 'gradient' needs a gradient optimizer "
+                             f"({', '.join(GRADIENT_OPTIMIZERS)}), not {evolve['optimizer']!r}")
+    if evolve["population"] != 1:
+        raise MergeflowError(f"{where}.population: fitness kind 'gradient' takes one candidate per generation "
+                             f"(population 1), not {evolve['population']}")
+    if evolve["multi_objective"]:
+        raise MergeflowError(f"{where}.multi_objective: fitness kind 'gradient' follows one loss, the objectives' "
+                             "weighted sum")
+    space = evolve["search_space"]
+    methods = space.get("method")
+    methods = [methods] if isinstance(methods, str) else list(methods or [])
+    if space.get("kind", "parameter") != "parameter" or any(m not in AFFINE_METHODS for m in methods):
+        raise MergeflowError(f"{where}.search_space: fitness kind 'gradient' needs a parameter space whose merge is "
+                             f"affine in the genome (method {' or '.join(AFFINE_METHODS)}), not "
+                             f"{space.get('kind', 'parameter')} / {methods}")
+    for task in evolve["objectives"]:
+        size = config["tasks"][task]["splits"]["search"]
+        if evolve["fitness"]["batch"] > size:
+            raise MergeflowError(f"{where}.fitness.batch: {evolve['fitness']['batch']} items, more than task {task!r}'s "
+                                 f"search split ({size}, tasks.{task}.splits.search)")
+
+
+KIND = FitnessKind("gradient", needs=lambda fitness_cfg: ("split",), estimates=lambda fitness_cfg, split_size: True,
+                   task_fitness=task_fitness, check=check, differentiable=True)
