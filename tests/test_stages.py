@@ -211,3 +211,120 @@ def test_provenance_and_job_logs(stages, tmp_path):
     logger = setup_job(tmp_path / "job.log", threads=1)
     logger.info("hello from a job")
     assert "hello from a job" in (tmp_path / "job.log").read_text()
+
+
+def gradient_run(config: dict, **fitness) -> dict:
+    """The stages' config with a gradient run (Adam, one candidate per step) named ``grad``."""
+    config = copy.deepcopy(config)
+    evolve = copy.deepcopy(config["runs"]["full"]["evolve"])
+    evolve.update({"optimizer": "Adam", "population": 1, "generations": 3,
+                   "fitness": {"kind": "gradient", "batch": 16, **fitness}})
+    config["runs"]["grad"] = {"evolve": evolve}
+    return validate_config(config)
+
+
+def test_the_genome_gradient_is_the_training_loss_s_derivative(stages):
+    """Against central differences of the loss itself, merged at x ± h along each gene."""
+    import numpy as np
+    import torch
+
+    from mergeflow.evaluate import EvalSettings, context_length
+    from mergeflow.evolve.resident import resident_merger
+    from mergeflow.fitness import FITNESS
+    from mergeflow.fitness.gradient import genome_gradient, task_loss
+
+    config = gradient_run(stages[0])
+    cfg = EvolveConfig.from_config(config, "grad")
+    space, settings = cfg.space(), EvalSettings.from_config(config["evaluation"])
+    fit = FITNESS["gradient"].task_fitness("math_l2", config["tasks"]["math_l2"], stages[2], cfg, 0, 1)
+    x = np.array([0.6, 0.2, 0.5, 0.4])
+    with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], "cpu", "float32") as (merger, tok):
+        gradient, losses = genome_gradient(merger, tok, space, x, [fit], settings)
+        model = merger.merge(space.to_recipe(x))
+        max_length = context_length(model, settings)
+        with torch.no_grad():
+            assert task_loss(model, tok, fit, settings, max_length, backward=False) == pytest.approx(losses["math_l2"])
+            h, numeric = 1e-2, []
+            for k in range(space.dim):
+                step = np.eye(space.dim)[k] * h
+                up, down = (task_loss(merger.merge(space.to_recipe(x + s)), tok, fit, settings, max_length, backward=False)
+                            for s in (step, -step))
+                numeric.append((up - down) / (2 * h))
+    assert np.abs(gradient["math_l2"]).max() > 0.01  # the loss does depend on the genes
+    np.testing.assert_allclose(gradient["math_l2"], numeric, rtol=0.02, atol=2e-3)
+
+
+def test_a_merge_not_affine_in_the_genome_is_refused_by_the_gradient(stages):
+    from mergeflow.errors import MergeflowError
+    from mergeflow.evaluate import EvalSettings
+    from mergeflow.evolve.resident import resident_merger
+    from mergeflow.fitness import FITNESS
+    from mergeflow.fitness.gradient import genome_gradient
+    from mergeflow.spaces import build_space
+    import numpy as np
+
+    config = gradient_run(stages[0])
+    cfg = EvolveConfig.from_config(config, "grad")
+    ties = build_space({**cfg.search_space, "method": "ties",
+                        "parameters": {"weight": {"min": 0.0, "max": 1.5}, "density": 0.5}})
+    fit = FITNESS["gradient"].task_fitness("math_l2", config["tasks"]["math_l2"], stages[2], cfg, 0, 0)
+    with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], "cpu", "float32") as (merger, tok):
+        with pytest.raises(MergeflowError, match="not affine in its genome"):
+            genome_gradient(merger, tok, ties, np.full(ties.dim, 0.5), [fit], EvalSettings.from_config(config["evaluation"]))
+
+
+def test_a_gradient_search_steps_on_minibatches_and_replays_from_its_history(stages, tmp_path):
+    """Three Adam steps on 16-item minibatches (two batches per pass over the 40-item split): each
+    step's history row holds its gradient, the run's result is its last step, and the optimizer
+    rebuilt from the history alone asks the same next genome as the pickle."""
+    import numpy as np
+
+    from mergeflow.evolve.search import replay
+    from mergeflow.evolve.stages import restore_optimizer
+
+    config = gradient_run(stages[0], learning_rate=0.1)
+    cfg = EvolveConfig.from_config(config, "grad")
+    previous, seen = None, []
+    for g in range(3):
+        gen = tmp_path / f"gen_{g}"
+        ask(cfg, g, previous and str(tmp_path / f"gen_{g - 1}" / "optimizer.pkl"), previous,
+            str(gen / "candidates.parquet"), str(gen / "asked.pkl"))
+        job = FitnessJob(g, 0, 0, str(gen / "candidates.parquet"), None, (), str(gen / "fitness_0.parquet"),
+                         str(gen / "responses_0.parquet"))
+        fitness(cfg, config["tasks"], config["evaluation"], {"math_l2": stages[2]}, job)
+        seen.append(set(pd.read_parquet(job.out_responses)["item_id"]))
+        tell(cfg, g, str(gen / "asked.pkl"), str(gen / "candidates.parquet"), [job.out], previous,
+             str(gen / "optimizer.pkl"), str(gen / "history.parquet"), str(gen / "best" / "recipe.yaml"))
+        previous = str(gen / "history.parquet")
+    history = pd.read_parquet(previous)
+    assert list(history["items"]) == [16, 16, 16] and not seen[0] & seen[1]  # a pass draws without replacement
+    assert seen[2] != seen[0]  # the second pass (2 batches of 16 per pass of 40) draws another order
+    genomes = np.stack(history["genome"].to_list())
+    steps = np.abs(np.diff(genomes, axis=0))
+    assert (steps > 0).any(axis=1).all() and steps.max() <= 0.1 + 1e-9  # Adam moves at most lr per gene
+    assert np.isfinite(np.stack(history["gradient"].to_list())).all()
+    assert hist.best_row(history)["generation"] == 2
+    assert (tmp_path / "gen_2" / "best" / "recipe.yaml").read_text() == history["recipe"].iloc[-1]
+    pickled = restore_optimizer(cfg, cfg.search_settings(), str(tmp_path / "gen_2" / "optimizer.pkl"), previous)
+    replayed = replay(cfg.search_settings(), history)
+    np.testing.assert_array_equal(pickled.ask().value, replayed.ask().value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"optimizer": "CMA"}, r"grad\.evolve\.optimizer: fitness kind 'gradient' needs a gradient optimizer \(Adam\)"),
+    ({"population": 4}, r"grad\.evolve\.population: fitness kind 'gradient' takes one candidate per generation"),
+    ({"fitness": {"kind": "gradient", "batch": 50}}, r"grad\.evolve\.fitness\.batch: 50 items, more than task 'math_l2'"),
+    ({"search_space": {"method": "ties", "parameters": {"weight": {"min": 0.0, "max": 1.0}, "density": 0.5}}},
+     r"grad\.evolve\.search_space: fitness kind 'gradient' needs a parameter space whose merge is affine"),
+    ({"fitness": {"kind": "gradient", "learning_rate": 0}}, r"learning_rate: 0 is less than or equal to the minimum"),
+])
+def test_bad_gradient_settings_are_named(stages, change, message):
+    from mergeflow.errors import MergeflowError
+
+    config = copy.deepcopy(stages[0])
+    evolve = copy.deepcopy(config["runs"]["full"]["evolve"])
+    evolve.update({"optimizer": "Adam", "population": 1, "fitness": {"kind": "gradient", "batch": 16}})
+    evolve.update(change)
+    config["runs"] = {"grad": {"evolve": evolve}}
+    with pytest.raises(MergeflowError, match=message):
+        validate_config(config)

@@ -39,18 +39,14 @@ AFFINE_METHODS = ("task_arithmetic",)
 
 
 def batch_items(task: str, fitness_cfg: dict, split: pd.DataFrame, generation: int) -> pd.DataFrame:
-    """Generation ``generation``'s minibatch of ``split``: the next ``batch`` items of a stream of
-    seeded permutations of the split (a new one per pass), in split order."""
-    size, n = fitness_cfg["batch"], len(split)
-    start = generation * size
-    picked: list[int] = []
-    epoch, pos = divmod(start, n)
-    while len(picked) < size:
-        order = np.random.default_rng([fitness_cfg["seed"], zlib.crc32(task.encode()), epoch]).permutation(n)
-        picked += order[pos:pos + size - len(picked)].tolist()
-        epoch, pos = epoch + 1, 0
-    # a batch that straddles two passes may meet an item twice: it is answered once
-    return split.iloc[sorted(set(picked))].reset_index(drop=True)
+    """Generation ``generation``'s minibatch of ``split``, in split order: passes over the split
+    in seeded orders (a new one per pass), each cut into ⌊n / batch⌋ batches (the rest of a pass
+    waits for another order)."""
+    size = fitness_cfg["batch"]
+    per_pass = len(split) // size
+    epoch, at = divmod(generation, per_pass)
+    order = np.random.default_rng([fitness_cfg["seed"], zlib.crc32(task.encode()), epoch]).permutation(len(split))
+    return split.iloc[np.sort(order[at * size:(at + 1) * size])].reset_index(drop=True)
 
 
 def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg, rung: int = 0,
@@ -82,9 +78,10 @@ def _continuation_logliks(model, requests: list[tuple[list[int], list[int]]], ma
     return (logp * scored.to(device)).sum(-1)
 
 
-def backward_task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int) -> float:
-    """Accumulate the gradient of the task's mean training loss over its items into the model's
-    parameters; returns the loss. Items go in chunks of about ``settings.batch_size`` requests."""
+def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, backward: bool = True) -> float:
+    """The task's mean training loss over its items; with ``backward``, its gradient is also
+    accumulated into the model's parameters. Items go in chunks of about ``settings.batch_size``
+    requests."""
     from mergeflow.evaluate import encode_requests
     from mergeflow.scorers import get_scorer
 
@@ -113,7 +110,8 @@ def backward_task_loss(model, tokenizer, fit: TaskFitness, settings, max_length:
             # multiple choice: cross-entropy over the choices; generation: the gold's NLL
             losses.append(torch.logsumexp(scores, 0) - scores[golds[i]] if how.choices else -scores[0])
         loss = torch.stack(losses).sum() / n
-        loss.backward()
+        if backward:
+            loss.backward()
         total += float(loss.detach())
     return total
 
@@ -134,7 +132,7 @@ def genome_gradient(merger, tokenizer, space, genome: np.ndarray, tasks: list[Ta
     try:
         for fit in tasks:
             model.zero_grad(set_to_none=True)
-            losses[fit.task] = backward_task_loss(model, tokenizer, fit, settings, max_length)
+            losses[fit.task] = task_loss(model, tokenizer, fit, settings, max_length)
             grads[fit.task] = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
     finally:
         model.zero_grad(set_to_none=True)
