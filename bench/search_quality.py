@@ -8,7 +8,7 @@ mean and sd, wins over the best endpoint, the share of the reference search's ga
 best endpoint it keeps, items evaluated and wall time — beside the peer's figures.
 
     python bench/search_quality.py [--workdir DIR] [--configfile FILE ...] [--seeds 5]
-                                   [--reference RUN] [--runs NAME ...]
+                                   [--reference RUN] [--runs NAME ...] [--rerun-triggers mtime]
 
 Every later claim about search quality is judged by this, never by one seed.
 """
@@ -96,6 +96,9 @@ def main() -> None:
                         help="the search whose gain over the best endpoint the others are measured against "
                              "(default: the one with the best mean)")
     parser.add_argument("--cores", type=int, default=1)
+    parser.add_argument("--rerun-triggers", nargs="+", default=None,
+                        help="passed to Snakemake: e.g. 'mtime' to judge a changed search on results whose other "
+                             "runs were made by an older commit (delete that search's results/runs/ first)")
     args = parser.parse_args()
     from mergeflow.config import validate_config
 
@@ -114,7 +117,7 @@ def main() -> None:
     overlay.write_text(yaml.safe_dump({"runs": overlay_runs}, sort_keys=False))
     subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(args.workdir),
                     "--configfile", *map(str, configfiles), str(overlay), "--cores", str(args.cores), "--quiet",
-                    "rules"], check=True)
+                    "rules", *(["--rerun-triggers", *args.rerun_triggers] if args.rerun_triggers else [])], check=True)
 
     results = args.workdir / "results"
     task = next(iter(config["runs"][runs[0]]["evolve"]["objectives"]))
