@@ -43,7 +43,7 @@ def test_an_absent_calibration_space_takes_the_schema_default():
 
 @pytest.mark.parametrize("evolve, message", [
     ({"fitness": {"kind": "anchor"}},
-     r"at runs\.anchored\.evolve\.fitness\.kind: 'anchor' is not one of \['full', 'anchors', 'multi_fidelity'\]"),
+     r"at runs\.anchored\.evolve\.fitness\.kind: 'anchor' is not one of \['full', 'anchors', 'multi_fidelity', 'gradient'\]"),
     ({"search_space": {"kind": "dfz", "method": "ties"}},
      r"at runs\.anchored\.evolve\.search_space\.kind: 'dfz' is not one of \['parameter', 'dfs', 'dis'\]"),
     ({"fitness": {"kind": "full", "estimator": "pirt"}},

@@ -53,7 +53,7 @@ def test_fitness_kinds_declare_needs_the_workflow_can_map():
     from mergeflow.config import validate_section
     from mergeflow.fitness import NEED_PATHS, need_paths
 
-    examples = {"full": {}, "anchors": {}, "multi_fidelity": {"rungs": [20, 100, 1000]}}
+    examples = {"full": {}, "anchors": {}, "multi_fidelity": {"rungs": [20, 100, 1000]}, "gradient": {}}
     for name, kind in FITNESS.items():
         fitness_cfg = validate_section({"kind": name, **examples[name]}, "fitness", "fitness")
         assert "split" in kind.needs(fitness_cfg) and set(kind.needs(fitness_cfg)) <= set(NEED_PATHS)
