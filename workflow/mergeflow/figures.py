@@ -62,8 +62,9 @@ def _percent(ax, axis: str = "y") -> None:
 def search_progress(run: str, history_path: str | Path, out: str | Path,
                     table_path: str | Path | None = None) -> Path:
     """Fitness of every candidate per generation (a point each; ±1.96 sd where the fitness is an
-    estimate), the best so far as a line, and the final merge's accuracy on the whole search
-    split where it was measured after the search (``table_path``: the run's ``test.parquet``)."""
+    estimate), the best so far as a line (a gradient search: the mean of its last 5 steps), and the
+    final merge's accuracy on the whole search split where it was measured after the search
+    (``table_path``: the run's ``test.parquet``)."""
     plt = _pyplot()
     history = pd.read_parquet(history_path)
     tasks = hist.objectives_of(history)
@@ -86,11 +87,17 @@ def search_progress(run: str, history_path: str | Path, out: str | Path,
             ax.scatter(x[at], fitness[at], s=14, color=RUNG_COLORS[r % len(RUNG_COLORS)], label=label,
                        zorder=3, edgecolors="white", linewidths=0.3)
         top = history[(rung == rung.max()) & np.isfinite(fitness)]
-        best = top.groupby("generation")[hist.fitness_column(task)].max().cummax()
         generations = np.arange(history["generation"].max() + 1)
-        best = best.reindex(generations).ffill()
-        ax.step(generations, best.to_numpy(), where="mid", color="#d94801", lw=1.8,
-                label="best so far" + (f" (rung {rung.max()})" if multi_rung else ""), zorder=4)
+        if hist.GRADIENT_COLUMN in history.columns:
+            # a gradient search's steps are one minibatch each: their trend, not their maximum
+            trend = top.set_index("generation")[hist.fitness_column(task)].reindex(generations)
+            ax.plot(generations, trend.rolling(5, min_periods=1).mean().to_numpy(), color="#d94801", lw=1.8,
+                    label="mean of the last 5 steps", zorder=4)
+        else:
+            best = top.groupby("generation")[hist.fitness_column(task)].max().cummax()
+            best = best.reindex(generations).ffill()
+            ax.step(generations, best.to_numpy(), where="mid", color="#d94801", lw=1.8,
+                    label="best so far" + (f" (rung {rung.max()})" if multi_rung else ""), zorder=4)
         chosen = hist.best_row(history)
         if table is not None and "search_split_accuracy" in table.columns:
             measured = table[(table["task"] == task) & table["search_split_accuracy"].notna()]
@@ -100,7 +107,8 @@ def search_progress(run: str, history_path: str | Path, out: str | Path,
                            label="final merge, whole search split")
         ax.set_xlabel("generation")
         ax.set_ylabel(f"{task} fitness (search split accuracy)")
-        ax.set_xticks(generations)
+        if len(generations) <= 20:
+            ax.set_xticks(generations)
         _percent(ax)
         ax.set_title(f"run {run}: {task}")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
