@@ -254,6 +254,26 @@ def test_the_genome_gradient_is_the_training_loss_s_derivative(stages):
     np.testing.assert_allclose(gradient["math_l2"], numeric, rtol=0.02, atol=2e-3)
 
 
+def test_a_bfloat16_merge_gives_about_the_float32_genome_gradient(stages):
+    """The GPU path's dtype: the affine check allows bf16 rounding, and the gradient stays close."""
+    import numpy as np
+
+    from mergeflow.evaluate import EvalSettings
+    from mergeflow.evolve.resident import resident_merger
+    from mergeflow.fitness import FITNESS
+    from mergeflow.fitness.gradient import genome_gradient
+
+    config = gradient_run(stages[0])
+    cfg = EvolveConfig.from_config(config, "grad")
+    space, settings = cfg.space(), EvalSettings.from_config(config["evaluation"])
+    fit = FITNESS["gradient"].task_fitness("math_l2", config["tasks"]["math_l2"], stages[2], cfg, 0, 0)
+    x, out = np.array([0.6, 0.2, 0.5, 0.4]), {}
+    for dtype in ("float32", "bfloat16"):
+        with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], "cpu", dtype) as (merger, tok):
+            out[dtype] = genome_gradient(merger, tok, space, x, [fit], settings)[0]["math_l2"]
+    assert np.corrcoef(out["float32"], out["bfloat16"])[0, 1] > 0.95
+
+
 def test_a_merge_not_affine_in_the_genome_is_refused_by_the_gradient(stages):
     from mergeflow.errors import MergeflowError
     from mergeflow.evaluate import EvalSettings
