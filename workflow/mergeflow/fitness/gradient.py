@@ -12,7 +12,7 @@ A genome gene is not a model parameter, so the gradient is taken in two parts. O
 pass gives the loss's gradient G with respect to the merged weights θ(x). The space's merge
 must be affine in the genome (task arithmetic: θ(x) = θ(0) + Σ_k x_k (θ(e_k) − θ(0))), so
 ∂loss/∂x_k = ⟨G, θ(e_k) − θ(0)⟩, from dim + 1 merges of basis genomes by the resident merger;
-the job checks that the affine form reproduces θ(x) before it trusts it.
+the job checks that the affine form reproduces θ(x) before it hands the gradient on.
 
 Every step costs ``batch`` items per task, like a multi-fidelity rung: 40 steps of 60 items are
 the cheap search's 2,400 items. Where each candidate of an evolutionary search yields one noisy
@@ -40,8 +40,8 @@ AFFINE_METHODS = ("task_arithmetic",)
 
 def batch_items(task: str, fitness_cfg: dict, split: pd.DataFrame, generation: int) -> pd.DataFrame:
     """Generation ``generation``'s minibatch of ``split``, in split order: passes over the split
-    in seeded orders (a new one per pass), each cut into ⌊n / batch⌋ batches (the rest of a pass
-    waits for another order)."""
+    in seeded orders (a new one per pass), each cut into ⌊n / batch⌋ batches (the n mod batch
+    items left over sit that pass out)."""
     size = fitness_cfg["batch"]
     per_pass = len(split) // size
     epoch, at = divmod(generation, per_pass)
