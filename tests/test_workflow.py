@@ -51,6 +51,10 @@ def micro_config() -> dict:
         "multi": {"tasks": ["math_l2"],
                   "evolve": {**evolve, "population": 4, "shards": 2,
                              "fitness": {"kind": "multi_fidelity", "rungs": [10, 30, 60], "eta": 2}}},
+        # gradient descent on the genome: 2 Adam steps of 20 items
+        "gradient": {"tasks": ["math_l2"],
+                     "evolve": {**evolve, "population": 1, "generations": 2, "optimizer": "Adam",
+                                "fitness": {"kind": "gradient", "batch": 20}}},
     }
     return config
 
@@ -145,6 +149,13 @@ def test_run_writes_every_stage(finished_run):
     assert merged["search_split_accuracy"] == search["correct"].mean() and merged["search_split_items"] == 60
     assert merged["estimate_items"] == 10
     assert "## The search's estimate of its merge" in (results / "runs" / "anchored" / "final" / "summary.md").read_text()
+    # the gradient search: one candidate per Adam step on 20 items, its gradient told; its merge is
+    # the last step's, checked against the whole search split
+    gradient = pd.read_parquet(results / "runs" / "gradient" / "evolve" / "history.parquet")
+    assert list(gradient["items"]) == [20, 20] and len(gradient["gradient"].iloc[0]) == 4
+    assert best_row(gradient)["generation"] == 1
+    stepped = pd.read_parquet(results / "runs" / "gradient" / "final" / "test.parquet").set_index("model")
+    assert stepped.loc["merged", "estimate_items"] == 20 and stepped.loc["merged", "search_split_items"] == 60
     assert "| merged (anchored) | math_l2 |" in comparison
     assert "estimated_fitness" not in pd.read_parquet(results / "runs" / "full" / "final" / "test.parquet")
     assert not (results / "runs" / "full" / "final" / "search_responses").exists()
@@ -152,7 +163,7 @@ def test_run_writes_every_stage(finished_run):
     assert provenance["seeds"]["seed"] == 0 and provenance["packages"]["torch"]
     assert "commit" in provenance["git"] and provenance["hardware"]["cpu"]
     # the report's figures, the published final models and the results README
-    for run in ("full", "anchored", "multi"):
+    for run in ("full", "anchored", "multi", "gradient"):
         for figure in ("search_progress", "best_genome"):
             assert (results / "runs" / run / "figures" / f"{figure}.png").stat().st_size > 5000
         card = (results / "runs" / run / "final" / "model" / "README.md").read_text()
@@ -177,7 +188,7 @@ def test_fitness_jobs_after_the_first_find_the_sources_resident(finished_run):
     workdir, _ = finished_run
     logs = sorted((workdir / "results" / "logs" / "evolve").glob("*/gen_*/rung_*/fitness_*.log"))
     loads = [log for log in logs if "loading 3 source models" in log.read_text()]
-    assert len(logs) == 6 + 3 + 18 and len(loads) == 1, [log.relative_to(workdir) for log in loads]
+    assert len(logs) == 6 + 3 + 18 + 2 and len(loads) == 1, [log.relative_to(workdir) for log in loads]
     assert all("already resident" in log.read_text() for log in logs if log not in loads)
 
 
@@ -193,8 +204,8 @@ def test_report_holds_every_results_table_and_figure(finished_run):
     names = zipfile.ZipFile(workdir / "report.zip").namelist()
     packed = sorted(Path(n).name for n in names if n.startswith("report/data/raw/"))
     figures = ["accuracy.png", "irt_math_l2.png", "pareto_front.png", "search_cost.png"]
-    figures += ["best_genome.png"] * 3 + ["search_progress.png"] * 3
-    assert packed == sorted(["pareto.md"] + ["summary.md"] * 4 + figures), packed
+    figures += ["best_genome.png"] * 4 + ["search_progress.png"] * 4
+    assert packed == sorted(["pareto.md"] + ["summary.md"] * 5 + figures), packed
     html = next(n for n in names if n.endswith("report.html"))
     page = zipfile.ZipFile(workdir / "report.zip").read(html).decode()
     for caption in ("Test-split accuracy of every run", "how the search went", "the genome of its final merge",
@@ -225,7 +236,7 @@ def test_template_change_reruns_only_that_task(finished_run):
     full_search += [f"fitness[run=full, g={g}, r=0, k={k}]" for g in range(3) for k in (0, 1)]
     assert jobs == sorted([
         "all", "data[task=math_l1]", "final_table[run=full]", "compare_runs", "provenance[run=full]", "provenance[run=anchored]",
-        "provenance[run=multi]",
+        "provenance[run=multi]", "provenance[run=gradient]",
         *[f"respond[task=math_l1, split=test, model={m}]" for m in ["base", "math", "lang", "baseline"]],
         *full_search, "history[run=full]", "final_merge[run=full]", "final_model[run=full]", "pareto_front[run=full]",
         "pareto_members[run=full]", *[f"final_respond[run=full, scored=responses, task={t}]" for t in ["math_l2", "math_l1"]],

@@ -27,12 +27,16 @@ from __future__ import annotations
 import math
 import zlib
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
-import torch
 
 from mergeflow.errors import MergeflowError
 from mergeflow.fitness.base import FitnessKind, TaskFitness
+
+if TYPE_CHECKING:
+    import torch
 
 # Merges the genome gradient trusts: those whose merged weights are affine in the weights.
 AFFINE_METHODS = ("task_arithmetic",)
@@ -60,6 +64,8 @@ def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg, rung: int = 
 def _continuation_logliks(model, requests: list[tuple[list[int], list[int]]], max_length: int) -> torch.Tensor:
     """Each (context, continuation)'s log-likelihood, differentiable (right-padded, one pass);
     sequences longer than ``max_length`` lose their first tokens, as in the evaluator."""
+    import torch  # heavy: only where a model is scored, not where the config is read
+
     seqs = [(ctx + cont)[-(max_length + 1):] for ctx, cont in requests]
     width = max(len(s) for s in seqs) - 1
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -82,6 +88,8 @@ def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, bac
     """The task's mean training loss over its items; with ``backward``, its gradient is also
     accumulated into the model's parameters. Items go in chunks of about ``settings.batch_size``
     requests."""
+    import torch
+
     from mergeflow.evaluate import encode_requests
     from mergeflow.scorers import get_scorer
 
@@ -120,6 +128,8 @@ def genome_gradient(merger, tokenizer, space, genome: np.ndarray, tasks: list[Ta
                     seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Per task, the gradient of its training loss with respect to the genome at ``genome``, and
     the loss. Leaves the merger's model holding the merge of ``genome`` with no gradients."""
+    import torch
+
     from mergeflow.evaluate import context_length
 
     genome = np.asarray(genome, dtype=np.float64)
