@@ -45,9 +45,11 @@ def deep_update(base: dict, overlay: dict) -> dict:
     of another kind) replaces the mapping instead."""
     for key, value in overlay.items():
         old = base.get(key)
-        keep = isinstance(old, dict) and old.get("kind", value.get("kind")) == value.get("kind", old.get("kind")) \
-            if isinstance(value, dict) else False
-        base[key] = deep_update(dict(old), value) if keep else (deep_update({}, value) if isinstance(value, dict) else value)
+        if isinstance(value, dict):
+            same_kind = isinstance(old, dict) and old.get("kind", value.get("kind")) == value.get("kind", old.get("kind"))
+            base[key] = deep_update(dict(old) if same_kind else {}, value)
+        else:
+            base[key] = value
     return base
 
 

@@ -74,6 +74,24 @@ def test_calibration_population_holds_endpoints_and_random_merges(stages):
     assert calibration.groupby("model").size().eq(40).all()
 
 
+def run_generations(cfg: EvolveConfig, config: dict, task_files: dict, root, generations: int) -> str:
+    """ask / fitness / tell for ``generations`` generations of a one-rung search under ``root``,
+    as the rules chain them; the last history's path."""
+    previous = None
+    for g in range(generations):
+        gen = root / f"gen_{g}"
+        ask(cfg, g, previous and str(root / f"gen_{g - 1}" / "optimizer.pkl"), previous,
+            str(gen / "candidates.parquet"), str(gen / "asked.pkl"))
+        job = FitnessJob(g, 0, 0, str(gen / "candidates.parquet"), None, (), str(gen / "fitness_0.parquet"),
+                         str(gen / "responses_0.parquet"))
+        with job_log(gen / "fitness_0.log"):
+            fitness(cfg, config["tasks"], config["evaluation"], task_files, job)
+        tell(cfg, g, str(gen / "asked.pkl"), str(gen / "candidates.parquet"), [job.out], previous,
+             str(gen / "optimizer.pkl"), str(gen / "history.parquet"), str(gen / "best" / "recipe.yaml"))
+        previous = str(gen / "history.parquet")
+    return previous
+
+
 @pytest.mark.parametrize("run, items", [("full", 40), ("anchored", 8)])
 def test_two_generations_of_ask_fitness_tell(stages, tmp_path, run, items):
     config, _, files, _ = stages
@@ -83,19 +101,7 @@ def test_two_generations_of_ask_fitness_tell(stages, tmp_path, run, items):
     needs = FITNESS[cfg.fitness["kind"]].needs(cfg.fitness)
     assert needs == {"full": ("split",), "anchored": ("split", "anchors", "irt", "calibration")}[run]
     task_files = {"math_l2": {need: files[need] for need in needs}}
-    previous = None
-    for g in range(2):
-        gen = tmp_path / f"gen_{g}"
-        ask(cfg, g, previous and str(tmp_path / f"gen_{g - 1}" / "optimizer.pkl"), previous,
-            str(gen / "candidates.parquet"), str(gen / "asked.pkl"))
-        job = FitnessJob(g, 0, 0, str(gen / "candidates.parquet"), None, (), str(gen / "fitness_0.parquet"),
-                         str(gen / "responses_0.parquet"))
-        with job_log(gen / "fitness_0.log"):
-            fitness(cfg, config["tasks"], config["evaluation"], task_files, job)
-        tell(cfg, g, str(gen / "asked.pkl"), str(gen / "candidates.parquet"), [str(gen / "fitness_0.parquet")],
-             previous, str(gen / "optimizer.pkl"), str(gen / "history.parquet"), str(gen / "best" / "recipe.yaml"))
-        previous = str(gen / "history.parquet")
-    history = pd.read_parquet(previous)
+    history = pd.read_parquet(run_generations(cfg, config, task_files, tmp_path, 2))
     assert len(history) == 6 and set(history["items"]) == {items} and (history["problem"] == "").all()
     assert history["fitness_math_l2"].between(0, 1).all() and history["sd_math_l2"].gt(0).all()
     best = hist.best_row(history)
@@ -304,18 +310,8 @@ def test_a_gradient_search_steps_on_minibatches_and_replays_from_its_history(sta
 
     config = gradient_run(stages[0], learning_rate=0.1)
     cfg = EvolveConfig.from_config(config, "grad")
-    previous, seen = None, []
-    for g in range(3):
-        gen = tmp_path / f"gen_{g}"
-        ask(cfg, g, previous and str(tmp_path / f"gen_{g - 1}" / "optimizer.pkl"), previous,
-            str(gen / "candidates.parquet"), str(gen / "asked.pkl"))
-        job = FitnessJob(g, 0, 0, str(gen / "candidates.parquet"), None, (), str(gen / "fitness_0.parquet"),
-                         str(gen / "responses_0.parquet"))
-        fitness(cfg, config["tasks"], config["evaluation"], {"math_l2": stages[2]}, job)
-        seen.append(set(pd.read_parquet(job.out_responses)["item_id"]))
-        tell(cfg, g, str(gen / "asked.pkl"), str(gen / "candidates.parquet"), [job.out], previous,
-             str(gen / "optimizer.pkl"), str(gen / "history.parquet"), str(gen / "best" / "recipe.yaml"))
-        previous = str(gen / "history.parquet")
+    previous = run_generations(cfg, config, {"math_l2": stages[2]}, tmp_path, 3)
+    seen = [set(pd.read_parquet(tmp_path / f"gen_{g}" / "responses_0.parquet")["item_id"]) for g in range(3)]
     history = pd.read_parquet(previous)
     assert list(history["items"]) == [16, 16, 16] and not seen[0] & seen[1]  # a pass draws without replacement
     assert seen[2] != seen[0]  # the second pass (2 batches of 16 per pass of 40) draws another order

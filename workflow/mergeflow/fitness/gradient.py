@@ -66,18 +66,14 @@ def _continuation_logliks(model, requests: list[tuple[list[int], list[int]]], ma
     sequences longer than ``max_length`` lose their first tokens, as in the evaluator."""
     import torch  # heavy: only where a model is scored, not where the config is read
 
+    from mergeflow.evaluate import _padded
+
     seqs = [(ctx + cont)[-(max_length + 1):] for ctx, cont in requests]
-    width = max(len(s) for s in seqs) - 1
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    scored = torch.zeros(len(seqs), width, dtype=torch.bool)
-    targets = torch.zeros(len(seqs), width, dtype=torch.long)
+    ids, mask = _padded([s[:-1] for s in seqs], 0)
+    targets, _ = _padded([s[1:] for s in seqs], 0)
+    scored = torch.zeros(ids.shape, dtype=torch.bool)  # the continuation's positions
     for r, ((_, cont), seq) in enumerate(zip(requests, seqs)):
-        n = len(seq) - 1
-        ids[r, :n] = torch.tensor(seq[:-1])
-        targets[r, :n] = torch.tensor(seq[1:])
-        mask[r, :n] = 1
-        scored[r, n - len(cont):n] = True
+        scored[r, len(seq) - 1 - len(cont):len(seq) - 1] = True
     device = next(model.parameters()).device
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.to(device)[..., None])[..., 0]
@@ -184,6 +180,7 @@ def check(config: dict, run: str) -> None:
     """One candidate per generation, a gradient optimizer, a task-arithmetic parameter space and
     batches that fit every objective's search split."""
     from mergeflow.evolve.search import GRADIENT_OPTIMIZERS
+    from mergeflow.spaces.parameter import space_methods
 
     evolve = config["runs"][run]["evolve"]
     where = f"config: runs.{run}.evolve"
@@ -197,8 +194,7 @@ def check(config: dict, run: str) -> None:
         raise MergeflowError(f"{where}.multi_objective: fitness kind 'gradient' follows one loss, the objectives' "
                              "weighted sum")
     space = evolve["search_space"]
-    methods = space.get("method")
-    methods = [methods] if isinstance(methods, str) else list(methods or [])
+    methods = space_methods(space)
     if space.get("kind", "parameter") != "parameter" or any(m not in AFFINE_METHODS for m in methods):
         raise MergeflowError(f"{where}.search_space: fitness kind 'gradient' needs a parameter space whose merge is "
                              f"affine in the genome (method {' or '.join(AFFINE_METHODS)}), not "

@@ -56,6 +56,12 @@ if TYPE_CHECKING:
 _REST_PROBE = "__mergeflow_rest__"
 
 
+def space_methods(cfg: dict) -> list[str]:
+    """The method names of a ``search_space`` mapping: ``method`` is one name or a list."""
+    methods = cfg.get("method")
+    return [methods] if isinstance(methods, str) else list(methods or [])
+
+
 @dataclass(frozen=True)
 class Range:
     low: float
@@ -125,8 +131,7 @@ class ParameterSpace:
         """What can be checked without the models (before any job): every method exists, every
         parameter is read by one of them, every range is numbers with min <= max, and — when
         the base's layer count is known — ``layer_groups`` fits it. Errors name the key."""
-        methods = cfg.get("method")
-        methods = [methods] if isinstance(methods, str) else list(methods or [])
+        methods = space_methods(cfg)
         if not methods:
             raise MergeflowError(f"{where}.method is missing")
         for name in methods:
@@ -147,8 +152,7 @@ class ParameterSpace:
     def from_config(cls, cfg: dict, num_layers: int, where: str = "search_space") -> "ParameterSpace":
         """Build from a ``search_space`` mapping (schema defaults filled) for ``num_layers`` layers."""
         cls.check(cfg, where, num_layers)
-        methods = cfg.get("method")
-        methods = [methods] if isinstance(methods, str) else list(methods)
+        methods = space_methods(cfg)
         models = [str(m) for m in cfg.get("models") or []]
         if not models:
             raise MergeflowError(f"{where}.models is empty")
