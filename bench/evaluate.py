@@ -14,7 +14,10 @@ Each side runs as its own process, ``--repeats`` times; the best time of each ki
 
 It prints items/s and the ratios mergeflow / lm-eval (targets: >= 3 end to end, >= 2 scoring
 call), and the per-item agreement: items whose correctness differs (acc, acc_norm, exact match),
-generations that differ, and the largest |difference| of any choice's log-likelihood.
+generations that differ, and the largest |difference| of any choice's log-likelihood. Last, per
+task, the time mergeflow's linear layers alone take in one more run (the matrix products any exact
+float32 scorer computes for those tokens) against the time a 2x scoring call would allow: where
+the products alone fill that time, the target needs fewer tokens, not a faster pass.
 
 lm-eval is a bench-only peer, not a dependency: the script makes (or reuses) a virtualenv with
 the same CPU torch and transformers as this one and lm-eval 0.4.13, and runs its side there.
@@ -104,8 +107,26 @@ def run_mergeflow(model_dir: str, splits: dict[str, str], batch_size: int, max_n
             norm = evaluate.evaluate_items(model, tokenizer, items, "mc_loglik_norm", settings)
             for item, correct in zip(norm["item_id"], norm["correct"]):
                 rows[item]["acc_norm"] = int(correct)
-        report["tasks"][task] = {"end_to_end_s": total, "scoring_s": scoring, "items": rows}
+        report["tasks"][task] = {"end_to_end_s": total, "scoring_s": scoring, "items": rows,
+                                 "products_s": products_seconds(model, tokenizer, items, TASKS[task], settings)}
     return report
+
+
+def products_seconds(model, tokenizer, items, scorer: str, settings) -> float:
+    """The time one more (untimed) run spends in the model's linear layers alone: the matrix
+    products that float32 scoring of these tokens cannot avoid, whoever computes them."""
+    import torch
+
+    from mergeflow import evaluate
+
+    watch = Stopwatch()
+    plain = torch.nn.Linear.forward
+    torch.nn.Linear.forward = watch.wrap(plain)
+    try:
+        evaluate.evaluate_items(model, tokenizer, items, scorer, settings)
+    finally:
+        torch.nn.Linear.forward = plain
+    return watch.seconds
 
 
 def peer_task_yaml(task: str, path: str, max_new_tokens: int) -> str:
@@ -219,7 +240,8 @@ def best(reports: list[dict]) -> dict:
     out = {"load_s": min(r["load_s"] for r in reports), "tasks": {}}
     for task, first in reports[0]["tasks"].items():
         out["tasks"][task] = {**first, **{key: min(r["tasks"][task][key] for r in reports)
-                                          for key in ("end_to_end_s", "scoring_s")}}
+                                          for key in ("end_to_end_s", "scoring_s", "products_s")
+                                          if key in first}}
     return out
 
 
@@ -312,6 +334,12 @@ def main() -> None:
             agree_text = ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}/{n}" for k, v in agree.items())
             print(f"{task:8} {n:5d}  {e2e[0]:9.0f} mf {e2e[1]:9.0f} lm-eval {e2e[0] / e2e[1]:6.2f}  "
                   f"{score[0]:9.0f} mf {score[1]:9.0f} lm-eval {score[0] / score[1]:6.2f}  {agree_text}")
+    print("\nthe matrix products alone (mergeflow's linear layers, gold answers' tokens included), against the "
+          f"time a {TARGETS['scoring call']:g}x scoring call would allow:")
+    for name, sides in results.items():
+        ours, theirs = sides["mergeflow"]["tasks"], sides["lm-eval"]["tasks"]
+        print("  " + ", ".join(f"{name} {task} {ours[task]['products_s']:.2f} s of "
+                               f"{theirs[task]['scoring_s'] / TARGETS['scoring call']:.2f} s" for task in TASKS))
     print()
     for kind, target in TARGETS.items():
         print(f"lowest ratio {kind}: {worst[kind]:.2f} (target >= {target:g}): "
