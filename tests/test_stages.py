@@ -229,7 +229,8 @@ def gradient_run(config: dict, **fitness) -> dict:
     return validate_config(config)
 
 
-def test_the_genome_gradient_is_the_training_loss_s_derivative(stages):
+@pytest.mark.parametrize("loss", ["sigmoid", "cross_entropy"])
+def test_the_genome_gradient_is_the_training_loss_s_derivative(stages, loss):
     """Against central differences of the loss itself, merged at x ± h along each gene."""
     import numpy as np
     import torch
@@ -239,22 +240,25 @@ def test_the_genome_gradient_is_the_training_loss_s_derivative(stages):
     from mergeflow.fitness import FITNESS
     from mergeflow.fitness.gradient import genome_gradient, task_loss
 
-    config = gradient_run(stages[0])
+    config = gradient_run(stages[0], loss=loss)
     cfg = EvolveConfig.from_config(config, "grad")
     space, settings = cfg.space(), EvalSettings.from_config(config["evaluation"])
     fit = FITNESS["gradient"].task_fitness("math_l2", config["tasks"]["math_l2"], stages[2], cfg, 0, 1)
     x = np.array([0.6, 0.2, 0.5, 0.4])
     with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], "cpu", "float32") as (merger, tok):
-        gradient, losses = genome_gradient(merger, tok, space, x, [fit], settings)
+        gradient, losses = genome_gradient(merger, tok, space, x, [fit], settings, cfg.fitness)
         model = merger.merge(space.to_recipe(x))
         max_length = context_length(model, settings)
+
+        def loss_at(genome):
+            return task_loss(merger.merge(space.to_recipe(genome)), tok, fit, settings, max_length, cfg.fitness,
+                             backward=False)
         with torch.no_grad():
-            assert task_loss(model, tok, fit, settings, max_length, backward=False) == pytest.approx(losses["math_l2"])
+            assert loss_at(x) == pytest.approx(losses["math_l2"])
             h, numeric = 1e-2, []
             for k in range(space.dim):
                 step = np.eye(space.dim)[k] * h
-                up, down = (task_loss(merger.merge(space.to_recipe(x + s)), tok, fit, settings, max_length, backward=False)
-                            for s in (step, -step))
+                up, down = (loss_at(x + s) for s in (step, -step))
                 numeric.append((up - down) / (2 * h))
     assert np.abs(gradient["math_l2"]).max() > 0.01  # the loss does depend on the genes
     np.testing.assert_allclose(gradient["math_l2"], numeric, rtol=0.02, atol=2e-3)
@@ -276,7 +280,7 @@ def test_a_bfloat16_merge_gives_about_the_float32_genome_gradient(stages):
     x, out = np.array([0.6, 0.2, 0.5, 0.4]), {}
     for dtype in ("float32", "bfloat16"):
         with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], "cpu", dtype) as (merger, tok):
-            out[dtype] = genome_gradient(merger, tok, space, x, [fit], settings)[0]["math_l2"]
+            out[dtype] = genome_gradient(merger, tok, space, x, [fit], settings, cfg.fitness)[0]["math_l2"]
     assert np.corrcoef(out["float32"], out["bfloat16"])[0, 1] > 0.95
 
 
@@ -296,7 +300,8 @@ def test_a_merge_not_affine_in_the_genome_is_refused_by_the_gradient(stages):
     fit = FITNESS["gradient"].task_fitness("math_l2", config["tasks"]["math_l2"], stages[2], cfg, 0, 0)
     with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], "cpu", "float32") as (merger, tok):
         with pytest.raises(MergeflowError, match="not affine in its genome"):
-            genome_gradient(merger, tok, ties, np.full(ties.dim, 0.5), [fit], EvalSettings.from_config(config["evaluation"]))
+            genome_gradient(merger, tok, ties, np.full(ties.dim, 0.5), [fit], EvalSettings.from_config(config["evaluation"]),
+                            cfg.fitness)
 
 
 def test_a_gradient_search_steps_on_minibatches_and_replays_from_its_history(stages, tmp_path):

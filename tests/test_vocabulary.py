@@ -8,6 +8,7 @@ from mergeflow.config import load_schema
 from mergeflow.dtypes import DTYPES
 from mergeflow.evaluate import SCORERS
 from mergeflow.fitness import FITNESS
+from mergeflow.fitness.gradient import LOSSES
 from mergeflow.merge.methods import MERGE_METHODS
 from mergeflow.spaces import SPACES
 from mergeflow.zoo.language import CORPORA, SYNTHETIC_TASKS
@@ -27,6 +28,7 @@ def node(path: str) -> dict:
     ("definitions.search_space.properties.kind.enum", SPACES),
     ("definitions.fitness.properties.kind.enum", FITNESS),
     ("definitions.fitness_anchors.properties.estimator.enum", irt.ESTIMATORS),
+    ("definitions.fitness_gradient.properties.loss.enum", LOSSES),
     ("definitions.fitness_anchors.properties.anchors.properties.strategy.enum", irt.STRATEGIES),
     ("properties.irt.properties.kind.enum", irt.KINDS),
     ("definitions.task.properties.scorer.enum", SCORERS),

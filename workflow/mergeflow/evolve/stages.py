@@ -228,7 +228,7 @@ def fitness(cfg: EvolveConfig, tasks: dict[str, dict], evaluation: dict, files: 
             gradient = {}
             if kind.differentiable and not result.problem:
                 gradient, losses = genome_gradient(merger, tokenizer, space, np.asarray(cand["genome"]), scorers,
-                                                   settings, int(cand["seed"]))
+                                                   settings, cfg.fitness, int(cand["seed"]))
                 log.info("generation %d candidate %d: training loss %s", job.generation, cand["index"],
                          {t: round(v, 4) for t, v in losses.items()})
             for task in cfg.tasks:
