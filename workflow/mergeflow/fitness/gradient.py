@@ -11,7 +11,7 @@ right when it is positive). That is a smoothed error rate: items near the decisi
 items answered surely (right or wrong) barely do. ``cross_entropy`` over the choices also
 pulls hard on items the merge gets confidently wrong, and can lower the loss while the
 accuracy falls: on one zoo it chose merges below the math expert (0.309 on math_l2 test over
-5 seeds, against the sigmoid's 0.442, bench/results/search_sweep.txt). For generation the loss
+5 seeds, against the sigmoid's 0.442, both at learning rate 0.05; bench/results/search_sweep.txt). For generation the loss
 is the gold answer's negative log-likelihood. Adam, told the gradient, takes the next step
 (:class:`mergeflow.evolve.search.Adam`).
 
