@@ -10,10 +10,9 @@ margin is the gold choice's log-likelihood less the log-sum-exp of the others' (
 right when it is positive). That is a smoothed error rate: items near the decision move it,
 items answered surely (right or wrong) barely do. ``cross_entropy`` over the choices also
 pulls hard on items the merge gets confidently wrong, and can lower the loss while the
-accuracy falls: on one zoo it chose merges below the math expert (0.309 on math_l2 test over
-5 seeds, against the sigmoid's 0.442, both at learning rate 0.05; bench/results/search_sweep.txt). For generation the loss
-is the gold answer's negative log-likelihood. Adam, told the gradient, takes the next step
-(:class:`mergeflow.evolve.search.Adam`).
+accuracy falls: on two zoos it chose merges below the math expert (bench/results/search_sweep.txt).
+For generation the loss is the gold answer's negative log-likelihood. Adam, told the gradient,
+takes the next step (:class:`mergeflow.evolve.search.Adam`).
 
 A genome gene is not a model parameter, so the gradient is taken in two parts. One backward
 pass gives the loss's gradient G with respect to the merged weights θ(x). The space's merge
