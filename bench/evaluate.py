@@ -240,8 +240,7 @@ def best(reports: list[dict]) -> dict:
     out = {"load_s": min(r["load_s"] for r in reports), "tasks": {}}
     for task, first in reports[0]["tasks"].items():
         out["tasks"][task] = {**first, **{key: min(r["tasks"][task][key] for r in reports)
-                                          for key in ("end_to_end_s", "scoring_s", "products_s")
-                                          if key in first}}
+                                          for key in ("end_to_end_s", "scoring_s", "products_s")}}
     return out
 
 
