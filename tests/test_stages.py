@@ -338,6 +338,8 @@ def test_a_gradient_search_steps_on_minibatches_and_replays_from_its_history(sta
     ({"search_space": {"method": "ties", "parameters": {"weight": {"min": 0.0, "max": 1.0}, "density": 0.5}}},
      r"grad\.evolve\.search_space: fitness kind 'gradient' needs a parameter space whose merge is affine"),
     ({"fitness": {"kind": "gradient", "learning_rate": 0}}, r"learning_rate: 0 is less than or equal to the minimum"),
+    ({"fitness": {"kind": "gradient", "loss": "hinge"}}, r"fitness\.loss: 'hinge' is not one of \['sigmoid', 'cross_entropy'\]"),
+    ({"fitness": {"kind": "gradient", "temperature": 0}}, r"temperature: 0 is less than or equal to the minimum"),
 ])
 def test_bad_gradient_settings_are_named(stages, change, message):
     from mergeflow.errors import MergeflowError
