@@ -124,7 +124,10 @@ def ask_generation(optimizer, population: int) -> list:
 def tell_generation(optimizer, candidates: list, losses: list, gradients: list | None = None) -> None:
     """Tell each candidate's loss (and, to a gradient optimizer, its gradient)."""
     for candidate, loss, gradient in zip(candidates, losses, gradients or [None] * len(candidates)):
-        optimizer.tell(candidate, loss) if gradient is None else optimizer.tell(candidate, loss, gradient)
+        if gradient is None:
+            optimizer.tell(candidate, loss)
+        else:
+            optimizer.tell(candidate, loss, gradient)
 
 
 def replay(settings: SearchSettings, history: pd.DataFrame, objectives: list[str] | None = None):
