@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergeflow.errors import MergeflowError
+from mergeflow.locations import local_model_dir
 
 # Config fields that must agree for two models to be merged tensor by tensor.
 ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -76,8 +77,6 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.
 
 def resolve_model_dir(name: str, spec: dict) -> Path:
     """A model's local directory (a hub model's is the one the fetch stage wrote); it must exist."""
-    from mergeflow.config import local_model_dir
-
     path = local_model_dir(spec)
     if not path.is_dir():
         raise MergeflowError(f"model {name!r}: directory {str(path)!r} does not exist")

@@ -1,66 +1,32 @@
-"""Cross-references in a config that a JSON schema cannot express, checked before any job runs.
+"""The whole config: validated against the schema, upgraded from older spellings, and
+cross-checked before any job runs.
 
-The schema (``workflow/schemas/config.schema.yaml``) checks keys and types; this module checks
-that names point at things that exist: the base model and endpoints are models, runs name known
-tasks, local model directories exist (or are built by the zoo; hub models are fetched by a
-job), task sources exist (or are written by the zoo).
+The schema (``workflow/schemas/config.schema.yaml``, read by :mod:`mergeflow.schema`) checks
+keys and types; this module checks what it cannot express: names point at things that exist
+(the base model and endpoints are models, runs name known tasks, local model directories and
+task sources exist or are built by the zoo, hub models are fetched by a job), and each run's
+search space, fitness kind and optimizer accept the rest of the config. The checks that belong
+to one kind of space or fitness live in that kind (its ``check``); this module only calls them.
+
+It sits on top of the library: the workflow, the CLI, benches and tests import it, no library
+module does.
 """
 
 from __future__ import annotations
 
-import copy
-from functools import lru_cache
+import json
 from pathlib import Path
 
 import yaml
 
+from mergeflow.data import template_fields
 from mergeflow.errors import MergeflowError
+from mergeflow.evolve.search import check_optimizer
+from mergeflow.fitness import FITNESS
+from mergeflow.locations import local_model_dir, zoo_model_dirs, zoo_task_files
+from mergeflow.schema import check_instance, fill_defaults, load_schema
 from mergeflow.scorers import get_scorer
-
-RESULTS = Path("results")
-SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
-
-
-def zoo_model_dirs(config: dict) -> dict[str, Path]:
-    """Model directories that the zoo stage builds, by zoo name."""
-    zoo = config.get("zoo")
-    if not zoo:
-        return {}
-    names = ["base"] + sorted(zoo["experts"])
-    return {name: RESULTS / "zoo" / name for name in names}
-
-
-def zoo_task_files(config: dict) -> dict[str, Path]:
-    zoo = config.get("zoo")
-    if not zoo:
-        return {}
-    return {name: RESULTS / "zoo" / "tasks" / f"{name}.parquet" for name in zoo.get("tasks", [])}
-
-
-def hub_model_dir(spec: dict) -> Path:
-    """Where the fetch stage puts a hub model: ``results/hub/ORG--NAME[@REVISION]``."""
-    revision = spec.get("revision")
-    return RESULTS / "hub" / (spec["hub"].replace("/", "--") + (f"@{revision}" if revision else ""))
-
-
-def run_merge_dir(run: str) -> Path:
-    """Where a run's final merge is written (``final_merge``): what ``{run: NAME}`` models read."""
-    return RESULTS / "runs" / run / "final" / "merge"
-
-
-def local_model_dir(spec: dict) -> Path:
-    """A model's local directory: its ``path``, another run's final merge, or the directory its
-    hub id is fetched to."""
-    if "path" in spec:
-        return Path(spec["path"])
-    if "run" in spec:
-        return run_merge_dir(spec["run"])
-    return hub_model_dir(spec)
-
-
-def model_location(spec: dict) -> str:
-    """What the merger and ``from_pretrained`` are given: always a local directory."""
-    return str(local_model_dir(spec))
+from mergeflow.spaces import ModelConfigs, check_space, space_models
 
 
 def run_tasks(config: dict, run: str) -> list[str]:
@@ -70,8 +36,6 @@ def run_tasks(config: dict, run: str) -> list[str]:
 def search_model_names(config: dict, run: str) -> list[str]:
     """The models a run's search reads, by name: its space's base and sources (the config's
     base_model and endpoints where the space names none)."""
-    from mergeflow.spaces import space_models
-
     base, names = space_models(config["runs"][run]["evolve"]["search_space"])
     return list(dict.fromkeys([base or config["base_model"], *(names or config["endpoints"])]))
 
@@ -109,8 +73,6 @@ def check_run_sources(config: dict) -> None:
 def model_config_json(config: dict, name: str) -> dict | None:
     """Model ``name``'s ``config.json`` where it is already on disk; for another run's merge,
     its search's base model's (a parameter merge keeps the base's shapes)."""
-    import json
-
     spec = config["models"][name]
     if "run" in spec:
         return model_config_json(config, search_model_names(config, spec["run"])[0])
@@ -118,24 +80,11 @@ def model_config_json(config: dict, name: str) -> dict | None:
     return json.loads(config_file.read_text()) if config_file.is_file() else None
 
 
-def check_path_sources(config: dict, run: str) -> None:
-    """A data-flow run's models chain their layers: each needs the hidden size of the path's
-    base (checked where the configs are on disk)."""
-    from mergeflow.spaces import candidates_of
-
-    if candidates_of(config["runs"][run]["evolve"]["search_space"]) != "path":
-        return
-    from mergeflow.merge.path import chain_mismatch
-
-    names = search_model_names(config, run)
-    configs = {name: model_config_json(config, name) for name in names if name in config["models"]}
-    known = {name: c for name, c in configs.items() if c is not None}
-    base = names[0]
-    for name, model_config in known.items():
-        why = base in known and chain_mismatch(name, model_config, base, known[base])
-        if why:
-            raise MergeflowError(f"config: runs.{run}.evolve.search_space: {why}; a layer path chains their layers, "
-                                 "so they must agree")
+def model_configs(config: dict, names: list[str]) -> ModelConfigs:
+    """What a search space may check its models by before any job: the ``config.json`` of each
+    of ``names`` (the first is the space's base) already on disk."""
+    on_disk = {name: model_config_json(config, name) for name in names if name in config["models"]}
+    return ModelConfigs(names[0], {name: c for name, c in on_disk.items() if c is not None})
 
 
 def check_config(config: dict) -> None:
@@ -160,8 +109,6 @@ def check_config(config: dict) -> None:
         src = tcfg["source"]
         if "path" in src and src["path"] not in written and not Path(src["path"]).exists():
             raise MergeflowError(f"config: task {task!r}: source file {src['path']!r} does not exist")
-    from mergeflow.fitness import FITNESS
-
     for run, rcfg in config["runs"].items():
         for task in rcfg.get("tasks") or []:
             if task not in config["tasks"]:
@@ -176,150 +123,50 @@ def check_config(config: dict) -> None:
     check_before_jobs(config)
 
 
-def base_layers(config: dict, name: str) -> int | None:
-    """The layer count of model ``name`` from its ``config.json`` where that is already on disk
-    (a zoo or hub model before its job has run: None)."""
-    import json
-
-    config_file = local_model_dir(config["models"][name]) / "config.json"
-    if not config_file.is_file():
-        return None
-    layers = json.loads(config_file.read_text()).get("num_hidden_layers")
-    return layers if isinstance(layers, int) else None
-
-
 def check_before_jobs(config: dict) -> None:
     """What jobs would otherwise find out late, checked at parse time and named by key: task
-    templates, each run's optimizer, search space (methods, parameters, ranges, layer groups
-    against the base's layers when its config is on disk) and anchor set against the search
-    splits, and the IRT calibration's search space."""
-    from mergeflow.data import template_fields
-    from mergeflow.evolve.search import check_optimizer
-    from mergeflow.fitness import FITNESS
-    from mergeflow.spaces import check_space
-
+    templates, each run's optimizer and search space (its kind's own checks, given the models'
+    ``config.json`` where they are on disk), and the IRT calibration's search space."""
     try:
         for task, tcfg in config["tasks"].items():
             template_fields(tcfg["template"], f"tasks.{task}.template")
-        spaces = {"irt.calibration.search_space": (config["irt"]["calibration"]["search_space"], config["base_model"])}
-        for run, rcfg in config["runs"].items():
-            if "evolve" not in rcfg:
-                continue
-            ecfg, where = rcfg["evolve"], f"runs.{run}.evolve"
-            check_optimizer(ecfg["optimizer"], f"{where}.optimizer")
-            space = ecfg["search_space"]
-            spaces[f"{where}.search_space"] = (space, search_model_names(config, run)[0])
-            kind = FITNESS[ecfg["fitness"]["kind"]]
-            anchors = kind.anchor_set(ecfg["fitness"]) if kind.anchor_set else None
-            for task in ecfg["objectives"] if anchors else []:
-                size = config["tasks"][task]["splits"]["search"]
-                if anchors["n"] > size:
-                    key = "rungs[0]" if ecfg["fitness"]["kind"] == "multi_fidelity" else "anchors.n"
-                    raise MergeflowError(f"{where}.fitness.{key}: {anchors['n']} anchor items, more than the search "
-                                         f"split of task {task!r} ({size}, tasks.{task}.splits.search)")
-        for where, (space, base) in spaces.items():
-            check_space(space, where, base_layers(config, base) if base in config["models"] else None)
+        base = config["base_model"]
+        spaces = {"irt.calibration.search_space": (config["irt"]["calibration"]["search_space"],
+                                                   [base, *config["endpoints"]])}
         for run, rcfg in config["runs"].items():
             if "evolve" in rcfg:
-                check_path_sources(config, run)
+                where = f"runs.{run}.evolve"
+                check_optimizer(rcfg["evolve"]["optimizer"], f"{where}.optimizer")
+                spaces[f"{where}.search_space"] = (rcfg["evolve"]["search_space"], search_model_names(config, run))
+        for where, (space, names) in spaces.items():
+            check_space(space, where, model_configs(config, names))
     except MergeflowError as err:
         message = str(err)
         raise type(err)(message if message.startswith("config:") else f"config: {message}") from None
 
 
-@lru_cache(maxsize=1)
-def load_schema() -> dict:
-    """The config schema: keys, types, enums (the registries' names) and every default. Shared:
-    never modify it."""
-    return yaml.safe_load(SCHEMA.read_text())
-
-
-def _resolve(schema: dict, root: dict) -> dict:
-    """Follow ``$ref``; keys beside the reference (such as ``default``) take precedence."""
-    while "$ref" in schema:
-        node = root
-        for part in schema["$ref"].lstrip("#/").split("/"):
-            node = node[part]
-        schema = {**node, **{k: v for k, v in schema.items() if k != "$ref"}}
-    return schema
-
-
-def fill_defaults(instance, schema: dict, root: dict) -> None:
-    """Insert the schema's ``default`` values for absent keys, recursively (objects only); an
-    ``allOf`` of ``if``/``then`` (a dispatch on ``kind``) or a ``oneOf`` fills from the branch that applies."""
-    import jsonschema
-
-    schema = _resolve(schema, root)
-    if not isinstance(instance, dict):
-        return
-    for key, sub in schema.get("properties", {}).items():
-        sub = _resolve(sub, root)
-        if key not in instance and "default" in sub:
-            instance[key] = copy.deepcopy(sub["default"])
-        if key in instance:
-            fill_defaults(instance[key], sub, root)
-    extra = schema.get("additionalProperties")
-    if isinstance(extra, dict):
-        for key in set(instance) - set(schema.get("properties", {})):
-            fill_defaults(instance[key], extra, root)
-    def applies(sub: dict) -> bool:
-        return jsonschema.Draft202012Validator({**sub, "definitions": root["definitions"]}).is_valid(instance)
-
-    for branch in schema.get("allOf", []):
-        if "if" not in branch:
-            fill_defaults(instance, branch, root)
-        elif applies(branch["if"]):
-            fill_defaults(instance, branch["then"], root)
-    for branch in schema.get("oneOf", []):
-        if applies(branch):
-            fill_defaults(instance, branch, root)
-            break
-
-
-def _check(instance, schema: dict, root: dict, where: str) -> None:
-    """Raise ``MergeflowError`` naming the key of the most relevant schema violation."""
-    import jsonschema
-
-    errors = list(jsonschema.Draft202012Validator({**schema, "definitions": root["definitions"]}).iter_errors(instance))
-    if errors:
-        err = jsonschema.exceptions.best_match(errors)
-        path = ".".join([where, *(str(p) for p in err.absolute_path)] if where else [str(p) for p in err.absolute_path])
-        raise MergeflowError(f"config: at {path or 'top level'}: {err.message}")
-
-
-def validate_section(instance: dict, definition: str, where: str) -> dict:
-    """A copy of one config section (e.g. a ``search_space``) checked against the schema's
-    ``definitions.<definition>``, with its defaults filled: how the library takes a section
-    outside the workflow, with the same messages and defaults."""
-    root = load_schema()
-    schema = {"$ref": f"#/definitions/{definition}"}
-    instance = copy.deepcopy(instance)
-    _check(instance, schema, root, where)
-    fill_defaults(instance, schema, root)
-    return instance
-
-
-def section_defaults(section: str) -> dict:
-    """The schema's defaults of a top-level section (e.g. ``irt``), for the CLI's options."""
-    root = load_schema()
-    instance: dict = {}
-    fill_defaults(instance, root["properties"][section], root)
-    return instance
-
-
 def upgrade_config(config: dict) -> dict:
-    """Accept the older flat ``fitness: anchors`` (with ``estimator`` and ``anchors`` beside it)
-    as the mapping ``fitness: {kind: anchors, estimator: ..., anchors: ...}``."""
+    """Read older spellings as today's: the flat ``fitness: KIND`` (with the kind's keys beside it,
+    e.g. ``estimator`` and ``anchors``) as the mapping ``fitness: {kind: KIND, ...}`` (each kind
+    names the keys it took that way, its ``flat_keys``),
+    and ``fitness.learning_rate`` (read by the optimizer, not the fitness) as the run's
+    ``learning_rate`` beside ``optimizer`` and ``sigma``."""
     for rcfg in (config.get("runs") or {}).values():
         ecfg = rcfg.get("evolve") if isinstance(rcfg, dict) else None
-        if isinstance(ecfg, dict) and isinstance(ecfg.get("fitness"), str):
+        if not isinstance(ecfg, dict):
+            continue
+        if isinstance(ecfg.get("fitness"), str):
             fitness = {"kind": ecfg["fitness"]}
-            for key in ("estimator", "anchors"):
+            kind = FITNESS.get(fitness["kind"])
+            for key in sorted({key for other in FITNESS.values() for key in other.flat_keys}):
                 if key in ecfg:
                     value = ecfg.pop(key)
-                    if fitness["kind"] == "anchors":
+                    if kind is not None and key in kind.flat_keys:
                         fitness[key] = value
             ecfg["fitness"] = fitness
+        fitness = ecfg.get("fitness")
+        if isinstance(fitness, dict) and "learning_rate" in fitness:
+            ecfg.setdefault("learning_rate", fitness.pop("learning_rate"))
     return config
 
 
@@ -327,7 +174,7 @@ def validate_config(config: dict) -> dict:
     """Validate against the JSON schema, fill defaults, cross-check; errors name the key at fault."""
     schema = load_schema()
     upgrade_config(config)
-    _check(config, schema, schema, "")
+    check_instance(config, schema, schema, "")
     fill_defaults(config, schema, schema)
     check_config(config)
     return config

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mergeflow.errors import DataError, MergeflowError
+from mergeflow.schema import validate_section
 from mergeflow.scorers import get_scorer
 
 SPLITS = ("search", "test")
@@ -187,8 +188,6 @@ def fewshot_prefix(examples: pd.DataFrame, separator: str, delimiter: str) -> st
 def split_task(task: str, cfg: dict, seed: int, frame: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """Disjoint, seeded ``search`` and ``test`` splits (and a few-shot pool) of a task; ``cfg``
     is the task's config section (checked against the schema here, its defaults filled)."""
-    from mergeflow.config import validate_section
-
     cfg = validate_section(cfg, "task", f"tasks.{task}")
     if frame is None:
         frame = load_source(task, cfg["source"])

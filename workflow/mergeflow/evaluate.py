@@ -37,9 +37,12 @@ import pandas as pd
 import torch
 
 from mergeflow.data import extract_number
+from mergeflow.data import read_split
 from mergeflow.dtypes import torch_dtype
 from mergeflow.errors import MergeflowError
+from mergeflow.locations import model_location
 from mergeflow.progress import Progress
+from mergeflow.schema import validate_section
 from mergeflow.scorers import SCORERS, get_scorer  # noqa: F401 (SCORERS: the registry's home for callers)
 
 log = logging.getLogger(__name__)
@@ -60,8 +63,6 @@ class EvalSettings:
     @classmethod
     def from_config(cls, cfg: dict | None = None) -> "EvalSettings":
         """From an ``evaluation`` mapping; absent keys take the schema's defaults."""
-        from mergeflow.config import validate_section
-
         return cls(**validate_section(cfg or {}, "evaluation", "evaluation"))
 
 
@@ -535,9 +536,6 @@ def evaluate_items(model, tokenizer, items: pd.DataFrame, scorer: str, settings:
 def respond(model_spec: dict, items_path: str | Path, scorer: str, delimiter: str, evaluation: dict,
             out: str | Path) -> pd.DataFrame:
     """The respond stage: score one model on one split and write its responses parquet."""
-    from mergeflow.config import model_location
-    from mergeflow.data import read_split
-
     settings = EvalSettings.from_config(evaluation)
     items = read_split(items_path)
     location = model_location(model_spec)

@@ -9,12 +9,16 @@ genome as heatmaps); per task with an IRT fit: :func:`irt_fit_figure`; per multi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from mergeflow.evolve import history as hist
 from mergeflow.report import MERGED, runs_table
+
+if TYPE_CHECKING:  # a name for annotations: the spaces bring torch, which most figures never need
+    from mergeflow.spaces import Space
 
 DPI = 130
 Z_95 = 1.96  # half-width of a 95% interval, in sds
@@ -59,17 +63,40 @@ def _percent(ax, axis: str = "y") -> None:
 # ---- per run ------------------------------------------------------------------------------------
 
 
-def search_progress(run: str, history_path: str | Path, out: str | Path,
+# How many of a search's last steps its trend line averages (``result: last``).
+TREND_STEPS = 5
+
+
+def progress_line(history: pd.DataFrame, task: str, result: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """The line the progress figure draws through a search's fitness on ``task``, per generation:
+    for a search that ends on its best candidate (``result: best``), the best fitness so far at
+    the highest rung reached; for one that ends on its last (``last``: one candidate a generation,
+    each scored on one minibatch), the mean of its last :data:`TREND_STEPS` steps. Returns the
+    generations, the line's values and its legend label."""
+    rung = history["rung"] if "rung" in history.columns else pd.Series(0, index=history.index)
+    fitness = history[hist.fitness_column(task)]
+    top = history[(rung == rung.max()) & np.isfinite(fitness)]
+    generations = np.arange(history["generation"].max() + 1)
+    if result == "last":
+        trend = top.set_index("generation")[hist.fitness_column(task)].reindex(generations)
+        return (generations, trend.rolling(TREND_STEPS, min_periods=1).mean().to_numpy(),
+                f"mean of the last {TREND_STEPS} steps")
+    best = top.groupby("generation")[hist.fitness_column(task)].max().cummax().reindex(generations).ffill()
+    return generations, best.to_numpy(), "best so far" + (f" (rung {rung.max()})" if "rung" in history.columns else "")
+
+
+def search_progress(run: str, history_path: str | Path, result: str, out: str | Path,
                     table_path: str | Path | None = None) -> Path:
     """Fitness of every candidate per generation (a point each; ±1.96 sd where the fitness is an
-    estimate), the best so far as a line (a gradient search: the mean of its last 5 steps), and the
-    final merge's accuracy on the whole search split where it was measured after the search
-    (``table_path``: the run's ``test.parquet``)."""
+    estimate), the search's progress as a line (:func:`progress_line`; ``result``: what the
+    search ends on, its fitness kind's), and the final merge's accuracy on the whole search split
+    where it was measured after the search (``table_path``: the run's ``test.parquet``)."""
     plt = _pyplot()
     history = pd.read_parquet(history_path)
     tasks = hist.objectives_of(history)
     table = pd.read_parquet(table_path) if table_path else None
     multi_rung = "rung" in history.columns
+    chosen = hist.best_row(history, result)
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         fitness, sd = history[hist.fitness_column(task)], history[hist.sd_column(task)]
@@ -86,19 +113,11 @@ def search_progress(run: str, history_path: str | Path, out: str | Path,
                             ecolor=RUNG_COLORS[r % len(RUNG_COLORS)], alpha=0.35, lw=0.8)
             ax.scatter(x[at], fitness[at], s=14, color=RUNG_COLORS[r % len(RUNG_COLORS)], label=label,
                        zorder=3, edgecolors="white", linewidths=0.3)
-        top = history[(rung == rung.max()) & np.isfinite(fitness)]
-        generations = np.arange(history["generation"].max() + 1)
-        if hist.GRADIENT_COLUMN in history.columns:
-            # a gradient search's steps are one minibatch each: their trend, not their maximum
-            trend = top.set_index("generation")[hist.fitness_column(task)].reindex(generations)
-            ax.plot(generations, trend.rolling(5, min_periods=1).mean().to_numpy(), color="#d94801", lw=1.8,
-                    label="mean of the last 5 steps", zorder=4)
+        generations, line, label = progress_line(history, task, result)
+        if result == "last":
+            ax.plot(generations, line, color="#d94801", lw=1.8, label=label, zorder=4)
         else:
-            best = top.groupby("generation")[hist.fitness_column(task)].max().cummax()
-            best = best.reindex(generations).ffill()
-            ax.step(generations, best.to_numpy(), where="mid", color="#d94801", lw=1.8,
-                    label="best so far" + (f" (rung {rung.max()})" if multi_rung else ""), zorder=4)
-        chosen = hist.best_row(history)
+            ax.step(generations, line, where="mid", color="#d94801", lw=1.8, label=label, zorder=4)
         if table is not None and "search_split_accuracy" in table.columns:
             measured = table[(table["task"] == task) & table["search_split_accuracy"].notna()]
             if len(measured):
@@ -115,11 +134,12 @@ def search_progress(run: str, history_path: str | Path, out: str | Path,
     return _save(fig, out)
 
 
-def best_genome(run: str, history_path: str | Path, space, out: str | Path) -> Path:
-    """The final merge's genome as heatmaps, one per parameter: rows are models (and module
-    kinds), columns layer groups (see the space's ``genome_table``)."""
+def best_genome(run: str, history_path: str | Path, result: str, space: Space, out: str | Path) -> Path:
+    """The final merge's genome (``result``: what the search ends on) as heatmaps, one per
+    parameter: rows are models (and module kinds), columns layer groups (see the space's
+    ``genome_table``)."""
     plt = _pyplot()
-    best = hist.best_row(pd.read_parquet(history_path))
+    best = hist.best_row(pd.read_parquet(history_path), result)
     table = space.genome_table(np.asarray(best["genome"], dtype=float))
     panels = list(dict.fromkeys(table["panel"]))
     rows_per = table.groupby("panel", sort=False)["row"].nunique()

@@ -34,16 +34,17 @@ def search_cost(history_path: str | Path) -> dict:
 
 def final_table(run: str, response_files: list[str], merged_files: list[str], history_path: str | None,
                 tasks: list[str], models: list[str], table_out: str | Path, summary_out: str | Path,
-                search_files: dict[str, str] | None = None) -> pd.DataFrame:
+                search_files: dict[str, str] | None = None, result: str | None = None) -> pd.DataFrame:
     """Write ``test.parquet`` and ``summary.md``. ``response_files`` are ordered tasks × models;
     ``merged_files`` (one per task) are the run's final merge, when the run searched;
     ``search_files`` (task -> file) its responses on the whole search split after a search on
-    anchors, set beside the fitness the search estimated for it."""
+    anchors, set beside the fitness the search estimated for it (``result``: what the search
+    ended on, its fitness kind's; see ``history.best_row``)."""
     rows = [accuracy_row(path, model, task) for (task, model), path in zip(product(tasks, models), response_files)]
     cost = {}
     if merged_files:
         cost = search_cost(history_path)
-        checks = estimate_checks(history_path, search_files or {})
+        checks = estimate_checks(history_path, search_files or {}, result)
         rows += [{**accuracy_row(path, MERGED, task), **cost, **checks.get(task, {})}
                  for task, path in zip(tasks, merged_files)]
     table = pd.DataFrame(rows).assign(run=run)
@@ -53,12 +54,13 @@ def final_table(run: str, response_files: list[str], merged_files: list[str], hi
     return table
 
 
-def estimate_checks(history_path: str | Path, search_files: dict[str, str]) -> dict[str, dict]:
-    """Per task: the fitness (and sd) a search estimated for its final merge, the items that
-    estimate rests on, and that merge's accuracy on the whole search split."""
+def estimate_checks(history_path: str | Path, search_files: dict[str, str], result: str) -> dict[str, dict]:
+    """Per task: the fitness (and sd) a search estimated for its final merge (the candidate
+    ``best_row`` picks by ``result``), the items that estimate rests on, and that merge's
+    accuracy on the whole search split."""
     if not search_files:
         return {}
-    best = hist.best_row(pd.read_parquet(history_path))
+    best = hist.best_row(pd.read_parquet(history_path), result)
     checks = {}
     for task, path in search_files.items():
         measured = accuracy_row(path, MERGED, task)
@@ -138,6 +140,7 @@ def pareto_members(run: str, pareto_path: str | Path, tasks: dict[str, dict], ev
 
     ``tasks`` maps a task to ``{"split": test parquet, "scorer": ..., "delimiter": ...}``.
     """
+    # torch comes with these: kept off the light jobs (final_table, compare_runs) that import this module
     from mergeflow.data import read_split
     from mergeflow.evaluate import EvalSettings, evaluate_items, load_causal_lm
     from mergeflow.merge.candidates import candidate_from_yaml, materialise

@@ -15,18 +15,11 @@ sys.path.insert(0, LIBRARY)
 os.environ.update(PYTHONPATH=os.pathsep.join(
     [LIBRARY] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != LIBRARY]))
 
-from mergeflow.config import (
-    hub_model_dir,
-    local_model_dir,
-    model_location,
-    run_tasks,
-    search_model_names,
-    validate_config,
-    zoo_task_files,
-)
+from mergeflow.config import run_tasks, search_model_names, validate_config
+from mergeflow.locations import hub_model_dir, local_model_dir, model_location, zoo_task_files
 from mergeflow.errors import MergeflowError
 from mergeflow.evolve.stages import EvolveConfig
-from mergeflow.fitness import FITNESS, NEED_PATHS, need_paths
+from mergeflow.fitness import NEED_PATHS, need_paths
 
 # Schema (keys, types, defaults) and cross-references, then each run's search, before any job
 # is planned.

@@ -122,4 +122,4 @@ rule best_weights:
     conda:
         CONDA_ENV
     script:
-        "../scripts/merge_recipe.py"
+        "../scripts/best_weights.py"

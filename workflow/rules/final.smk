@@ -44,6 +44,7 @@ rule final_merge:
         directory("results/runs/{run}/final/merge"),
     params:
         lineage=lambda wc: {"run": wc.run, "generations": generations(wc.run)},
+        result=lambda wc: EVOLVE[wc.run].result,
     resources:
         **CPU_JOB,
     log:
@@ -51,7 +52,7 @@ rule final_merge:
     conda:
         CONDA_ENV
     script:
-        "../scripts/merge_recipe.py"
+        "../scripts/final_merge.py"
 
 
 rule final_respond:
@@ -94,6 +95,7 @@ rule final_table:
         tasks=lambda wc: run_tasks(config, wc.run),
         models=TABLE_MODELS,
         checked=lambda wc: estimate_checked_tasks(wc.run),
+        result=lambda wc: EVOLVE[wc.run].result if wc.run in EVOLVE else None,
     log:
         "results/logs/final/{run}/final_table.log",
     conda:

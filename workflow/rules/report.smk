@@ -27,6 +27,8 @@ rule search_progress:
             category="Runs",
             labels={"run": "{run}", "figure": "search progress"},
         ),
+    params:
+        result=lambda wc: EVOLVE[wc.run].result,
     log:
         "results/logs/figures/{run}/search_progress.log",
     conda:
@@ -48,6 +50,7 @@ rule best_genome:
         ),
     params:
         search_space=lambda wc: canonical(EVOLVE[wc.run].search_space),
+        result=lambda wc: EVOLVE[wc.run].result,
     log:
         "results/logs/figures/{run}/best_genome.log",
     conda:

@@ -1,4 +1,4 @@
-from mergeflow.lineage import baseline_model
+from mergeflow.baseline import baseline_model
 from mergeflow.logs import setup_job
 
 setup_job(snakemake.log[0])

@@ -4,4 +4,4 @@ from mergeflow.spaces import build_space
 
 setup_job(snakemake.log[0])
 space = build_space(snakemake.params.search_space)
-best_genome(snakemake.wildcards.run, snakemake.input.history, space, snakemake.output[0])
+best_genome(snakemake.wildcards.run, snakemake.input.history, snakemake.params.result, space, snakemake.output[0])

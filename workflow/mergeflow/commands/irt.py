@@ -13,6 +13,7 @@ import pandas as pd
 
 from mergeflow.errors import MergeflowError
 from mergeflow.irt import ESTIMATORS, KINDS, LAMBDA_RULES, SCORE_MODES, STRATEGIES
+from mergeflow.schema import section_defaults
 
 
 def positive_int(text: str) -> int:
@@ -38,8 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_irt(subparsers) -> None:
-    from mergeflow.config import section_defaults
-
     defaults = section_defaults("irt")  # the workflow's `irt` section: same defaults
     irt = subparsers.add_parser("irt", help="Item Response Theory models")
     irt_sub = irt.add_subparsers(dest="irt_command", required=True)

@@ -17,9 +17,9 @@ One row per candidate, in this column order:
   (:data:`WORST_LOSS` for a problem);
 - ``loss_{task}`` per objective: the negated fitness (:data:`WORST_LOSS` for a problem), what a
   multi-objective run tells the optimizer;
-- ``gradient``: only with a gradient fitness (``fitness.kind: gradient``), the gradient of the
-  objectives' weighted training loss with respect to the genome, what the gradient optimizer is
-  told (NaN for a problem).
+- then the fitness kind's extra columns, if it has any (its ``extra_columns``: e.g. a gradient
+  search's ``gradient``): the objectives' weighted mean of each task's value (NaN for a
+  problem), handed to the optimizer by :func:`extras`.
 
 It holds no wall times, so the same config and seed give the same bytes.
 """
@@ -38,10 +38,9 @@ from mergeflow.errors import MergeflowError
 WORST_LOSS = 1.0
 CANDIDATE_COLUMNS = ["generation", "index", "genome", "seed", "recipe_hash", "recipe"]
 # What a fitness shard (``rung_{r}/fitness_{k}.parquet``) holds: one row per candidate and
-# objective, with the items newly scored at that rung; and its answers (``responses_{k}.parquet``).
+# objective, with the items newly scored at that rung (then the fitness kind's extra columns);
+# and its answers (``responses_{k}.parquet``).
 SHARD_COLUMNS = ["generation", "index", "rung", "task", "fitness", "sd", "items", "problem", "wall_s"]
-# ... and with a gradient fitness, the gradient of that task's training loss w.r.t. the genome.
-GRADIENT_COLUMN = "gradient"
 ANSWER_COLUMNS = ["recipe_hash", "task", "item_id", "correct"]
 
 
@@ -105,13 +104,19 @@ def candidate_table(objectives: dict[str, float], candidates: pd.DataFrame, shar
     wide["loss"] = np.where(valid, -scalar, WORST_LOSS)
     for task in tasks:
         wide[loss_column(task)] = np.where(valid, -wide[fitness_column(task)], WORST_LOSS)
-    if GRADIENT_COLUMN in shards.columns:
-        per_task = top.set_index(["index", "task"])[GRADIENT_COLUMN]
-        total = sum(objectives.values())
-        wide[GRADIENT_COLUMN] = [
-            (sum(w * np.asarray(per_task[(i, t)], dtype=float) for t, w in objectives.items()) / total).tolist()
-            if ok else [float("nan")] * len(wide.loc[i, "genome"]) for i, ok in zip(wide.index, valid)]
+    total = sum(objectives.values())
+    for column in [c for c in shards.columns if c not in SHARD_COLUMNS]:  # the kind's extras
+        per_task = top.set_index(["index", "task"])[column]
+        wide[column] = [weighted_extra({t: per_task[(i, t)] for t in objectives}, objectives, total, ok)
+                        for i, ok in zip(wide.index, valid)]
     return wide.reset_index()[["generation", "index", *[c for c in wide.columns if c != "generation"]]]
+
+
+def weighted_extra(values: dict[str, object], objectives: dict[str, float], total: float, valid: bool):
+    """The objectives' weighted mean of one candidate's per-task extra value (a number or a
+    vector); NaN of its shape for a candidate with a problem."""
+    mean = sum(w * np.asarray(values[t], dtype=float) for t, w in objectives.items()) / total
+    return (mean if valid else np.full_like(mean, np.nan)).tolist()
 
 
 def losses(rows: pd.DataFrame, objectives: list[str] | None) -> list:
@@ -122,11 +127,13 @@ def losses(rows: pd.DataFrame, objectives: list[str] | None) -> list:
     return [[float(v) for v in row] for row in rows[[loss_column(t) for t in objectives]].to_numpy()]
 
 
-def gradients(rows: pd.DataFrame) -> list[np.ndarray] | None:
-    """Each row's gradient in index order (a gradient fitness), else None."""
-    if GRADIENT_COLUMN not in rows.columns:
+def extras(rows: pd.DataFrame, columns: tuple[str, ...] | list[str]) -> list[dict[str, np.ndarray]] | None:
+    """Each row's extra values in index order (column -> array), what the optimizer is told
+    beside the loss; None without extra columns."""
+    if not columns:
         return None
-    return [np.asarray(g, dtype=float) for g in rows.sort_values("index")[GRADIENT_COLUMN]]
+    rows = rows.sort_values("index")
+    return [{c: np.asarray(row[c], dtype=float) for c in columns} for _, row in rows.iterrows()]
 
 
 def generation(history: pd.DataFrame, g: int) -> pd.DataFrame:
@@ -142,13 +149,23 @@ def extend(previous: str | Path | None, table: pd.DataFrame, out: str | Path) ->
     return history
 
 
-def best_row(history: pd.DataFrame) -> pd.Series:
-    """The lowest-loss candidate among those scored at the highest rung any reached (its most
-    exact fitness); ties go to the earliest (generation, index). A gradient search's result is
-    its last step: each step's fitness is one minibatch's, too noisy to pick by."""
-    if GRADIENT_COLUMN in history.columns:
+# What a search can end on (a fitness kind's ``result``), as :func:`best_row` picks it.
+RESULTS = ("best", "last")
+
+
+def best_row(history: pd.DataFrame, result: str) -> pd.Series:
+    """What the search ends on, by its fitness kind's ``result`` (:data:`RESULTS`):
+
+    - ``best``: the lowest-loss candidate among those scored at the highest rung any reached (its
+      most exact fitness); ties go to the earliest (generation, index);
+    - ``last``: the last candidate told without a problem (a search that moves one candidate,
+      e.g. by gradient steps: each step's fitness is one minibatch's, too noisy to pick by).
+    """
+    if result == "last":
         valid = history[history["problem"] == ""]
         return (valid if len(valid) else history).sort_values(["generation", "index"], kind="mergesort").iloc[-1]
+    if result != "best":
+        raise MergeflowError(f"unknown search result {result!r}: one of {', '.join(RESULTS)}")
     if "rung" in history.columns:
         history = history[history["rung"] == history["rung"].max()]
     return history.sort_values(["loss", "generation", "index"], kind="mergesort").iloc[0]

@@ -18,6 +18,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from mergeflow.evaluate import load_tokenizer
+from mergeflow.merge.candidates import CANDIDATE_TYPES
+
 log = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
@@ -33,19 +36,16 @@ def _fingerprint(path: str) -> tuple:
 @contextmanager
 def resident_merger(paths: Sequence[str], device: str, dtype: str | None, candidates: str = "recipe") -> Iterator[tuple]:
     """``(merger, tokenizer)`` for ``paths`` (the first is the template), held for the duration;
-    ``candidates``: ``recipe`` (an :class:`InMemoryMerger`) or ``path`` (a :class:`PathAssembler`
-    whose shell is the first path)."""
-    from mergeflow.evaluate import load_tokenizer
-    from mergeflow.merge import InMemoryMerger
-    from mergeflow.merge.assemble import PathAssembler
-
+    ``candidates``: the candidate type (a key of :data:`~mergeflow.merge.candidates.CANDIDATE_TYPES`),
+    whose executor makes the merger: a resident :class:`~mergeflow.merge.InMemoryMerger` for
+    recipes, a :class:`~mergeflow.merge.assemble.PathAssembler` (its shell the first path's) for
+    layer paths."""
     with _LOCK:
         key = (tuple(_fingerprint(p) for p in paths), device, dtype, candidates)
         if key not in _RESIDENT:
             _RESIDENT.clear()  # free the old sources before loading new ones
             log.info("loading %d source models onto %s", len(paths), device)
-            kind = PathAssembler if candidates == "path" else InMemoryMerger
-            merger = kind(list(paths), device=device, dtype=dtype)
+            merger = CANDIDATE_TYPES[candidates].executor(list(paths), device=device, dtype=dtype)
             _RESIDENT[key] = (merger, load_tokenizer(paths[0]))
         else:
             log.info("source models already resident")

@@ -13,6 +13,7 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+import nevergrad as ng
 import numpy as np
 import pandas as pd
 
@@ -88,8 +89,6 @@ GRADIENT_OPTIMIZERS = {"Adam": Adam}
 
 def check_optimizer(name: str, where: str = "optimizer") -> None:
     """``name`` is a Nevergrad or gradient optimizer; else a ``MergeflowError`` naming ``where``."""
-    import nevergrad as ng
-
     if name not in ng.optimizers.registry and name not in GRADIENT_OPTIMIZERS:
         close = [n for n in [*ng.optimizers.registry, *GRADIENT_OPTIMIZERS] if n.lower() == name.lower()]
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -100,8 +99,6 @@ def check_optimizer(name: str, where: str = "optimizer") -> None:
 def make_optimizer(settings: SearchSettings):
     """A fresh Nevergrad optimizer over [0, 1]^dim, seeded, told the population as its workers
     (or a gradient optimizer)."""
-    import nevergrad as ng
-
     check_optimizer(settings.optimizer)
     if settings.optimizer in GRADIENT_OPTIMIZERS:
         return GRADIENT_OPTIMIZERS[settings.optimizer](settings)
@@ -121,17 +118,17 @@ def ask_generation(optimizer, population: int) -> list:
     return [optimizer.ask() for _ in range(population)]
 
 
-def tell_generation(optimizer, candidates: list, losses: list, gradients: list | None = None) -> None:
-    """Tell each candidate's loss (and, to a gradient optimizer, its gradient)."""
-    for candidate, loss, gradient in zip(candidates, losses, gradients or [None] * len(candidates)):
-        if gradient is None:
-            optimizer.tell(candidate, loss)
-        else:
-            optimizer.tell(candidate, loss, gradient)
+def tell_generation(optimizer, candidates: list, losses: list, extras: list[dict] | None = None) -> None:
+    """Tell each candidate's loss and, by name, its extra values (a gradient optimizer's
+    ``gradient``; see the fitness kind's ``extra_columns``)."""
+    for candidate, loss, extra in zip(candidates, losses, extras or [{}] * len(candidates)):
+        optimizer.tell(candidate, loss, **extra)
 
 
-def replay(settings: SearchSettings, history: pd.DataFrame, objectives: list[str] | None = None):
-    """Rebuild the optimizer from the history alone: ask and tell every recorded generation again.
+def replay(settings: SearchSettings, history: pd.DataFrame, objectives: list[str] | None = None,
+           extra_columns: tuple[str, ...] = ()):
+    """Rebuild the optimizer from the history alone: ask and tell every recorded generation again
+    (with the fitness kind's ``extra_columns``, told as :func:`tell_generation` tells them).
 
     Each re-asked genome must equal the recorded one; a mismatch means the history was written by
     another optimizer, seed or search space, and is reported rather than silently diverging.
@@ -146,7 +143,7 @@ def replay(settings: SearchSettings, history: pd.DataFrame, objectives: list[str
                     f"history generation {generation}: the optimizer re-asks a different genome; the history "
                     f"does not belong to optimizer {settings.optimizer!r} with seed {settings.seed}"
                 )
-        tell_generation(optimizer, candidates, hist.losses(rows, objectives), hist.gradients(rows))
+        tell_generation(optimizer, candidates, hist.losses(rows, objectives), hist.extras(rows, extra_columns))
     return optimizer
 
 

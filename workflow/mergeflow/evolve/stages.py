@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mergeflow.config import model_location
+from mergeflow.evaluate import EvalSettings
 from mergeflow.errors import MergeflowError
 from mergeflow.evolve import history as hist
-from mergeflow.progress import Progress
+from mergeflow.evolve.resident import resident_merger
 from mergeflow.evolve.search import (
     SearchSettings,
     ask_generation,
@@ -38,6 +38,12 @@ from mergeflow.evolve.search import (
     save_state,
     tell_generation,
 )
+from mergeflow.fitness import FITNESS, FitnessContext, FitnessKind, ScoredCandidate, evaluate_candidate
+from mergeflow.locations import model_location
+from mergeflow.merge.candidates import candidate_from_yaml
+from mergeflow.merge.recipe import recipe_hash
+from mergeflow.progress import Progress
+from mergeflow.spaces import Space, build_space, space_models
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,7 @@ class EvolveConfig:
     fitness: dict
     optimizer: str
     sigma: float
+    learning_rate: float
     population: int
     budget: int | None
     shards: int
@@ -74,8 +81,6 @@ class EvolveConfig:
         rcfg = config["runs"][run]
         ecfg = rcfg["evolve"]
         models = config["models"]
-        from mergeflow.spaces import space_models
-
         space = dict(ecfg["search_space"])
         base, names = space_models(space)  # names; replaced by paths below
         for key in ("models", "base_model"):
@@ -90,7 +95,7 @@ class EvolveConfig:
         space.update({"base_model": model_location(models[base]), "models": list(paths.values())})
         return cls(run=run, objectives=dict(ecfg["objectives"]), multi_objective=ecfg["multi_objective"],
                    fitness=dict(ecfg["fitness"]), optimizer=ecfg["optimizer"], sigma=ecfg["sigma"],
-                   population=ecfg["population"],
+                   learning_rate=ecfg["learning_rate"], population=ecfg["population"],
                    budget=ecfg.get("budget"), shards=ecfg["shards"], seed=rcfg["seed"], search_space=space,
                    save_weights=ecfg["save_weights"], init=_init_weights(ecfg.get("init"), models, run),
                    base_path=model_location(models[base]), endpoint_paths=paths,
@@ -100,16 +105,30 @@ class EvolveConfig:
     def tasks(self) -> list[str]:
         return list(self.objectives)
 
-    def space(self):
-        from mergeflow.spaces import build_space
+    @property
+    def kind(self) -> FitnessKind:
+        """The run's fitness kind."""
+        return FITNESS[self.fitness["kind"]]
 
+    @property
+    def result(self) -> str:
+        """What the search ends on: its best candidate or its last (the fitness kind's ``result``)."""
+        return self.kind.result
+
+    def fitness_context(self, task: str, task_config: dict, files: dict[str, str], generation: int = 0,
+                        rung: int = 0) -> FitnessContext:
+        """What the fitness kind builds ``task``'s scorer from at a rung of a generation."""
+        return FitnessContext(task, task_config, files, self.fitness, tuple(self.endpoints), self.base, self.seed,
+                              generation, rung)
+
+    def space(self) -> Space:
         return build_space(self.search_space, where=f"runs.{self.run}.evolve.search_space")
 
     def search_settings(self) -> SearchSettings:
         space = self.space()
         return SearchSettings(self.optimizer, space.dim, self.population, self.seed,
                               len(self.objectives) if self.multi_objective else 1, self.budget,
-                              space.initial_genome(self.init), self.sigma, self.fitness.get("learning_rate"))
+                              space.initial_genome(self.init), self.sigma, self.learning_rate)
 
     def candidate_seed(self, generation: int, index: int) -> int:
         """The recipe seed of candidate (g, i): drawn from (run seed, g, i), for DARE / DELLA."""
@@ -144,8 +163,6 @@ def ask(cfg: EvolveConfig, generation: int, previous_state: str | None, previous
     candidates = ask_generation(optimizer, cfg.population)
     space = cfg.space()
     rows = []
-    from mergeflow.merge import recipe_hash
-
     for index, candidate in enumerate(candidates):
         seed = cfg.candidate_seed(generation, index)
         recipe = space.to_recipe(candidate.value, seed=seed)
@@ -167,7 +184,7 @@ def restore_optimizer(cfg: EvolveConfig, settings: SearchSettings, state_path: s
         return optimizer
     except Exception as err:  # a cache: fall back to the source of truth
         log.warning("optimizer state %s unusable (%s); rebuilding it from %s", state_path, err, history_path)
-    return replay(settings, pd.read_parquet(history_path), cfg.objectives_told())
+    return replay(settings, pd.read_parquet(history_path), cfg.objectives_told(), cfg.kind.extra_columns)
 
 
 # --- fitness and promote ---------------------------------------------------------------------
@@ -200,50 +217,40 @@ def fitness(cfg: EvolveConfig, tasks: dict[str, dict], evaluation: dict, files: 
     merges happen in memory; a candidate promoted from a lower rung answers only the items it
     has not answered there.
     """
-    from mergeflow.evaluate import EvalSettings
-    from mergeflow.evolve.resident import resident_merger
-    from mergeflow.fitness import FITNESS, evaluate_candidate
-    from mergeflow.fitness.gradient import genome_gradient
-    from mergeflow.merge.candidates import candidate_from_yaml
-    from mergeflow.spaces import candidates_of
-
     settings = EvalSettings.from_config(evaluation)
     candidates = pd.read_parquet(job.candidates)
     if job.promoted is not None:
         candidates = candidates[candidates["index"].isin(pd.read_parquet(job.promoted)["index"])]
     mine = candidates[candidates["index"] % cfg.shards == job.shard]
     earlier = hist.read_shards(job.earlier) if job.earlier else None
-    kind = FITNESS[cfg.fitness["kind"]]
-    scorers = [kind.task_fitness(task, tasks[task], files[task], cfg, job.rung, job.generation) for task in cfg.tasks]
+    kind = cfg.kind
+    scorers = [kind.task_fitness(cfg.fitness_context(task, tasks[task], files[task], job.generation, job.rung))
+               for task in cfg.tasks]
     rows, answers = [], []
     space = cfg.space()
-    turn_down = getattr(space, "problem", lambda candidate: None)  # e.g. a path over max_layers
     with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], settings.device,
-                         settings.dtype, candidates_of(cfg.search_space)) as (merger, tokenizer):
+                         settings.dtype, space.candidates) as (merger, tokenizer):
         meter = Progress(f"generation {job.generation} rung {job.rung} shard {job.shard}", len(mine), "candidate")
         for _, cand in mine.iterrows():
             known = hist.known_answers(earlier, cand["recipe_hash"])
             candidate = candidate_from_yaml(cand["recipe"])
-            result = evaluate_candidate(merger, tokenizer, candidate, scorers, settings, known, turn_down(candidate))
-            gradient = {}
-            if kind.differentiable and not result.problem:
-                gradient, losses = genome_gradient(merger, tokenizer, space, np.asarray(cand["genome"]), scorers,
-                                                   settings, cfg.fitness, int(cand["seed"]))
-                log.info("generation %d candidate %d: training loss %s", job.generation, cand["index"],
-                         {t: round(v, 4) for t, v in losses.items()})
+            result = evaluate_candidate(merger, tokenizer, candidate, scorers, settings, known,
+                                        space.problem(candidate))
+            extras = {}
+            if kind.extras is not None:
+                extras = kind.extras(cfg.fitness, ScoredCandidate(merger, tokenizer, space, np.asarray(cand["genome"]),
+                                                                  int(cand["seed"]), scorers, settings, result))
             for task in cfg.tasks:
                 rows.append({"generation": job.generation, "index": int(cand["index"]), "rung": job.rung, "task": task,
                              "fitness": result.fitness[task], "sd": result.sd[task], "items": result.items[task],
-                             "problem": result.problem or "", "wall_s": result.wall_s})
-                if kind.differentiable:
-                    rows[-1][hist.GRADIENT_COLUMN] = gradient[task].tolist() if gradient else [float("nan")] * space.dim
+                             "problem": result.problem or "", "wall_s": result.wall_s, **extras.get(task, {})})
                 answers += [{"recipe_hash": cand["recipe_hash"], "task": task, "item_id": item, "correct": int(value)}
                             for item, value in result.answers[task].items()]
             log.info("generation %d rung %d candidate %d: %s (%.2fs)%s", job.generation, job.rung, cand["index"],
                      {t: round(result.fitness[t], 4) for t in cfg.tasks}, result.wall_s,
                      f" PROBLEM: {result.problem}" if result.problem else "")
             meter.update()
-    frame = pd.DataFrame(rows, columns=hist.SHARD_COLUMNS + ([hist.GRADIENT_COLUMN] if kind.differentiable else []))
+    frame = pd.DataFrame(rows, columns=hist.SHARD_COLUMNS + list(kind.extra_columns))
     Path(job.out).parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(job.out, index=False)
     pd.DataFrame(answers, columns=hist.ANSWER_COLUMNS).to_parquet(job.out_responses, index=False)
@@ -253,10 +260,8 @@ def fitness(cfg: EvolveConfig, tasks: dict[str, dict], evaluation: dict, files: 
 def promote(cfg: EvolveConfig, generation: int, rung: int, fitness_paths: list[str], out: str) -> pd.DataFrame:
     """The candidates of rung ``rung`` that move on to the next rung: the best by the
     objectives' weighted fitness (``promote: ucb``: plus its sd), as many as the kind says."""
-    from mergeflow.fitness import FITNESS
-
     shards = hist.read_shards(fitness_paths)
-    kind = FITNESS[cfg.fitness["kind"]]
+    kind = cfg.kind
     count = kind.promoted(cfg.fitness, cfg.population, rung - kind.first_rung(cfg.fitness, generation))
     kept = hist.promotions(cfg.objectives, shards, count, cfg.fitness.get("promote") == "ucb")
     kept.to_parquet(out, index=False)
@@ -271,14 +276,13 @@ def tell(cfg: EvolveConfig, generation: int, asked_state: str, candidates_path: 
     """Tell the optimizer this generation's losses; write its state, the history and the best recipe."""
     optimizer, pending = load_state(asked_state)
     candidates = pd.read_parquet(candidates_path)
-    from mergeflow.fitness import FITNESS
-
     shards = hist.read_shards(fitness_paths)
-    table = hist.candidate_table(cfg.objectives, candidates, shards, FITNESS[cfg.fitness["kind"]].rungs(cfg.fitness))
-    tell_generation(optimizer, pending, hist.losses(table, cfg.objectives_told()), hist.gradients(table))
+    table = hist.candidate_table(cfg.objectives, candidates, shards, cfg.kind.rungs(cfg.fitness))
+    tell_generation(optimizer, pending, hist.losses(table, cfg.objectives_told()),
+                    hist.extras(table, cfg.kind.extra_columns))
     save_state(out_state, optimizer)
     history = hist.extend(previous_history, table.sort_values("index"), out_history)
-    best = hist.best_row(history)
+    best = hist.best_row(history, cfg.result)
     Path(out_best).parent.mkdir(parents=True, exist_ok=True)
     Path(out_best).write_text(best["recipe"])
     log.info("generation %d told; best so far: generation %d candidate %d fitness %.4f", generation,

@@ -2,14 +2,18 @@
 
 A kind is one module here plus one entry in :data:`FITNESS`; its config keys are one definition
 in the schema (``fitness_<kind>``; the schema's ``fitness.kind`` enum is this registry's keys,
-which a test checks). Each kind declares the files it needs per task and builds the task's
-scorer from them (:class:`FitnessKind`).
+which a test checks). Each kind declares the files it needs per task, builds the task's scorer
+from them and a :class:`FitnessContext`, and carries its own checks and hooks (extra columns for
+the optimizer, what the search ends on, which keys a seed moves: :class:`FitnessKind`). The
+stages, the history and the figures never name a kind.
 """
 
 from __future__ import annotations
 
 from mergeflow.fitness import anchors, full, gradient, multi_fidelity
-from mergeflow.fitness.base import CandidateResult, FitnessKind, TaskFitness, evaluate_candidate
+from mergeflow.fitness.base import (
+    CandidateResult, FitnessContext, FitnessKind, ScoredCandidate, TaskFitness, evaluate_candidate,
+)
 
 FITNESS: dict[str, FitnessKind] = {kind.name: kind for kind in [full.KIND, anchors.KIND, multi_fidelity.KIND,
                                                                      gradient.KIND]}
@@ -36,5 +40,5 @@ def need_paths(fitness_cfg: dict, tasks: list[str], results: str = "results") ->
     return {task: {need: NEED_PATHS[need](task, fitness_cfg, results) for need in needs} for task in tasks}
 
 
-__all__ = ["FITNESS", "NEED_PATHS", "CandidateResult", "FitnessKind", "TaskFitness", "anchors_path",
-           "evaluate_candidate", "need_paths"]
+__all__ = ["FITNESS", "NEED_PATHS", "CandidateResult", "FitnessContext", "FitnessKind", "ScoredCandidate",
+           "TaskFitness", "anchors_path", "evaluate_candidate", "need_paths"]

@@ -11,8 +11,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from mergeflow.data import read_split
 from mergeflow.errors import MergeflowError
-from mergeflow.fitness.base import FitnessKind, TaskFitness
+from mergeflow.fitness.base import FitnessContext, FitnessKind, TaskFitness
+from mergeflow.irt.anchors import read_anchors
+from mergeflow.irt.estimators import Estimator
+from mergeflow.irt.model import load_irt
+from mergeflow.irt.responses import load_response_matrix
 
 # estimators whose ability is tied to the endpoints' (their names in the IRT fit)
 ENDPOINT_ESTIMATORS = ("mpirt", "gmpirt")
@@ -24,29 +29,22 @@ def needs(fitness_cfg: dict) -> tuple[str, ...]:
     return ("irt", "calibration") if fitness_cfg["estimator"] != "mean" else ()
 
 
-def estimator_for(cfg, items: pd.DataFrame, files: dict[str, str]):
-    """The run's estimator (``cfg.fitness["estimator"]``) over ``items`` (columns ``item_id``,
+def estimator_for(ctx: FitnessContext, items: pd.DataFrame) -> Estimator:
+    """The run's estimator (``ctx.fitness["estimator"]``) over ``items`` (columns ``item_id``,
     ``weight``): the accuracy on the search split from the answers to those items alone. An
     endpoint estimator measures ability from the base model; every IRT estimator is calibrated
     on the calibration population."""
-    from mergeflow.irt.estimators import Estimator
-    from mergeflow.irt.model import load_irt
-    from mergeflow.irt.responses import load_response_matrix
-
-    name = cfg.fitness["estimator"]
+    name, files = ctx.fitness["estimator"], ctx.files
     fit = load_irt(Path(files["irt"]).parent) if name != "mean" else None
-    thetas = cfg.endpoints if name in ENDPOINT_ESTIMATORS else None
-    origin = cfg.base if name in ENDPOINT_ESTIMATORS and cfg.base else None
+    thetas = list(ctx.endpoints) if name in ENDPOINT_ESTIMATORS else None
+    origin = ctx.base if name in ENDPOINT_ESTIMATORS and ctx.base else None
     calibration = load_response_matrix(files["calibration"]) if name != "mean" else None
-    return Estimator(name, items, fit, endpoint_thetas=thetas, calibration=calibration, seed=cfg.seed,
+    return Estimator(name, items, fit, endpoint_thetas=thetas, calibration=calibration, seed=ctx.seed,
                      origin_theta=origin)
 
 
 def anchor_items(task: str, files: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The search split, its rows that are anchors (in split order), and the anchor set."""
-    from mergeflow.data import read_split
-    from mergeflow.irt.anchors import read_anchors
-
     anchors = read_anchors(files["anchors"])
     items = read_split(files["split"])
     ids = set(anchors["item_id"].astype(str))
@@ -69,12 +67,26 @@ def check_irt_population(config: dict, run: str) -> None:
             "estimator 'mean'")
 
 
-def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg, rung: int = 0,
-                 generation: int = 0) -> TaskFitness:
-    _, subset, anchors = anchor_items(task, files)
-    return TaskFitness(task, subset, tcfg["scorer"], tcfg["target_delimiter"], estimator_for(cfg, anchors, files))
+def check(config: dict, run: str) -> None:
+    """An IRT fit where the estimator needs one, and an anchor set that fits in every objective's
+    search split."""
+    check_irt_population(config, run)
+    evolve = config["runs"][run]["evolve"]
+    n = evolve["fitness"]["anchors"]["n"]
+    for task in evolve["objectives"]:
+        size = config["tasks"][task]["splits"]["search"]
+        if n > size:
+            raise MergeflowError(f"config: runs.{run}.evolve.fitness.anchors.n: {n} anchor items, more than the search "
+                                 f"split of task {task!r} ({size}, tasks.{task}.splits.search)")
+
+
+def task_fitness(ctx: FitnessContext) -> TaskFitness:
+    _, subset, anchors = anchor_items(ctx.task, ctx.files)
+    return TaskFitness(ctx.task, subset, ctx.task_config["scorer"], ctx.task_config["target_delimiter"],
+                       estimator_for(ctx, anchors))
 
 
 KIND = FitnessKind("anchors", needs=lambda fitness_cfg: ("split", "anchors") + needs(fitness_cfg),
                    estimates=lambda fitness_cfg, split_size: True, task_fitness=task_fitness,
-                   anchor_set=lambda fitness_cfg: fitness_cfg["anchors"], check=check_irt_population)
+                   anchor_set=lambda fitness_cfg: fitness_cfg["anchors"], check=check,
+                   seeded_keys=(("anchors", "seed"),), flat_keys=("estimator", "anchors"))

@@ -9,17 +9,18 @@ candidate is written into one preallocated model (see :class:`mergeflow.merge.In
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:
-    from mergeflow.evaluate import EvalSettings
-    from mergeflow.evolve.stages import EvolveConfig
+from mergeflow.evaluate import EvalSettings, evaluate_items
+from mergeflow.evolve.history import RESULTS
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,8 @@ class TaskFitness:
         """The items whose answers are not in ``known`` (item id -> 0/1)."""
         return self.items[~self.items["item_id"].isin(known)]
 
-    def answer(self, model, tokenizer, settings: "EvalSettings", known: dict) -> dict:
+    def answer(self, model, tokenizer, settings: EvalSettings, known: dict) -> dict:
         """Answers (item id -> 0/1) to every item of the rung, evaluating only the new ones."""
-        from mergeflow.evaluate import evaluate_items
-
         todo = self.new_items(known)
         answers = {item: known[item] for item in self.items["item_id"] if item in known}
         if len(todo):
@@ -61,6 +60,40 @@ class TaskFitness:
 
 
 @dataclass(frozen=True)
+class FitnessContext:
+    """What a kind builds a task's scorer from (its ``task_fitness``): the task, its config
+    section and the files the kind needs for it (need name -> path), the run's ``fitness``
+    mapping, the endpoints' and the base model's names (how estimators find them in an IRT
+    fit), the run's seed, and the generation and rung being scored."""
+
+    task: str
+    task_config: dict
+    files: dict[str, str]
+    fitness: dict
+    endpoints: tuple[str, ...] = ()
+    base: str = ""
+    seed: int = 0
+    generation: int = 0
+    rung: int = 0
+
+
+@dataclass
+class ScoredCandidate:
+    """A candidate just scored, as a kind's ``extras`` hook sees it: the resident merger (its
+    model holds the candidate's merge), the tokenizer, the search space, the candidate's genome
+    and recipe seed, the tasks' scorers, the evaluation settings and the scores."""
+
+    merger: Any
+    tokenizer: Any
+    space: Any
+    genome: np.ndarray
+    seed: int
+    tasks: list[TaskFitness]
+    settings: EvalSettings
+    result: "CandidateResult"
+
+
+@dataclass(frozen=True)
 class FitnessKind:
     """A registered fitness kind.
 
@@ -72,8 +105,7 @@ class FitnessKind:
     - ``estimates(fitness_cfg, split_size)``: whether the fitness the search ends on is an
       estimate of the accuracy on a search split of ``split_size`` items (then the final merge
       is checked against that split).
-    - ``task_fitness(task, tcfg, files, cfg, rung, generation)``: the task's scorer at a rung of a
-      generation.
+    - ``task_fitness(ctx)``: the task's scorer at a rung of a generation (:class:`FitnessContext`).
     - ``rungs(fitness_cfg)``: how many rungs a generation's candidates climb (default 1).
     - ``first_rung(fitness_cfg, generation)``: the rung a generation's candidates all start at
       (default 0; Hyperband-style brackets start some generations higher).
@@ -83,24 +115,54 @@ class FitnessKind:
     - ``anchor_set(fitness_cfg)``: the anchor set it reads (``strategy``, ``n``, ``seed``).
     - ``check(config, run)``: cross-checks of the run's fitness against the rest of the
       validated config that the schema cannot express; raises ``MergeflowError`` naming the key.
-    - ``differentiable``: the fitness job also computes each task's training-loss gradient with
-      respect to the genome, for a gradient optimizer (:mod:`mergeflow.fitness.gradient`).
+    - ``extra_columns`` and ``extras(fitness_cfg, scored)``: more per-task values the fitness
+      job computes for each candidate (a :class:`ScoredCandidate`), task -> column -> value
+      (a number or a vector; NaN ones for a candidate with a problem). The job writes them into
+      its shard, the history keeps the objectives' weighted mean of each, and the tell hands
+      them to the optimizer by column name (``optimizer.tell(candidate, loss, **extras)``).
+    - ``result``: what the search ends on (:data:`mergeflow.evolve.history.RESULTS`): ``best``, the
+      candidate of lowest loss at the highest rung reached, or ``last``, the last one told (a
+      search that moves one candidate, each of whose fitnesses rests on too few items to pick by).
+    - ``seeded_keys``: the keys of its mapping (paths of keys) that a run's seed should move
+      when a search is repeated over seeds (anchor sets, rung items, minibatches).
+    - ``flat_keys``: the keys the older flat spelling ``fitness: KIND`` set beside it, read into
+      the mapping by ``mergeflow.config.upgrade_config``.
     """
 
     name: str
     needs: Callable[[dict], tuple[str, ...]]
     estimates: Callable[[dict, int], bool]
-    task_fitness: Callable[[str, dict, dict[str, str], "EvolveConfig", int, int], TaskFitness]
+    task_fitness: Callable[[FitnessContext], TaskFitness]
     rungs: Callable[[dict], int] = lambda fitness_cfg: 1
     first_rung: Callable[[dict, int], int] = lambda fitness_cfg, generation: 0
     promoted: Callable[[dict, int, int], int] | None = None
     anchor_set: Callable[[dict], dict] | None = None
     check: Callable[[dict, str], None] = lambda config, run: None
-    differentiable: bool = False
+    extra_columns: tuple[str, ...] = ()
+    extras: Callable[[dict, ScoredCandidate], dict[str, dict[str, Any]]] | None = None
+    result: str = "best"
+    seeded_keys: tuple[tuple[str, ...], ...] = ()
+    flat_keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.result not in RESULTS:
+            raise ValueError(f"fitness kind {self.name!r}: result {self.result!r} is not one of {RESULTS}")
+        if (self.extras is None) != (not self.extra_columns):
+            raise ValueError(f"fitness kind {self.name!r}: extras and extra_columns go together")
 
     def climbed(self, fitness_cfg: dict, generation: int) -> range:
         """The rungs generation ``generation``'s candidates climb: from its first to the top."""
         return range(self.first_rung(fitness_cfg, generation), self.rungs(fitness_cfg))
+
+    def reseeded(self, fitness_cfg: dict, seed: int) -> dict:
+        """A copy of ``fitness_cfg`` whose ``seeded_keys`` are all ``seed``."""
+        out = copy.deepcopy(fitness_cfg)
+        for path in self.seeded_keys:
+            node = out
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = seed
+        return out
 
 
 @dataclass
@@ -116,7 +178,7 @@ class CandidateResult:
     wall_s: float
 
 
-def evaluate_candidate(merger, tokenizer, recipe, tasks: list[TaskFitness], settings: "EvalSettings",
+def evaluate_candidate(merger, tokenizer, recipe, tasks: list[TaskFitness], settings: EvalSettings,
                        known: dict[str, dict] | None = None, problem: str | None = None) -> CandidateResult:
     """Merge ``recipe`` in memory (or assemble a layer path) and score it on each task's items it
     has not answered yet (``known``: task -> item id -> 0/1); non-finite weights or fitness become

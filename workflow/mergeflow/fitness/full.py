@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from mergeflow.fitness.base import FitnessKind, TaskFitness
+from mergeflow.data import read_split
+from mergeflow.fitness.base import FitnessContext, FitnessKind, TaskFitness
 
 
-def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg, rung: int = 0,
-                 generation: int = 0) -> TaskFitness:
-    from mergeflow.data import read_split
-
-    return TaskFitness(task, read_split(files["split"]), tcfg["scorer"], tcfg["target_delimiter"])
+def task_fitness(ctx: FitnessContext) -> TaskFitness:
+    return TaskFitness(ctx.task, read_split(ctx.files["split"]), ctx.task_config["scorer"],
+                       ctx.task_config["target_delimiter"])
 
 
 KIND = FitnessKind("full", needs=lambda fitness_cfg: ("split",), estimates=lambda fitness_cfg, split_size: False,

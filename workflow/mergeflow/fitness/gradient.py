@@ -24,25 +24,32 @@ Every step costs ``batch`` items per task, like a multi-fidelity rung: 40 steps 
 the cheap search's 2,400 items. Where each candidate of an evolutionary search yields one noisy
 number from its items, a step here yields one number per gene from the same items.
 
-Keys (schema ``fitness_gradient``): ``batch``, ``learning_rate`` (Adam's step, in genome units),
-``loss``, ``temperature`` (the sigmoid's, in nats of margin), ``seed``.
+Keys (schema ``fitness_gradient``): ``batch``, ``loss``, ``temperature`` (the sigmoid's, in nats
+of margin), ``seed``. Adam's step is the run's ``learning_rate`` (an optimizer setting, beside
+``optimizer``). Each step's shard and history row hold the gradient (column ``gradient``, the
+kind's ``extras``), and the run's result is its last step (``result: last``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from mergeflow.data import read_split
 from mergeflow.errors import MergeflowError
-from mergeflow.fitness.base import FitnessKind, TaskFitness
+from mergeflow.evolve.search import GRADIENT_OPTIMIZERS
+from mergeflow.fitness.base import FitnessContext, FitnessKind, ScoredCandidate, TaskFitness
+from mergeflow.spaces.parameter import space_methods
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 # Merges the genome gradient trusts: those whose merged weights are affine in the weights.
 AFFINE_METHODS = ("task_arithmetic",)
@@ -59,12 +66,9 @@ def batch_items(task: str, fitness_cfg: dict, split: pd.DataFrame, generation: i
     return split.iloc[np.sort(order[at * size:(at + 1) * size])].reset_index(drop=True)
 
 
-def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg, rung: int = 0,
-                 generation: int = 0) -> TaskFitness:
-    from mergeflow.data import read_split
-
-    items = batch_items(task, cfg.fitness, read_split(files["split"]), generation)
-    return TaskFitness(task, items, tcfg["scorer"], tcfg["target_delimiter"])
+def task_fitness(ctx: FitnessContext) -> TaskFitness:
+    items = batch_items(ctx.task, ctx.fitness, read_split(ctx.files["split"]), ctx.generation)
+    return TaskFitness(ctx.task, items, ctx.task_config["scorer"], ctx.task_config["target_delimiter"])
 
 
 def _continuation_logliks(model, requests: list[tuple[list[int], list[int]]], max_length: int) -> torch.Tensor:
@@ -207,9 +211,6 @@ def genome_gradient(merger, tokenizer, space, genome: np.ndarray, tasks: list[Ta
 def check(config: dict, run: str) -> None:
     """One candidate per generation, a gradient optimizer, a task-arithmetic parameter space and
     batches that fit every objective's search split."""
-    from mergeflow.evolve.search import GRADIENT_OPTIMIZERS
-    from mergeflow.spaces.parameter import space_methods
-
     evolve = config["runs"][run]["evolve"]
     where = f"config: runs.{run}.evolve"
     if evolve["optimizer"] not in GRADIENT_OPTIMIZERS:
@@ -234,5 +235,21 @@ def check(config: dict, run: str) -> None:
                                  f"search split ({size}, tasks.{task}.splits.search)")
 
 
+# The column of a step's shard and history row that the gradient optimizer is told.
+GRADIENT_COLUMN = "gradient"
+
+
+def extras(fitness_cfg: dict, scored: ScoredCandidate) -> dict[str, dict[str, Any]]:
+    """Per task, the gradient of its training loss with respect to the genome (NaN for a
+    candidate with a problem: the optimizer keeps its step and tries the next batch)."""
+    if scored.result.problem:
+        return {fit.task: {GRADIENT_COLUMN: [float("nan")] * scored.space.dim} for fit in scored.tasks}
+    gradient, losses = genome_gradient(scored.merger, scored.tokenizer, scored.space, scored.genome, scored.tasks,
+                                       scored.settings, fitness_cfg, scored.seed)
+    log.info("training loss %s", {t: round(v, 4) for t, v in losses.items()})
+    return {task: {GRADIENT_COLUMN: g.tolist()} for task, g in gradient.items()}
+
+
 KIND = FitnessKind("gradient", needs=lambda fitness_cfg: ("split",), estimates=lambda fitness_cfg, split_size: True,
-                   task_fitness=task_fitness, check=check, differentiable=True)
+                   task_fitness=task_fitness, check=check, extra_columns=(GRADIENT_COLUMN,), extras=extras,
+                   result="last", seeded_keys=(("seed",),))

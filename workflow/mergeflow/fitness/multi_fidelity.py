@@ -28,17 +28,16 @@ import zlib
 import numpy as np
 import pandas as pd
 
+from mergeflow.data import read_split
 from mergeflow.errors import MergeflowError
 from mergeflow.fitness.anchors import anchor_items, check_irt_population, estimator_for
 from mergeflow.fitness.anchors import needs as estimator_needs
-from mergeflow.fitness.base import FitnessKind, TaskFitness
+from mergeflow.fitness.base import FitnessContext, FitnessKind, TaskFitness
 
 
 def rung_items(task: str, fitness_cfg: dict, files: dict[str, str], rung: int) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """Rung ``rung``'s items of the search split, their weights (columns ``item_id``,
     ``weight``; at an anchor rung the anchor set itself), and the size of the whole split."""
-    from mergeflow.data import read_split
-
     size = fitness_cfg["rungs"][rung]
     if fitness_cfg["lowest"] == "anchors":
         items, lowest, anchors = anchor_items(task, files)
@@ -57,11 +56,10 @@ def rung_items(task: str, fitness_cfg: dict, files: dict[str, str], rung: int) -
     return subset, weights, len(items)
 
 
-def task_fitness(task: str, tcfg: dict, files: dict[str, str], cfg, rung: int = 0,
-                 generation: int = 0) -> TaskFitness:
-    items, weights, split_size = rung_items(task, cfg.fitness, files, rung)
-    estimator = None if len(items) == split_size else estimator_for(cfg, weights, files)
-    return TaskFitness(task, items, tcfg["scorer"], tcfg["target_delimiter"], estimator)
+def task_fitness(ctx: FitnessContext) -> TaskFitness:
+    items, weights, split_size = rung_items(ctx.task, ctx.fitness, ctx.files, ctx.rung)
+    estimator = None if len(items) == split_size else estimator_for(ctx, weights)
+    return TaskFitness(ctx.task, items, ctx.task_config["scorer"], ctx.task_config["target_delimiter"], estimator)
 
 
 def first_rung(fitness_cfg: dict, generation: int) -> int:
@@ -111,4 +109,5 @@ KIND = FitnessKind(
     task_fitness=task_fitness, rungs=lambda fitness_cfg: len(fitness_cfg["rungs"]), first_rung=first_rung,
     promoted=promoted,
     anchor_set=lambda fitness_cfg: {**fitness_cfg["anchors"], "n": fitness_cfg["rungs"][0]}, check=check,
+    seeded_keys=(("anchors", "seed"), ("seed",)),  # the anchor rung's set, and the higher rungs' items
 )

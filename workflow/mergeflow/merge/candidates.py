@@ -1,21 +1,67 @@
-"""A search candidate or final merge is either a parameter-space recipe or a layer path (a
-``passthrough`` recipe); these functions read and write either one."""
+"""What a search proposes and a final merge is: a candidate of one of two types, a
+parameter-space recipe or a layer path (a ``passthrough`` recipe).
+
+:data:`CANDIDATE_TYPES` is the one place that tells them apart: per type, its class, how its
+YAML is recognised and read, the in-memory executor that makes a scoreable model of it while
+the sources stay resident (the resident merger, or the path assembler), and the exporter that
+writes it as an HF model directory. A search space names its type (its ``candidates``).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
 from mergeflow.errors import MergeflowError
+from mergeflow.merge.assemble import PathAssembler
+from mergeflow.merge.fast import InMemoryMerger
 from mergeflow.merge.path import LayerPath, export_path, is_path_recipe, path_from_dict
 from mergeflow.merge.recipe import Recipe, recipe_from_dict
+from mergeflow.merge.stream import merge_to_dir
 
 Candidate = Recipe | LayerPath
 
 
+def _export_path(path: LayerPath, out_dir: str | Path, device: str = "cpu", **kwargs) -> Path:
+    return export_path(path, out_dir, **kwargs)  # assembled on the CPU, whatever the device
+
+
+@dataclass(frozen=True)
+class CandidateType:
+    """One type of candidate: its ``cls``; ``describes(data)``, whether a parsed YAML mapping is
+    one; ``from_dict(data, where)``; ``executor(paths, device=, dtype=)``, which holds the source
+    models and makes each candidate a model with ``merge(candidate)``; ``export(candidate,
+    out_dir, device=, dtype=, force=, lineage=, ...)``, which writes it as an HF directory."""
+
+    name: str
+    cls: type
+    describes: Callable[[Any], bool]
+    from_dict: Callable[[Any, str], Candidate]
+    executor: type
+    export: Callable[..., Path]
+
+
+# In the order a YAML mapping is tried against them: a layer path is the narrower description.
+CANDIDATE_TYPES: dict[str, CandidateType] = {t.name: t for t in [
+    CandidateType("path", LayerPath, is_path_recipe, path_from_dict, PathAssembler, _export_path),
+    CandidateType("recipe", Recipe, lambda data: True, recipe_from_dict, InMemoryMerger, merge_to_dir),
+]}
+
+
+def candidate_type(candidate: Candidate) -> CandidateType:
+    """The type of a candidate object."""
+    for kind in CANDIDATE_TYPES.values():
+        if isinstance(candidate, kind.cls):
+            return kind
+    raise MergeflowError(f"{type(candidate).__name__} is not a candidate type ({', '.join(CANDIDATE_TYPES)})")
+
+
 def candidate_from_dict(data, where: str = "recipe") -> Candidate:
-    return path_from_dict(data, where) if is_path_recipe(data) else recipe_from_dict(data, where)
+    kind = next(k for k in CANDIDATE_TYPES.values() if k.describes(data))
+    return kind.from_dict(data, where)
 
 
 def candidate_from_yaml(text: str, where: str = "recipe") -> Candidate:
@@ -37,8 +83,5 @@ def load_candidate(path: str | Path) -> Candidate:
 def materialise(candidate: Candidate, out_dir: str | Path, lineage: list[str] | None = None,
                 force: bool = False, device: str = "cpu", dtype: str | None = None, **kwargs) -> Path:
     """Write a candidate as an HF model directory: a merge, or an exported layer path."""
-    if isinstance(candidate, LayerPath):
-        return export_path(candidate, out_dir, dtype=dtype, force=force, lineage=lineage, **kwargs)
-    from mergeflow.merge.stream import merge_to_dir
-
-    return merge_to_dir(candidate, out_dir, device=device, dtype=dtype, force=force, lineage=lineage, **kwargs)
+    return candidate_type(candidate).export(candidate, out_dir, device=device, dtype=dtype, force=force,
+                                            lineage=lineage, **kwargs)

@@ -35,17 +35,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import ClassVar
 
 import numpy as np
+import pandas as pd
 
 from mergeflow.errors import MergeflowError
 from mergeflow.merge.path import Hop, LayerPath
 from mergeflow.merge.sources import ModelSource
+from mergeflow.spaces.base import ModelConfigs, Space, check_chained
 from mergeflow.spaces.parameter import Range
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 ON, OFF = 0.6, 0.4  # where the search starts a slot that is on / off
 
@@ -72,7 +71,7 @@ def genome_array(x: np.ndarray, dim: int) -> np.ndarray:
 
 
 @dataclass
-class DfsSpace:
+class DfsSpace(Space):
     a: str
     b: str
     layers_a: int
@@ -81,7 +80,7 @@ class DfsSpace:
     max_layers: int | None
     scale: Range
     dtype: str | None = None
-    candidates: str = "path"  # candidates are layer paths (assembled, not merged)
+    candidates: ClassVar[str] = "path"  # candidates are layer paths (assembled, not merged)
 
     @staticmethod
     def model_names(cfg: dict) -> tuple[str, list[str]]:
@@ -89,18 +88,21 @@ class DfsSpace:
         return cfg["a"], [cfg["a"], cfg["b"]]
 
     @staticmethod
-    def check(cfg: dict, where: str = "search_space", num_layers: int | None = None) -> None:
-        """What can be checked without the models: r >= 1 (the schema), A != B, scales positive,
-        and max_layers at least 2 (A's first and last layer)."""
+    def check(cfg: dict, where: str, models: ModelConfigs) -> None:
+        """What can be checked before any job: r >= 1 (the schema), A != B, scales positive,
+        max_layers at least 2 (A's first and last layer), and — where the models' configs are on
+        disk — B's layers chain with A's."""
         if cfg["a"] == cfg["b"]:
             raise MergeflowError(f"{where}: a and b are both {cfg['a']!r}; DFS merges two different models")
         check_scale_range(cfg, where)
+        num_layers = models.num_layers()
         if cfg.get("max_layers") is not None and num_layers is not None and cfg["max_layers"] < min(2, num_layers):
             raise MergeflowError(f"{where}.max_layers: {cfg['max_layers']} leaves no room for A's first and last layer")
+        check_chained(where, models)
 
     @classmethod
     def build(cls, cfg: dict, where: str = "search_space") -> "DfsSpace":
-        cls.check(cfg, where)
+        cls.check(cfg, where, ModelConfigs())
         a, b = cfg.get("base_model"), (cfg.get("models") or [None, None])[-1]
         if not a or not b:
             raise MergeflowError(f"{where}: the paths of models a and b are not filled in")
@@ -191,8 +193,6 @@ class DfsSpace:
 
     def genome_table(self, x: np.ndarray) -> "pd.DataFrame":
         """Two panels: the indicator I per layer and repetition, and W."""
-        import pandas as pd
-
         x = genome_array(x, self.dim)
         rows = []
         for t in range(self.slots):

@@ -34,48 +34,45 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import ClassVar
 
 import numpy as np
+import pandas as pd
 
 from mergeflow.errors import MergeflowError
 from mergeflow.merge.path import Hop, LayerPath
 from mergeflow.merge.sources import ModelSource
 from mergeflow.spaces.dfs import OFF, ON, check_scale_range, genome_array
+from mergeflow.spaces.base import ModelConfigs, Space, check_chained
 from mergeflow.spaces.parameter import Range
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 
 @dataclass
-class DisSpace:
+class DisSpace(Space):
     base_model: str
     models: list[str]
     num_layers: int
     max_layers: int | None
     scale: Range
     dtype: str | None = None
-    candidates: str = "path"  # candidates are layer paths (assembled, not merged)
+    candidates: ClassVar[str] = "path"  # candidates are layer paths (assembled, not merged)
 
     @staticmethod
-    def model_names(cfg: dict) -> tuple[str | None, list[str] | None]:
-        """The base and the stacked models, by name (None: the config's base_model / endpoints)."""
-        return cfg.get("base_model"), cfg.get("models")
-
-    @staticmethod
-    def check(cfg: dict, where: str = "search_space", num_layers: int | None = None) -> None:
+    def check(cfg: dict, where: str, models: ModelConfigs) -> None:
+        """Scales positive, each model named once, at most 6 (orderings per position), and —
+        where the models' configs are on disk — their layers chain with the base's."""
         check_scale_range(cfg, where)
-        models = cfg.get("models") or []
-        if len(set(models)) != len(models):
-            raise MergeflowError(f"{where}.models: {models} names a model twice")
-        if len(models) > 6:
-            raise MergeflowError(f"{where}.models: {len(models)} models make {math.factorial(len(models))} "
+        stacked = cfg.get("models") or []
+        if len(set(stacked)) != len(stacked):
+            raise MergeflowError(f"{where}.models: {stacked} names a model twice")
+        if len(stacked) > 6:
+            raise MergeflowError(f"{where}.models: {len(stacked)} models make {math.factorial(len(stacked))} "
                                  "orderings per position; at most 6")
+        check_chained(where, models)
 
     @classmethod
     def build(cls, cfg: dict, where: str = "search_space") -> "DisSpace":
-        cls.check(cfg, where)
+        cls.check(cfg, where, ModelConfigs())
         base, models = cfg.get("base_model"), [str(m) for m in cfg.get("models") or []]
         if not base or not models:
             raise MergeflowError(f"{where}: base_model and models are not filled in")
@@ -162,8 +159,6 @@ class DisSpace:
 
     def genome_table(self, x: np.ndarray) -> "pd.DataFrame":
         """Two panels per position: each model's place in the stack (0 = out) and the scale."""
-        import pandas as pd
-
         rows = []
         for i, (scale, stack) in enumerate(self.decode(x)):
             for k, model in enumerate(self.models):

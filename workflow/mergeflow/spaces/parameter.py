@@ -39,18 +39,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from mergeflow.errors import MergeflowError
 from mergeflow.merge.methods import check_parameter_names, get_method
 from mergeflow.merge.params import layer_position, resolve_value
 from mergeflow.merge.recipe import ModelEntry, Recipe, SliceSource, SliceSpec, recipe_from_dict
 from mergeflow.merge.sources import ModelSource
-
-if TYPE_CHECKING:
-    import pandas as pd
+from mergeflow.spaces.base import ModelConfigs, Space
 
 # A tensor name that matches no user filter, used to read the "rest" value back from a recipe.
 _REST_PROBE = "__mergeflow_rest__"
@@ -103,8 +102,16 @@ def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
     return [(bounds[g], bounds[g + 1]) for g in range(groups)]
 
 
+def check_layer_groups(cfg: dict, where: str, num_layers: int | None) -> None:
+    """``layer_groups`` fits the base's ``num_layers`` (when known)."""
+    groups = int(cfg["layer_groups"])
+    if num_layers is not None and not 1 <= groups <= max(num_layers, 1):
+        raise MergeflowError(f"{where}.layer_groups: {groups} must be between 1 and the base model's "
+                             f"{num_layers} layers")
+
+
 @dataclass
-class ParameterSpace:
+class ParameterSpace(Space):
     methods: list[str]
     base_model: str | None
     models: list[str]
@@ -127,10 +134,10 @@ class ParameterSpace:
         return cls.from_config(cfg, ModelSource(cfg["base_model"]).num_layers, where)
 
     @staticmethod
-    def check(cfg: dict, where: str = "search_space", num_layers: int | None = None) -> None:
-        """What can be checked without the models (before any job): every method exists, every
-        parameter is read by one of them, every range is numbers with min <= max, and — when
-        the base's layer count is known — ``layer_groups`` fits it. Errors name the key."""
+    def check(cfg: dict, where: str, models: ModelConfigs) -> None:
+        """What can be checked before any job: every method exists, every parameter is read by
+        one of them, every range is numbers with min <= max, and — when the base's config is on
+        disk — ``layer_groups`` fits its layers. Errors name the key."""
         methods = space_methods(cfg)
         if not methods:
             raise MergeflowError(f"{where}.method is missing")
@@ -143,15 +150,13 @@ class ParameterSpace:
         method_ranges, method_fixed = _split(cfg["method_parameters"], f"{where}.method_parameters")
         check_parameter_names([*model_ranges, *model_fixed], "model", f"{where}.parameters", methods)
         check_parameter_names([*method_ranges, *method_fixed], "method", f"{where}.method_parameters", methods)
-        groups = int(cfg["layer_groups"])
-        if num_layers is not None and not 1 <= groups <= max(num_layers, 1):
-            raise MergeflowError(f"{where}.layer_groups: {groups} must be between 1 and the base model's "
-                                 f"{num_layers} layers")
+        check_layer_groups(cfg, where, models.num_layers())
 
     @classmethod
     def from_config(cls, cfg: dict, num_layers: int, where: str = "search_space") -> "ParameterSpace":
         """Build from a ``search_space`` mapping (schema defaults filled) for ``num_layers`` layers."""
-        cls.check(cfg, where, num_layers)
+        cls.check(cfg, where, ModelConfigs())
+        check_layer_groups(cfg, where, num_layers)
         methods = space_methods(cfg)
         models = [str(m) for m in cfg.get("models") or []]
         if not models:
@@ -185,8 +190,6 @@ class ParameterSpace:
         """A genome's values as rows ``panel`` (a parameter), ``row`` (model, and module kind with
         filters), ``column`` (layer group, its layers and, with several methods, its method) and
         ``value``: what the best-genome figure draws."""
-        import pandas as pd
-
         methods, model_values, method_values = self._decode(x)
         names = [Path(m).name for m in self.models]
         rows = []

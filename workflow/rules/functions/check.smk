@@ -3,7 +3,7 @@
 from functools import lru_cache
 
 from mergeflow.check import weights_fingerprint
-from mergeflow.config import zoo_model_dirs
+from mergeflow.locations import zoo_model_dirs
 
 # Model directories the zoo builds (outputs of its jobs: Snakemake tracks them).
 ZOO_DIRS = {str(p) for p in zoo_model_dirs(config).values()}

@@ -17,7 +17,7 @@ def fitness_files(wildcards):
 
 def rungs(run, g):
     """The rungs generation ``g`` climbs: from its first (its bracket's) to the top."""
-    return FITNESS[EVOLVE[run].fitness["kind"]].climbed(EVOLVE[run].fitness, int(g))
+    return EVOLVE[run].kind.climbed(EVOLVE[run].fitness, int(g))
 
 
 def rung_files(run, g, rung, what):

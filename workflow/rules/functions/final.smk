@@ -15,8 +15,7 @@ def estimate_checked_tasks(run):
     if run not in EVOLVE or not config["runs"][run]["evolve"]["check_estimate"]:
         return []
     fit = EVOLVE[run].fitness
-    return [t for t in EVOLVE[run].tasks
-            if FITNESS[fit["kind"]].estimates(fit, config["tasks"][t]["splits"]["search"])]
+    return [t for t in EVOLVE[run].tasks if EVOLVE[run].kind.estimates(fit, config["tasks"][t]["splits"]["search"])]
 
 
 def final_table_inputs(wildcards):

@@ -14,7 +14,7 @@ def run_figures(run):
 def irt_runs(task):
     """The runs whose fitness reads an IRT fit of ``task``."""
     return [run for run, cfg in EVOLVE.items() if task in cfg.tasks
-            and "irt" in FITNESS[cfg.fitness["kind"]].needs(cfg.fitness)]
+            and "irt" in cfg.kind.needs(cfg.fitness)]
 
 
 IRT_TASKS = [task for task in config["tasks"] if irt_runs(task)]
@@ -31,7 +31,7 @@ def all_figures():
 def irt_figure_inputs(wildcards):
     task, runs = wildcards.task, irt_runs(wildcards.task)
     anchors = {NEED_PATHS["anchors"](task, EVOLVE[run].fitness, "results") for run in runs
-               if "anchors" in FITNESS[EVOLVE[run].fitness["kind"]].needs(EVOLVE[run].fitness)}
+               if "anchors" in EVOLVE[run].kind.needs(EVOLVE[run].fitness)}
     return {
         "irt": f"results/irt/{task}/items.parquet",
         "responses": endpoint_search_responses(wildcards) + [f"results/calibration/{task}.parquet"],
