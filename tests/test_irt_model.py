@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mergeflow.errors import MergeflowError
-from mergeflow.irt.model import _Responses, fit_ability, fit_irt, load_irt
+from mergeflow.irt.fit import fit_ability, load_irt
+from mergeflow.irt.model import _Responses, fit_irt
 from mergeflow.irt.responses import ResponseMatrix
 from mergeflow.irt.simulate import simulate_irt
 

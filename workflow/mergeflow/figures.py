@@ -153,7 +153,7 @@ def irt_fit_figure(task: str, irt_dir: str | Path, response_files: list[str | Pa
     ability, over every item) against its measured accuracy on the search split, and each checked
     search's estimate of its final merge (±1.96 sd) against that merge's measured accuracy. Right:
     the item map, difficulty β against discrimination |α|, with the anchors marked."""
-    from mergeflow.irt.model import load_irt
+    from mergeflow.irt.fit import load_irt
     from mergeflow.irt.responses import load_response_matrix
 
     plt = _pyplot()

@@ -104,7 +104,7 @@ def run_fit(args: argparse.Namespace) -> None:
 
 def run_anchors(args: argparse.Namespace) -> None:
     from mergeflow.irt.anchors import select_anchors
-    from mergeflow.irt.model import load_irt
+    from mergeflow.irt.fit import load_irt
     from mergeflow.irt.responses import load_response_matrix
 
     matrix = load_response_matrix(args.responses) if args.responses else None
@@ -118,7 +118,7 @@ def run_anchors(args: argparse.Namespace) -> None:
 def run_estimate(args: argparse.Namespace) -> None:
     from mergeflow.irt.anchors import read_anchors
     from mergeflow.irt.estimators import Estimator
-    from mergeflow.irt.model import load_irt
+    from mergeflow.irt.fit import load_irt
     from mergeflow.irt.responses import load_response_matrix
 
     anchors = read_anchors(args.anchors)

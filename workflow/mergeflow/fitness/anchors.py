@@ -30,7 +30,7 @@ def estimator_for(cfg, items: pd.DataFrame, files: dict[str, str]):
     endpoint estimator measures ability from the base model; every IRT estimator is calibrated
     on the calibration population."""
     from mergeflow.irt.estimators import Estimator
-    from mergeflow.irt.model import load_irt
+    from mergeflow.irt.fit import load_irt
     from mergeflow.irt.responses import load_response_matrix
 
     name = cfg.fitness["estimator"]
