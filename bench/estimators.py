@@ -40,7 +40,8 @@ from mergeflow.irt import ESTIMATORS as ALL_METHODS
 from mergeflow.irt import STRATEGIES
 from mergeflow.irt.anchors import select_anchors
 from mergeflow.irt.estimators import Estimator
-from mergeflow.irt.model import fit_irt, load_irt, map_ability
+from mergeflow.irt.fit import load_irt, map_ability
+from mergeflow.irt.model import fit_irt
 from mergeflow.irt.responses import ResponseMatrix, load_response_matrix
 from mergeflow.irt.simulate import simulate_irt
 

@@ -58,7 +58,7 @@ def anchors_file(results: Path, task: str, fitness_cfg: dict, endpoints: list[st
     (under results/bench/sweep/, so as not to touch the workflow's own files)."""
     from mergeflow.fitness import FITNESS, anchors_path
     from mergeflow.irt.anchors import select_anchors
-    from mergeflow.irt.model import load_irt
+    from mergeflow.irt.fit import load_irt
     from mergeflow.irt.responses import load_response_matrix
 
     anchor_set = FITNESS[fitness_cfg["kind"]].anchor_set(fitness_cfg)

@@ -49,7 +49,7 @@ def test_a_missing_fit_directory_is_a_clear_error(tmp_path):
     import pytest
 
     from mergeflow.errors import MergeflowError
-    from mergeflow.irt.model import load_irt
+    from mergeflow.irt.fit import load_irt
 
     with pytest.raises(MergeflowError, match="items.parquet"):
         load_irt(tmp_path)

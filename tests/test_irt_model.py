@@ -1,6 +1,10 @@
 """IRT fitting: parameter recovery, masking, serialisation, ability fits."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyro.distributions as dist
@@ -8,9 +12,12 @@ import pytest
 import torch
 
 from mergeflow.errors import MergeflowError
-from mergeflow.irt.model import _Responses, fit_ability, fit_irt, load_irt
+from mergeflow.irt.fit import fit_ability, load_irt
+from mergeflow.irt.model import _Responses, fit_irt
 from mergeflow.irt.responses import ResponseMatrix
 from mergeflow.irt.simulate import simulate_irt
+
+WORKFLOW = Path(__file__).resolve().parents[1] / "workflow"
 
 
 @pytest.fixture(scope="module")
@@ -123,14 +130,30 @@ def test_the_fit_records_how_far_its_accuracy_curve_misses_the_calibration_model
 def test_a_saved_fit_is_the_same_bytes_from_any_process(tmp_path):
     """posterior.safetensors and fit.json hold no wall time and no hash-ordered map: two
     processes saving the same fit write the same files."""
-    import subprocess
-    import sys
-
     script = (
         "import sys; from mergeflow.irt.model import fit_irt; from mergeflow.irt.simulate import simulate_irt\n"
         "fit_irt(simulate_irt(20, 40, seed=2).matrix, steps=30, min_steps=30, seed=0).save(sys.argv[1])\n"
     )
     for name in ("a", "b"):
-        subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], check=True, capture_output=True)
+        run_fresh(script, str(tmp_path / name))
     for file in ("posterior.safetensors", "fit.json", "items.parquet"):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+
+
+@pytest.mark.slow
+def test_estimating_from_a_fit_imports_neither_pyro_nor_torch():
+    """Fitness at search time reads a saved fit and estimates from anchors: a fresh process doing
+    those imports must not load Pyro or torch (only fitting, in irt.model, needs them)."""
+    script = (
+        "import sys, mergeflow.irt.estimators, mergeflow.irt.anchors, mergeflow.irt.fit\n"
+        "print(sorted({'pyro', 'torch'} & set(sys.modules)))\n"
+    )
+    loaded = run_fresh(script).strip()
+    assert loaded == "[]", loaded
+
+
+def run_fresh(script: str, *args: str) -> str:
+    """Run ``script`` in a fresh Python that imports this checkout's library; return its stdout."""
+    env = {**os.environ, "PYTHONPATH": str(WORKFLOW)}
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, check=True, capture_output=True,
+                          text=True).stdout

@@ -17,7 +17,8 @@ from mergeflow.evaluate import respond
 from mergeflow.evolve import history as hist
 from mergeflow.evolve.stages import EvolveConfig, FitnessJob, ask, fitness, promote, tell
 from mergeflow.irt.anchors import select_anchors
-from mergeflow.irt.model import fit_irt, load_irt
+from mergeflow.irt.fit import load_irt
+from mergeflow.irt.model import fit_irt
 from mergeflow.irt.responses import load_response_matrix
 from mergeflow.lineage import baseline_model, merge_recipe
 from mergeflow.logs import job_log, setup_job

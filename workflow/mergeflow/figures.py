@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 
 from mergeflow.evolve import history as hist
+from mergeflow.irt.fit import load_irt
+from mergeflow.irt.responses import load_response_matrix
 from mergeflow.report import MERGED, runs_table
 
 if TYPE_CHECKING:  # a name for annotations: the spaces bring torch, which most figures never need
@@ -173,9 +175,6 @@ def irt_fit_figure(task: str, irt_dir: str | Path, response_files: list[str | Pa
     ability, over every item) against its measured accuracy on the search split, and each checked
     search's estimate of its final merge (±1.96 sd) against that merge's measured accuracy. Right:
     the item map, difficulty β against discrimination |α|, with the anchors marked."""
-    from mergeflow.irt.model import load_irt
-    from mergeflow.irt.responses import load_response_matrix
-
     plt = _pyplot()
     fit = load_irt(irt_dir)
     matrix = load_response_matrix([str(p) for p in response_files])

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from mergeflow.irt.anchors import select_anchors
-from mergeflow.irt.model import load_irt
+from mergeflow.irt.fit import load_irt
 from mergeflow.irt.responses import load_response_matrix
 from mergeflow.logs import setup_job
 

@@ -13,6 +13,8 @@ import pandas as pd
 
 from mergeflow.errors import MergeflowError
 from mergeflow.irt import ESTIMATORS, KINDS, LAMBDA_RULES, SCORE_MODES, STRATEGIES
+from mergeflow.irt.fit import load_irt
+from mergeflow.irt.responses import load_response_matrix
 from mergeflow.schema import section_defaults
 
 
@@ -89,8 +91,7 @@ def _register_estimate(subparsers) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> None:
-    from mergeflow.irt.model import fit_irt
-    from mergeflow.irt.responses import load_response_matrix
+    from mergeflow.irt.model import fit_irt  # Pyro and torch: only for the command that fits
 
     matrix = load_response_matrix(args.responses, scores=args.scores)
     fit = fit_irt(matrix, kind=args.kind, dim=args.dim, steps=args.steps, lr=args.lr,
@@ -102,9 +103,7 @@ def run_fit(args: argparse.Namespace) -> None:
 
 
 def run_anchors(args: argparse.Namespace) -> None:
-    from mergeflow.irt.anchors import select_anchors
-    from mergeflow.irt.model import load_irt
-    from mergeflow.irt.responses import load_response_matrix
+    from mergeflow.irt.anchors import select_anchors  # scikit-learn: only for the commands that cluster
 
     matrix = load_response_matrix(args.responses) if args.responses else None
     fit = load_irt(args.irt) if args.irt else None
@@ -115,10 +114,9 @@ def run_anchors(args: argparse.Namespace) -> None:
 
 
 def run_estimate(args: argparse.Namespace) -> None:
+    # scikit-learn and SciPy (through the anchors' module): only for the command that estimates
     from mergeflow.irt.anchors import read_anchors
     from mergeflow.irt.estimators import Estimator
-    from mergeflow.irt.model import load_irt
-    from mergeflow.irt.responses import load_response_matrix
 
     anchors = read_anchors(args.anchors)
     fit = load_irt(args.irt) if args.irt else None

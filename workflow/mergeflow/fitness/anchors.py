@@ -16,7 +16,7 @@ from mergeflow.errors import MergeflowError
 from mergeflow.fitness.base import FitnessContext, FitnessKind, TaskFitness
 from mergeflow.irt.anchors import read_anchors
 from mergeflow.irt.estimators import Estimator
-from mergeflow.irt.model import load_irt
+from mergeflow.irt.fit import load_irt
 from mergeflow.irt.responses import load_response_matrix
 
 # estimators whose ability is tied to the endpoints' (their names in the IRT fit)

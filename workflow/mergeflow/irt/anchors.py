@@ -23,7 +23,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from mergeflow.errors import MergeflowError
 from mergeflow.irt import STRATEGIES
-from mergeflow.irt.model import IRTFit, _key
+from mergeflow.irt.fit import IRTFit, item_key
 from mergeflow.irt.responses import ResponseMatrix
 
 ANCHOR_COLUMNS = ["item_id", "weight", "strategy", "seed"]
@@ -83,7 +83,7 @@ def select_anchors(
 def _stratum_variances(matrix: ResponseMatrix, items: list, positions: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per anchor: the mean over ``matrix``'s models of p̄(1 − p̄), p̄ the model's accuracy on the
     anchor's stratum (the items that share its label)."""
-    columns = pd.Index([_key(item) for item in matrix.items]).get_indexer([_key(item) for item in items])
+    columns = pd.Index([item_key(item) for item in matrix.items]).get_indexer([item_key(item) for item in items])
     values = np.full((matrix.matrix.shape[0], len(items)), np.nan)
     known = columns >= 0
     values[:, known] = matrix.matrix[:, columns[known]]

@@ -49,7 +49,7 @@ from scipy.optimize import minimize
 from mergeflow.errors import MergeflowError
 from mergeflow.irt import ESTIMATORS, LAMBDA_RULES
 from mergeflow.irt.anchors import validate_anchors
-from mergeflow.irt.model import IRTFit, _key, _sigmoid, map_ability
+from mergeflow.irt.fit import IRTFit, item_key, map_ability, sigmoid
 from mergeflow.irt.responses import ResponseMatrix
 
 ENDPOINT_WEIGHT_PRIOR_SD = 1.0
@@ -92,7 +92,7 @@ class Estimator:
             raise MergeflowError(f"lambda_rule={lambda_rule!r}: expected one of {LAMBDA_RULES}")
         self.lambda_rule = lambda_rule
         self.method = method
-        self.anchor_ids = [_key(item) for item in anchors["item_id"].tolist()]
+        self.anchor_ids = [item_key(item) for item in anchors["item_id"].tolist()]
         weights = anchors["weight"].to_numpy(dtype=float)
         self.weights = weights / weights.sum()
         # stratum variances from the anchor selection, where it recorded them
@@ -136,7 +136,7 @@ class Estimator:
         """From both estimators' errors on (up to 100) calibration models: the blend's λ (see
         blend_weight), the correlation ρ of the two errors, and the IRT estimate's error variance
         beyond its predicted sd² (misfit the model does not know of; 0 when the sd covers it)."""
-        columns = pd.Index([_key(item) for item in calibration.items]).get_indexer(self.anchor_ids)
+        columns = pd.Index([item_key(item) for item in calibration.items]).get_indexer(self.anchor_ids)
         if (columns < 0).any():
             missing = [item for item, col in zip(self.anchor_ids, columns) if col < 0]
             raise MergeflowError(f"calibration responses lack anchor items {missing[:5]}")
@@ -180,7 +180,7 @@ class Estimator:
         irt_sd = float(np.sqrt(self._irt_sd(y, theta, covariance) ** 2 + self.excess_variance))
         if self.method in ("pirt", "mpirt"):
             return Estimate(irt_value, irt_sd, tuple(float(t) for t in theta))
-        p_anchor = _sigmoid(self.anchor_alpha @ theta - self.anchor_beta)
+        p_anchor = sigmoid(self.anchor_alpha @ theta - self.anchor_beta)
         anchor_variance = float(np.sum(self.weights**2 * p_anchor * (1 - p_anchor)))
         lam = self.lam
         if lam is None:  # precision weighting of the two estimators
@@ -211,7 +211,7 @@ class Estimator:
                                           with_covariance, self.origin)
 
     def _irt_value(self, y: np.ndarray, theta: np.ndarray) -> float:
-        unseen = _sigmoid(self.unseen_alpha @ theta - self.unseen_beta)
+        unseen = sigmoid(self.unseen_alpha @ theta - self.unseen_beta)
         return float((y.sum() + unseen.sum()) / self.n_items)
 
     def _irt_sd(self, y: np.ndarray, theta: np.ndarray, covariance: np.ndarray) -> float:
@@ -223,7 +223,7 @@ class Estimator:
             logits = self.draw_alpha[..., 0] * thetas[:, :1]
         else:
             logits = np.einsum("sud,sd->su", self.draw_alpha, thetas)
-        p = _sigmoid(logits - self.draw_beta)
+        p = sigmoid(logits - self.draw_beta)
         accuracy = (y.sum() + p.sum(axis=1)) / self.n_items
         bernoulli = np.mean(np.sum(p * (1 - p), axis=1)) / self.n_items**2
         return float(np.sqrt(np.var(accuracy) + bernoulli + self.misfit_sd**2))
@@ -281,7 +281,7 @@ def combine_endpoint_abilities(
     def negative_objective(lam: np.ndarray) -> tuple[float, np.ndarray]:
         z = alpha @ (theta0 + lam @ directions) - beta
         loglik = np.sum(y * z - np.logaddexp(0.0, z))
-        gradient = directions @ (alpha.T @ (y - _sigmoid(z)))
+        gradient = directions @ (alpha.T @ (y - sigmoid(z)))
         offset = lam - prior_mean
         return -(loglik - 0.5 * offset @ (precision * offset)), -(gradient - precision * offset)
 
@@ -289,7 +289,7 @@ def combine_endpoint_abilities(
     theta = theta0 + lam @ directions
     if not with_covariance:
         return theta, None
-    p = _sigmoid(alpha @ theta - beta)
+    p = sigmoid(alpha @ theta - beta)
     projected = alpha @ directions.T  # (A, E)
     hessian = projected.T @ (projected * (p * (1 - p))[:, None]) + np.diag(precision)
     return theta, directions.T @ np.linalg.inv(hessian) @ directions
@@ -320,9 +320,9 @@ def _response_lookup(anchor_responses) -> dict:
         anchor_responses = pd.Series(anchor_responses["correct"].to_numpy(),
                                      index=anchor_responses["item_id"].to_numpy())
     if isinstance(anchor_responses, pd.Series):
-        return {_key(item): value for item, value in anchor_responses.items()}
+        return {item_key(item): value for item, value in anchor_responses.items()}
     if isinstance(anchor_responses, Mapping):
-        return {_key(item): value for item, value in anchor_responses.items()}
+        return {item_key(item): value for item, value in anchor_responses.items()}
     raise MergeflowError(
         f"anchor responses must be a dict, Series or frame, not {type(anchor_responses).__name__}"
     )
