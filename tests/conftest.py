@@ -1,11 +1,4 @@
-import sys
-from pathlib import Path
-
-# Import the library from this checkout (worktrees included), not from site-packages.
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "workflow"))
-
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +10,15 @@ def tiny_zoo(tmp_path_factory):
 
     torch.set_num_threads(1)
     return build_tiny_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def stages(tiny_zoo, tmp_path_factory):
+    """A validated config over the tiny zoo with every file a fitness kind may need
+    (``stage_runs.build_stages``), once per session: (config, root, need -> file, model -> path)."""
+    from stage_runs import build_stages
+
+    return build_stages(tiny_zoo, tmp_path_factory.mktemp("stages"))
 
 
 @pytest.fixture(scope="session")

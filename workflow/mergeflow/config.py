@@ -151,7 +151,7 @@ def upgrade_config(config: dict) -> dict:
     names the keys it took that way, its ``flat_keys``),
     and ``fitness.learning_rate`` (read by the optimizer, not the fitness) as the run's
     ``learning_rate`` beside ``optimizer`` and ``sigma``."""
-    for rcfg in (config.get("runs") or {}).values():
+    for run, rcfg in (config.get("runs") or {}).items():
         ecfg = rcfg.get("evolve") if isinstance(rcfg, dict) else None
         if not isinstance(ecfg, dict):
             continue
@@ -166,7 +166,10 @@ def upgrade_config(config: dict) -> dict:
             ecfg["fitness"] = fitness
         fitness = ecfg.get("fitness")
         if isinstance(fitness, dict) and "learning_rate" in fitness:
-            ecfg.setdefault("learning_rate", fitness.pop("learning_rate"))
+            if "learning_rate" in ecfg:
+                raise MergeflowError(f"config: runs.{run}.evolve: learning_rate is given twice, under fitness (its "
+                                     "older place) and beside optimizer; keep the one beside optimizer")
+            ecfg["learning_rate"] = fitness.pop("learning_rate")
     return config
 
 
