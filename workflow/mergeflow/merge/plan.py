@@ -16,15 +16,15 @@ from typing import Any, Callable, Iterator
 import torch
 
 from mergeflow.errors import MergeflowError, RecipeError
-from mergeflow.merge.methods import (
-    CPU_BLOCK, TIE_BREAKS, MergeMethod, Workspace, check_parameter_names, get_method, magnitude_trims,
-)
+from mergeflow.merge.methods import CPU_BLOCK
 from mergeflow.merge.params import (
     is_pre_layer_tensor, layer_index, layer_position, resolve_value, with_layer_index,
 )
 from mergeflow.merge.recipe import Recipe, SliceSource, SliceSpec
+from mergeflow.merge.registry import MergeMethod, check_parameter_names, get_method
 from mergeflow.dtypes import torch_dtype
 from mergeflow.merge.sources import ModelSource, TensorInfo
+from mergeflow.merge.sparsify import TIE_BREAKS, Workspace, magnitude_trims
 
 TensorRef = tuple[str, str]  # (model path, tensor name)
 Fetch = Callable[[str, str], torch.Tensor]
@@ -310,7 +310,7 @@ def merge_tensor_blocks(plan: TensorPlan, read: ReadRange, device: torch.device 
 
 def _whole_tensor_trims(plan: TensorPlan, read: ReadRange, device: torch.device | str,
                         numel: int, block: int) -> list:
-    """The magnitude trims of ``plan``'s whole tensor, from its blocks (see ``methods.Trim``)."""
+    """The magnitude trims of ``plan``'s whole tensor, from its blocks (see ``sparsify.Trim``)."""
     magnitudes = torch.empty(numel, dtype=torch.float32, device=device)
     scratch = Workspace(cache=True)
 

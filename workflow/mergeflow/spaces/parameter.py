@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mergeflow.errors import MergeflowError
-from mergeflow.merge.methods import check_parameter_names, get_method
 from mergeflow.merge.params import layer_position, resolve_value
 from mergeflow.merge.recipe import ModelEntry, Recipe, SliceSource, SliceSpec, recipe_from_dict
+from mergeflow.merge.registry import check_parameter_names, get_method
 from mergeflow.merge.sources import ModelSource
 
 if TYPE_CHECKING:
