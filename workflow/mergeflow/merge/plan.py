@@ -169,15 +169,21 @@ class _Planner:
         return TensorPlan(out_name, method, refs, base_ref, model_params, params, seed, shape)
 
     def _check_model_count(self, method: MergeMethod, members: list, tensor: str) -> None:
+        """The models merged besides the base are within the method's ``min_models`` and
+        ``max_models``."""
         count = len(members)
-        if method.name == "slerp" and count != 1:
-            raise MergeflowError(
-                f"slerp merges exactly two models (base_model and one other); tensor {tensor!r} "
-                f"has {count + 1}")
-        if count < method.min_models:
-            raise MergeflowError(
-                f"merge method {method.name!r} needs at least {method.min_models} model(s) besides "
-                f"the base; tensor {tensor!r} has {count}")
+        low, high = method.min_models, method.max_models
+        if low <= count and (high is None or count <= high):
+            return
+        if high == low:
+            needs = f"exactly {low}"
+        elif high is None:
+            needs = f"at least {low}"
+        else:
+            needs = f"{low} to {high}"
+        besides = " besides the base" if method.uses_base else ""
+        raise MergeflowError(f"merge method {method.name!r} merges {needs} model(s){besides}; "
+                             f"tensor {tensor!r} has {count}")
 
     def _model_params(self, method: MergeMethod, source: SliceSource, spec: SliceSpec,
                       t: float, tensor: str) -> dict[str, Any]:
