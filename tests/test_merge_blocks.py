@@ -4,8 +4,10 @@
 import pytest
 import torch
 
-from mergeflow.merge.methods import CPU_BLOCK, Workspace, get_method, magnitude_trim
+from mergeflow.merge.methods import CPU_BLOCK
 from mergeflow.merge.plan import TensorPlan, merge_tensor, merge_tensor_blocks, tensor_seed
+from mergeflow.merge.registry import get_method
+from mergeflow.merge.sparsify import Workspace, magnitude_trim, select_largest
 
 BLOCKED = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear"]
 
@@ -91,8 +93,6 @@ def test_cached_sorted_trim_matches_the_selection():
 
 @pytest.mark.parametrize("layout", ["random", "sorted", "ties"])
 def test_selection_counts_entries_above_and_at_the_cut(layout):
-    from mergeflow.merge.methods import select_largest
-
     generator = torch.Generator().manual_seed(3)
     values = torch.randn(600_000, generator=generator).abs()
     if layout == "sorted":

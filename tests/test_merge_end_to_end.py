@@ -13,8 +13,10 @@ from factories import make_model, make_zoo
 from mergeflow import cli
 from mergeflow.errors import MergeflowError
 from mergeflow.merge import (
-    InMemoryMerger, load_recipe, merge_to_dir, recipe_from_dict,
+    MERGE_METHODS, InMemoryMerger, MergeMethod, load_recipe, merge_to_dir, plan_merge, recipe_from_dict,
 )
+from mergeflow.merge.methods import linear_merge
+from mergeflow.merge.plan import open_sources
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +201,18 @@ def test_error_nan_in_source(zoo, tmp_path):
 
 def test_error_slerp_needs_two_models(zoo):
     _expect_error(recipe_dict(zoo, "slerp", parameters={"t": 0.5}),
-                  "slerp merges exactly two models.*has 3")
+                  r"merge method 'slerp' merges exactly 1 model\(s\) besides the base; tensor '.*' has 2")
+
+
+def test_error_more_models_than_the_registry_allows(zoo, monkeypatch):
+    """The planner reads ``max_models`` from the registry, whatever the method's name."""
+    pair = MergeMethod(name="pair_linear", function=linear_merge, uses_base=False,
+                       model_defaults={"weight": 1.0}, method_defaults={"normalize": True}, max_models=2)
+    monkeypatch.setitem(MERGE_METHODS, pair.name, pair)
+    two = recipe_from_dict({"merge_method": "pair_linear", "models": [zoo["math"], zoo["lang"]]})
+    assert plan_merge(two, open_sources(two)).tensors[0].method is pair
+    _expect_error({"merge_method": "pair_linear", "models": [zoo["base"], zoo["math"], zoo["lang"]]},
+                  r"merge method 'pair_linear' merges 1 to 2 model\(s\); tensor '.*' has 3")
 
 
 def test_error_pickled_weights_rejected(zoo, tmp_path):

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from mergeflow.merge.methods import MERGE_METHODS, get_method, model_stock_ratio
+from mergeflow.merge.methods import model_stock_ratio
+from mergeflow.merge.registry import MERGE_METHODS, get_method
+from mergeflow.merge.sparsify import Workspace, kth_largest
 from mergeflow.errors import MergeflowError
 
 
@@ -157,8 +159,6 @@ def test_della_and_breadcrumbs_ties_elect_signs():
 
 @pytest.mark.parametrize("layout", ["random", "sorted", "ties"])
 def test_fast_selection_is_exact(layout):
-    from mergeflow.merge.methods import kth_largest
-
     torch.manual_seed(3)
     values = torch.randn(600_000).abs()
     if layout == "sorted":
@@ -197,8 +197,6 @@ def test_ties_on_a_large_blocked_tensor_matches_the_dense_formula():
 
 @pytest.mark.parametrize("name", ["ties", "dare_ties", "dare_linear", "della", "breadcrumbs"])
 def test_cached_workspace_and_out_do_not_change_results(name):
-    from mergeflow.merge.methods import Workspace
-
     torch.manual_seed(6)
     base = torch.randn(260, 200)
     tensors = [base + torch.randn(260, 200), base + torch.randn(260, 200)]

@@ -9,7 +9,7 @@ from mergeflow.dtypes import DTYPES
 from mergeflow.evaluate import SCORERS
 from mergeflow.fitness import FITNESS
 from mergeflow.fitness.gradient import LOSSES
-from mergeflow.merge.methods import MERGE_METHODS
+from mergeflow.merge.registry import MERGE_METHODS
 from mergeflow.spaces import SPACES
 from mergeflow.zoo.language import CORPORA, SYNTHETIC_TASKS
 

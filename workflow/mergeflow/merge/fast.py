@@ -14,11 +14,11 @@ from typing import Sequence
 import torch
 
 from mergeflow.errors import MergeflowError
-from mergeflow.merge.methods import Workspace
 from mergeflow.merge.plan import check_finite, merge_tensor, plan_merge
 from mergeflow.merge.recipe import Recipe
 from mergeflow.dtypes import dtype_name, torch_dtype
 from mergeflow.merge.sources import ModelSource
+from mergeflow.merge.sparsify import Workspace
 
 
 def find_nonfinite(model: torch.nn.Module) -> list[str]:

@@ -16,15 +16,15 @@ from typing import Any, Callable, Iterator
 import torch
 
 from mergeflow.errors import MergeflowError, RecipeError
-from mergeflow.merge.methods import (
-    CPU_BLOCK, TIE_BREAKS, MergeMethod, Workspace, check_parameter_names, get_method, magnitude_trims,
-)
+from mergeflow.merge.methods import CPU_BLOCK
 from mergeflow.merge.params import (
     is_pre_layer_tensor, layer_index, layer_position, resolve_value, with_layer_index,
 )
 from mergeflow.merge.recipe import Recipe, SliceSource, SliceSpec
+from mergeflow.merge.registry import MergeMethod, check_parameter_names, get_method
 from mergeflow.dtypes import torch_dtype
 from mergeflow.merge.sources import ModelSource, TensorInfo
+from mergeflow.merge.sparsify import TIE_BREAKS, Workspace, magnitude_trims
 
 TensorRef = tuple[str, str]  # (model path, tensor name)
 Fetch = Callable[[str, str], torch.Tensor]
@@ -169,15 +169,21 @@ class _Planner:
         return TensorPlan(out_name, method, refs, base_ref, model_params, params, seed, shape)
 
     def _check_model_count(self, method: MergeMethod, members: list, tensor: str) -> None:
+        """The models merged besides the base are within the method's ``min_models`` and
+        ``max_models``."""
         count = len(members)
-        if method.name == "slerp" and count != 1:
-            raise MergeflowError(
-                f"slerp merges exactly two models (base_model and one other); tensor {tensor!r} "
-                f"has {count + 1}")
-        if count < method.min_models:
-            raise MergeflowError(
-                f"merge method {method.name!r} needs at least {method.min_models} model(s) besides "
-                f"the base; tensor {tensor!r} has {count}")
+        low, high = method.min_models, method.max_models
+        if low <= count and (high is None or count <= high):
+            return
+        if high == low:
+            needs = f"exactly {low}"
+        elif high is None:
+            needs = f"at least {low}"
+        else:
+            needs = f"{low} to {high}"
+        besides = " besides the base" if method.uses_base else ""
+        raise MergeflowError(f"merge method {method.name!r} merges {needs} model(s){besides}; "
+                             f"tensor {tensor!r} has {count}")
 
     def _model_params(self, method: MergeMethod, source: SliceSource, spec: SliceSpec,
                       t: float, tensor: str) -> dict[str, Any]:
@@ -310,7 +316,7 @@ def merge_tensor_blocks(plan: TensorPlan, read: ReadRange, device: torch.device 
 
 def _whole_tensor_trims(plan: TensorPlan, read: ReadRange, device: torch.device | str,
                         numel: int, block: int) -> list:
-    """The magnitude trims of ``plan``'s whole tensor, from its blocks (see ``methods.Trim``)."""
+    """The magnitude trims of ``plan``'s whole tensor, from its blocks (see ``sparsify.Trim``)."""
     magnitudes = torch.empty(numel, dtype=torch.float32, device=device)
     scratch = Workspace(cache=True)
 

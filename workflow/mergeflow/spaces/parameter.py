@@ -45,9 +45,9 @@ import numpy as np
 import pandas as pd
 
 from mergeflow.errors import MergeflowError
-from mergeflow.merge.methods import check_parameter_names, get_method
 from mergeflow.merge.params import layer_position, resolve_value
 from mergeflow.merge.recipe import ModelEntry, Recipe, SliceSource, SliceSpec, recipe_from_dict
+from mergeflow.merge.registry import check_parameter_names, get_method
 from mergeflow.merge.sources import ModelSource
 from mergeflow.spaces.base import ModelConfigs, Space
 

@@ -1,0 +1,130 @@
+"""The registry of merge methods: each method's function, what it needs and its parameters.
+
+A recipe names a method (``merge_method``); the planner (``plan``) looks it up here to know
+whether it takes a base model, how many models it merges, which parameters it reads at each
+level and their defaults, whether it draws random numbers, and how the streaming writer may
+split a large tensor for it. The functions themselves are in ``methods``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from mergeflow.errors import MergeflowError, RecipeError
+from mergeflow.merge.methods import (
+    MethodFunction, breadcrumbs_merge, breadcrumbs_ties_merge, dare_linear_merge, dare_ties_merge, della_linear_merge,
+    della_merge, linear_merge, model_stock_merge, slerp_merge, task_arithmetic_merge, ties_merge,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeMethod:
+    """A registered method: its function, what it needs and the defaults of its parameters.
+
+    ``model_defaults`` and ``method_defaults`` map parameter names to defaults; a None default
+    means the parameter is required. ``min_models`` and ``max_models`` (None: no limit) count
+    the models merged besides the base.
+    """
+
+    name: str
+    function: MethodFunction
+    uses_base: bool
+    model_defaults: dict[str, Any] = field(default_factory=dict)
+    method_defaults: dict[str, Any] = field(default_factory=dict)
+    min_models: int = 1
+    max_models: int | None = None
+    random: bool = False  # draws from ``rng``: DARE's and DELLA's drops
+    # How the streaming writer may split a large tensor: "flat" (any runs of entries: the
+    # method is elementwise given its ``trims``), "rows" (whole rows) or None (whole tensor).
+    blocks: str | None = None
+    trims: bool = False  # takes ``trims``: whole-tensor magnitude trims
+
+
+# What every task-vector method reads per model: its weight and the density of its sparsified
+# task vector (1: no sparsification).
+_TASK_VECTOR_MODEL = {"weight": 1.0, "density": 1.0}
+
+MERGE_METHODS: dict[str, MergeMethod] = {
+    method.name: method
+    for method in [
+        MergeMethod(name="linear", function=linear_merge, uses_base=False,
+                    model_defaults={"weight": 1.0}, method_defaults={"normalize": True}, blocks="flat"),
+        MergeMethod(name="task_arithmetic", function=task_arithmetic_merge, uses_base=True,
+                    model_defaults={**_TASK_VECTOR_MODEL},
+                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": False}, blocks="flat"),
+        MergeMethod(name="ties", function=ties_merge, uses_base=True,
+                    model_defaults={**_TASK_VECTOR_MODEL},
+                    method_defaults={"lambda": 1.0, "normalize": True, "rescale": False, "tie_break": "index"},
+                    blocks="flat", trims=True),
+        MergeMethod(name="dare_linear", function=dare_linear_merge, uses_base=True,
+                    model_defaults={**_TASK_VECTOR_MODEL},
+                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": True},
+                    random=True, blocks="flat"),
+        MergeMethod(name="dare_ties", function=dare_ties_merge, uses_base=True,
+                    model_defaults={**_TASK_VECTOR_MODEL},
+                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": True},
+                    random=True, blocks="flat"),
+        MergeMethod(name="breadcrumbs", function=breadcrumbs_merge, uses_base=True,
+                    model_defaults={**_TASK_VECTOR_MODEL, "gamma": 0.01},
+                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": False}),
+        MergeMethod(name="breadcrumbs_ties", function=breadcrumbs_ties_merge, uses_base=True,
+                    model_defaults={**_TASK_VECTOR_MODEL, "gamma": 0.01},
+                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": False}),
+        MergeMethod(name="della", function=della_merge, uses_base=True,
+                    model_defaults={**_TASK_VECTOR_MODEL, "epsilon": 0.15},
+                    method_defaults={"lambda": 1.0, "normalize": True, "rescale": True},
+                    random=True, blocks="rows"),
+        MergeMethod(name="della_linear", function=della_linear_merge, uses_base=True,
+                    model_defaults={**_TASK_VECTOR_MODEL, "epsilon": 0.15},
+                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": True},
+                    random=True, blocks="rows"),
+        MergeMethod(name="slerp", function=slerp_merge, uses_base=True,
+                    method_defaults={"t": None}, min_models=1, max_models=1),
+        MergeMethod(name="model_stock", function=model_stock_merge, uses_base=True, min_models=2),
+    ]
+}
+
+
+PARAMETER_LEVELS = ("model", "method", "any")
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called ``name``; MergeflowError naming it when unknown."""
+    try:
+        return MERGE_METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(MERGE_METHODS))
+        raise MergeflowError(f"unknown merge method {name!r}; known methods: {known}") from None
+
+
+def read_parameters(methods: list[str], level: str) -> set[str]:
+    """The parameters any of ``methods`` reads at ``level``: ``model`` (per-model: weight,
+    density, ...), ``method`` (lambda, normalize, t, ...) or ``any`` (both: a recipe's or
+    slice's own ``parameters`` may give per-model defaults too)."""
+    names: set[str] = set()
+    for name in methods:
+        method = get_method(name)
+        if level in ("model", "any"):
+            names |= set(method.model_defaults)
+        if level in ("method", "any"):
+            names |= set(method.method_defaults)
+    return names
+
+
+def check_parameter_names(keys, level: str, where: str, methods: list[str] | None = None) -> None:
+    """Raise ``RecipeError`` naming the first of ``keys`` that no method reads at ``level`` (see
+    :func:`read_parameters`): a misspelt parameter would otherwise be ignored. ``methods``: the
+    methods in play (a search space's: a gene none of them reads is refused); None, every
+    registered method (a recipe: a slice may switch methods, as a per-group choice does)."""
+    known = read_parameters(list(MERGE_METHODS) if methods is None else methods, level)
+    scope = "no merge method" if methods is None else f"no merge method here ({', '.join(methods)})"
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"{where}: parameter {key!r} is read by {scope}; "
+                              f"{'per-model ' if level == 'model' else ''}parameters "
+                              f"{'merge methods' if methods is None else 'they'} read: "
+                              f"{', '.join(sorted(known)) or 'none'}{hint}")
