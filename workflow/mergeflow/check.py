@@ -70,10 +70,6 @@ def _load_tokenizer(name: str, location: str, trust_remote_code: bool):
     return load_tokenizer(location, trust_remote_code, name)
 
 
-# the files a model directory needs; *.py for models that bring their own code (trust_remote_code)
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.py"]
-
-
 def resolve_model_dir(name: str, spec: dict) -> Path:
     """A model's local directory (a hub model's is the one the fetch stage wrote); it must exist."""
     from mergeflow.config import local_model_dir
@@ -82,28 +78,6 @@ def resolve_model_dir(name: str, spec: dict) -> Path:
     if not path.is_dir():
         raise MergeflowError(f"model {name!r}: directory {str(path)!r} does not exist")
     return path
-
-
-def fetch_hub_model(hub: str, revision: str | None, out: str | Path) -> Path:
-    """The fetch stage: download a hub model's config, tokenizer and safetensors weights into the
-    Hugging Face cache (or find them there: offline, a cached snapshot is enough), and make ``out``
-    a model directory of links to that snapshot, with ``fetched.json`` naming the commit."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot = Path(snapshot_download(hub, revision=revision, allow_patterns=HUB_PATTERNS))
-    except Exception as err:
-        raise MergeflowError(f"hub model {hub!r} (revision {revision or 'main'!r}): cannot fetch it: {err}") from err
-    from mergeflow.outputs import staged_dir
-
-    with staged_dir(out) as stage:
-        for file in sorted(p for p in snapshot.rglob("*") if p.is_file()):
-            link = stage / file.relative_to(snapshot)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(file.resolve())
-        (stage / "fetched.json").write_text(json.dumps(
-            {"hub": hub, "revision": revision, "commit": snapshot.name, "snapshot": str(snapshot)}, indent=1) + "\n")
-    return Path(out)
 
 
 @dataclass(frozen=True)
