@@ -459,7 +459,7 @@ def test_hub_endpoint_is_fetched_and_checked_offline(finished_run, tmp_path):
 
 def test_missing_hub_model_is_named(tmp_path):
     script = ("import sys; sys.path.insert(0, %r)\n"
-              "from mergeflow.check import fetch_hub_model\n"
+              "from mergeflow.fetch import fetch_hub_model\n"
               "fetch_hub_model('some-org/absent', None, %r)" % (str(REPO / "workflow"), str(tmp_path / "out")))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                             env=offline_env(tmp_path / "empty-cache"))

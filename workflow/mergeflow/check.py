@@ -13,47 +13,26 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mergeflow.errors import MergeflowError
 from mergeflow.locations import local_model_dir
+from mergeflow.weights import INDEX_FILE, weight_files
+
+if TYPE_CHECKING:
+    from mergeflow.merge.sources import ModelSource
 
 # Config fields that must agree for two models to be merged tensor by tensor.
 ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "intermediate_size", "vocab_size")
 
 
-def safetensors_files(name: str, model_dir: Path) -> list[Path]:
-    """The weight files of a model directory, checked against its index when sharded."""
-    if not model_dir.is_dir():
-        raise MergeflowError(f"model {name!r}: directory {str(model_dir)!r} does not exist")
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (model_dir / s).exists()]
-        if missing:
-            raise MergeflowError(f"model {name!r}: safetensors file {missing[0]!r} named in {index.name} is missing from {str(model_dir)!r}")
-        return [model_dir / s for s in shards]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
-        hint = f" (found {pickles}; mergeflow never unpickles weights: convert them to safetensors)" if pickles else ""
-        raise MergeflowError(f"model {name!r}: no safetensors file in {str(model_dir)!r}{hint}")
-    return files
+def _model_source(name: str, model_dir: Path) -> ModelSource:
+    """The model's weights as the merge reads them (tensor names and shapes from the safetensors
+    headers, then one tensor at a time), its errors naming the model by ``name``."""
+    from mergeflow.merge.sources import ModelSource  # torch: kept off weights_fingerprint's parse-time path
 
-
-def tensor_shapes(name: str, model_dir: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, read from the safetensors headers only."""
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in safetensors_files(name, model_dir):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-        except Exception as err:
-            raise MergeflowError(f"model {name!r}: cannot read safetensors file {str(path)!r}: {err}") from err
-    return shapes
+    return ModelSource(model_dir, name)
 
 
 def _load_config(name: str, location: str, trust_remote_code: bool):
@@ -71,38 +50,12 @@ def _load_tokenizer(name: str, location: str, trust_remote_code: bool):
     return load_tokenizer(location, trust_remote_code, name)
 
 
-# the files a model directory needs; *.py for models that bring their own code (trust_remote_code)
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.py"]
-
-
 def resolve_model_dir(name: str, spec: dict) -> Path:
     """A model's local directory (a hub model's is the one the fetch stage wrote); it must exist."""
     path = local_model_dir(spec)
     if not path.is_dir():
         raise MergeflowError(f"model {name!r}: directory {str(path)!r} does not exist")
     return path
-
-
-def fetch_hub_model(hub: str, revision: str | None, out: str | Path) -> Path:
-    """The fetch stage: download a hub model's config, tokenizer and safetensors weights into the
-    Hugging Face cache (or find them there: offline, a cached snapshot is enough), and make ``out``
-    a model directory of links to that snapshot, with ``fetched.json`` naming the commit."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot = Path(snapshot_download(hub, revision=revision, allow_patterns=HUB_PATTERNS))
-    except Exception as err:
-        raise MergeflowError(f"hub model {hub!r} (revision {revision or 'main'!r}): cannot fetch it: {err}") from err
-    from mergeflow.outputs import staged_dir
-
-    with staged_dir(out) as stage:
-        for file in sorted(p for p in snapshot.rglob("*") if p.is_file()):
-            link = stage / file.relative_to(snapshot)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(file.resolve())
-        (stage / "fetched.json").write_text(json.dumps(
-            {"hub": hub, "revision": revision, "commit": snapshot.name, "snapshot": str(snapshot)}, indent=1) + "\n")
-    return Path(out)
 
 
 @dataclass(frozen=True)
@@ -118,7 +71,7 @@ class BaseReference:
     def load(cls, models: dict[str, dict], base: str) -> "BaseReference":
         base_dir = resolve_model_dir(base, models[base])
         trust = models[base].get("trust_remote_code", False)
-        return cls(base, _load_config(base, str(base_dir), trust).to_dict(), tensor_shapes(base, base_dir),
+        return cls(base, _load_config(base, str(base_dir), trust).to_dict(), _model_source(base, base_dir).shapes,
                    _load_tokenizer(base, str(base_dir), trust).get_vocab())
 
 
@@ -126,8 +79,7 @@ def check_model(name: str, spec: dict, ref: BaseReference) -> dict:
     """One model against the base: architecture (config fields, tensor names and shapes),
     tokenizer vocabulary, every tensor finite; returns its summary with the fingerprint of its
     weights (:func:`weights_fingerprint`)."""
-    from mergeflow.merge.plan import check_finite
-    from mergeflow.merge.sources import ModelSource
+    from mergeflow.merge.plan import check_finite  # torch: kept off weights_fingerprint's parse-time path
 
     base = ref.name
     model_dir = resolve_model_dir(name, spec)
@@ -137,7 +89,8 @@ def check_model(name: str, spec: dict, ref: BaseReference) -> dict:
         if cfg.get(field) != ref.config.get(field):
             raise MergeflowError(f"model {name!r}: config field {field!r} is {cfg.get(field)!r} but the base "
                                  f"{base!r} has {ref.config.get(field)!r}")
-    shapes = tensor_shapes(name, model_dir)
+    source = _model_source(name, model_dir)
+    shapes = source.shapes
     for key, shape in ref.shapes.items():
         if key not in shapes:
             raise MergeflowError(f"model {name!r}: tensor {key!r} of the base {base!r} is missing")
@@ -152,15 +105,9 @@ def check_model(name: str, spec: dict, ref: BaseReference) -> dict:
         diff = sorted(set(vocab.items()) ^ set(ref.vocab.items()))[:3]
         raise MergeflowError(f"model {name!r}: its tokenizer's vocabulary differs from the base {base!r} "
                              f"({len(vocab)} vs {len(ref.vocab)} tokens; e.g. {diff})")
-    source = ModelSource(model_dir)
     for tensor in source.tensors:  # one tensor in memory at a time
         check_finite(source.read(tensor), tensor, name)
-    n_params = 0
-    for shape in shapes.values():
-        count = 1
-        for d in shape:
-            count *= d
-        n_params += count
+    n_params = sum(info.numel for info in source.tensors.values())
     return {"location": str(model_dir), "model_type": cfg.get("model_type"), "tensors": len(shapes),
             "parameters": n_params, "vocab_size": len(vocab), "fingerprint": weights_fingerprint(name, model_dir)}
 
@@ -195,6 +142,15 @@ FINGERPRINT_BLOCKS = 16
 FINGERPRINT_BLOCK_BYTES = 1 << 16
 
 
+def _fingerprinted_files(name: str, model_dir: Path) -> list[Path]:
+    """The weight files :func:`weights_fingerprint` reads, in the order it has always read them:
+    sorted by name and, without an index, every ``*.safetensors``, a stray one beside
+    ``model.safetensors`` included. Not just the files the merge reads: another set or order would
+    change every model's digest, and so rerun every pipeline's checks."""
+    files = weight_files(model_dir, f"model {name!r}")
+    return sorted(files if (model_dir / INDEX_FILE).is_file() else model_dir.glob("*.safetensors"))
+
+
 def weights_fingerprint(name: str, model_dir: str | Path) -> str:
     """A hash of a model's weights that changes when they are replaced: each safetensors file's
     name, size and header, sampled blocks of its data, and ``config.json``. Cheap enough to
@@ -203,7 +159,7 @@ def weights_fingerprint(name: str, model_dir: str | Path) -> str:
     digest = hashlib.sha256()
     config_file = model_dir / "config.json"
     digest.update(config_file.read_bytes() if config_file.is_file() else b"")
-    for file in safetensors_files(name, model_dir):
+    for file in _fingerprinted_files(name, model_dir):
         size = file.stat().st_size
         digest.update(f"{file.name}\0{size}\0".encode())
         with open(file, "rb") as handle:

@@ -247,6 +247,13 @@ def shares_contexts(model, max_length: int) -> bool:
             and not (isinstance(window, int) and window < max_length))
 
 
+def _truncated(context: list[int], continuation: list[int], max_length: int) -> tuple[list[int], int]:
+    """What a request reads: ``(context + continuation)`` cut to ``max_length + 1`` tokens from the
+    left, and how many of them are the continuation's (all but the first, if it is that long)."""
+    full = (context + continuation)[-(max_length + 1):]
+    return full, min(len(continuation), len(full) - 1)
+
+
 def pack_requests(requests: list[tuple[list[int], list[int]]], max_length: int, share: bool = True
                   ) -> tuple[list[ScoringTree], list[tuple[int, list[int], list[int]]]]:
     """The scoring trees of ``requests`` and, per request, its tree, the packed indices that
@@ -257,8 +264,7 @@ def pack_requests(requests: list[tuple[list[int], list[int]]], max_length: int, 
     by_context: dict = {}
     reads = []
     for i, (ctx, cont) in enumerate(requests):
-        full = (ctx + cont)[-(max_length + 1):]
-        c = min(len(cont), len(full) - 1)
+        full, c = _truncated(ctx, cont, max_length)
         context, answer = tuple(full[:len(full) - c]), full[len(full) - c:]
         key = context if share else i
         if key not in by_context:
@@ -292,6 +298,24 @@ def _additive(allowed: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """An attention mask to add to the scores (eager attention adds it, SDPA takes it as it is)."""
     mask = torch.zeros(allowed.shape, dtype=dtype)
     return mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
+
+
+def differentiable_logliks(model, requests: list[tuple[list[int], list[int]]], max_length: int) -> torch.Tensor:
+    """Summed log-probability of each continuation given its context, as a float32 tensor through
+    which gradients flow to the model's parameters (for a loss to train on). One right-padded
+    forward pass over all the requests, nothing shared or cached: batch them as memory allows. A
+    request longer than ``max_length + 1`` tokens loses its first tokens, as in the evaluator; the
+    scores agree with :func:`continuation_logliks` (no gradient, faster) up to rounding."""
+    seqs, kept = zip(*(_truncated(ctx, cont, max_length) for ctx, cont in requests))
+    ids, mask = _padded([s[:-1] for s in seqs], 0)
+    targets, _ = _padded([s[1:] for s in seqs], 0)
+    scored = torch.zeros(ids.shape, dtype=torch.bool)  # the positions that predict a continuation token
+    for r, (seq, c) in enumerate(zip(seqs, kept)):
+        scored[r, len(seq) - 1 - c:len(seq) - 1] = True
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.to(device)[..., None])[..., 0]
+    return (logp * scored.to(device)).sum(-1)
 
 
 def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], batch_size: int, max_length: int,

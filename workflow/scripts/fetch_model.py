@@ -1,4 +1,4 @@
-from mergeflow.check import fetch_hub_model
+from mergeflow.fetch import fetch_hub_model
 from mergeflow.logs import setup_job
 
 setup_job(snakemake.log[0])

@@ -71,25 +71,6 @@ def task_fitness(ctx: FitnessContext) -> TaskFitness:
     return TaskFitness(ctx.task, items, ctx.task_config["scorer"], ctx.task_config["target_delimiter"])
 
 
-def _continuation_logliks(model, requests: list[tuple[list[int], list[int]]], max_length: int) -> torch.Tensor:
-    """Each (context, continuation)'s log-likelihood, differentiable (right-padded, one pass);
-    sequences longer than ``max_length`` lose their first tokens, as in the evaluator."""
-    import torch  # heavy: only where a model is scored, not where the config is read
-
-    from mergeflow.evaluate import _padded
-
-    seqs = [(ctx + cont)[-(max_length + 1):] for ctx, cont in requests]
-    ids, mask = _padded([s[:-1] for s in seqs], 0)
-    targets, _ = _padded([s[1:] for s in seqs], 0)
-    scored = torch.zeros(ids.shape, dtype=torch.bool)  # the continuation's positions
-    for r, ((_, cont), seq) in enumerate(zip(requests, seqs)):
-        scored[r, len(seq) - 1 - len(cont):len(seq) - 1] = True
-    device = next(model.parameters()).device
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.to(device)[..., None])[..., 0]
-    return (logp * scored.to(device)).sum(-1)
-
-
 def sigmoid_loss(scores: torch.Tensor, gold: int, temperature: float) -> torch.Tensor:
     """σ(−margin / temperature), the margin being the gold choice's score less the log-sum-exp of
     the others' (an item with no other choice has no error to lose)."""
@@ -116,9 +97,9 @@ def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fit
     for multiple choice; the gold answer's negative log-likelihood for generation); with
     ``backward``, its gradient is also accumulated into the model's parameters. Items go in chunks
     of about ``settings.batch_size`` requests."""
-    import torch
+    import torch  # heavy: only where a model is scored, not where the config is read
 
-    from mergeflow.evaluate import encode_requests
+    from mergeflow.evaluate import differentiable_logliks, encode_requests
     from mergeflow.scorers import get_scorer
 
     how = get_scorer(fit.scorer)
@@ -137,7 +118,7 @@ def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fit
     for lo in range(0, n, step):
         chunk = range(lo, min(n, lo + step))
         pairs = [(prompts[i], fit.delimiter + c) for i in chunk for c in options[i]]
-        ll = _continuation_logliks(model, encode_requests(tokenizer, pairs, settings), max_length)
+        ll = differentiable_logliks(model, encode_requests(tokenizer, pairs, settings), max_length)
         losses, at = [], 0
         for i in chunk:
             scores = ll[at:at + len(options[i])]

@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from mergeflow.errors import MergeflowError, SourceFileError
 from mergeflow.merge.params import layer_index
+from mergeflow.weights import weight_files
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -19,8 +20,6 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -66,41 +65,23 @@ def read_header(file: Path, model: str | Path | None = None) -> dict:
 
 
 class ModelSource:
-    """A model directory: its config and a lazy, tensor-by-tensor view of its weights."""
+    """A model directory: its config and a lazy, tensor-by-tensor view of its weights. Errors name
+    the model by ``name`` (a config's name for it), else by its directory."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, name: str | None = None):
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise MergeflowError(f"model {str(path)!r} is not a directory")
+        self.name = str(self.path) if name is None else name
+        files = weight_files(self.path, f"model {self.name!r}")
         config_file = self.path / "config.json"
         if not config_file.is_file():
-            raise MergeflowError(f"model {str(path)!r} has no config.json")
+            raise MergeflowError(f"model {self.name!r}: no config.json in {str(self.path)!r}")
         self.config: dict = json.loads(config_file.read_text())
-        self.tensors: dict[str, TensorInfo] = self._index_tensors()
+        self.tensors: dict[str, TensorInfo] = self._index_tensors(files)
 
-    def _weight_files(self) -> list[Path]:
-        index = self.path / INDEX_FILE
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            return [self.path / name for name in dict.fromkeys(weight_map.values())]
-        if (self.path / SINGLE_FILE).is_file():
-            return [self.path / SINGLE_FILE]
-        files = sorted(self.path.glob("*.safetensors"))
-        if files:
-            return files
-        if list(self.path.glob("*.bin")) or list(self.path.glob("*.pt")):
-            raise MergeflowError(
-                f"model {str(self.path)!r} has only pickled weights (.bin/.pt), which mergeflow "
-                "never loads; convert them to safetensors first"
-            )
-        raise MergeflowError(f"model {str(self.path)!r} has no safetensors weights")
-
-    def _index_tensors(self) -> dict[str, TensorInfo]:
+    def _index_tensors(self, files: list[Path]) -> dict[str, TensorInfo]:
         tensors = {}
-        for file in self._weight_files():
-            if not file.is_file():
-                raise MergeflowError(f"model {str(self.path)!r}: weight file {file.name!r} is missing")
-            header = read_header(file, self.path)
+        for file in files:
+            header = read_header(file, self.name)
             start = header.pop("__data_start__")
             for name, meta in header.items():
                 if name == "__metadata__":
@@ -108,6 +89,11 @@ class ModelSource:
                 tensors[name] = TensorInfo(file, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]),
                                            start + meta["data_offsets"][0])
         return tensors
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape, from the headers."""
+        return {name: info.shape for name, info in self.tensors.items()}
 
     @property
     def num_layers(self) -> int:
@@ -121,7 +107,7 @@ class ModelSource:
         try:
             return self.tensors[name]
         except KeyError:
-            raise MergeflowError(f"tensor {name!r} is missing from model {str(self.path)!r}") from None
+            raise MergeflowError(f"tensor {name!r} is missing from model {self.name!r}") from None
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor. The file is mapped only for this read, so memory stays bounded."""
@@ -130,7 +116,7 @@ class ModelSource:
             with safe_open(info.file, framework="pt") as handle:
                 return handle.get_tensor(name)
         except (OSError, SafetensorError) as err:
-            raise SourceFileError(f"model {str(self.path)!r}: cannot read tensor {name!r} from weight file "
+            raise SourceFileError(f"model {self.name!r}: cannot read tensor {name!r} from weight file "
                                   f"{str(info.file)!r}: {err}") from err
 
     def read_range(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
@@ -146,9 +132,9 @@ class ModelSource:
                 handle.seek(info.offset + start * out.element_size())
                 read = handle.readinto(target)
         except OSError as err:
-            raise SourceFileError(f"model {str(self.path)!r}: cannot read tensor {name!r} from weight file "
+            raise SourceFileError(f"model {self.name!r}: cannot read tensor {name!r} from weight file "
                                   f"{str(info.file)!r}: {err}") from err
         if read != len(target):
-            raise SourceFileError(f"model {str(self.path)!r}: weight file {str(info.file)!r} ended "
+            raise SourceFileError(f"model {self.name!r}: weight file {str(info.file)!r} ended "
                                   f"inside tensor {name!r}")
         return out

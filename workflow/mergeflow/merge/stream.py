@@ -26,8 +26,9 @@ from mergeflow.merge.plan import (
     MergePlan, ReadRange, TensorPlan, check_finite, merge_tensor_blocks, open_sources, plan_merge,
 )
 from mergeflow.merge.recipe import Recipe, recipe_hash, save_recipe
-from mergeflow.merge.sources import DTYPE_CODES, INDEX_FILE, ModelSource
+from mergeflow.merge.sources import DTYPE_CODES, ModelSource
 from mergeflow.outputs import check_output_dir, staged_dir
+from mergeflow.weights import INDEX_FILE
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
 RECIPE_FILE = "mergeflow_recipe.yaml"
