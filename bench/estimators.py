@@ -315,7 +315,7 @@ def _zoo_items(config: dict, results: Path, task: str):
 
 
 def _zoo_paths(config: dict) -> tuple[str, list[str]]:
-    from mergeflow.config import model_location
+    from mergeflow.locations import model_location
 
     models = config["models"]
     return model_location(models[config["base_model"]]), [model_location(models[m]) for m in config["endpoints"]]

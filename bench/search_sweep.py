@@ -148,7 +148,7 @@ def main() -> None:
             config = validate_config({**copy.deepcopy(raw), "runs": {name: rcfg}})
             with tempfile.TemporaryDirectory(prefix="sweep-") as scratch:
                 history, wall = search(config, name, results, Path(scratch))
-            chosen = hist.best_row(history)
+            chosen = hist.best_row(history, EvolveConfig.from_config(config, name).result)
             # the searches' fitness jobs hold the same resident sources between calls
             with resident_merger([sources.base_path, *sources.endpoint_paths.values()], "cpu", "float32") as (merger, tok):
                 model = merger.merge(recipe_from_yaml(chosen["recipe"]))

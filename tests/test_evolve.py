@@ -66,7 +66,7 @@ def test_unknown_optimizer_is_named():
 
 def _cfg(tiny_zoo, **over):
     base = {"run": "r", "objectives": {"t": 1.0}, "multi_objective": False, "fitness": {"kind": "full"},
-            "optimizer": "CMA", "sigma": 1 / 6, "population": 2, "budget": None, "shards": 1, "seed": 0,
+            "optimizer": "CMA", "sigma": 1 / 6, "learning_rate": 0.025, "population": 2, "budget": None, "shards": 1, "seed": 0,
             "search_space": {"method": "task_arithmetic", "base_model": str(tiny_zoo / "base"),
                              "models": [str(tiny_zoo / "math"), str(tiny_zoo / "lang")],
                              "parameters": {"weight": {"min": 0.0, "max": 1.5}}},

@@ -62,7 +62,7 @@ def run(tmp_path):
     search = {"a": responses(tmp_path / "a-search.parquet", [1] * 6 + [0] * 4)}
     table_path = tmp_path / "runs" / "r" / "final" / "test.parquet"
     final_table("r", files["responses"], files["merged"], str(evolve / "history.parquet"), list(TASKS),
-                ["base", "math", "lang"], table_path, tmp_path / "runs" / "r" / "final" / "summary.md", search)
+                ["base", "math", "lang"], table_path, tmp_path / "runs" / "r" / "final" / "summary.md", search, "best")
     members = pd.DataFrame([{"member": m, "task": t, "search_fitness": 0.5 + 0.1 * m * (1 if t == "a" else -1),
                              "accuracy": 0.45 + 0.1 * m * (1 if t == "a" else -1), "generation": 0, "index": m}
                             for m in range(3) for t in TASKS])
@@ -76,10 +76,10 @@ def written_png(path) -> bool:
 
 
 def test_per_run_figures_are_written_and_deterministic(run, tmp_path):
-    out = figures.search_progress("r", run["history"], tmp_path / "progress.png", run["table"])
-    again = figures.search_progress("r", run["history"], tmp_path / "again.png", run["table"])
+    out = figures.search_progress("r", run["history"], "best", tmp_path / "progress.png", run["table"])
+    again = figures.search_progress("r", run["history"], "best", tmp_path / "again.png", run["table"])
     assert written_png(out) and out.read_bytes() == again.read_bytes()
-    assert written_png(figures.best_genome("r", run["history"], space(), tmp_path / "genome.png"))
+    assert written_png(figures.best_genome("r", run["history"], "best", space(), tmp_path / "genome.png"))
     assert written_png(figures.pareto_figure("r", run["history"], run["members"], run["table"], tmp_path / "p.png"))
 
 

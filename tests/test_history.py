@@ -65,7 +65,7 @@ def test_extend_best_row_and_generation_reads(tmp_path):
     second = hist.candidate_table({"a": 1.0}, candidates(1, 2), shard_rows(1, {0: {"a": 0.5}, 1: {"a": 0.4}}, {"a": 5}))
     history = hist.extend(tmp_path / "gen_0.parquet", second, tmp_path / "gen_1.parquet")
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "gen_1.parquet"), history)
-    best = hist.best_row(history)  # 0.5 twice: the earliest wins
+    best = hist.best_row(history, "best")  # 0.5 twice: the earliest wins
     assert (best["generation"], best["index"]) == (0, 1)
     assert hist.task_estimate(best, "a") == (0.5, 0.01)
     assert hist.generation(history, 1)["recipe_hash"].tolist() == ["h10", "h11"]

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mergeflow.config import validate_section
+from mergeflow.schema import validate_section
 from mergeflow.errors import MergeflowError
 from mergeflow.merge.path import Hop, LayerPath
-from mergeflow.spaces import DfsSpace, DisSpace, check_space
+from mergeflow.spaces import DfsSpace, DisSpace, ModelConfigs, check_space
 from mergeflow.spaces.parameter import Range
 
 
@@ -125,7 +125,7 @@ def test_dis_orderings_are_all_permutations_and_depth_limit():
 ])
 def test_bad_space_configs_name_the_key(cfg, message):
     with pytest.raises(MergeflowError, match=message) as err:
-        check_space(cfg, "runs.dfs.evolve.search_space")
+        check_space(cfg, "runs.dfs.evolve.search_space", ModelConfigs())
     assert "runs.dfs.evolve.search_space" in str(err.value)
 
 

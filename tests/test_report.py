@@ -39,7 +39,8 @@ def run_files(tmp_path):
 
 def test_final_table_holds_every_model_the_search_cost_and_the_estimate_check(run_files, tmp_path):
     table = final_table("r", run_files["responses"], run_files["merged"], run_files["history"], ["a", "b"],
-                        ["base", "math"], tmp_path / "test.parquet", tmp_path / "summary.md", run_files["search"])
+                        ["base", "math"], tmp_path / "test.parquet", tmp_path / "summary.md", run_files["search"],
+                        "best")
     assert table.equals(pd.read_parquet(tmp_path / "test.parquet"))
     acc = table.set_index(["model", "task"])["accuracy"]
     assert acc[("base", "a")] == 0.25 and acc[("math", "b")] == 0.5 and acc[(MERGED, "a")] == 0.75

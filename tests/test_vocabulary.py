@@ -4,7 +4,7 @@ registries and constants are the vocabulary, the schema's enums mirror them."""
 import pytest
 
 from mergeflow import irt
-from mergeflow.config import load_schema
+from mergeflow.schema import load_schema
 from mergeflow.dtypes import DTYPES
 from mergeflow.evaluate import SCORERS
 from mergeflow.fitness import FITNESS
@@ -52,7 +52,7 @@ def test_each_kind_has_its_own_schema_definition_chosen_by_kind(registry, prefix
 
 def test_fitness_kinds_declare_needs_the_workflow_can_map():
     """Every need a fitness kind declares has a path in the one table that maps them (NEED_PATHS)."""
-    from mergeflow.config import validate_section
+    from mergeflow.schema import validate_section
     from mergeflow.fitness import NEED_PATHS, need_paths
 
     examples = {"full": {}, "anchors": {}, "multi_fidelity": {"rungs": [20, 100, 1000]}, "gradient": {}}

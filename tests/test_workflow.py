@@ -138,11 +138,11 @@ def test_run_writes_every_stage(finished_run):
     multi = pd.read_parquet(results / "runs" / "multi" / "evolve" / "history.parquet")
     for _, generation in multi.groupby("generation"):
         assert sorted(generation["rung"]) == [0, 0, 1, 2] and sorted(generation["items"]) == [10, 10, 30, 60]
-    assert best_row(multi)["rung"] == 2
+    assert best_row(multi, "best")["rung"] == 2
     assert not (results / "runs" / "multi" / "final" / "search_responses").exists()  # its top rung is exact
     # the search on anchors: its estimate of the merge it chose, against the whole search split
     anchored = pd.read_parquet(results / "runs" / "anchored" / "final" / "test.parquet").set_index("model")
-    best = best_row(pd.read_parquet(results / "runs" / "anchored" / "evolve" / "history.parquet"))
+    best = best_row(pd.read_parquet(results / "runs" / "anchored" / "evolve" / "history.parquet"), "best")
     search = pd.read_parquet(results / "runs" / "anchored" / "final" / "search_responses" / "math_l2.parquet")
     merged = anchored.loc["merged"]
     assert merged["estimated_fitness"] == best["fitness_math_l2"] and merged["estimated_sd"] == best["sd_math_l2"]
@@ -153,7 +153,7 @@ def test_run_writes_every_stage(finished_run):
     # the last step's, checked against the whole search split
     gradient = pd.read_parquet(results / "runs" / "gradient" / "evolve" / "history.parquet")
     assert list(gradient["items"]) == [20, 20] and len(gradient["gradient"].iloc[0]) == 4
-    assert best_row(gradient)["generation"] == 1
+    assert best_row(gradient, "last")["generation"] == 1
     stepped = pd.read_parquet(results / "runs" / "gradient" / "final" / "test.parquet").set_index("model")
     assert stepped.loc["merged", "estimate_items"] == 20 and stepped.loc["merged", "search_split_items"] == 60
     assert "| merged (anchored) | math_l2 |" in comparison

@@ -15,9 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mergeflow.data import read_split
 from mergeflow.errors import MergeflowError
 from mergeflow.evaluate import EvalSettings, evaluate_items, load_causal_lm, load_tokenizer
+from mergeflow.merge.fast import InMemoryMerger
 from mergeflow.progress import Progress
+from mergeflow.spaces import build_space
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +28,6 @@ def random_merge_responses(base_path: str, source_paths: list[str], space_cfg: d
                            items: pd.DataFrame, scorer: str, delimiter: str,
                            settings: EvalSettings) -> pd.DataFrame:
     """Responses of ``count`` random merges (uniform genomes in the search space), merged in memory."""
-    from mergeflow.merge import InMemoryMerger
-    from mergeflow.spaces import build_space
-
     space = build_space({**space_cfg, "base_model": base_path, "models": source_paths},
                         where="irt.calibration.search_space")
     merger = InMemoryMerger([base_path, *source_paths], device=settings.device, dtype=settings.dtype)
@@ -79,8 +79,6 @@ def calibrate(task: str, tcfg: dict, split_path: str, base_path: str, source_pat
     """Write the calibration population's responses (long format: model, item_id, correct, loglik).
 
     ``calibration_cfg`` is the validated ``irt.calibration`` section (schema defaults filled)."""
-    from mergeflow.data import read_split
-
     settings = EvalSettings.from_config(evaluation)
     items = read_split(split_path)
     scorer, delimiter = tcfg["scorer"], tcfg["target_delimiter"]

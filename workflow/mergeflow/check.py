@@ -13,14 +13,12 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from mergeflow.errors import MergeflowError
+from mergeflow.evaluate import load_tokenizer
 from mergeflow.locations import local_model_dir
+from mergeflow.merge.plan import check_finite
+from mergeflow.merge.sources import ModelSource
 from mergeflow.weights import INDEX_FILE, weight_files
-
-if TYPE_CHECKING:
-    from mergeflow.merge.sources import ModelSource
 
 # Config fields that must agree for two models to be merged tensor by tensor.
 ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -30,13 +28,11 @@ ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers"
 def _model_source(name: str, model_dir: Path) -> ModelSource:
     """The model's weights as the merge reads them (tensor names and shapes from the safetensors
     headers, then one tensor at a time), its errors naming the model by ``name``."""
-    from mergeflow.merge.sources import ModelSource  # torch: kept off weights_fingerprint's parse-time path
-
     return ModelSource(model_dir, name)
 
 
 def _load_config(name: str, location: str, trust_remote_code: bool):
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: not at parse time, where the workflow reads weights_fingerprint
 
     try:
         return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
@@ -45,8 +41,6 @@ def _load_config(name: str, location: str, trust_remote_code: bool):
 
 
 def _load_tokenizer(name: str, location: str, trust_remote_code: bool):
-    from mergeflow.evaluate import load_tokenizer
-
     return load_tokenizer(location, trust_remote_code, name)
 
 
@@ -79,8 +73,6 @@ def check_model(name: str, spec: dict, ref: BaseReference) -> dict:
     """One model against the base: architecture (config fields, tensor names and shapes),
     tokenizer vocabulary, every tensor finite; returns its summary with the fingerprint of its
     weights (:func:`weights_fingerprint`)."""
-    from mergeflow.merge.plan import check_finite  # torch: kept off weights_fingerprint's parse-time path
-
     base = ref.name
     model_dir = resolve_model_dir(name, spec)
     trust = spec.get("trust_remote_code", False)

@@ -26,7 +26,7 @@ LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv
 
 def load_source(task: str, source: dict) -> pd.DataFrame:
     """Load a task's rows with ``datasets``: a local file (``path``) or a hub id (``hub``)."""
-    import datasets
+    import datasets  # heavy (seconds): only where a task source is read, not where the config is checked
 
     datasets.disable_progress_bars()
     if "path" in source:
@@ -63,7 +63,7 @@ def load_source(task: str, source: dict) -> pd.DataFrame:
 def _local_rows(path: Path, fmt: str) -> int | None:
     """Row count of a local file where it is cheap to know (``datasets`` fails on empty files)."""
     if fmt == "parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # pyarrow's parquet reader, only for this count
 
         return pq.read_metadata(path).num_rows
     return None if path.stat().st_size else 0

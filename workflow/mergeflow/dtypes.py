@@ -10,7 +10,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def torch_dtype(name: str, where: str = "dtype"):
     """The torch dtype called ``name``; MergeflowError naming ``where`` when it is not one of ours."""
-    import torch
+    import torch  # heavy: the names alone (DTYPES, for the config check) need no torch
 
     if name not in DTYPES:
         raise MergeflowError(f"{where}: dtype {name!r} is not one of {list(DTYPES)}")

@@ -81,7 +81,7 @@ TOKENIZER_SOURCES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.t
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False, name: str | None = None):
     """A model directory's tokenizer; a directory without ``tokenizer.json`` (or another file a
     tokenizer is built from) is named as such, not as a missing sentencepiece or tiktoken."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: the workflow imports this module at parse time
 
     owner = f"model {name!r}" if name else f"model {str(path)!r}"
     directory = Path(path)
@@ -98,7 +98,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, name: str 
 
 def load_causal_lm(path: str | Path, settings: EvalSettings, trust_remote_code: bool = False):
     """Load a model and its tokenizer for scoring: eval mode, on the configured device and dtype."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: the workflow imports this module at parse time
 
     tokenizer = load_tokenizer(path, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(

@@ -11,6 +11,8 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from mergeflow.errors import MergeflowError
+
 # Set to 1 for the traceback behind a MergeflowError in the job's log (default: its message alone).
 DEBUG_ENV = "MERGEFLOW_DEBUG"
 
@@ -27,8 +29,6 @@ def debugging() -> bool:
 def log_failure(logger: logging.Logger, err: BaseException) -> None:
     """Write why a job failed into its log: a ``MergeflowError``'s one-line message (with the
     traceback when ``MERGEFLOW_DEBUG=1``), anything else with its traceback (a bug, not bad input)."""
-    from mergeflow.errors import MergeflowError
-
     if isinstance(err, MergeflowError) and not debugging():
         logger.error("error: %s", err)
     else:
@@ -68,7 +68,7 @@ def setup_job(log_file: str | Path | None = None, threads: int | None = None) ->
 
 def pin_threads(threads: int) -> None:
     """Give torch exactly the job's threads: CPU results then do not depend on idle cores."""
-    import torch
+    import torch  # heavy: every job's script imports this module, the light ones need no torch
 
     torch.set_num_threads(max(1, int(threads)))
 

@@ -52,7 +52,7 @@ def hardware() -> dict[str, object]:
         pass
     gpus: list[str] = []
     try:
-        import torch
+        import torch  # heavy, and only to name the GPUs: the provenance job is light bookkeeping
 
         if torch.cuda.is_available():
             gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

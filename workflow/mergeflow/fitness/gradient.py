@@ -35,19 +35,19 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from mergeflow.data import read_split
 from mergeflow.errors import MergeflowError
+from mergeflow.evaluate import context_length, differentiable_logliks, encode_requests
 from mergeflow.evolve.search import GRADIENT_OPTIMIZERS
 from mergeflow.fitness.base import FitnessContext, FitnessKind, ScoredCandidate, TaskFitness
+from mergeflow.scorers import get_scorer
 from mergeflow.spaces.parameter import space_methods
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +74,12 @@ def task_fitness(ctx: FitnessContext) -> TaskFitness:
 def sigmoid_loss(scores: torch.Tensor, gold: int, temperature: float) -> torch.Tensor:
     """σ(−margin / temperature), the margin being the gold choice's score less the log-sum-exp of
     the others' (an item with no other choice has no error to lose)."""
-    import torch
-
     others = torch.cat([scores[:gold], scores[gold + 1:]])
     return torch.sigmoid((torch.logsumexp(others, 0) - scores[gold]) / temperature)
 
 
 def cross_entropy_loss(scores: torch.Tensor, gold: int, temperature: float) -> torch.Tensor:
     """The cross-entropy of the softmax over the choices' scores (``temperature`` unused)."""
-    import torch
-
     return torch.logsumexp(scores, 0) - scores[gold]
 
 
@@ -97,11 +93,6 @@ def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fit
     for multiple choice; the gold answer's negative log-likelihood for generation); with
     ``backward``, its gradient is also accumulated into the model's parameters. Items go in chunks
     of about ``settings.batch_size`` requests."""
-    import torch  # heavy: only where a model is scored, not where the config is read
-
-    from mergeflow.evaluate import differentiable_logliks, encode_requests
-    from mergeflow.scorers import get_scorer
-
     how = get_scorer(fit.scorer)
     choice_loss, temperature = LOSSES[fitness_cfg["loss"]], fitness_cfg["temperature"]
     items, n = fit.items, len(fit.items)
@@ -137,10 +128,6 @@ def genome_gradient(merger, tokenizer, space, genome: np.ndarray, tasks: list[Ta
                     fitness_cfg: dict, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Per task, the gradient of its training loss with respect to the genome at ``genome``, and
     the loss. Leaves the merger's model holding the merge of ``genome`` with no gradients."""
-    import torch
-
-    from mergeflow.evaluate import context_length
-
     genome = np.asarray(genome, dtype=np.float64)
     model = merger.merge(space.to_recipe(genome, seed=seed))
     params = dict(model.named_parameters())

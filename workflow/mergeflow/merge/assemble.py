@@ -42,7 +42,7 @@ class ScaledHop(torch.nn.Module):
 
 
 def _load(path: str, device: torch.device, dtype: torch.dtype | None):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy import, only where a path is assembled
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None, use_safetensors=True)
     return model.to(device).eval()

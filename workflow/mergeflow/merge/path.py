@@ -43,12 +43,14 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from mergeflow.dtypes import DTYPES, dtype_name, torch_dtype
 from mergeflow.errors import MergeflowError
 from mergeflow.merge.params import layer_index, with_layer_index
 from mergeflow.merge.recipe import recipe_hash
 from mergeflow.merge.sources import ModelSource
+from mergeflow.outputs import check_output_dir, staged_dir
 
 PASSTHROUGH = "passthrough"
 # The last linear map of each residual branch: what a scale on the branch's input folds into.
@@ -306,10 +308,6 @@ def export_path(path: LayerPath, out_dir: str | Path, dtype: str | None = None, 
     """Write a layer path as a standard HF model directory (whole or not at all): the base's
     architecture with ``num_hidden_layers`` = the path's length, duplicated layers copied, the
     scales folded into the weights; plus the base's tokenizer, a card and the recipe."""
-    from safetensors.torch import save_file
-
-    from mergeflow.outputs import check_output_dir, staged_dir
-
     protected = path.model_paths()
     check_output_dir(out_dir, force=force, protected=protected)
     sources = {name: ModelSource(name) for name in path.model_paths()}

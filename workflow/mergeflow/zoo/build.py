@@ -17,7 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+)
 
+from mergeflow.outputs import staged_dir
 from mergeflow.progress import Progress
 from mergeflow.zoo import language
 
@@ -33,9 +38,6 @@ def build_tokenizer():
     The Metaspace pre-tokenizer marks word starts, so decoding restores spaces and writes
     numbers as one word again ("4", "2" -> "42").
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     vocab: dict[str, int] = {}
     for tok in list(SPECIAL_TOKENS.values()) + [SPACE] + [SPACE + w for w in language.vocabulary()] + language.DIGITS:
         vocab.setdefault(tok, len(vocab))
@@ -74,8 +76,6 @@ def new_model(tokenizer, hidden_size: int, intermediate_size: int, num_layers: i
               max_positions: int, seed: int, num_key_value_heads: int | None = None):
     """An untrained Llama over ``tokenizer``'s vocabulary (grouped-query attention when
     ``num_key_value_heads`` is fewer than the heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -141,8 +141,6 @@ def train(model, tokenizer, spec: TrainSpec, seed: int, checkpoint_dir: Path | N
 
 def save_model(model, tokenizer, out: Path, extra: dict | None = None) -> None:
     """Write an HF model directory whole or not at all (:func:`mergeflow.outputs.staged_dir`)."""
-    from mergeflow.outputs import staged_dir
-
     with staged_dir(out) as stage:
         model.save_pretrained(stage, safe_serialization=True)
         tokenizer.save_pretrained(stage)
@@ -165,8 +163,6 @@ def build_base(cfg: dict, out: Path) -> None:
 
 def build_expert(cfg: dict, name: str, base_dir: Path, out: Path, checkpoints: Path) -> None:
     """Fine-tune the base on one expert's corpus, keeping intermediate checkpoints."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     phase = cfg["experts"][name]
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
