@@ -20,7 +20,8 @@ from mergeflow.merge import merge_to_dir, recipe_from_dict
 PEER_VENV = Path(os.environ.get("MERGEFLOW_PEER_VENV",
                                 Path.home() / ".cache" / "mergeflow" / "bench" / "mergekit-0.1.5"))
 MERGEKIT = PEER_VENV / "bin" / "mergekit-yaml"
-pytestmark = pytest.mark.skipif(not MERGEKIT.is_file(), reason=f"no mergekit at {MERGEKIT}")
+# mergekit-yaml in fresh processes: slow; skipped without the peer's virtualenv
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not MERGEKIT.is_file(), reason=f"no mergekit at {MERGEKIT}")]
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PEER_PYTHON = Path(os.environ.get("MERGEFLOW_PEER_VENV", REPO / "bench" / ".peer-venv")) / "bin" / "python"
 
-pytestmark = pytest.mark.skipif(not PEER_PYTHON.exists(),
-                                reason=f"the peer (lm-eval) is not installed: no {PEER_PYTHON}")
+# fresh Python processes (the bench's two sides): slow; skipped without the peer's virtualenv
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not PEER_PYTHON.exists(), reason=f"the peer (lm-eval) is not installed: no {PEER_PYTHON}")]
 
 
 def _bench():
