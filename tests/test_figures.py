@@ -83,6 +83,35 @@ def test_per_run_figures_are_written_and_deterministic(run, tmp_path):
     assert written_png(figures.pareto_figure("r", run["history"], run["members"], run["table"], tmp_path / "p.png"))
 
 
+def stepped_history(fitness: list[float], problem: dict[int, str] | None = None) -> pd.DataFrame:
+    """One candidate per generation (a search that ends on its last step), on one objective."""
+    return pd.DataFrame({"generation": range(len(fitness)), "index": 0, "fitness_a": fitness, "sd_a": 0.05,
+                         "problem": [(problem or {}).get(g, "") for g in range(len(fitness))]})
+
+
+def test_the_progress_line_of_a_best_result_is_the_best_so_far_at_the_top_rung():
+    history = pd.DataFrame({"generation": [0, 0, 1, 1, 2, 2], "index": [0, 1] * 3, "rung": [0, 1, 1, 0, 0, 0],
+                            "fitness_a": [0.9, 0.4, 0.6, 0.95, 0.2, 0.1], "sd_a": 0.0, "problem": ""})
+    generations, line, label = figures.progress_line(history, "a", "best")
+    # rung 0's 0.9 and 0.95 are lower-fidelity: the line follows rung 1 only, carried over generation 2
+    assert generations.tolist() == [0, 1, 2] and line.tolist() == [0.4, 0.6, 0.6] and label == "best so far (rung 1)"
+
+
+def test_the_progress_line_of_a_last_result_is_the_mean_of_the_last_steps():
+    fitness = [0.1, 0.3, 0.2, 0.6, 0.4, 0.9, float("nan")]
+    generations, line, label = figures.progress_line(stepped_history(fitness, {6: "not finite"}), "a", "last")
+    assert label == f"mean of the last {figures.TREND_STEPS} steps" and figures.TREND_STEPS == 5
+    assert line[:3] == pytest.approx([0.1, 0.2, 0.2])  # fewer steps than the window: all of them
+    assert line[5] == pytest.approx(np.mean([0.3, 0.2, 0.6, 0.4, 0.9]))
+    assert line[6] == pytest.approx(np.mean([0.2, 0.6, 0.4, 0.9]))  # a step with a problem adds nothing
+
+
+def test_the_progress_figure_draws_a_last_result_s_line(tmp_path):
+    history = stepped_history([0.1, 0.3, 0.2, 0.6])
+    history.to_parquet(tmp_path / "h.parquet", index=False)
+    assert written_png(figures.search_progress("g", tmp_path / "h.parquet", "last", tmp_path / "g.png"))
+
+
 def test_genome_table_has_a_cell_per_model_and_layer_group():
     table = space().genome_table(np.array([0.0, 1.0, 0.5, 0.2]))
     assert table["column"].tolist() == ["layers 0-1", "layers 0-1", "layers 2-3", "layers 2-3"]

@@ -76,3 +76,42 @@ def test_pareto_front_keeps_only_non_dominated_candidates():
                             "problem": ["", "", "", "", "NaN weights"], "recipe_hash": list("wxyzv")})
     front = hist.pareto_front(history, ["a", "b"])
     assert sorted(front["recipe_hash"]) == ["w", "x", "z"]  # y is beaten by x; v had a problem
+
+
+def extra_shard(generation: int, per_task: dict[int, dict[str, list[float]]], problem: dict[int, str] | None = None):
+    """A shard with a kind's extra column ``signal`` (a vector per candidate and task)."""
+    fitness = {i: {t: 0.5 for t in tasks} for i, tasks in per_task.items()}
+    rows = shard_rows(generation, fitness, {t: 4 for tasks in per_task.values() for t in tasks}, problem)
+    rows["signal"] = [per_task[i][t] for i, t in zip(rows["index"], rows["task"])]
+    return rows
+
+
+def test_a_kind_s_extra_column_is_the_objectives_weighted_mean_and_nan_for_a_problem():
+    shards = extra_shard(0, {0: {"a": [1.0, 2.0], "b": [3.0, 6.0]}, 1: {"a": [9.0, 9.0], "b": [9.0, 9.0]}},
+                         problem={1: "merged weights hold NaN"})
+    table = hist.candidate_table({"a": 3.0, "b": 1.0}, candidates(0, 2), shards)
+    assert list(table.columns)[-1] == "signal"  # after the losses
+    assert table["signal"].iloc[0] == pytest.approx([(3 * 1.0 + 3.0) / 4, (3 * 2.0 + 6.0) / 4])
+    assert len(table["signal"].iloc[1]) == 2 and np.isnan(table["signal"].iloc[1]).all()
+    told = hist.extras(table, ("signal",))
+    assert [sorted(e) for e in told] == [["signal"], ["signal"]] and told[0]["signal"].dtype == np.float64
+    assert hist.extras(table, ()) is None  # a kind without extras tells the loss alone
+
+
+def test_extras_survive_the_history_file_and_come_back_in_index_order(tmp_path):
+    table = hist.candidate_table({"a": 1.0}, candidates(0, 2), extra_shard(0, {1: {"a": [2.0]}, 0: {"a": [1.0]}}))
+    history = hist.extend(None, table.sort_values("index", ascending=False), tmp_path / "h.parquet")
+    told = hist.extras(pd.read_parquet(tmp_path / "h.parquet"), ["signal"])
+    assert [e["signal"].tolist() for e in told] == [[1.0], [2.0]] and len(history) == 2
+
+
+def test_the_last_result_is_the_last_candidate_without_a_problem():
+    first = hist.candidate_table({"a": 1.0}, candidates(0, 1), shard_rows(0, {0: {"a": 0.9}}, {"a": 5}))
+    second = hist.candidate_table({"a": 1.0}, candidates(1, 1), shard_rows(1, {0: {"a": 0.1}}, {"a": 5}))
+    third = hist.candidate_table({"a": 1.0}, candidates(2, 1), shard_rows(2, {0: {"a": 0.5}}, {"a": 5},
+                                                                          problem={0: "fitness is not finite"}))
+    history = pd.concat([first, second, third], ignore_index=True)
+    assert hist.best_row(history, "best")["generation"] == 0  # the highest fitness
+    assert hist.best_row(history, "last")["generation"] == 1  # the last step that was scored
+    with pytest.raises(MergeflowError, match="unknown search result 'first'"):
+        hist.best_row(history, "first")
