@@ -38,19 +38,20 @@ PEER = {"name": "mergekit-evolve (issue 17; zoo with math 0.374)", "test": [0.51
 
 def seeded_runs(config: dict, runs: list[str], seeds: int) -> dict[str, dict]:
     """Run name -> run config for seeds 1..S-1 of each search (seed 0 is the config's own run).
-    The seed moves the optimizer and, where the fitness has them, the anchors, rung items and
-    minibatches."""
+    The seed moves the optimizer and whatever the run's fitness kind says a seed moves (its
+    ``seeded_keys``: the anchors, rung items or minibatches)."""
+    from mergeflow.config import upgrade_config
+    from mergeflow.fitness import FITNESS
+
     out = {}
     for run in runs:
+        own = upgrade_config({"runs": {run: copy.deepcopy(config["runs"][run])}})["runs"][run]
+        fitness = own["evolve"].get("fitness", {"kind": "full"})
+        kind = FITNESS[fitness.get("kind", "full")]
         for seed in range(1, seeds):
-            rcfg = copy.deepcopy(config["runs"][run])
+            rcfg = copy.deepcopy(own)
             rcfg["seed"] = seed
-            fitness = rcfg["evolve"].get("fitness", {"kind": "full"})
-            if isinstance(fitness, dict) and fitness.get("kind") in ("anchors", "multi_fidelity"):
-                fitness.setdefault("anchors", {})["seed"] = seed
-            if isinstance(fitness, dict) and fitness.get("kind") in ("multi_fidelity", "gradient"):
-                fitness["seed"] = seed  # the rung items, or the minibatches
-            rcfg["evolve"]["fitness"] = fitness
+            rcfg["evolve"]["fitness"] = kind.reseeded(fitness, seed)
             out[f"{run}-s{seed}"] = rcfg
     return out
 
