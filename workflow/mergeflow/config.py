@@ -23,6 +23,7 @@ from mergeflow.data import template_fields
 from mergeflow.errors import MergeflowError
 from mergeflow.evolve.search import check_optimizer
 from mergeflow.fitness import FITNESS
+from mergeflow.gguf import gguf_architecture, gguf_file
 from mergeflow.locations import local_model_dir, zoo_model_dirs, zoo_task_files
 from mergeflow.schema import check_instance, fill_defaults, load_schema
 from mergeflow.scorers import get_scorer
@@ -87,6 +88,29 @@ def model_configs(config: dict, names: list[str]) -> ModelConfigs:
     return ModelConfigs(names[0], {name: c for name, c in on_disk.items() if c is not None})
 
 
+def check_gguf_models(config: dict) -> None:
+    """Each GGUF model's file exists (or its package is installed), is a whole GGUF file, and holds
+    the base's architecture: read from the files' headers, before the conversion's heavy work."""
+    found = {}
+    try:
+        for name, spec in config["models"].items():
+            if "gguf" in spec:
+                path = gguf_file(name, spec)
+                found[name] = (path, gguf_architecture(name, path))
+    except MergeflowError as err:
+        raise MergeflowError(f"config: {err}") from None
+    base = config["base_model"]
+    if base in found:
+        architecture = found[base][1]
+    else:
+        base_config = model_config_json(config, base)
+        architecture = base_config.get("model_type") if base_config else None
+    for name, (path, declared) in found.items():
+        if architecture is not None and declared != architecture:
+            raise MergeflowError(f"config: model {name!r}: GGUF file {str(path)!r} holds a {declared!r} model, but the "
+                                 f"base {base!r} is a {architecture!r} model")
+
+
 def check_config(config: dict) -> None:
     """Raise ``MergeflowError`` naming the first key whose reference cannot be resolved."""
     models = config["models"]
@@ -102,6 +126,7 @@ def check_config(config: dict) -> None:
         path = local_model_dir(spec)
         if "path" in spec and str(path) not in built and not path.is_dir():
             raise MergeflowError(f"config: model {name!r}: directory {str(path)!r} does not exist")
+    check_gguf_models(config)
     written = {str(p) for p in zoo_task_files(config).values()}
     for task, tcfg in config["tasks"].items():
         if get_scorer(tcfg["scorer"]).choices and "choices" not in tcfg:

@@ -1,7 +1,8 @@
 """Where things live: the result paths a run writes and the local directory of each model.
 
 Every stage reads models from local directories: a model's ``path``, the directory the fetch
-stage writes a hub model to, the zoo's, or another run's final merge. This module only names
+stage writes a hub model to or the convert_gguf stage a GGUF model, the zoo's, or another run's
+final merge. This module only names
 paths; it reads nothing.
 """
 
@@ -34,18 +35,29 @@ def hub_model_dir(spec: dict) -> Path:
     return RESULTS / "hub" / (spec["hub"].replace("/", "--") + (f"@{revision}" if revision else ""))
 
 
+def gguf_model_dir(spec: dict) -> Path:
+    """Where the convert_gguf stage puts a GGUF model: ``results/gguf/{name}``, the file's name
+    without ``.gguf``, and the dtype where it is not float32."""
+    source = spec["gguf"]
+    stem = Path(source if isinstance(source, str) else source["file"]).name.removesuffix(".gguf")
+    dtype = spec.get("dtype", "float32")
+    return RESULTS / "gguf" / (stem if dtype == "float32" else f"{stem}-{dtype}")
+
+
 def run_merge_dir(run: str) -> Path:
     """Where a run's final merge is written (``final_merge``): what ``{run: NAME}`` models read."""
     return RESULTS / "runs" / run / "final" / "merge"
 
 
 def local_model_dir(spec: dict) -> Path:
-    """A model's local directory: its ``path``, another run's final merge, or the directory its
-    hub id is fetched to."""
+    """A model's local directory: its ``path``, another run's final merge, the directory its GGUF
+    file is converted into, or the one its hub id is fetched to."""
     if "path" in spec:
         return Path(spec["path"])
     if "run" in spec:
         return run_merge_dir(spec["run"])
+    if "gguf" in spec:
+        return gguf_model_dir(spec)
     return hub_model_dir(spec)
 
 

@@ -2,8 +2,9 @@
 # vocabulary) and every tensor is finite; every job that reads a model depends on its check, and
 # a local model's weights fingerprint is the check's parameter, so replaced weights rerun it.
 # Tasks are checked where they are built: the data rule stops with a message naming the task and
-# column, before any model is run on it. Hub models are fetched first (fetch_model):
-# a directory of links into the Hugging Face cache, so that every stage reads local files.
+# column, before any model is run on it. Hub models are fetched first (fetch_model): a directory
+# of links into the Hugging Face cache; GGUF models are converted first (convert_gguf): a
+# safetensors directory; so that every stage reads local files.
 
 
 
@@ -48,3 +49,23 @@ rule fetch_model:
         CONDA_ENV
     script:
         "../scripts/fetch_model.py"
+
+
+rule convert_gguf:
+    input:
+        lambda wc: str(GGUF_MODELS[wc.slug][1]),
+    output:
+        directory("results/gguf/{slug}"),
+    params:
+        name=lambda wc: GGUF_MODELS[wc.slug][0],
+        spec=lambda wc: canonical(config["models"][GGUF_MODELS[wc.slug][0]]),
+    wildcard_constraints:
+        slug="|".join(re.escape(s) for s in GGUF_MODELS) or "(?!)",
+    resources:
+        **CPU_JOB,
+    log:
+        "results/logs/gguf/{slug}.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/convert_gguf.py"

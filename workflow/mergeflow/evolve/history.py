@@ -17,9 +17,9 @@ One row per candidate, in this column order:
   (:data:`WORST_LOSS` for a problem);
 - ``loss_{task}`` per objective: the negated fitness (:data:`WORST_LOSS` for a problem), what a
   multi-objective run tells the optimizer;
-- then the fitness kind's extra columns, if it has any (its ``extra_columns``: e.g. a gradient
-  search's ``gradient``): the objectives' weighted mean of each task's value (NaN for a
-  problem), handed to the optimizer by :func:`extras`.
+- then the fitness kind's extra columns, if it has any (its ``extra_columns``; see
+  :class:`mergeflow.fitness.FitnessKind`): the objectives' weighted mean of each task's value
+  (NaN for a problem), handed to the optimizer by :func:`extras`.
 
 It holds no wall times, so the same config and seed give the same bytes.
 """
@@ -159,7 +159,7 @@ def best_row(history: pd.DataFrame, result: str) -> pd.Series:
     - ``best``: the lowest-loss candidate among those scored at the highest rung any reached (its
       most exact fitness); ties go to the earliest (generation, index);
     - ``last``: the last candidate told without a problem (a search that moves one candidate,
-      e.g. by gradient steps: each step's fitness is one minibatch's, too noisy to pick by).
+      one step at a time: each step's fitness rests on one minibatch, too noisy to pick by).
     """
     if result == "last":
         valid = history[history["problem"] == ""]

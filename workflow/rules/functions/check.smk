@@ -3,12 +3,16 @@
 from functools import lru_cache
 
 from mergeflow.check import weights_fingerprint
-from mergeflow.locations import zoo_model_dirs
+from mergeflow.gguf import gguf_file
+from mergeflow.locations import gguf_model_dir, zoo_model_dirs
 
 # Model directories the zoo builds (outputs of its jobs: Snakemake tracks them).
 ZOO_DIRS = {str(p) for p in zoo_model_dirs(config).values()}
 # Hub models by the name of the directory the fetch stage writes them to.
 HUB_MODELS = {hub_model_dir(spec).name: spec for spec in config["models"].values() if "hub" in spec}
+# GGUF models by the name of the directory convert_gguf writes: (model name, the GGUF file).
+GGUF_MODELS = {gguf_model_dir(spec).name: (name, gguf_file(name, spec))
+               for name, spec in config["models"].items() if "gguf" in spec}
 
 
 @lru_cache(maxsize=None)
