@@ -18,8 +18,6 @@ from typing import Mapping
 
 import numpy as np
 import pandas as pd
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 
 from mergeflow.errors import MergeflowError
 from mergeflow.irt import STRATEGIES
@@ -191,6 +189,11 @@ def _cluster_anchors(features: np.ndarray, n: int, seed: int,
     missing anchors are then drawn at random from the largest clusters, which share their
     cluster's weight equally with its representative.
     """
+    # scikit-learn (about a second to import) only where anchors are clustered: the searches that
+    # read an anchor set, and the workflow's config check, import this module too
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         kmeans = KMeans(n_clusters=n, n_init=1, random_state=seed).fit(features)
