@@ -134,17 +134,22 @@ def test_ties_with_argsort_tie_break_matches_mergekit_at_tied_cuts(zoo, tmp_path
 @pytest.mark.slow
 def test_a_layer_path_recipe_rebuilds_in_mergekit(zoo, tmp_path):
     """The passthrough recipe a layer path writes rebuilds the same weights in mergekit (scales
-    folded into o_proj and down_proj by mergekit's per-tensor ``scale``); the path starts with a
-    layer of its base model, since mergekit takes the embeddings from the first slice's model."""
+    folded into o_proj and down_proj by mergekit's per-tensor ``scale``), the weights outside the
+    blocks included: one path within its base, one that starts in math and ends in lang (mergekit
+    takes the embeddings from the first slice's model, the final norm and head from the last's)."""
     from mergeflow.merge.path import Hop, LayerPath, export_path
 
-    path = LayerPath([Hop(zoo["base"], 0), Hop(zoo["math"], 1, 0.8), Hop(zoo["math"], 1, 1.25),
-                      Hop(zoo["lang"], 0, 1.5), Hop(zoo["base"], 1)], base_model=zoo["base"])
-    (tmp_path / "recipe.yaml").write_text(path.to_yaml())
-    run_mergekit([(tmp_path / "recipe.yaml", tmp_path / "mergekit")])
-    ours = tensors(export_path(path, tmp_path / "mergeflow"))
-    theirs = tensors(tmp_path / "mergekit")
-    assert set(ours) == set(theirs)
-    assert any(".4." in name for name in ours)  # five hops: layers 0..4
-    for name, tensor in ours.items():
-        torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=1e-6, msg=name)
+    within = LayerPath([Hop(zoo["base"], 0), Hop(zoo["math"], 1, 0.8), Hop(zoo["math"], 1, 1.25),
+                        Hop(zoo["lang"], 0, 1.5), Hop(zoo["base"], 1)], base_model=zoo["base"])
+    across = LayerPath([Hop(zoo["math"], 0), Hop(zoo["base"], 1, 1.1), Hop(zoo["lang"], 1)], base_model=zoo["base"])
+    for name, path in (("within", within), ("across", across)):
+        (tmp_path / f"{name}.yaml").write_text(path.to_yaml())
+        run_mergekit([(tmp_path / f"{name}.yaml", tmp_path / f"{name}-mergekit")])
+        ours = tensors(export_path(path, tmp_path / f"{name}-mergeflow"))
+        theirs = tensors(tmp_path / f"{name}-mergekit")
+        assert set(ours) == set(theirs)
+        assert any(f".{len(path) - 1}." in tensor for tensor in ours)
+        for tensor, value in ours.items():
+            torch.testing.assert_close(value, theirs[tensor], rtol=0, atol=1e-6, msg=f"{name}: {tensor}")
+    assert not torch.equal(tensors(tmp_path / "across-mergekit")["model.norm.weight"],
+                           tensors(Path(zoo["base"]))["model.norm.weight"])  # lang's norm, not the base's

@@ -104,6 +104,31 @@ def test_in_memory_equals_export(models, tmp_path):
     assert torch.allclose(memory, exported, atol=1e-5, rtol=0)
 
 
+def test_the_outer_weights_follow_mergekit_in_memory_and_in_the_export(models, tmp_path):
+    """A path that starts and ends in B, on A's config: B's embeddings, final norm and LM head (as
+    mergekit's passthrough takes them from the first and last slices' models), the same in memory,
+    in the export and by definition; with A's they would differ."""
+    from safetensors.torch import load_file
+
+    a, b = models
+    path = LayerPath([Hop(b, 1), Hop(a, 1, 1.2), Hop(b, 0)], a, dtype="float32")
+    assert {name: path.outer_model(name) for name in ("model.embed_tokens.weight", "model.norm.weight",
+                                                      "lm_head.weight")} == {
+        "model.embed_tokens.weight": b, "model.norm.weight": b, "lm_head.weight": b}
+    out = export_path(path, tmp_path / "out")
+    weights = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    theirs = load_file(f"{b}/model.safetensors")
+    for name in ("model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(weights[name], theirs[name])
+    reference = reference_logits(path, IDS)
+    with torch.inference_mode():
+        memory = PathAssembler([a, b]).merge(path)(input_ids=IDS).logits
+    exported = exported_logits(out)
+    assert torch.allclose(exported, reference, atol=1e-5, rtol=0) and torch.allclose(memory, exported, atol=1e-5, rtol=0)
+    on_a = LayerPath([Hop(a, 0), *path.hops, Hop(a, 2)], a)  # the same blocks between A's outer weights
+    assert (reference_logits(on_a, IDS) - reference).abs().max() > 1e-3
+
+
 def test_generation_uses_a_cache_slot_per_hop(models, tmp_path):
     """Greedy generation with a KV cache: the in-memory path (layers repeated) and the export agree."""
     from transformers import AutoModelForCausalLM

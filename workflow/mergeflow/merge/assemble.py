@@ -1,9 +1,10 @@
 """Layer paths in memory, for the search: a candidate is a module list over resident layers.
 
 ``PathAssembler`` loads each source model once; ``merge(path)`` points one shell model (the
-base's embeddings, final norm and LM head) at a new list of :class:`ScaledHop` modules, each a
-reference to a resident layer and its scale: no tensor is copied, so assembling a candidate
-costs microseconds. A layer that occurs twice is one module called twice; each hop sets the
+base's config) at a new list of :class:`ScaledHop` modules, each a reference to a resident layer
+and its scale, and at the embeddings of the path's first hop's model and the final norm and LM
+head of its last hop's (as the export, and mergekit, take them): no tensor is copied, so
+assembling a candidate costs microseconds. A layer that occurs twice is one module called twice; each hop sets the
 attention's ``layer_idx`` to its own position before it runs, so with a KV cache (generation)
 every hop writes its own cache slot and the shell's config says how many slots there are.
 
@@ -75,6 +76,9 @@ class PathAssembler:
         self.model = self.models[self.template]
         self._types = getattr(self.model.config, "layer_types", None)
         self._layer_types = {path: getattr(m.config, "layer_types", None) for path, m in self.models.items()}
+        # each model's weights outside the blocks, kept apart from the shell, whose own are re-pointed
+        self.outer = {path: (_decoder(m).embed_tokens, _decoder(m).norm, m.lm_head) for path, m in self.models.items()}
+        self.tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
 
     def merge(self, path: LayerPath):
         """The shell model running ``path`` (valid until the next ``merge``)."""
@@ -85,7 +89,10 @@ class PathAssembler:
             raise MergeflowError(f"layer path reads model {missing[0]!r}, which is not resident")
         check_sources(path, {m: self.sources[m] for m in path.model_paths()})
         hops = [ScaledHop(self.layers[hop.model][hop.layer], hop.scale, k) for k, hop in enumerate(path.hops)]
-        _decoder(self.model).layers = torch.nn.ModuleList(hops)
+        decoder, first, last = _decoder(self.model), path.hops[0].model, path.hops[-1].model
+        decoder.layers = torch.nn.ModuleList(hops)
+        decoder.embed_tokens, decoder.norm = self.outer[first][0], self.outer[last][1]
+        self.model.lm_head = self.outer[first if self.tied else last][2]  # a tied head is the embeddings
         self.model.config.num_hidden_layers = len(hops)
         if self._types is not None:
             self.model.config.layer_types = [self._layer_types[h.model][h.layer] for h in path.hops]
@@ -97,13 +104,16 @@ class PathAssembler:
 
 
 def reference_logits(path: LayerPath, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Logits of ``path`` by its definition: the base's embeddings, then per hop the state times
-    the hop's scale through the hop's source layer (causal attention, no padding), then the
-    base's final norm and LM head. Loads the sources afresh (a test oracle, not for the search)."""
+    """Logits of ``path`` by its definition: the first hop's model's embeddings, then per hop the
+    state times the hop's scale through the hop's source layer (causal attention, no padding),
+    then the last hop's model's final norm and LM head (a tied head: the first's embeddings).
+    Loads the sources afresh (a test oracle, not for the search)."""
     models = {m: _load(m, torch.device("cpu"), dtype) for m in path.model_paths()}
     base = _decoder(models[path.base_model])
+    first, last = models[path.hops[0].model], models[path.hops[-1].model]
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
     with torch.inference_mode():
-        hidden = base.embed_tokens(input_ids)
+        hidden = _decoder(first).embed_tokens(input_ids)
         positions = torch.arange(input_ids.shape[1])[None, :]
         rotary = base.rotary_emb(hidden, position_ids=positions)
         mask = torch.full((input_ids.shape[1],) * 2, float("-inf"), dtype=hidden.dtype).triu(1)[None, None]
@@ -111,4 +121,4 @@ def reference_logits(path: LayerPath, input_ids: torch.Tensor, dtype: torch.dtyp
             layer = _decoder(models[hop.model]).layers[hop.layer]
             hidden = layer(hidden * hop.scale, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        return models[path.base_model].lm_head(base.norm(hidden))
+        return (first if tied else last).lm_head(_decoder(last).norm(hidden))

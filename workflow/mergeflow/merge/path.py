@@ -3,9 +3,12 @@ entered by a scaled hidden state, and its export as a plain Hugging Face model.
 
 A path is a list of *hops* ``(model, layer, scale)``: hop k runs layer ``layer`` of ``model``
 on the hidden state left by hop k - 1 multiplied by ``scale`` (hop 0 reads the embeddings). The
-``base_model`` supplies everything outside the blocks: config, embeddings, final norm, LM head
-and tokenizer. Sakana's DFS (W_ij scales the state going from layer i into layer j) and Su &
-Geiping's DIS (a scale on a position's output is the next hop's input scale) are both this.
+weights outside the blocks follow mergekit's ``passthrough``, so that one recipe makes one model
+in both tools: the embeddings come from the first hop's model, the final norm and the LM head
+from the last hop's (a tied head is the embeddings); the ``base_model`` supplies the config and
+the tokenizer. (A DFS path starts and ends in its base, model A, which then supplies all of it.)
+Sakana's DFS (W_ij scales the state going from layer i into layer j) and Su & Geiping's DIS (a
+scale on a position's output is the next hop's input scale) are both this.
 
 **The fold.** In a pre-norm RMSNorm block (Llama, Mistral, Qwen) the residual stream is read
 only through RMSNorm, and RMSNorm(c·h) = RMSNorm(h) for c > 0 (up to eps, below). Let S_k be the
@@ -27,9 +30,7 @@ sign with the state, and the MLP's activation is not odd), so such paths are ref
 the same folded factor make one slice, and a slice's factor 1/S_k is mergekit's per-tensor
 ``scale`` on ``o_proj`` and ``down_proj`` — so ``mergekit-yaml`` rebuilds the same weights. The
 hop scales are read back as ratios of consecutive slices' factors. What mergekit does not read:
-``base_model`` (mergekit takes the embeddings from the first slice's model and the norm and LM
-head from the last slice's: the same model whenever the path starts and ends in the base, as DFS
-paths do).
+``base_model``, which names the config and tokenizer mergeflow writes.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ from mergeflow.merge.sources import ModelSource
 from mergeflow.outputs import check_output_dir, staged_dir
 
 PASSTHROUGH = "passthrough"
+# The weights outside the blocks that come before them (mergekit's "pre weights"): from the first
+# hop's model; every other one (the final norm, the LM head) from the last hop's.
+PRE_WEIGHTS = ("embed_tokens",)
 # The last linear map of each residual branch: what a scale on the branch's input folds into.
 FOLD_TARGETS = ("self_attn.o_proj.", "mlp.down_proj.")
 # Architectures whose blocks are pre-norm RMSNorm with those names (the fold is exact up to eps).
@@ -94,6 +98,11 @@ class LayerPath:
 
     def __len__(self) -> int:
         return len(self.hops)
+
+    def outer_model(self, tensor: str) -> str:
+        """The model a tensor outside the blocks comes from: the embeddings from the first hop's,
+        the final norm and LM head from the last hop's (as mergekit's passthrough)."""
+        return self.hops[0].model if any(p in tensor for p in PRE_WEIGHTS) else self.hops[-1].model
 
     def model_paths(self) -> list[str]:
         """The base, then every hop's model, in first-mention order."""
@@ -269,12 +278,12 @@ def path_config(path: LayerPath, sources: dict[str, ModelSource], out_dtype: tor
 
 
 def path_tensors(path: LayerPath, sources: dict[str, ModelSource], out_dtype: torch.dtype):
-    """``(name, tensor)`` of the exported model, one at a time: the base's tensors outside the
-    blocks, then each hop's layer renamed to its position with the fold applied (in float32)."""
-    base = sources[path.base_model]
-    for name in base.tensors:
+    """``(name, tensor)`` of the exported model, one at a time: the tensors outside the blocks (the
+    base's names, each read from its :meth:`LayerPath.outer_model`), then each hop's layer renamed
+    to its position with the fold applied (in float32)."""
+    for name in sources[path.base_model].tensors:
         if layer_index(name) is None:
-            yield name, base.read(name).to(out_dtype)
+            yield name, sources[path.outer_model(name)].read(name).to(out_dtype)
     for k, (hop, factor) in enumerate(zip(path.hops, path.folded_factors())):
         source = sources[hop.model]
         for name in source.tensors:
@@ -292,7 +301,8 @@ def path_card(path: LayerPath, lineage: list[str] | None = None) -> str:
     return (
         "---\nlibrary_name: transformers\ntags:\n- merge\n- mergeflow\n---\n"
         f"# Merged model\n\nA data-flow merge made with mergeflow: {len(path.hops)} layers, taken from the source "
-        f"models in the order below, on the embeddings, final norm and LM head of `{path.base_model}`. Each hop's "
+        f"models in the order below, on the embeddings of `{path.hops[0].model}` and the final norm and LM head of "
+        f"`{path.hops[-1].model}`, with the config and tokenizer of `{path.base_model}`. Each hop's "
         "input scale is folded into its `o_proj` and `down_proj` weights, so this is a plain model that loads "
         "without custom code.\n\n## Layer path\n\n| hop | model | layer | input scale |\n|---|---|---|---|\n"
         f"{hops}\n\n## Recipe\n\nThe `passthrough` recipe below (also in `{PATH_RECIPE_FILE}`) rebuilds these "

@@ -7,8 +7,10 @@ Config (the ``search_space`` mapping; keys and defaults in the schema's ``space_
     search_space:
       kind: dis
       models: [math, lang]         # the K models whose layers are stacked (default: the endpoints)
-      base_model: base             # embeddings, final norm, LM head; an empty position falls back
-                                   # to its layer i (default: the config's base_model)
+      base_model: base             # config and tokenizer; an empty position falls back to its
+                                   # layer i (default: the config's base_model); the embeddings
+                                   # come from the first hop's model, the final norm and LM head
+                                   # from the last hop's (mergekit's passthrough rule)
       scale: {min: 0.1, max: 2.0}  # the position scale's range (positive: it folds)
       max_layers: 8                # paths deeper than this get the worst loss, unevaluated
 
