@@ -17,8 +17,11 @@ takes the next step (:class:`mergeflow.evolve.search.Adam`).
 A genome gene is not a model parameter, so the gradient is taken in two parts. One backward
 pass gives the loss's gradient G with respect to the merged weights θ(x). The space's merge
 must be affine in the genome (task arithmetic: θ(x) = θ(0) + Σ_k x_k (θ(e_k) − θ(0))), so
-∂loss/∂x_k = ⟨G, θ(e_k) − θ(0)⟩, from dim + 1 merges of basis genomes by the resident merger;
-the job checks the affine form along the gradient before it hands the gradient on.
+∂loss/∂x_k = ⟨G, θ(e_k) − θ(0)⟩, from the plans of dim + 1 basis merges read tensor by tensor
+(:meth:`mergeflow.merge.InMemoryMerger.merged_tensor`): beyond the merged model and G a step
+holds one tensor of θ(0) and one of θ(e_k) at a time, never a second model (for a 7B model and
+three sources in float32: the sources, the merge and one G per objective, 28 GB each, plus
+activations). The job checks the affine form along the gradient before it hands it on.
 
 Every step costs ``batch`` items per task, like a multi-fidelity rung: 40 steps of 60 items are
 the cheap search's 2,400 items. Where each candidate of an evolutionary search yields one noisy
@@ -143,33 +146,32 @@ def genome_gradient(merger, tokenizer, space, genome: np.ndarray, tasks: list[Ta
     finally:
         model.zero_grad(set_to_none=True)
         model.requires_grad_(False)
-    # the basis merges: θ(0) and each θ(e_k); their differences are the genes' directions
-    zero = merger.merge(space.to_recipe(np.zeros(space.dim), seed=seed))
-    origin = {n: p.detach().clone() for n, p in zero.named_parameters()}
+    # ∂loss/∂x_k = <G, θ(e_k) - θ(0)>, taken tensor by tensor from the basis merges' plans: one
+    # tensor of θ(0) and one of θ(e_k) at a time, never a second model; the merger's model keeps
+    # θ(x), against which the affine form is checked along the first task's gradient:
+    # <G, θ(x) - θ(0)> must be Σ_k x_k <G, θ(e_k) - θ(0)>.
+    zero = merger.plan(space.to_recipe(np.zeros(space.dim), seed=seed))
+    basis = [merger.plan(space.to_recipe(np.eye(space.dim)[k], seed=seed)) for k in range(space.dim)]
+    at = {plan.name: i for i, plan in enumerate(zero.tensors)}
+    probe, first = grads[tasks[0].task], tasks[0].task
     out = {fit.task: np.zeros(space.dim) for fit in tasks}
-    for k in range(space.dim):
-        basis = np.zeros(space.dim)
-        basis[k] = 1.0
-        for n, p in merger.merge(space.to_recipe(basis, seed=seed)).named_parameters():
-            direction = p.detach() - origin[n]
+    moved = scale = 0.0
+    for n, p in params.items():  # the model's order: each gene's sum adds its terms as before
+        origin = merger.merged_tensor(zero.tensors[at[n]]).clone()
+        for k, plan in enumerate(basis):
+            direction = merger.merged_tensor(plan.tensors[at[n]]) - origin
             if not torch.any(direction):
                 continue
             for task, g in grads.items():
                 if n in g:
                     out[task][k] += float(torch.sum(g[n].double() * direction.double()))
-    # Leave the candidate in place, as it was, and check the affine form along the first task's
-    # gradient: <G, θ(x) - θ(0)> must be Σ_k x_k <G, θ(e_k) - θ(0)> (no model-sized buffer).
-    probe, first = grads[tasks[0].task], tasks[0].task
-    merged = dict(merger.merge(space.to_recipe(genome, seed=seed)).named_parameters())
-    moved = scale = 0.0
-    for n, p in merged.items():
         if n in probe:
-            g, now, then = probe[n].double(), p.detach().double(), origin[n].double()
+            g, now, then = probe[n].double(), p.detach().double(), origin.double()
             moved += float(torch.sum(g * (now - then)))
             scale += float(torch.sum(g.abs() * (now.abs() + then.abs())))
     worst = abs(moved - float(genome @ out[first])) / (scale + 1e-30)
     # each of the dim + 2 merges rounds on its own (in a 16-bit merge, coarsely)
-    tolerance = 4 * (space.dim + 2) * torch.finfo(next(iter(merged.values())).dtype).eps
+    tolerance = 4 * (space.dim + 2) * torch.finfo(next(iter(params.values())).dtype).eps
     if not math.isfinite(worst) or worst > tolerance:
         raise MergeflowError(f"fitness kind 'gradient': the search space's merge is not affine in its genome (relative "
                              f"difference {worst:.2g}); it needs a {' or '.join(AFFINE_METHODS)} space")

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from mergeflow.errors import MergeflowError
-from mergeflow.merge.plan import check_finite, merge_tensor, plan_merge
+from mergeflow.merge.plan import MergePlan, TensorPlan, check_finite, merge_tensor, plan_merge
 from mergeflow.merge.recipe import Recipe
 from mergeflow.dtypes import dtype_name, torch_dtype
 from mergeflow.merge.sources import ModelSource
@@ -94,8 +94,8 @@ class InMemoryMerger:
         except KeyError:
             raise MergeflowError(f"tensor {name!r} is missing from model {model!r}") from None
 
-    def merge(self, recipe: Recipe) -> torch.nn.Module:
-        """Merge ``recipe`` into the preallocated model in place and return the model."""
+    def plan(self, recipe: Recipe) -> MergePlan:
+        """The plan of ``recipe`` over the resident sources, checked to fit the preallocated model."""
         if recipe.dtype and torch_dtype(recipe.dtype, "recipe dtype") != self.compute_dtype:
             raise MergeflowError(
                 f"recipe dtype {recipe.dtype!r} differs from the merger's compute dtype "
@@ -108,6 +108,18 @@ class InMemoryMerger:
             raise MergeflowError(
                 f"recipe produces {plan.num_layers} layers; the preallocated model has "
                 f"{self.sources[self.template].num_layers}")
+        return plan
+
+    def merged_tensor(self, tensor_plan: TensorPlan) -> torch.Tensor:
+        """One tensor of a plan, merged into scratch (the next call may reuse it) and cast to the
+        merged model's dtype, bit for bit what :meth:`merge` writes into the model: a merge read
+        tensor by tensor, without touching the model (a gradient's directions, one at a time)."""
+        with torch.no_grad():
+            return merge_tensor(tensor_plan, self._fetch, self.device, self.workspace).to(self.out_dtype)
+
+    def merge(self, recipe: Recipe) -> torch.nn.Module:
+        """Merge ``recipe`` into the preallocated model in place and return the model."""
+        plan = self.plan(recipe)
         with torch.no_grad():
             for tensor_plan in plan.tensors:
                 target = self.parameters.get(tensor_plan.name)
