@@ -99,6 +99,7 @@ def test_smollm2_converts_into_a_safetensors_directory_with_its_tokenizer_and_ch
     config = json.loads((smollm2 / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["num_attention_heads"],
             config["num_key_value_heads"], config["tie_word_embeddings"]) == ("llama", 30, 9, 3, True)
+    assert "quantization_config" not in config  # plain weights: any transformers loads them as they are
     assert sorted(p.name for p in smollm2.glob("*.safetensors")) == ["model.safetensors"]
     record = json.loads((smollm2 / "converted.json").read_text())
     assert record["sha256"] == sha256(gguf_file("smol", SMOLLM2)) and record["architecture"] == "llama"

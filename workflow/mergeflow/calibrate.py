@@ -79,7 +79,7 @@ def calibrate(task: str, tcfg: dict, split_path: str, base_path: str, source_pat
     """Write the calibration population's responses (long format: model, item_id, correct, loglik).
 
     ``calibration_cfg`` is the validated ``irt.calibration`` section (schema defaults filled)."""
-    settings = EvalSettings.from_config(evaluation)
+    settings = EvalSettings.from_config(evaluation).for_task(tcfg)
     items = read_split(split_path)
     scorer, delimiter = tcfg["scorer"], tcfg["target_delimiter"]
     t0 = time.perf_counter()

@@ -29,15 +29,15 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pandas as pd
 import torch
 
-from mergeflow.data import extract_number
-from mergeflow.data import read_split
+from mergeflow.data import extract_number, read_split
 from mergeflow.dtypes import torch_dtype
 from mergeflow.errors import MergeflowError
 from mergeflow.locations import model_location
@@ -59,11 +59,49 @@ class EvalSettings:
     max_length: int | str  # "model": the model's own context length
     max_new_tokens: int
     add_bos: bool | str  # "auto": as the tokenizer adds it
+    apply_chat_template: bool = False  # each prompt as one user turn of the model's chat template
+    system_instruction: str | None = None  # with the chat template: a system turn before it
 
     @classmethod
     def from_config(cls, cfg: dict | None = None) -> "EvalSettings":
         """From an ``evaluation`` mapping; absent keys take the schema's defaults."""
         return cls(**validate_section(cfg or {}, "evaluation", "evaluation"))
+
+    def for_task(self, task_config: dict) -> "EvalSettings":
+        """These settings with a task's own chat keys (:data:`CHAT_KEYS`) where it has them."""
+        chat = {key: task_config[key] for key in CHAT_KEYS if key in task_config}
+        return replace(self, **chat) if chat else self
+
+
+# The keys by which a task (or ``evaluation``, for every task) has its prompts wrapped in the
+# model's chat template, as lm-evaluation-harness's --apply_chat_template and --system_instruction.
+CHAT_KEYS = ("apply_chat_template", "system_instruction")
+
+
+def chat_prompts(tokenizer, prompts: list[str], settings: EvalSettings) -> tuple[list[str], EvalSettings]:
+    """Each prompt wrapped in the tokenizer's chat template as lm-evaluation-harness 0.4 wraps a
+    zero-shot context (few-shot examples are already in the prompt, as in its single-turn form):
+    an optional system turn, the prompt as one user turn, and the opened assistant turn. The
+    settings come back without a BOS prefix where the rendered prompt already starts with the BOS
+    token, as lm-eval then encodes it without special tokens."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise MergeflowError("apply_chat_template is set, but the model's tokenizer has no chat template "
+                             "(tokenizer_config.json or chat_template.jinja)")
+    system = [{"role": "system", "content": settings.system_instruction}] if settings.system_instruction else []
+
+    def render(prompt: str, turns: list[dict]) -> str:
+        return tokenizer.apply_chat_template(turns + [{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True, continue_final_message=False)
+
+    try:
+        rendered = [render(p, system) for p in prompts]
+    except jinja2.exceptions.TemplateError:  # a template without a system role: lm-eval drops the turn
+        log.warning("the chat template refuses a system turn; the prompts go without the system instruction")
+        rendered = [render(p, []) for p in prompts]
+    bos = tokenizer.bos_token
+    if bos and rendered and rendered[0].startswith(bos):
+        settings = replace(settings, add_bos=False)
+    return rendered, settings
 
 
 def resolve_device(device: str) -> torch.device:
@@ -520,6 +558,10 @@ def evaluate_items(model, tokenizer, items: pd.DataFrame, scorer: str, settings:
         raise MergeflowError("no items to evaluate")
     max_length = context_length(model, settings)
     prompts = [str(p) for p in items["prompt"]]
+    if settings.apply_chat_template:
+        # the answer follows the assistant's opened turn with no delimiter (lm-eval's choice there)
+        prompts, settings = chat_prompts(tokenizer, prompts, settings)
+        delimiter = ""
     if how.choices:
         pairs = [(p, delimiter + str(c)) for p, choices in zip(prompts, items["choices"]) for c in choices]
         scores = continuation_logliks(model, encode_requests(tokenizer, pairs, settings), settings.batch_size,

@@ -190,8 +190,12 @@ def convert_gguf(name: str, spec: dict, out: str | Path) -> Path:
     except Exception as err:
         raise MergeflowError(f"model {name!r}: transformers cannot convert GGUF file {str(path)!r} "
                              f"(architecture {architecture!r}): {err}") from err
-    # save_pretrained refuses a model loaded from GGUF: the same weights in a model built from its config
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=getattr(torch, dtype))
+    # save_pretrained refuses a model loaded from GGUF: the same weights in a model built from its
+    # config, without the GGUF loading options (the weights written are plain, dequantized tensors)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.load_state_dict(loaded.state_dict())
     del loaded
     source = spec["gguf"]

@@ -163,7 +163,8 @@ def pareto_members(run: str, pareto_path: str | Path, tasks: dict[str, dict], ev
                                            "- search fitness: " + ", ".join(f"{t} {v:.4f}" for t, v in search.items())])
         model, tokenizer = load_causal_lm(out, settings)
         for task, spec in tasks.items():
-            scored = evaluate_items(model, tokenizer, splits[task], spec["scorer"], settings, spec["delimiter"])
+            scored = evaluate_items(model, tokenizer, splits[task], spec["scorer"], settings.for_task(spec),
+                                    spec["delimiter"])
             rows.append({"run": run, "member": member, "generation": int(cand["generation"]),
                          "index": int(cand["index"]), "recipe_hash": cand["recipe_hash"], "task": task,
                          "search_fitness": search.get(task, float("nan")),

@@ -15,9 +15,10 @@ sys.path.insert(0, LIBRARY)
 os.environ.update(PYTHONPATH=os.pathsep.join(
     [LIBRARY] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != LIBRARY]))
 
-from mergeflow.config import run_tasks, search_model_names, validate_config
+from mergeflow.config import run_tasks, search_model_names, task_evaluation, validate_config
 from mergeflow.locations import hub_model_dir, local_model_dir, model_location, zoo_task_files
 from mergeflow.errors import MergeflowError
+from mergeflow.evaluate import CHAT_KEYS
 from mergeflow.evolve.stages import EvolveConfig
 from mergeflow.fitness import NEED_PATHS, need_paths
 

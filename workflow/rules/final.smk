@@ -67,7 +67,7 @@ rule final_respond:
         model=lambda wc: {"path": f"results/runs/{wc.run}/final/merge"},
         scorer=lambda wc: config["tasks"][wc.task]["scorer"],
         delimiter=lambda wc: config["tasks"][wc.task]["target_delimiter"],
-        evaluation=canonical(config["evaluation"]),
+        evaluation=lambda wc: canonical(task_evaluation(config, wc.task)),
     threads: 1
     resources:
         **MODEL_JOB,

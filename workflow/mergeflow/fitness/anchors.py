@@ -82,8 +82,7 @@ def check(config: dict, run: str) -> None:
 
 def task_fitness(ctx: FitnessContext) -> TaskFitness:
     _, subset, anchors = anchor_items(ctx.task, ctx.files)
-    return TaskFitness(ctx.task, subset, ctx.task_config["scorer"], ctx.task_config["target_delimiter"],
-                       estimator_for(ctx, anchors))
+    return TaskFitness.of(ctx, subset, estimator_for(ctx, anchors))
 
 
 KIND = FitnessKind("anchors", needs=lambda fitness_cfg: ("split", "anchors") + needs(fitness_cfg),

@@ -13,13 +13,13 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from mergeflow.evaluate import EvalSettings, evaluate_items
+from mergeflow.evaluate import CHAT_KEYS, EvalSettings, evaluate_items
 from mergeflow.evolve.history import RESULTS
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,14 @@ class TaskFitness:
     scorer: str
     delimiter: str = " "
     estimator: Callable | None = None
+    chat: dict = field(default_factory=dict)  # the task's own chat keys (see EvalSettings.for_task)
+
+    @classmethod
+    def of(cls, ctx: "FitnessContext", items: pd.DataFrame, estimator: Callable | None = None) -> "TaskFitness":
+        """The scorer of ``ctx``'s task over ``items``: its scorer, delimiter and chat keys."""
+        tcfg = ctx.task_config
+        return cls(ctx.task, items, tcfg["scorer"], tcfg["target_delimiter"], estimator,
+                   {key: tcfg[key] for key in CHAT_KEYS if key in tcfg})
 
     def new_items(self, known: dict) -> pd.DataFrame:
         """The items whose answers are not in ``known`` (item id -> 0/1)."""
@@ -46,7 +54,7 @@ class TaskFitness:
         todo = self.new_items(known)
         answers = {item: known[item] for item in self.items["item_id"] if item in known}
         if len(todo):
-            responses = evaluate_items(model, tokenizer, todo, self.scorer, settings, self.delimiter)
+            responses = evaluate_items(model, tokenizer, todo, self.scorer, settings.for_task(self.chat), self.delimiter)
             answers.update(zip(responses["item_id"], responses["correct"].astype(int)))
         return answers
 

@@ -7,8 +7,7 @@ from mergeflow.fitness.base import FitnessContext, FitnessKind, TaskFitness
 
 
 def task_fitness(ctx: FitnessContext) -> TaskFitness:
-    return TaskFitness(ctx.task, read_split(ctx.files["split"]), ctx.task_config["scorer"],
-                       ctx.task_config["target_delimiter"])
+    return TaskFitness.of(ctx, read_split(ctx.files["split"]))
 
 
 KIND = FitnessKind("full", needs=lambda fitness_cfg: ("split",), estimates=lambda fitness_cfg, split_size: False,

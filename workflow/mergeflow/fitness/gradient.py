@@ -46,7 +46,7 @@ import torch
 
 from mergeflow.data import read_split
 from mergeflow.errors import MergeflowError
-from mergeflow.evaluate import context_length, differentiable_logliks, encode_requests
+from mergeflow.evaluate import chat_prompts, context_length, differentiable_logliks, encode_requests
 from mergeflow.evolve.search import GRADIENT_OPTIMIZERS
 from mergeflow.fitness.base import FitnessContext, FitnessKind, ScoredCandidate, TaskFitness
 from mergeflow.scorers import get_scorer
@@ -71,7 +71,7 @@ def batch_items(task: str, fitness_cfg: dict, split: pd.DataFrame, generation: i
 
 def task_fitness(ctx: FitnessContext) -> TaskFitness:
     items = batch_items(ctx.task, ctx.fitness, read_split(ctx.files["split"]), ctx.generation)
-    return TaskFitness(ctx.task, items, ctx.task_config["scorer"], ctx.task_config["target_delimiter"])
+    return TaskFitness.of(ctx, items)
 
 
 def sigmoid_loss(scores: torch.Tensor, gold: int, temperature: float) -> torch.Tensor:
@@ -99,7 +99,10 @@ def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fit
     how = get_scorer(fit.scorer)
     choice_loss, temperature = LOSSES[fitness_cfg["loss"]], fitness_cfg["temperature"]
     items, n = fit.items, len(fit.items)
-    prompts = [str(p) for p in items["prompt"]]
+    prompts, delimiter, settings = [str(p) for p in items["prompt"]], fit.delimiter, settings.for_task(fit.chat)
+    if settings.apply_chat_template:  # as the evaluator scores the items (evaluate_items)
+        prompts, settings = chat_prompts(tokenizer, prompts, settings)
+        delimiter = ""
     if how.choices:
         options = [[str(c) for c in cs] for cs in items["choices"]]
         golds = [int(a) for a in items["answer"]]
@@ -111,7 +114,7 @@ def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fit
     step = max(1, settings.batch_size // per_item)
     for lo in range(0, n, step):
         chunk = range(lo, min(n, lo + step))
-        pairs = [(prompts[i], fit.delimiter + c) for i in chunk for c in options[i]]
+        pairs = [(prompts[i], delimiter + c) for i in chunk for c in options[i]]
         ll = differentiable_logliks(model, encode_requests(tokenizer, pairs, settings), max_length)
         losses, at = [], 0
         for i in chunk:

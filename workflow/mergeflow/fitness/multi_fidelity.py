@@ -59,7 +59,7 @@ def rung_items(task: str, fitness_cfg: dict, files: dict[str, str], rung: int) -
 def task_fitness(ctx: FitnessContext) -> TaskFitness:
     items, weights, split_size = rung_items(ctx.task, ctx.fitness, ctx.files, ctx.rung)
     estimator = None if len(items) == split_size else estimator_for(ctx, weights)
-    return TaskFitness(ctx.task, items, ctx.task_config["scorer"], ctx.task_config["target_delimiter"], estimator)
+    return TaskFitness.of(ctx, items, estimator)
 
 
 def first_rung(fitness_cfg: dict, generation: int) -> int:

@@ -31,9 +31,12 @@ def final_table_inputs(wildcards):
 
 
 def pareto_test_tasks(wildcards):
-    """Task -> test split, scorer and delimiter for scoring a run's Pareto members."""
-    return canonical({t: {"split": f"results/data/{t}/test.parquet", "scorer": config["tasks"][t]["scorer"],
-                          "delimiter": config["tasks"][t]["target_delimiter"]}
+    """Task -> test split, scorer and delimiter (and chat keys, where the task has them) for scoring
+    a run's Pareto members."""
+    tasks = config["tasks"]
+    return canonical({t: {"split": f"results/data/{t}/test.parquet", "scorer": tasks[t]["scorer"],
+                          "delimiter": tasks[t]["target_delimiter"],
+                          **{key: tasks[t][key] for key in CHAT_KEYS if key in tasks[t]}}
                       for t in run_tasks(config, wildcards.run)})
 
 
