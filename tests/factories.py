@@ -1,11 +1,14 @@
-"""The one factory of tiny test models: untrained Llamas from the zoo's own constructor and
-tokenizer (``mergeflow.zoo.build``), and the trained tiny zoo the ``tiny_zoo`` fixture builds."""
+"""The one factory of test models: untrained tiny Llamas from the zoo's own constructor and
+tokenizer (``mergeflow.zoo.build``), the trained tiny zoo the ``tiny_zoo`` fixture builds, and
+noise-perturbed copies of a real model standing in for its experts."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from mergeflow.zoo.build import build_base, build_expert, build_tokenizer, new_model, save_model, write_task_sources
 
@@ -57,3 +60,14 @@ def make_zoo(root: Path, num_layers: int = 2) -> dict[str, str]:
     math = make_model(root / "math", 1, num_layers, base=base)
     lang = make_model(root / "lang", 2, num_layers, base=base)
     return {"base": str(base), "math": str(math), "lang": str(lang)}
+
+
+def perturbed(base: Path, out: Path, seed: int, noise: float = 0.02) -> str:
+    """A copy of ``base`` whose every tensor moved by ``noise`` times its own sd: a stand-in expert."""
+    shutil.copytree(base, out, ignore=shutil.ignore_patterns("*.safetensors", "converted.json"))
+    generator = torch.Generator().manual_seed(seed)
+    weights = {name: tensor + noise * tensor.float().std() * torch.randn(tensor.shape, generator=generator)
+               for file in base.glob("*.safetensors") for name, tensor in load_file(file).items()}
+    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    return str(out)

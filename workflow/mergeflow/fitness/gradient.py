@@ -145,7 +145,8 @@ def genome_gradient(merger, tokenizer, space, genome: np.ndarray, tasks: list[Ta
         for fit in tasks:
             model.zero_grad(set_to_none=True)
             losses[fit.task] = task_loss(model, tokenizer, fit, settings, max_length, fitness_cfg)
-            grads[fit.task] = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
+            # the gradient tensors themselves, not copies: the next zero_grad lets go of them, not this dict
+            grads[fit.task] = {n: p.grad.detach() for n, p in params.items() if p.grad is not None}
     finally:
         model.zero_grad(set_to_none=True)
         model.requires_grad_(False)
