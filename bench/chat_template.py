@@ -62,7 +62,7 @@ def run_mergeflow(model_dir: str, split: str, system: str | None) -> dict:
                                                   **({"system_instruction": system} if system else {})})
     model, tokenizer = evaluate.load_causal_lm(model_dir, settings)
     frame = read_split(split)
-    rendered, chat_settings = evaluate.chat_prompts(tokenizer, [str(p) for p in frame["prompt"]], settings)
+    rendered, _, chat_settings = evaluate.chat_prompts(tokenizer, [str(p) for p in frame["prompt"]], " ", settings)
     # the token ids the first choice is scored on: the context's, and the choice's past them
     ids = evaluate.encode_requests(tokenizer, [(r, str(c[0])) for r, c in zip(rendered, frame["choices"])],
                                    chat_settings)

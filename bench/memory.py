@@ -37,56 +37,56 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def stage_merge(paths: dict[str, str], split: str, threads: int) -> dict:
-    """The resident merger: three sources and one preallocated merged model, one merge written
-    into it (the search's merge, every candidate)."""
+def resident(paths: dict[str, str]):
+    """What every stage holds: the search space over the three models, and the resident merger
+    (three sources and one preallocated merged model)."""
     from mergeflow.merge import InMemoryMerger
     from mergeflow.spaces import build_space
 
     space = build_space({**SPACE, "base_model": paths["base"], "models": [paths["math"], paths["lang"]]})
-    merger = InMemoryMerger([paths["base"], paths["math"], paths["lang"]])
+    return space, InMemoryMerger([paths["base"], paths["math"], paths["lang"]])
+
+
+def scoring(paths: dict[str, str], split: str):
+    """The tokenizer, the evaluation settings and the items' scorer (multiple choice over four numbers)."""
+    from mergeflow.data import read_split
+    from mergeflow.evaluate import EvalSettings, load_tokenizer
+    from mergeflow.fitness import TaskFitness
+
+    return (load_tokenizer(paths["base"]), EvalSettings.from_config({"batch_size": BATCH[0]}),
+            TaskFitness("gsm8k_mc", read_split(split), "mc_loglik"))
+
+
+def stage_merge(paths: dict[str, str], split: str) -> dict:
+    """The resident merger, one merge written into it (the search's merge, every candidate)."""
+    space, merger = resident(paths)
     t0 = time.perf_counter()
     merger.merge(space.to_recipe([0.5] * space.dim))
     return {"wall_s": time.perf_counter() - t0}
 
 
-def stage_fitness(paths: dict[str, str], split: str, threads: int) -> dict:
-    """A fitness shard: the resident merger, one candidate merged and scored on the items
-    (multiple choice over four numbers; batch 16)."""
-    from mergeflow.data import read_split
-    from mergeflow.evaluate import EvalSettings, load_tokenizer
-    from mergeflow.fitness import TaskFitness, evaluate_candidate
-    from mergeflow.merge import InMemoryMerger
-    from mergeflow.spaces import build_space
+def stage_fitness(paths: dict[str, str], split: str) -> dict:
+    """A fitness shard: the resident merger, one candidate merged and scored on the items."""
+    from mergeflow.fitness import evaluate_candidate
 
-    space = build_space({**SPACE, "base_model": paths["base"], "models": [paths["math"], paths["lang"]]})
-    merger = InMemoryMerger([paths["base"], paths["math"], paths["lang"]])
-    settings = EvalSettings.from_config({"batch_size": BATCH[0]})
-    fit = TaskFitness("gsm8k_mc", read_split(split), "mc_loglik")
+    space, merger = resident(paths)
+    tokenizer, settings, fit = scoring(paths, split)
     t0 = time.perf_counter()
-    result = evaluate_candidate(merger, load_tokenizer(paths["base"]), space.to_recipe([0.5] * space.dim), [fit],
-                                settings)
+    result = evaluate_candidate(merger, tokenizer, space.to_recipe([0.5] * space.dim), [fit], settings)
     return {"wall_s": time.perf_counter() - t0, "accuracy": result.fitness["gsm8k_mc"]}
 
 
-def stage_gradient(paths: dict[str, str], split: str, threads: int) -> dict:
+def stage_gradient(paths: dict[str, str], split: str) -> dict:
     """A gradient step: the resident merger, the loss's backward pass through the merged model
-    (its gradient, one model more, and the activations of 16 requests), then the genes'
+    (its gradient, one model more, and the activations of a batch of requests), then the genes'
     directions tensor by tensor from the basis merges' plans."""
-    from mergeflow.data import read_split
-    from mergeflow.evaluate import EvalSettings, load_tokenizer
-    from mergeflow.fitness import TaskFitness
     from mergeflow.fitness.gradient import genome_gradient
-    from mergeflow.merge import InMemoryMerger
-    from mergeflow.spaces import build_space
 
-    space = build_space({**SPACE, "base_model": paths["base"], "models": [paths["math"], paths["lang"]]})
-    merger = InMemoryMerger([paths["base"], paths["math"], paths["lang"]])
-    settings = EvalSettings.from_config({"batch_size": BATCH[0]})
-    fit = TaskFitness("gsm8k_mc", read_split(split), "mc_loglik")
+    space, merger = resident(paths)
+    tokenizer, settings, fit = scoring(paths, split)
     t0 = time.perf_counter()
-    gradient, losses = genome_gradient(merger, load_tokenizer(paths["base"]), space, [0.5] * space.dim, [fit],
-                                       settings, {"loss": "sigmoid", "temperature": 0.5})
+    _, losses = genome_gradient(merger, tokenizer, space, [0.5] * space.dim, [fit], settings,
+                                {"loss": "sigmoid", "temperature": 0.5})
     return {"wall_s": time.perf_counter() - t0, "genes": space.dim, "loss": losses["gsm8k_mc"]}
 
 
@@ -114,7 +114,7 @@ def main() -> None:
         import mergeflow.fitness.gradient  # noqa: F401
 
         imports = rss_mb()
-        report = STAGES[args.stage](json.loads(args.paths), args.split, args.threads)
+        report = STAGES[args.stage](json.loads(args.paths), args.split)
         print(json.dumps({**report, "imports_mb": imports,
                           "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return

@@ -40,7 +40,7 @@ def test_the_chat_keys_are_checked_by_the_schema(tiny_zoo):
 def test_a_tokenizer_without_a_chat_template_is_named(tiny_zoo):
     _, tokenizer = load_causal_lm(tiny_zoo / "math", EvalSettings.from_config({}))
     with pytest.raises(MergeflowError, match="apply_chat_template is set, but the model's tokenizer has no chat template"):
-        chat_prompts(tokenizer, ["two plus two ="], EvalSettings.from_config({"apply_chat_template": True}))
+        chat_prompts(tokenizer, ["two plus two ="], " ", EvalSettings.from_config({"apply_chat_template": True}))
 
 
 @pytest.mark.parametrize("scorer, column", [("mc_loglik", "choice_logliks"), ("exact_match", "generation")])
@@ -53,7 +53,8 @@ def test_a_chat_task_is_scored_on_its_rendered_prompts_with_no_delimiter(tiny_zo
     items = pd.DataFrame({"item_id": ["a", "b"], "prompt": ["tom has 3 apples", "ann has 5 pears"],
                           "choices": [["4", "5"], ["6", "7"]], "answer": [0, 1], "target": ["4", "6"]})
     chat = settings.for_task({"apply_chat_template": True, "system_instruction": "count"})
-    rendered, _ = chat_prompts(tokenizer, list(items["prompt"]), chat)
+    rendered, delimiter, _ = chat_prompts(tokenizer, list(items["prompt"]), " ", chat)
+    assert delimiter == "" and chat_prompts(tokenizer, ["x"], " ", settings) == (["x"], " ", settings)
     assert rendered[0] == "<|im_start|>system\ncount<|im_end|>\n<|im_start|>user\ntom has 3 apples<|im_end|>\n" \
                           "<|im_start|>assistant\n"
     ours = evaluate_items(model, tokenizer, items, scorer, chat, delimiter=" ")
@@ -67,7 +68,7 @@ def test_a_chat_task_is_scored_on_its_rendered_prompts_with_no_delimiter(tiny_zo
 def test_smollm2_s_own_template_opens_with_its_bos_token_which_is_then_not_added_again(smollm2):
     settings = EvalSettings.from_config({"apply_chat_template": True, "add_bos": True})
     _, tokenizer = load_causal_lm(smollm2, settings)
-    rendered, chat = chat_prompts(tokenizer, ["Question: 2 + 2?\nAnswer:"], settings)
+    rendered, _, chat = chat_prompts(tokenizer, ["Question: 2 + 2?\nAnswer:"], " ", settings)
     assert rendered[0].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert rendered[0].endswith("<|im_start|>user\nQuestion: 2 + 2?\nAnswer:<|im_end|>\n<|im_start|>assistant\n")
     assert tokenizer.bos_token == "<|im_start|>" and chat.add_bos is False  # as lm-eval: no second BOS

@@ -13,6 +13,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
 from mergeflow.errors import MergeflowError
 from mergeflow.evaluate import load_tokenizer
 from mergeflow.locations import local_model_dir
@@ -25,12 +26,6 @@ ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers"
                "num_key_value_heads", "intermediate_size", "vocab_size")
 
 
-def _model_source(name: str, model_dir: Path) -> ModelSource:
-    """The model's weights as the merge reads them (tensor names and shapes from the safetensors
-    headers, then one tensor at a time), its errors naming the model by ``name``."""
-    return ModelSource(model_dir, name)
-
-
 def _load_config(name: str, location: str, trust_remote_code: bool):
     from transformers import AutoConfig  # heavy: not at parse time, where the workflow reads weights_fingerprint
 
@@ -38,10 +33,6 @@ def _load_config(name: str, location: str, trust_remote_code: bool):
         return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except Exception as err:
         raise MergeflowError(f"model {name!r}: cannot load its config from {location!r}: {err}") from err
-
-
-def _load_tokenizer(name: str, location: str, trust_remote_code: bool):
-    return load_tokenizer(location, trust_remote_code, name)
 
 
 def resolve_model_dir(name: str, spec: dict) -> Path:
@@ -65,8 +56,8 @@ class BaseReference:
     def load(cls, models: dict[str, dict], base: str) -> "BaseReference":
         base_dir = resolve_model_dir(base, models[base])
         trust = models[base].get("trust_remote_code", False)
-        return cls(base, _load_config(base, str(base_dir), trust).to_dict(), _model_source(base, base_dir).shapes,
-                   _load_tokenizer(base, str(base_dir), trust).get_vocab())
+        return cls(base, _load_config(base, str(base_dir), trust).to_dict(), ModelSource(base_dir, base).shapes,
+                   load_tokenizer(base_dir, trust, base).get_vocab())
 
 
 def check_model(name: str, spec: dict, ref: BaseReference) -> dict:
@@ -81,7 +72,7 @@ def check_model(name: str, spec: dict, ref: BaseReference) -> dict:
         if cfg.get(field) != ref.config.get(field):
             raise MergeflowError(f"model {name!r}: config field {field!r} is {cfg.get(field)!r} but the base "
                                  f"{base!r} has {ref.config.get(field)!r}")
-    source = _model_source(name, model_dir)
+    source = ModelSource(model_dir, name)  # the weights as the merge reads them, its errors naming the model
     shapes = source.shapes
     for key, shape in ref.shapes.items():
         if key not in shapes:
@@ -92,7 +83,7 @@ def check_model(name: str, spec: dict, ref: BaseReference) -> dict:
     extra = sorted(set(shapes) - set(ref.shapes))
     if extra:
         raise MergeflowError(f"model {name!r}: tensor {extra[0]!r} is not in the base {base!r}")
-    vocab = _load_tokenizer(name, str(model_dir), trust).get_vocab()
+    vocab = load_tokenizer(model_dir, trust, name).get_vocab()
     if vocab != ref.vocab:
         diff = sorted(set(vocab.items()) ^ set(ref.vocab.items()))[:3]
         raise MergeflowError(f"model {name!r}: its tokenizer's vocabulary differs from the base {base!r} "

@@ -21,7 +21,7 @@ import yaml
 
 from mergeflow.data import template_fields
 from mergeflow.errors import MergeflowError
-from mergeflow.evaluate import CHAT_KEYS
+from mergeflow.evaluate import chat_keys
 from mergeflow.evolve.search import check_optimizer
 from mergeflow.fitness import FITNESS
 from mergeflow.gguf import gguf_architecture, gguf_file
@@ -38,8 +38,7 @@ def run_tasks(config: dict, run: str) -> list[str]:
 def task_evaluation(config: dict, task: str) -> dict:
     """The ``evaluation`` settings a task's items are scored with: the config's, with the task's
     own chat keys where it has them (unchanged, and so the same job parameters, where it has none)."""
-    tcfg = config["tasks"][task]
-    return {**config["evaluation"], **{key: tcfg[key] for key in CHAT_KEYS if key in tcfg}}
+    return {**config["evaluation"], **chat_keys(config["tasks"][task])}
 
 
 def search_model_names(config: dict, run: str) -> list[str]:

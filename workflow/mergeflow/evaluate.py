@@ -69,7 +69,7 @@ class EvalSettings:
 
     def for_task(self, task_config: dict) -> "EvalSettings":
         """These settings with a task's own chat keys (:data:`CHAT_KEYS`) where it has them."""
-        chat = {key: task_config[key] for key in CHAT_KEYS if key in task_config}
+        chat = chat_keys(task_config)
         return replace(self, **chat) if chat else self
 
 
@@ -78,12 +78,22 @@ class EvalSettings:
 CHAT_KEYS = ("apply_chat_template", "system_instruction")
 
 
-def chat_prompts(tokenizer, prompts: list[str], settings: EvalSettings) -> tuple[list[str], EvalSettings]:
-    """Each prompt wrapped in the tokenizer's chat template as lm-evaluation-harness 0.4 wraps a
-    zero-shot context (few-shot examples are already in the prompt, as in its single-turn form):
-    an optional system turn, the prompt as one user turn, and the opened assistant turn. The
-    settings come back without a BOS prefix where the rendered prompt already starts with the BOS
+def chat_keys(mapping: dict) -> dict:
+    """The chat keys a task config (or an ``evaluation`` mapping) sets: none where it sets none."""
+    return {key: mapping[key] for key in CHAT_KEYS if key in mapping}
+
+
+def chat_prompts(tokenizer, prompts: list[str], delimiter: str,
+                 settings: EvalSettings) -> tuple[list[str], str, EvalSettings]:
+    """The prompts, the delimiter before an answer and the settings as the model is given them:
+    unchanged without ``apply_chat_template``; with it, each prompt wrapped in the tokenizer's chat
+    template as lm-evaluation-harness 0.4 wraps a zero-shot context (few-shot examples are already
+    in the prompt, as in its single-turn form): an optional system turn, the prompt as one user
+    turn and the opened assistant turn, which the answer follows with no delimiter. The settings
+    then come back without a BOS prefix where the rendered prompt already starts with the BOS
     token, as lm-eval then encodes it without special tokens."""
+    if not settings.apply_chat_template:
+        return prompts, delimiter, settings
     if not getattr(tokenizer, "chat_template", None):
         raise MergeflowError("apply_chat_template is set, but the model's tokenizer has no chat template "
                              "(tokenizer_config.json or chat_template.jinja)")
@@ -101,7 +111,7 @@ def chat_prompts(tokenizer, prompts: list[str], settings: EvalSettings) -> tuple
     bos = tokenizer.bos_token
     if bos and rendered and rendered[0].startswith(bos):
         settings = replace(settings, add_bos=False)
-    return rendered, settings
+    return rendered, "", settings
 
 
 def resolve_device(device: str) -> torch.device:
@@ -557,11 +567,7 @@ def evaluate_items(model, tokenizer, items: pd.DataFrame, scorer: str, settings:
     if len(items) == 0:
         raise MergeflowError("no items to evaluate")
     max_length = context_length(model, settings)
-    prompts = [str(p) for p in items["prompt"]]
-    if settings.apply_chat_template:
-        # the answer follows the assistant's opened turn with no delimiter (lm-eval's choice there)
-        prompts, settings = chat_prompts(tokenizer, prompts, settings)
-        delimiter = ""
+    prompts, delimiter, settings = chat_prompts(tokenizer, [str(p) for p in items["prompt"]], delimiter, settings)
     if how.choices:
         pairs = [(p, delimiter + str(c)) for p, choices in zip(prompts, items["choices"]) for c in choices]
         scores = continuation_logliks(model, encode_requests(tokenizer, pairs, settings), settings.batch_size,

@@ -23,7 +23,7 @@ import mmap
 import struct
 from pathlib import Path
 
-from mergeflow.dtypes import DTYPES
+from mergeflow.dtypes import torch_dtype
 from mergeflow.errors import MergeflowError
 from mergeflow.outputs import staged_dir
 
@@ -175,18 +175,15 @@ def convert_gguf(name: str, spec: dict, out: str | Path) -> Path:
     directory ``out`` (whole or not at all), in the spec's ``dtype`` (default float32), with its
     tokenizer (and chat template) and ``converted.json``: the file, its sha256, the package it came
     from and the versions that converted it."""
-    import torch  # heavy: the conversion alone needs them, not the header checks
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: the conversion alone needs it
 
     path = gguf_file(name, spec)
     architecture = gguf_architecture(name, path)
     dtype = spec.get("dtype", "float32")
-    if dtype not in DTYPES:
-        raise MergeflowError(f"model {name!r}: dtype {dtype!r} is not one of {list(DTYPES)}")
+    weights = torch_dtype(dtype, f"model {name!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                      dtype=getattr(torch, dtype))
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=weights)
     except Exception as err:
         raise MergeflowError(f"model {name!r}: transformers cannot convert GGUF file {str(path)!r} "
                              f"(architecture {architecture!r}): {err}") from err
@@ -195,7 +192,7 @@ def convert_gguf(name: str, spec: dict, out: str | Path) -> Path:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_config(config, dtype=weights)
     model.load_state_dict(loaded.state_dict())
     del loaded
     source = spec["gguf"]

@@ -18,7 +18,7 @@ os.environ.update(PYTHONPATH=os.pathsep.join(
 from mergeflow.config import run_tasks, search_model_names, task_evaluation, validate_config
 from mergeflow.locations import hub_model_dir, local_model_dir, model_location, zoo_task_files
 from mergeflow.errors import MergeflowError
-from mergeflow.evaluate import CHAT_KEYS
+from mergeflow.evaluate import chat_keys
 from mergeflow.evolve.stages import EvolveConfig
 from mergeflow.fitness import NEED_PATHS, need_paths
 

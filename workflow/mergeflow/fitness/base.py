@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from mergeflow.evaluate import CHAT_KEYS, EvalSettings, evaluate_items
+from mergeflow.evaluate import EvalSettings, chat_keys, evaluate_items
 from mergeflow.evolve.history import RESULTS
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,7 @@ class TaskFitness:
     def of(cls, ctx: "FitnessContext", items: pd.DataFrame, estimator: Callable | None = None) -> "TaskFitness":
         """The scorer of ``ctx``'s task over ``items``: its scorer, delimiter and chat keys."""
         tcfg = ctx.task_config
-        return cls(ctx.task, items, tcfg["scorer"], tcfg["target_delimiter"], estimator,
-                   {key: tcfg[key] for key in CHAT_KEYS if key in tcfg})
+        return cls(ctx.task, items, tcfg["scorer"], tcfg["target_delimiter"], estimator, chat_keys(tcfg))
 
     def new_items(self, known: dict) -> pd.DataFrame:
         """The items whose answers are not in ``known`` (item id -> 0/1)."""

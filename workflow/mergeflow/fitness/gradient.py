@@ -99,10 +99,9 @@ def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fit
     how = get_scorer(fit.scorer)
     choice_loss, temperature = LOSSES[fitness_cfg["loss"]], fitness_cfg["temperature"]
     items, n = fit.items, len(fit.items)
-    prompts, delimiter, settings = [str(p) for p in items["prompt"]], fit.delimiter, settings.for_task(fit.chat)
-    if settings.apply_chat_template:  # as the evaluator scores the items (evaluate_items)
-        prompts, settings = chat_prompts(tokenizer, prompts, settings)
-        delimiter = ""
+    # the items as the evaluator presents them (evaluate_items), chat template included
+    prompts, delimiter, settings = chat_prompts(tokenizer, [str(p) for p in items["prompt"]], fit.delimiter,
+                                                settings.for_task(fit.chat))
     if how.choices:
         options = [[str(c) for c in cs] for cs in items["choices"]]
         golds = [int(a) for a in items["answer"]]

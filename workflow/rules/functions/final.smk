@@ -36,7 +36,7 @@ def pareto_test_tasks(wildcards):
     tasks = config["tasks"]
     return canonical({t: {"split": f"results/data/{t}/test.parquet", "scorer": tasks[t]["scorer"],
                           "delimiter": tasks[t]["target_delimiter"],
-                          **{key: tasks[t][key] for key in CHAT_KEYS if key in tasks[t]}}
+                          **chat_keys(tasks[t])}
                       for t in run_tasks(config, wildcards.run)})
 
 
