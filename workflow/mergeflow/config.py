@@ -84,6 +84,8 @@ def model_config_json(config: dict, name: str) -> dict | None:
     spec = config["models"][name]
     if "run" in spec:
         return model_config_json(config, search_model_names(config, spec["run"])[0])
+    if "finetune" in spec:  # a fine-tune keeps its model's shapes
+        return model_config_json(config, spec["finetune"]["from"])
     config_file = local_model_dir(spec) / "config.json"
     return json.loads(config_file.read_text()) if config_file.is_file() else None
 
@@ -118,6 +120,32 @@ def check_gguf_models(config: dict) -> None:
                                  f"base {base!r} is a {architecture!r} model")
 
 
+def check_finetuned_models(config: dict) -> None:
+    """Each fine-tune starts from another configured model (not, through others, from itself), and
+    its local data file exists: before any model is loaded."""
+    models = config["models"]
+    for name, spec in models.items():
+        if "finetune" not in spec:
+            continue
+        where = f"config: model {name!r}: finetune"
+        trail = [name]
+        while "finetune" in models[trail[-1]]:
+            start = models[trail[-1]]["finetune"]["from"]
+            if start not in models:
+                raise MergeflowError(f"{where}.from {start!r} is not one of models {sorted(models)}")
+            if start in trail:
+                raise MergeflowError(f"{where}: models {' -> '.join(trail + [start])} are fine-tuned from each "
+                                     "other in a circle")
+            trail.append(start)
+        if "run" in models[trail[-1]]:
+            raise MergeflowError(f"{where} starts from a run's final merge ({trail[-1]!r}), which is built after "
+                                 "the models are checked; fine-tune a base, hub, GGUF or local model")
+        template_fields(spec["finetune"]["template"], f"models.{name}.finetune.template")
+        source = spec["finetune"]["source"]
+        if "path" in source and not Path(source["path"]).is_file():
+            raise MergeflowError(f"{where}.source: file {source['path']!r} does not exist")
+
+
 def check_config(config: dict) -> None:
     """Raise ``MergeflowError`` naming the first key whose reference cannot be resolved."""
     models = config["models"]
@@ -134,6 +162,7 @@ def check_config(config: dict) -> None:
         if "path" in spec and str(path) not in built and not path.is_dir():
             raise MergeflowError(f"config: model {name!r}: directory {str(path)!r} does not exist")
     check_gguf_models(config)
+    check_finetuned_models(config)
     written = {str(p) for p in zoo_task_files(config).values()}
     for task, tcfg in config["tasks"].items():
         if get_scorer(tcfg["scorer"]).choices and "choices" not in tcfg:

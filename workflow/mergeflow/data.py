@@ -181,6 +181,24 @@ def render_items(task: str, frame: pd.DataFrame, cfg: dict) -> pd.DataFrame:
     return items
 
 
+def render_pairs(where: str, frame: pd.DataFrame, template: str, answer: str) -> tuple[list[str], list[str]]:
+    """Prompts and answer texts of training pairs (a fine-tune's data); ``where`` names the config
+    section in errors."""
+    fields = template_fields(template, f"{where}.template")
+    missing = [c for c in [*fields, answer] if c not in frame.columns]
+    if missing:
+        raise MergeflowError(f"{where}: template or answer names column(s) {missing} that the dataset lacks; "
+                             f"its columns are {list(frame.columns)}")
+    prompts, answers = [], []
+    for pos, rec in enumerate(frame.to_dict("records")):
+        for column in [*fields, answer]:
+            if _missing(rec[column]):
+                raise DataError(f"{where}: row {pos}: column {column!r} is null")
+        prompts.append(template.format(**{f: rec[f] for f in fields}))
+        answers.append(str(rec[answer]))
+    return prompts, answers
+
+
 def fewshot_prefix(examples: pd.DataFrame, separator: str, delimiter: str) -> str:
     return "".join(p + delimiter + t + separator for p, t in zip(examples["prompt"], examples["target"]))
 

@@ -361,9 +361,13 @@ def differentiable_logliks(model, requests: list[tuple[list[int], list[int]]], m
     for r, (seq, c) in enumerate(zip(seqs, kept)):
         scored[r, len(seq) - 1 - c:len(seq) - 1] = True
     device = next(model.parameters()).device
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.to(device)[..., None])[..., 0]
-    return (logp * scored.to(device)).sum(-1)
+    rows, cols = scored.nonzero(as_tuple=True)
+    # Only the scored positions go through the output embedding (as in _forward): with a large
+    # vocabulary, logits at every position would dominate the step's memory and time.
+    logits, _ = _forward(model, {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False},
+                         rows.to(device), cols.to(device))
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(device)[rows, cols][:, None])[:, 0]
+    return torch.zeros(len(seqs), dtype=logp.dtype, device=device).index_add(0, rows.to(device), logp)
 
 
 def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], batch_size: int, max_length: int,

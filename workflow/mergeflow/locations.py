@@ -1,13 +1,15 @@
 """Where things live: the result paths a run writes and the local directory of each model.
 
 Every stage reads models from local directories: a model's ``path``, the directory the fetch
-stage writes a hub model to or the convert_gguf stage a GGUF model, the zoo's, or another run's
-final merge. This module only names
+stage writes a hub model to, the convert_gguf stage a GGUF model or the finetune stage a model it
+trains, the zoo's, or another run's final merge. This module only names
 paths; it reads nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 RESULTS = Path("results")
@@ -44,6 +46,14 @@ def gguf_model_dir(spec: dict) -> Path:
     return RESULTS / "gguf" / (stem if dtype == "float32" else f"{stem}-{dtype}")
 
 
+def finetune_model_dir(spec: dict) -> Path:
+    """Where the finetune stage puts a model fine-tuned here: ``results/finetune/FROM-DIGEST``, the
+    digest of its ``finetune`` section, so that a changed recipe is a new model beside the old."""
+    section = spec["finetune"]
+    digest = hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()[:10]
+    return RESULTS / "finetune" / f"{section['from']}-{digest}"
+
+
 def run_merge_dir(run: str) -> Path:
     """Where a run's final merge is written (``final_merge``): what ``{run: NAME}`` models read."""
     return RESULTS / "runs" / run / "final" / "merge"
@@ -51,13 +61,15 @@ def run_merge_dir(run: str) -> Path:
 
 def local_model_dir(spec: dict) -> Path:
     """A model's local directory: its ``path``, another run's final merge, the directory its GGUF
-    file is converted into, or the one its hub id is fetched to."""
+    file is converted into, the one it is fine-tuned into, or the one its hub id is fetched to."""
     if "path" in spec:
         return Path(spec["path"])
     if "run" in spec:
         return run_merge_dir(spec["run"])
     if "gguf" in spec:
         return gguf_model_dir(spec)
+    if "finetune" in spec:
+        return finetune_model_dir(spec)
     return hub_model_dir(spec)
 
 
