@@ -234,3 +234,30 @@ def test_generation_stops_once_every_answer_holds_a_stop_string(tiny_zoo):
             assert len(forwards) == expected and all(len(t) == (1 if expected == 1 else 6) for t in tokens)
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("scorer", ["mc_loglik", "exact_match"])
+def test_a_prefix_every_prompt_shares_is_read_once_and_changes_nothing(tiny_zoo, monkeypatch, scorer):
+    """A long common head (a system prompt, a few-shot block) is run once per batch and its
+    keys and values handed to every row: the scores and generations are those of reading it per row."""
+    import mergeflow.evaluate as evaluate
+
+    settings = EvalSettings.from_config({"batch_size": 4, "max_new_tokens": 4})
+    model, tok = load_causal_lm(tiny_zoo / "math", settings)
+    head = " ".join([PROMPTS[1]] * 2) + " "
+    prompts = [head + p for p in (PROMPTS[0], PROMPTS[1], PROMPTS[0] + " answer", "bob has 20 apples . answer")]
+    items = _items(prompts, [CHOICES[0], CHOICES[1], CHOICES[0], CHOICES[1]], [0, 1, 2, 0]).assign(
+        target=["7", "12", "7", "20"])
+    if scorer == "exact_match":
+        items = items.assign(choices=[[] for _ in prompts], answer=-1)
+    calls = []
+    shared = evaluate._shared_prefix
+    monkeypatch.setattr(evaluate, "_shared_prefix", lambda trees: calls.append(shared(trees)) or calls[-1])
+    once = evaluate_items(model, tok, items, scorer, settings)
+    assert calls and min(calls) >= evaluate.SHARED_PREFIX_MIN
+    monkeypatch.setattr(evaluate, "_shared_prefix", lambda trees: 0)
+    per_row = evaluate_items(model, tok, items, scorer, settings)
+    assert once["loglik"].to_numpy() == pytest.approx(per_row["loglik"].to_numpy(), abs=1e-4)
+    assert list(once["correct"]) == list(per_row["correct"])
+    if scorer == "exact_match":
+        assert list(once["generation"]) == list(per_row["generation"])

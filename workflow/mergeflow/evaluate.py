@@ -427,9 +427,20 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_siz
                 rows += [r] * (n - tree.context_len + 1)
                 cols += range(tree.context_len - 1, n)
             inputs = {"input_ids": torch.from_numpy(ids).to(device), "use_cache": bool(max_new_tokens)}
+            shared = _shared_prefix([trees[t] for t in batch]) if share else 0
+            if shared:
+                # The batch's common prefix (a system prompt, a template's head) is read once and
+                # its keys and values given to every row: the rows then read only their own tokens.
+                _, prefix_cache = _forward(model, {"input_ids": torch.from_numpy(ids[:1, :shared]).to(device),
+                                                   "position_ids": torch.from_numpy(positions[:1, :shared]).to(device),
+                                                   "use_cache": True}, torch.zeros(0, dtype=torch.long, device=device),
+                                           torch.zeros(0, dtype=torch.long, device=device))
+                prefix_cache.batch_repeat_interleave(len(batch))
+                inputs = {"input_ids": inputs["input_ids"][:, shared:], cache_keyword: prefix_cache, "use_cache": True}
+                cols = [c - shared for c in cols]
             if share:
-                inputs |= {"attention_mask": _additive(allowed, dtype).to(device),
-                           "position_ids": torch.from_numpy(positions).to(device)}
+                inputs |= {"attention_mask": _additive(allowed[:, :, shared:, :], dtype).to(device),
+                           "position_ids": torch.from_numpy(positions[:, shared:]).to(device)}
             else:  # plain right-padded sequences: the model builds its own causal (and window) mask
                 lengths = torch.tensor([len(trees[t].tokens) for t in batch])[:, None]
                 inputs["attention_mask"] = (torch.arange(width)[None, :] < lengths).long().to(device)
@@ -452,6 +463,24 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_siz
             if meter:
                 meter.update()
     return out, [generated[t] for t, _, _ in reads]
+
+
+# The shortest common prefix worth a pass of its own: below it the extra pass costs more than it saves.
+SHARED_PREFIX_MIN = 16
+
+
+def _shared_prefix(trees: list[ScoringTree]) -> int:
+    """How many leading tokens every tree of a batch has in common, short of each context's last
+    token (where its scored positions start); 0 when a single tree or fewer than
+    :data:`SHARED_PREFIX_MIN` tokens are shared."""
+    if len(trees) < 2:
+        return 0
+    limit = min(tree.context_len for tree in trees) - 1
+    first = trees[0].tokens
+    n = 0
+    while n < limit and all(tree.tokens[n] == first[n] for tree in trees[1:]):
+        n += 1
+    return n if n >= SHARED_PREFIX_MIN else 0
 
 
 def _decode_greedy(model, trees: list[ScoringTree], first: torch.Tensor, cache, cache_keyword: str, width: int,
