@@ -50,7 +50,7 @@ def items(n: int, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def run_mergeflow(model_dir: str, split: str, system: str | None) -> dict:
+def run_mergeflow(model_dir: str, split: str, system: str | None, tasks: tuple[str, ...] = ("mc", "gen")) -> dict:
     import torch
 
     torch.set_num_threads(2)
@@ -73,6 +73,8 @@ def run_mergeflow(model_dir: str, split: str, system: str | None) -> dict:
     report["mc_s"] = time.perf_counter() - t0
     report["mc"] = {r.item_id: {"logliks": list(r.choice_logliks), "correct": int(r.correct)}
                     for r in mc.itertuples(index=False)}
+    if "gen" not in tasks:
+        return report
     t0 = time.perf_counter()
     gen = evaluate.evaluate_items(model, tokenizer, frame, "exact_match", settings)
     report["gen_s"] = time.perf_counter() - t0
@@ -81,7 +83,7 @@ def run_mergeflow(model_dir: str, split: str, system: str | None) -> dict:
     return report
 
 
-def run_peer(model_dir: str, split: str, system: str | None) -> dict:
+def run_peer(model_dir: str, split: str, system: str | None, tasks: tuple[str, ...] = ("mc", "gen")) -> dict:
     import torch
 
     torch.set_num_threads(2)
@@ -102,7 +104,7 @@ def run_peer(model_dir: str, split: str, system: str | None) -> dict:
         for name, lines in yamls.items():
             Path(tmp, f"{name}.yaml").write_text("\n".join(lines) + "\n")
         manager = TaskManager(include_path=tmp)  # indexing lm-eval's own task library: untimed
-        for name in yamls:
+        for name in tasks:
             t0 = time.perf_counter()
             result = lm_eval.simple_evaluate(model=lm, tasks=[f"chat_{name}"], task_manager=manager, batch_size=16,
                                              log_samples=True, apply_chat_template=True, system_instruction=system)
@@ -130,10 +132,11 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--split", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--tasks", default="mc,gen", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         run = run_mergeflow if args.side == "mergeflow" else run_peer
-        Path(args.out).write_text(json.dumps(run(args.model, args.split, args.system)))
+        Path(args.out).write_text(json.dumps(run(args.model, args.split, args.system, tuple(args.tasks.split(",")))))
         return
     from mergeflow.gguf import convert_gguf
 
@@ -142,15 +145,19 @@ def main() -> None:
         split = Path(tmp) / "items.parquet"
         frame = items(args.items)
         frame.to_parquet(split, index=False)
-        reports = {}
-        for side, python in (("mergeflow", Path(sys.executable)), ("peer", args.peer_venv / "bin" / "python")):
-            out = Path(tmp) / f"{side}.json"
-            extra = ["--system", args.system] if args.system else []
-            subprocess.run([str(python), __file__, "--side", side, "--model", str(model), "--split", str(split),
-                            "--out", str(out), *extra], check=True,
-                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "workflow"), "HF_HUB_OFFLINE": "1",
-                                "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"})
-            reports[side] = json.loads(out.read_text())
+        reports, whole = {}, {}
+        for tasks in ("mc,gen", "mc"):  # both tasks, compared; then multiple choice alone, each process timed whole
+            for side, python in (("mergeflow", Path(sys.executable)), ("peer", args.peer_venv / "bin" / "python")):
+                out = Path(tmp) / f"{side}.json"
+                extra = ["--system", args.system] if args.system else []
+                t0 = time.perf_counter()
+                subprocess.run([str(python), __file__, "--side", side, "--model", str(model), "--split", str(split),
+                                "--out", str(out), "--tasks", tasks, *extra], check=True,
+                               env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "workflow"),
+                                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+                                    "TOKENIZERS_PARALLELISM": "false"})
+                whole[side] = time.perf_counter() - t0
+                reports.setdefault(side, json.loads(out.read_text()))
     ours, peer = reports["mergeflow"], reports["peer"]
     ids = sorted(ours["mc"])
     contexts = sum(ours["contexts"][i] != peer["contexts"][i] for i in ids)
@@ -172,6 +179,8 @@ def main() -> None:
     print(f"time, model loaded (2 threads): multiple choice mergeflow {ours['mc_s']:.1f} s, lm-eval {peer['mc_s']:.1f} s "
           f"({peer['mc_s'] / ours['mc_s']:.2f}x); generation mergeflow {ours['gen_s']:.1f} s, lm-eval "
           f"{peer['gen_s']:.1f} s ({peer['gen_s'] / ours['gen_s']:.2f}x)")
+    print(f"time, multiple choice alone, each process whole (start, imports, model load, items; 2 threads): "
+          f"mergeflow {whole['mergeflow']:.1f} s, lm-eval {whole['peer']:.1f} s ({whole['peer'] / whole['mergeflow']:.2f}x)")
     print("example context:\n" + ours["contexts"][ids[0]])
 
 
