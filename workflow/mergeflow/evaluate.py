@@ -302,15 +302,19 @@ def _truncated(context: list[int], continuation: list[int], max_length: int) -> 
     return full, min(len(continuation), len(full) - 1)
 
 
-def pack_requests(requests: list[tuple[list[int], list[int]]], max_length: int, share: bool = True
-                  ) -> tuple[list[ScoringTree], list[tuple[int, list[int], list[int]]]]:
+def pack_requests(requests: list[tuple[list[int], list[int]]], max_length: int, share: bool = True,
+                  open_ends: frozenset[int] = frozenset()
+                  ) -> tuple[list[ScoringTree], list[tuple[int, list[int], list[int]]], dict[int, int]]:
     """The scoring trees of ``requests`` and, per request, its tree, the packed indices that
     predict its tokens and the tokens. A request reads ``(context + continuation)`` cut to
     ``max_length + 1`` tokens from the left, so that requests truncated alike share a tree;
-    without ``share`` each request has a tree of its own (a plain sequence)."""
+    without ``share`` each request has a tree of its own (a plain sequence). The requests in
+    ``open_ends`` are a generation's start: their whole continuation is packed, and the third
+    result maps their tree to the packed index after which it generates."""
     trees: list[ScoringTree] = []
     by_context: dict = {}
     reads = []
+    starts: dict[int, int] = {}
     for i, (ctx, cont) in enumerate(requests):
         full, c = _truncated(ctx, cont, max_length)
         context, answer = tuple(full[:len(full) - c]), full[len(full) - c:]
@@ -319,8 +323,14 @@ def pack_requests(requests: list[tuple[list[int], list[int]]], max_length: int, 
             by_context[key] = len(trees)
             trees.append(ScoringTree.of(context))
         t = by_context[key]
-        reads.append((t, trees[t].add(answer), answer))
-    return trees, reads
+        if i in open_ends:  # one more (unscored) token packs the continuation's last as a node
+            at = trees[t].add(answer + [0])
+            if starts.setdefault(t, at[-1]) != at[-1]:
+                raise MergeflowError("two generations would start from one scoring tree at different tokens")
+            reads.append((t, at[:-1], answer))
+        else:
+            reads.append((t, trees[t].add(answer), answer))
+    return trees, reads, starts
 
 
 def _forward(model, inputs: dict, rows: torch.Tensor, cols: torch.Tensor):
@@ -378,12 +388,15 @@ def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], bat
 
 def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_size: int, max_length: int,
                    progress: str = "", max_new_tokens: int = 0, stop_ids: frozenset[int] = frozenset(),
-                   stopped: Callable[[list[int]], bool] | None = None) -> tuple[np.ndarray, list[list[int]]]:
+                   stopped: Callable[[list[int]], bool] | None = None, open_ends: frozenset[int] = frozenset()
+                   ) -> tuple[np.ndarray, list[list[int]]]:
     """Summed log-probability of each continuation given its context and, with
     ``max_new_tokens``, the greedy continuation of each request's scoring tree (up to a stop id,
     which is left out), decoded from the tree's own pass and key/value cache. A continuation for
     which ``stopped`` holds (it reached a stop string) gets no more tokens, and decoding ends when
-    every continuation of the batch is done.
+    every continuation of the batch is done. A tree holding a request of ``open_ends`` generates
+    after that request's continuation instead (a prompt's trailing whitespace, which the gold
+    answer's scoring moves into its continuation: both then share one pass).
 
     Requests with the same context are scored from one packed sequence (:class:`ScoringTree`);
     the sequences are sorted by length, longest first, so that a batch pads little; logits are
@@ -397,7 +410,7 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_siz
     share = shares_contexts(model, max_length)
     if max_new_tokens and not share:
         raise MergeflowError("greedy generation from scoring trees needs a model that takes a packed mask")
-    trees, reads = pack_requests(requests, max_length, share)
+    trees, reads, starts = pack_requests(requests, max_length, share, open_ends)
     order = sorted(range(len(trees)), key=lambda t: -len(trees[t].tokens))
     batch_of = [0] * len(trees)
     for rank, t in enumerate(order):
@@ -456,8 +469,9 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_siz
             sums.index_add_(0, torch.tensor(owner, device=device, dtype=torch.long), token_lp)
             out[idx] = sums.cpu().numpy()
             if max_new_tokens:
-                ends = [first[t] + trees[t].context_len - 1 for t in batch]
-                _decode_greedy(model, [trees[t] for t in batch], logits[ends].float().argmax(-1), cache,
+                nodes = [starts.get(t, trees[t].context_len - 1) for t in batch]
+                ends = [first[t] + node for t, node in zip(batch, nodes)]
+                _decode_greedy(model, [trees[t] for t in batch], nodes, logits[ends].float().argmax(-1), cache,
                                cache_keyword, width, max_new_tokens, stop_ids, [generated[t] for t in batch],
                                stopped)
             if meter:
@@ -483,19 +497,20 @@ def _shared_prefix(trees: list[ScoringTree]) -> int:
     return n if n >= SHARED_PREFIX_MIN else 0
 
 
-def _decode_greedy(model, trees: list[ScoringTree], first: torch.Tensor, cache, cache_keyword: str, width: int,
-                   max_new_tokens: int, stop_ids: frozenset[int], into: list[list[int]],
+def _decode_greedy(model, trees: list[ScoringTree], nodes: list[int], first: torch.Tensor, cache, cache_keyword: str,
+                   width: int, max_new_tokens: int, stop_ids: frozenset[int], into: list[list[int]],
                    stopped: Callable[[list[int]], bool] | None = None) -> None:
-    """Greedy decoding of a batch of trees after their packed pass: ``first`` are the tokens the
-    contexts' last positions predict, ``cache`` holds the pass's keys and values. A new token
-    sits at the position after its context and attends to the context and the tokens generated
-    before it, never to the continuations packed after the context; ``into`` (one list per tree)
-    receives the tokens up to the first stop id."""
+    """Greedy decoding of a batch of trees after their packed pass, each from its packed token
+    ``nodes[r]`` (the context's last, or the end of a packed continuation): ``first`` are the
+    tokens those positions predict, ``cache`` holds the pass's keys and values. A new token sits
+    at the position after that node and attends to what the node attends to and the tokens
+    generated before it, never to the other continuations packed in the tree; ``into`` (one list
+    per tree) receives the tokens up to the first stop id."""
     device, dtype = first.device, next(model.parameters()).dtype
     seen = np.zeros((len(trees), width), dtype=bool)
-    for r, tree in enumerate(trees):
-        seen[r, :tree.context_len] = True
-    start = torch.tensor([tree.context_len for tree in trees], device=device)
+    for r, (tree, node) in enumerate(zip(trees, nodes)):
+        seen[r, :len(tree.tokens)] = tree.mask()[node]
+    start = torch.tensor([tree.positions[node] + 1 for tree, node in zip(trees, nodes)], device=device)
     token, done = first, [False] * len(trees)
     for step in range(max_new_tokens):
         for r, tok in enumerate(token.tolist()):
@@ -623,10 +638,15 @@ def evaluate_items(model, tokenizer, items: pd.DataFrame, scorer: str, settings:
         if shares_contexts(model, max_length):
             # One pass per prompt scores the gold answer and starts the generation (their
             # contexts coincide unless the prompt ends in whitespace or is cut).
+            # A prompt ending in whitespace: its gold context lacks the whitespace's tokens, which the
+            # generation then reads as a packed continuation of that context (one pass, not two).
             contexts = _generation_contexts(tokenizer, prompts, settings, max_length)
-            loglik, tokens = score_requests(model, gold + [(c, []) for c in contexts], settings.batch_size,
-                                            max_length, progress, settings.max_new_tokens, _stop_ids(model, tokenizer),
-                                            _reaches_stop(tokenizer))
+            starts = [(g, c[len(g):]) if len(c) > len(g) and c[:len(g)] == g else (c, [])
+                      for (g, _), c in zip(gold, contexts)]
+            loglik, tokens = score_requests(model, gold + starts, settings.batch_size, max_length, progress,
+                                            settings.max_new_tokens, _stop_ids(model, tokenizer),
+                                            _reaches_stop(tokenizer),
+                                            frozenset(len(gold) + i for i, (_, w) in enumerate(starts) if w))
             loglik = loglik[:len(gold)]
             generations = [_cut(tokenizer.decode(t, skip_special_tokens=True)) for t in tokens[len(gold):]]
         else:
