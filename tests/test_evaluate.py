@@ -200,11 +200,17 @@ def test_a_sliding_window_model_is_scored_one_sequence_per_request(tiny_zoo):
     assert plain == pytest.approx(packed, abs=1e-4)  # Llama applies no window: same scores either way
 
 
-def test_generation_from_the_scoring_pass_matches_generate(tiny_zoo):
+def test_generation_from_the_scoring_pass_matches_generate(tiny_zoo, monkeypatch):
     """exact_match decodes from the pass that scores the gold answer; it generates what the
     model's ``generate`` does: prompts of several lengths, one ending in a space (its gold
-    context differs), one cut to the context length, one repeated."""
+    context lacks the space, which is packed after it and generated from: still one tree), one
+    cut to the context length, one repeated."""
+    import mergeflow.evaluate as evaluate
     from mergeflow.evaluate import generate_greedy
+
+    packed = []
+    pack = evaluate.pack_requests
+    monkeypatch.setattr(evaluate, "pack_requests", lambda *a, **k: packed.append(pack(*a, **k)) or packed[-1])
 
     settings = EvalSettings.from_config({"batch_size": 3, "max_new_tokens": 5})
     model, tok = load_causal_lm(tiny_zoo / "math", settings)
@@ -214,6 +220,10 @@ def test_generation_from_the_scoring_pass_matches_generate(tiny_zoo):
                           "choices": [[] for _ in prompts], "answer": -1, "target": ["7", "12", "7", "20", "7"]})
     out = evaluate_items(model, tok, items, "exact_match", settings)
     assert list(out["generation"]) == generate_greedy(model, tok, prompts, settings)
+    trees, _, starts = packed[0]
+    # one tree per distinct prompt and one more for the cut prompt (its gold and its generation keep
+    # different tails); the spaced prompt's tree generates after its space
+    assert len(starts) == 1 and len(trees) == 5
 
 
 def test_generation_stops_once_every_answer_holds_a_stop_string(tiny_zoo):
