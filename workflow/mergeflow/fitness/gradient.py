@@ -141,7 +141,9 @@ def genome_gradient(merger, tokenizer, space, genome: np.ndarray, tasks: list[Ta
     """Per task, the gradient of its training loss with respect to the genome at ``genome``, and
     the loss. Leaves the merger's model holding the merge of ``genome`` with no gradients."""
     genome = np.asarray(genome, dtype=np.float64)
-    model = merger.merge(space.to_recipe(genome, seed=seed))
+    recipe = space.to_recipe(genome, seed=seed)
+    # the fitness job has just merged this candidate to score it: no second merge
+    model = merger.model if merger.merged == recipe else merger.merge(recipe)
     params = dict(model.named_parameters())
     max_length = context_length(model, settings)
     grads: dict[str, dict[str, torch.Tensor]] = {}

@@ -59,6 +59,7 @@ class InMemoryMerger:
         self.model = self._preallocate()
         self.parameters = dict(self.model.state_dict())
         self.workspace = Workspace(cache=True, sort_cache=sort_magnitudes)
+        self.merged: Recipe | None = None  # the recipe the model holds, None before a merge or after a failed one
 
     def _load(self, source: ModelSource) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -118,8 +119,10 @@ class InMemoryMerger:
             return merge_tensor(tensor_plan, self._fetch, self.device, self.workspace).to(self.out_dtype)
 
     def merge(self, recipe: Recipe) -> torch.nn.Module:
-        """Merge ``recipe`` into the preallocated model in place and return the model."""
+        """Merge ``recipe`` into the preallocated model in place and return the model
+        (:attr:`merged` then says which recipe it holds)."""
         plan = self.plan(recipe)
+        self.merged = None  # until every tensor is written
         with torch.no_grad():
             for tensor_plan in plan.tensors:
                 target = self.parameters.get(tensor_plan.name)
@@ -133,6 +136,7 @@ class InMemoryMerger:
                                       out=target if direct else None)
                 if merged is not target:
                     target.copy_(merged)
+        self.merged = recipe
         return self.model
 
     def nonfinite_tensors(self) -> list[str]:
