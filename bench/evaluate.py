@@ -209,7 +209,7 @@ def vocab32k_model(zoo_model: Path, out: Path) -> Path:
     from transformers import AutoConfig, LlamaForCausalLM
 
     from mergeflow.evaluate import load_tokenizer
-    from mergeflow.zoo.build import save_model
+    from mergeflow.outputs import save_model
 
     if (out / "config.json").exists():
         return out

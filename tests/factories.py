@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergeflow.zoo.build import build_base, build_expert, build_tokenizer, new_model, save_model, write_task_sources
+from mergeflow.outputs import save_model
+from mergeflow.zoo.build import build_base, build_expert, build_tokenizer, new_model, write_task_sources
 
 # A small zoo, trained just long enough for the experts to beat the base at home.
 TINY_ZOO = {

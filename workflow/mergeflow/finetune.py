@@ -11,7 +11,6 @@ the seed: same inputs, same weights (on one machine).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
@@ -23,8 +22,9 @@ import torch
 
 from mergeflow.data import load_source, render_pairs
 from mergeflow.errors import MergeflowError
-from mergeflow.evaluate import EvalSettings, differentiable_logliks, encode_requests, load_tokenizer, resolve_device
-from mergeflow.outputs import staged_dir
+from mergeflow.evaluate import (EvalSettings, context_length, differentiable_logliks, encode_requests, load_tokenizer,
+                                resolve_device)
+from mergeflow.outputs import save_model
 from mergeflow.progress import Progress
 from mergeflow.schema import validate_section
 
@@ -74,7 +74,7 @@ def finetune(name: str, spec: dict, source_dir: str | Path, out: str | Path, eva
     # float32 weights and optimizer state on the evaluation's device (a GPU where there is one)
     model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32, use_safetensors=True)
     model.to(resolve_device(settings.device))
-    max_length = getattr(model.config, "max_position_embeddings", 2048)
+    max_length = context_length(model, settings)
     if not section["train_embeddings"]:
         model.get_input_embeddings().weight.requires_grad_(False)
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -107,12 +107,9 @@ def finetune(name: str, spec: dict, source_dir: str | Path, out: str | Path, eva
 
     import transformers
 
-    with staged_dir(out) as stage:
-        model.save_pretrained(stage, safe_serialization=True)
-        tokenizer.save_pretrained(stage)
-        record = {"model": name, "finetune": section, "pairs": len(pairs),
-                  "loss": {"first": losses[0], "last10": float(np.mean(losses[-10:]))},
-                  "losses": [round(x, 5) for x in losses],
-                  "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                               "python": platform.python_version()}}
-        (stage / "finetune.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    save_model(model, tokenizer, out, {"finetune.json": {
+        "model": name, "finetune": section, "pairs": len(pairs),
+        "loss": {"first": losses[0], "last10": float(np.mean(losses[-10:]))},
+        "losses": [round(x, 5) for x in losses],
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()}}})

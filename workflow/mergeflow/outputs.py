@@ -7,6 +7,7 @@ it was (an earlier good merge stays), never a half-written model.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -98,3 +99,13 @@ def staged_dir(out: str | Path, *, force: bool = False, protected: Iterable[str 
             old.unlink()
     else:
         os.replace(stage, out)
+
+
+def save_model(model, tokenizer, out: str | Path, records: dict[str, dict] | None = None) -> None:
+    """Write an HF model directory (weights as safetensors, the tokenizer, and each of ``records``
+    as a JSON file by name, e.g. ``zoo.json``) whole or not at all (:func:`staged_dir`)."""
+    with staged_dir(out) as stage:
+        model.save_pretrained(stage, safe_serialization=True)
+        tokenizer.save_pretrained(stage)
+        for name, record in (records or {}).items():
+            (stage / name).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

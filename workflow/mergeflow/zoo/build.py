@@ -7,9 +7,7 @@ code. Everything is a function of the seed.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,8 @@ from transformers import (
     AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 )
 
-from mergeflow.outputs import staged_dir
+from mergeflow.finetune import lr_factor
+from mergeflow.outputs import save_model
 from mergeflow.progress import Progress
 from mergeflow.zoo import language
 
@@ -112,13 +111,7 @@ def train(model, tokenizer, spec: TrainSpec, seed: int, checkpoint_dir: Path | N
     sample = language.CORPORA[spec.corpus]
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
-    def lr_at(step: int) -> float:
-        if step < spec.warmup:
-            return (step + 1) / spec.warmup
-        progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, spec.steps, spec.warmup))
     model.train()
     losses = []
     meter = Progress(f"zoo {spec.corpus}", spec.steps, "step")
@@ -139,15 +132,6 @@ def train(model, tokenizer, spec: TrainSpec, seed: int, checkpoint_dir: Path | N
     return losses
 
 
-def save_model(model, tokenizer, out: Path, extra: dict | None = None) -> None:
-    """Write an HF model directory whole or not at all (:func:`mergeflow.outputs.staged_dir`)."""
-    with staged_dir(out) as stage:
-        model.save_pretrained(stage, safe_serialization=True)
-        tokenizer.save_pretrained(stage)
-        if extra is not None:
-            (stage / "zoo.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
-
-
 def build_base(cfg: dict, out: Path) -> None:
     """Pretrain the base model on both languages (see ``language.pretraining_text``)."""
     arch = cfg["model"]
@@ -157,8 +141,8 @@ def build_base(cfg: dict, out: Path) -> None:
     phase = cfg["base"]
     spec = TrainSpec("pretrain", phase["steps"], phase["batch_size"], phase["lr"])
     losses = train(model, tokenizer, spec, seed=cfg["seed"])
-    save_model(model, tokenizer, out, {"role": "base", "corpus": "pretrain", "steps": spec.steps,
-                                       "final_loss": float(np.mean(losses[-50:])), "seed": cfg["seed"]})
+    save_model(model, tokenizer, out, {"zoo.json": {"role": "base", "corpus": "pretrain", "steps": spec.steps,
+                                                    "final_loss": float(np.mean(losses[-50:])), "seed": cfg["seed"]}})
 
 
 def build_expert(cfg: dict, name: str, base_dir: Path, out: Path, checkpoints: Path) -> None:
@@ -171,8 +155,8 @@ def build_expert(cfg: dict, name: str, base_dir: Path, out: Path, checkpoints: P
                      checkpoint_every=cfg.get("checkpoint_every", 0))
     checkpoints.mkdir(parents=True, exist_ok=True)
     losses = train(model, tokenizer, spec, seed=seed, checkpoint_dir=checkpoints)
-    save_model(model, tokenizer, out, {"role": "expert", "corpus": spec.corpus, "steps": spec.steps,
-                                       "final_loss": float(np.mean(losses[-50:])), "seed": seed})
+    save_model(model, tokenizer, out, {"zoo.json": {"role": "expert", "corpus": spec.corpus, "steps": spec.steps,
+                                                    "final_loss": float(np.mean(losses[-50:])), "seed": seed}})
 
 
 def write_task_sources(cfg: dict, out_dir: Path) -> None:
