@@ -469,11 +469,13 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_siz
             sums.index_add_(0, torch.tensor(owner, device=device, dtype=torch.long), token_lp)
             out[idx] = sums.cpu().numpy()
             if max_new_tokens:
+                # each tree generates after its context's last token, or after an open-ended continuation
                 nodes = [starts.get(t, trees[t].context_len - 1) for t in batch]
                 ends = [first[t] + node for t, node in zip(batch, nodes)]
-                _decode_greedy(model, [trees[t] for t in batch], nodes, logits[ends].float().argmax(-1), cache,
-                               cache_keyword, width, max_new_tokens, stop_ids, [generated[t] for t in batch],
-                               stopped)
+                _decode_greedy(model, allowed[np.arange(len(batch)), 0, nodes],
+                               [trees[t].positions[node] + 1 for t, node in zip(batch, nodes)],
+                               logits[ends].float().argmax(-1), cache, cache_keyword, max_new_tokens, stop_ids,
+                               [generated[t] for t in batch], stopped)
             if meter:
                 meter.update()
     return out, [generated[t] for t, _, _ in reads]
@@ -497,21 +499,19 @@ def _shared_prefix(trees: list[ScoringTree]) -> int:
     return n if n >= SHARED_PREFIX_MIN else 0
 
 
-def _decode_greedy(model, trees: list[ScoringTree], nodes: list[int], first: torch.Tensor, cache, cache_keyword: str,
-                   width: int, max_new_tokens: int, stop_ids: frozenset[int], into: list[list[int]],
+def _decode_greedy(model, seen: np.ndarray, start: list[int], first: torch.Tensor, cache, cache_keyword: str,
+                   max_new_tokens: int, stop_ids: frozenset[int], into: list[list[int]],
                    stopped: Callable[[list[int]], bool] | None = None) -> None:
-    """Greedy decoding of a batch of trees after their packed pass, each from its packed token
-    ``nodes[r]`` (the context's last, or the end of a packed continuation): ``first`` are the
-    tokens those positions predict, ``cache`` holds the pass's keys and values. A new token sits
-    at the position after that node and attends to what the node attends to and the tokens
-    generated before it, never to the other continuations packed in the tree; ``into`` (one list
-    per tree) receives the tokens up to the first stop id."""
+    """Greedy decoding of a batch of trees after their packed pass, each row from one packed token
+    (the context's last, or the end of a packed continuation): ``seen`` is what that token attends
+    to (its row of the tree's mask), ``start`` the position after it, ``first`` the tokens it
+    predicts, ``cache`` the pass's keys and values. A new token sits at the next position and
+    attends to what the start token attends to and the tokens generated before it, never to the
+    other continuations packed in the tree; ``into`` (one list per row) receives the tokens up to
+    the first stop id."""
     device, dtype = first.device, next(model.parameters()).dtype
-    seen = np.zeros((len(trees), width), dtype=bool)
-    for r, (tree, node) in enumerate(zip(trees, nodes)):
-        seen[r, :len(tree.tokens)] = tree.mask()[node]
-    start = torch.tensor([tree.positions[node] + 1 for tree, node in zip(trees, nodes)], device=device)
-    token, done = first, [False] * len(trees)
+    start = torch.tensor(start, device=device)
+    token, done = first, [False] * len(into)
     for step in range(max_new_tokens):
         for r, tok in enumerate(token.tolist()):
             done[r] = done[r] or tok in stop_ids
@@ -520,11 +520,11 @@ def _decode_greedy(model, trees: list[ScoringTree], nodes: list[int], first: tor
                 done[r] = stopped is not None and stopped(into[r])
         if all(done) or step == max_new_tokens - 1:
             return
-        seen = np.concatenate([seen, np.ones((len(trees), 1), dtype=bool)], axis=1)
+        seen = np.concatenate([seen, np.ones((len(into), 1), dtype=bool)], axis=1)
         inputs = {"input_ids": token[:, None], "position_ids": (start + step)[:, None], cache_keyword: cache,
                   "attention_mask": _additive(seen[:, None, None, :], dtype).to(device), "use_cache": True}
-        logits, cache = _forward(model, inputs, torch.arange(len(trees), device=device),
-                                 torch.zeros(len(trees), dtype=torch.long, device=device))
+        logits, cache = _forward(model, inputs, torch.arange(len(into), device=device),
+                                 torch.zeros(len(into), dtype=torch.long, device=device))
         token = logits.float().argmax(-1)
 
 
@@ -636,10 +636,9 @@ def evaluate_items(model, tokenizer, items: pd.DataFrame, scorer: str, settings:
         pairs = [(p, delimiter + str(t)) for p, t in zip(prompts, items["target"])]
         gold = encode_requests(tokenizer, pairs, settings)
         if shares_contexts(model, max_length):
-            # One pass per prompt scores the gold answer and starts the generation (their
-            # contexts coincide unless the prompt ends in whitespace or is cut).
-            # A prompt ending in whitespace: its gold context lacks the whitespace's tokens, which the
-            # generation then reads as a packed continuation of that context (one pass, not two).
+            # One pass per prompt scores the gold answer and starts the generation. A prompt ending
+            # in whitespace: its gold context lacks the whitespace's tokens, which the generation
+            # reads as a packed continuation of that context; only a cut prompt needs a tree of its own.
             contexts = _generation_contexts(tokenizer, prompts, settings, max_length)
             starts = [(g, c[len(g):]) if len(c) > len(g) and c[:len(g)] == g else (c, [])
                       for (g, _), c in zip(gold, contexts)]
