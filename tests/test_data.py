@@ -86,6 +86,35 @@ def test_empty_source_is_named(tmp_path):
         split_task("t", _cfg(path), seed=0)
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("src.csv", "", "has no rows"),
+    ("src.csv", "question,label\n", "has no rows"),
+    ("src.csv", 'question,label\n"what,1\n', r"cannot read source .*src.csv' as csv \(ParserError: .*EOF inside string"),
+    ("src.parquet", "not parquet", r"source .*src.parquet' is not a parquet file"),
+    ("src.jsonl", "{not json\n", r"cannot read source .*src.jsonl' as json \(ArrowInvalid: JSON parse error"),
+])
+def test_empty_and_unreadable_sources_are_named(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(MergeflowError, match=message):
+        split_task("t", _cfg(path), seed=0)
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("question", "", r"task 't', item 'q3': template field 'question' is empty \(''\)"),
+    ("question", " \n ", r"task 't', item 'q3': template field 'question' is empty"),
+    ("qid", None, r"task 't', row 3: id column 'qid' is null"),
+    ("qid", "q4", r"task 't': item ids of column 'qid' are not unique \(1 repeated, e.g. 'q4'\)"),
+])
+def test_empty_prompts_and_bad_ids_are_named(tmp_path, column, value, message):
+    frame = pd.read_parquet(_source(tmp_path))
+    frame[column] = frame[column].astype(object)
+    frame.at[3, column] = value
+    frame.to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=message):
+        split_task("t", _cfg(tmp_path / "bad.parquet"), seed=0)
+
+
 def test_missing_source_file_is_named(tmp_path):
     with pytest.raises(MergeflowError, match="source file .*nope.parquet' does not exist"):
         split_task("t", _cfg(tmp_path / "nope.parquet"), seed=0)

@@ -36,12 +36,13 @@ def load_source(task: str, source: dict) -> pd.DataFrame:
         fmt = LOCAL_FORMATS.get(path.suffix)
         if fmt is None:
             raise MergeflowError(f"task {task!r}: source {str(path)!r} must end in one of {sorted(LOCAL_FORMATS)}")
-        if _local_rows(path, fmt) == 0:
+        if _local_rows(task, path, fmt) == 0:
             raise MergeflowError(f"task {task!r}: source {str(path)!r} has no rows")
         try:
             ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
         except Exception as err:
-            raise MergeflowError(f"task {task!r}: cannot load source {str(path)!r}: {err}") from err
+            raise MergeflowError(f"task {task!r}: cannot read source {str(path)!r} as {fmt} "
+                                 f"({_root_cause(err)})") from err
     else:
         split = source["split"]
         try:
@@ -60,13 +61,30 @@ def load_source(task: str, source: dict) -> pd.DataFrame:
     return frame
 
 
-def _local_rows(path: Path, fmt: str) -> int | None:
-    """Row count of a local file where it is cheap to know (``datasets`` fails on empty files)."""
+def _local_rows(task: str, path: Path, fmt: str) -> int | None:
+    """Row count of a local file where it is cheap to know (``datasets`` fails on empty files,
+    and cryptically on a file that is not what its suffix says)."""
     if fmt == "parquet":
-        import pyarrow.parquet as pq  # pyarrow's parquet reader, only for this count
+        import pyarrow  # pyarrow's parquet reader, only for this count
+        import pyarrow.parquet as pq
 
-        return pq.read_metadata(path).num_rows
+        try:
+            return pq.read_metadata(path).num_rows
+        except pyarrow.ArrowException as err:
+            raise MergeflowError(f"task {task!r}: source {str(path)!r} is not a parquet file ({err})") from err
+    if fmt == "csv":
+        with path.open(errors="replace") as lines:
+            return None if sum(1 for line in lines if line.strip()) > 1 else 0  # a header alone has no rows
     return None if path.stat().st_size else 0
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost error's message: ``datasets`` wraps a parse error in "An error occurred while
+    generating the dataset", which names neither the file's fault nor its place (the error it was
+    raised from does)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}"
 
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -101,6 +119,16 @@ def template_fields(template: str, where: str = "template") -> list[str]:
 def _missing(value) -> bool:
     """A null cell: None, or a float NaN as pandas reads a null."""
     return value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))
+
+
+def _unusable(value) -> str | None:
+    """Why a cell cannot be a prompt's or an answer's text: null, or empty (an empty question
+    would be scored as an item, the model answering the template alone); None when it can."""
+    if _missing(value):
+        return "is null"
+    if isinstance(value, str) and not value.strip():
+        return f"is empty ({value!r}); drop the row or fill it"
+    return None
 
 
 def _require_columns(task: str, frame: pd.DataFrame, columns: list[str], what: str) -> None:
@@ -155,11 +183,13 @@ def render_items(task: str, frame: pd.DataFrame, cfg: dict) -> pd.DataFrame:
 
     rows = []
     for pos, rec in enumerate(frame.to_dict("records")):
+        if id_col and _missing(rec[id_col]):
+            raise DataError(f"task {task!r}, row {pos}: id column {id_col!r} is null")
         item_id = str(rec[id_col]) if id_col else f"{task}-{pos:06d}"
         for column in [*fields, cfg["answer"]]:
-            if _missing(rec[column]):
+            if why := _unusable(rec[column]):
                 what = "answer" if column == cfg["answer"] and column not in fields else "template field"
-                raise DataError(f"task {task!r}, item {item_id!r}: {what} {column!r} is null")
+                raise DataError(f"task {task!r}, item {item_id!r}: {what} {column!r} {why}")
         prompt = template.format(**{f: rec[f] for f in fields})
         if multiple_choice:
             choices = _choices_list(task, item_id, cfg["choices"], rec[cfg["choices"]])
@@ -177,7 +207,8 @@ def render_items(task: str, frame: pd.DataFrame, cfg: dict) -> pd.DataFrame:
     items = pd.DataFrame(rows)
     dup = items["item_id"][items["item_id"].duplicated()]
     if len(dup):
-        raise MergeflowError(f"task {task!r}: item ids are not unique (e.g. {dup.iloc[0]!r})")
+        raise DataError(f"task {task!r}: item ids of column {id_col!r} are not unique ({len(dup)} repeated, "
+                        f"e.g. {dup.iloc[0]!r})")
     return items
 
 
@@ -192,8 +223,8 @@ def render_pairs(where: str, frame: pd.DataFrame, template: str, answer: str) ->
     prompts, answers = [], []
     for pos, rec in enumerate(frame.to_dict("records")):
         for column in [*fields, answer]:
-            if _missing(rec[column]):
-                raise DataError(f"{where}: row {pos}: column {column!r} is null")
+            if why := _unusable(rec[column]):
+                raise DataError(f"{where}: row {pos}: column {column!r} {why}")
         prompts.append(template.format(**{f: rec[f] for f in fields}))
         answers.append(str(rec[answer]))
     return prompts, answers
