@@ -106,22 +106,22 @@ def test_bad_recipes_are_named_before_any_job(tmp_path, models, message):
 def test_the_workflow_fine_tunes_an_expert_once_and_again_when_its_recipe_changes(tiny_zoo, tmp_path):
     """finetune_model writes the expert the check then reads; a second run does nothing; a changed
     step count trains a new directory beside the old, which stays as it was."""
-    from test_workflow import planned_jobs, snakemake
+    from test_workflow import check_report, planned_jobs, snakemake
 
     source = pairs_file(tmp_path / "sums.parquet")
     config = config_with({"base": {"path": str(tiny_zoo / "base")}, "adder": recipe(source, steps=5)})
     first = validate_config(copy.deepcopy(config))["models"]["adder"]
-    result = snakemake(tmp_path, config, "results/check/adder.json")
+    result = snakemake(tmp_path, config, "check_models")
     assert result.returncode == 0, result.stderr[-3000:]
     trained = tmp_path / finetune_model_dir(first)
     assert json.loads((trained / "finetune.json").read_text())["finetune"]["steps"] == 5
-    assert json.loads((tmp_path / "results" / "check" / "adder.json").read_text())["fingerprint"]
-    again = snakemake(tmp_path, config, "-n", "results/check/adder.json")
+    assert check_report(tmp_path, "adder")["fingerprint"]
+    again = snakemake(tmp_path, config, "-n", "check_models")
     assert again.returncode == 0 and planned_jobs(again.stdout) == [], again.stdout[-2000:]
 
     before = (trained / "model.safetensors").read_bytes()
     config["models"]["adder"]["finetune"]["steps"] = 6
-    changed = snakemake(tmp_path, config, "-n", "results/check/adder.json")
+    changed = snakemake(tmp_path, config, "-n", "check_models")
     second = finetune_model_dir(validate_config(copy.deepcopy(config))["models"]["adder"])
-    assert planned_jobs(changed.stdout) == ["check_model[model=adder]", f"finetune_model[slug={second.name}]"]
+    assert planned_jobs(changed.stdout) == ["check_model[model=adder]", "check_models", f"finetune_model[slug={second.name}]"]
     assert (trained / "model.safetensors").read_bytes() == before

@@ -123,7 +123,7 @@ def test_the_workflow_converts_a_gguf_model_before_it_checks_it(tmp_path):
     pd.DataFrame({"q": [f"{i} + 1 =" for i in range(4)], "a": [str(i + 1) for i in range(4)]}).to_parquet(task)
     config = config_with({"base": SMOLLM2, "lang": {"path": str(tmp_path)}}, "base", ["lang"])
     config["tasks"]["t"]["source"]["path"] = str(task)
-    result = snakemake(tmp_path, config, "-n", "results/check/base.json")
+    result = snakemake(tmp_path, config, "-n", "check_models")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert planned_jobs(result.stdout) == ["check_model[model=base]",
+    assert planned_jobs(result.stdout) == ["check_model[model=base]", "check_model[model=lang]", "check_models",
                                            "convert_gguf[slug=SmolLM2-135M-Instruct.Q4_1]"]

@@ -4,6 +4,7 @@ own config file stands alone (the embedded default is used only when no config f
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -143,7 +144,7 @@ def test_replaced_weights_in_a_local_model_rerun_its_check(tmp_path):
                               "answer": "solution", "scorer": "exact_match", "splits": {"search": 20, "test": 10}}},
               "runs": {"plain": {}}}
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(config))
-    targets = ["results/check/math.json", "results/check/lang.json"]
+    targets = ["check_models"]
     done = snakemake(tmp_path, *targets, "--configfile", str(tmp_path / "mine.yaml"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert planned_rules(snakemake(tmp_path, *targets, "-n", "--configfile", str(tmp_path / "mine.yaml")).stdout) == set()
@@ -152,5 +153,47 @@ def test_replaced_weights_in_a_local_model_rerun_its_check(tmp_path):
     tensors["model.layers.0.mlp.up_proj.weight"] *= 2.0
     save_file(tensors, weights, metadata={"format": "pt"})
     plan = snakemake(tmp_path, *targets, "-n", "--configfile", str(tmp_path / "mine.yaml")).stdout
-    assert planned_rules(plan) == {"check_model"}
+    assert planned_rules(plan) == {"check_model", "check_models"}
     assert "wildcards: model=math" in plan and "wildcards: model=lang" not in plan
+
+
+@pytest.mark.slow
+def test_a_failed_check_keeps_the_good_report_and_a_reverted_config_reruns_nothing(tmp_path):
+    """Point an endpoint at a broken (NaN) model: its check fails and names it, and writes nothing.
+    The report of the good model stays byte for byte, so reverting the config plans no job: the
+    responses that read the good model are not redone."""
+    from safetensors.torch import load_file, save_file
+
+    from factories import make_zoo
+
+    zoo = make_zoo(tmp_path / "zoo")
+    broken = tmp_path / "broken"
+    shutil.copytree(zoo["lang"], broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    pd.DataFrame({"question": [f"what is {i} plus 1 ?" for i in range(30)],
+                  "solution": [f"#### {i + 1}" for i in range(30)]}).to_parquet(tmp_path / "t.parquet")
+    config = {"models": {name: {"path": path} for name, path in zoo.items()}, "base_model": "base",
+              "endpoints": ["math", "lang"],
+              "tasks": {"t": {"source": {"path": str(tmp_path / "t.parquet")}, "template": "{question}",
+                              "answer": "solution", "scorer": "exact_match", "splits": {"search": 20, "test": 10}}},
+              "runs": {"plain": {}}}
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(yaml.safe_dump(config))
+    config["models"]["lang"] = {"path": str(broken)}
+    bad.write_text(yaml.safe_dump(config))
+    target = "results/responses/t/search/lang.parquet"
+    done = snakemake(tmp_path, target, "--configfile", str(good))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report,) = (tmp_path / "results" / "check" / "lang").glob("*.json")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in [report, tmp_path / target]}
+
+    failed = snakemake(tmp_path, target, "--configfile", str(bad))
+    assert failed.returncode != 0
+    assert "tensor 'model.norm.weight' of model 'lang' contains NaN or Inf" in failed.stderr
+    assert list((tmp_path / "results" / "check" / "lang").glob("*.json")) == [report]
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
+
+    again = snakemake(tmp_path, target, "-n", "--configfile", str(good))
+    assert again.returncode == 0 and planned_rules(again.stdout) == set(), again.stdout[-3000:]

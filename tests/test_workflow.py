@@ -77,14 +77,21 @@ def snakemake(workdir: Path, config: dict, *args: str, env: dict | None = None) 
 
 
 def planned_jobs(dry_run_output: str) -> list[str]:
-    """'rule[wildcards]' for each job a dry run plans."""
+    """'rule[wildcards]' for each job a dry run plans (a check's digest left out: check_report)."""
     jobs = []
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", dry_run_output):
         m = re.match(r"(?:local)?rule (\w+):", block)
         if m:
             w = re.search(r"wildcards: (.*)", block)
-            jobs.append(m.group(1) + (f"[{w.group(1)}]" if w else ""))
+            jobs.append(m.group(1) + (f"[{re.sub(r', digest=\w+', '', w.group(1))}]" if w else ""))
     return sorted(jobs)
+
+
+def check_report(workdir: Path, name: str) -> dict:
+    """A model's check report (results/check/NAME/DIGEST.json); the test's run wrote one."""
+    reports = list((Path(workdir) / "results" / "check" / name).glob("*.json"))
+    assert len(reports) == 1, reports
+    return json.loads(reports[0].read_text())
 
 
 @pytest.mark.slow
@@ -94,7 +101,7 @@ def test_run_writes_every_stage(finished_run):
     for name in ["base", "math", "lang"]:
         assert (results / "zoo" / name / "model.safetensors").exists()
     for name in ["base", "math", "lang"]:
-        assert json.loads((results / "check" / f"{name}.json").read_text())["fingerprint"]
+        assert check_report(workdir, name)["fingerprint"]
     for task in ["math_l2", "math_l1"]:
         for split in ["search", "test"]:
             assert len(pd.read_parquet(results / "data" / task / f"{split}.parquet")) == (60 if split == "search" else 40)
@@ -445,14 +452,16 @@ def test_hub_endpoint_is_fetched_and_checked_offline(finished_run, tmp_path):
     fake_hub_cache(cache, "some-org/lang", {"main": workdir / "results" / "zoo" / "base",
                                            "v1": workdir / "results" / "zoo" / "lang"})
     config = {**config, "models": {**config["models"], "lang": {"hub": "some-org/lang", "revision": "v1"}}}
-    result = snakemake(copy, config, "results/check/lang.json", env=offline_env(cache))
+    result = snakemake(copy, config, "check_models", env=offline_env(cache))
     assert result.returncode == 0, result.stderr[-4000:]
     fetched = copy / "results" / "hub" / "some-org--lang@v1"
     record = json.loads((fetched / "fetched.json").read_text())
     assert record["commit"] == "2" * 40  # the v1 snapshot, not main's
     assert (fetched / "model.safetensors").is_symlink()
     assert (fetched / "model.safetensors").read_bytes() == (workdir / "results/zoo/lang/model.safetensors").read_bytes()
-    checked = json.loads((copy / "results" / "check" / "lang.json").read_text())
+    reports = [json.loads(p.read_text()) for p in (copy / "results" / "check" / "lang").glob("*.json")]
+    assert len(reports) == 2  # the zoo's lang and the hub's, side by side
+    checked = next(r for r in reports if r["location"].startswith("results/hub"))
     assert checked["location"] == "results/hub/some-org--lang@v1"
     plan = snakemake(copy, config, "-n", "--forceall", "--quiet", "rules", env=offline_env(cache))
     assert "fetch_model" in plan.stdout + plan.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,10 +112,14 @@ def run_check(models: dict[str, dict], base: str, out: Path) -> dict:
 
 def run_model_check(name: str, models: dict[str, dict], base: str, out: str | Path) -> dict:
     """The check stage, per model: check ``name`` against the base and write its report
-    (``check/{name}.json``), which every job that reads the model depends on."""
+    (``check/{name}/{digest}.json``), which every job that reads the model depends on. Written only
+    when the check passes, and atomically."""
     report = {"model": name, "base_model": base, **check_model(name, models[name], BaseReference.load(models, base))}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")  # whole or not at all: a report is only ever a pass
+    partial.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, out)
     return report
 
 

@@ -54,6 +54,16 @@ def finetune_model_dir(spec: dict) -> Path:
     return RESULTS / "finetune" / f"{section['from']}-{digest}"
 
 
+def model_check_file(name: str, inputs: dict) -> Path:
+    """Where a model's check report is written: ``results/check/NAME/DIGEST.json``, the digest of
+    what the check depends on (``inputs``: the model's and the base's config entries, and the
+    fingerprints of weights the workflow does not write). A changed entry is a new report beside
+    the old, so a check that fails destroys no earlier report, and a reverted config finds its
+    report where it left it (nothing that read the model reruns)."""
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:10]
+    return RESULTS / "check" / name / f"{digest}.json"
+
+
 def run_merge_dir(run: str) -> Path:
     """Where a run's final merge is written (``final_merge``): what ``{run: NAME}`` models read."""
     return RESULTS / "runs" / run / "final" / "merge"

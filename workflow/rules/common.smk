@@ -16,7 +16,7 @@ os.environ.update(PYTHONPATH=os.pathsep.join(
     [LIBRARY] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != LIBRARY]))
 
 from mergeflow.config import run_tasks, search_model_names, task_evaluation, validate_config
-from mergeflow.locations import hub_model_dir, local_model_dir, model_location, zoo_task_files
+from mergeflow.locations import hub_model_dir, local_model_dir, model_check_file, model_location, zoo_task_files
 from mergeflow.errors import MergeflowError
 from mergeflow.evaluate import chat_keys
 from mergeflow.evolve.stages import EvolveConfig
@@ -97,8 +97,9 @@ def model_inputs(name):
 
 
 def model_check(name):
-    """The check of a model against the base (check_model): every job that reads the model needs it."""
-    return f"results/check/{name}.json"
+    """The check of a model against the base (check_model): every job that reads the model needs it.
+    Its file is named by the digest of what it checked (check_inputs, functions/check.smk)."""
+    return str(model_check_file(name, check_inputs(name)))
 
 
 def search_model_inputs(wildcards):

@@ -4,7 +4,7 @@ from functools import lru_cache
 
 from mergeflow.check import weights_fingerprint
 from mergeflow.gguf import gguf_file
-from mergeflow.locations import gguf_model_dir, zoo_model_dirs
+from mergeflow.locations import gguf_model_dir, model_check_file, zoo_model_dirs
 
 # Model directories the zoo builds (outputs of its jobs: Snakemake tracks them).
 ZOO_DIRS = {str(p) for p in zoo_model_dirs(config).values()}
@@ -28,3 +28,13 @@ def external_fingerprint(name):
         return weights_fingerprint(name, local_model_dir(spec))
     except (MergeflowError, OSError):
         return None
+
+
+def check_inputs(name):
+    """What a model's check depends on: its and the base's config entries (key order aside) and
+    the fingerprints of their weights where the workflow does not write them. It names the
+    check's report (model_check), so a changed model is checked into a new file."""
+    names = (name, config["base_model"])
+    return {"models": canonical({n: config["models"][n] for n in names}),
+            "fingerprints": {n: external_fingerprint(n) for n in names}}
+
