@@ -3,13 +3,14 @@ for config/examples/smollm2-math.yaml:
 
     python config/examples/data/gsm8k_steps.py ../shared/data/gsm8k config/examples/data/gsm8k_steps
 
-writes `train_add.parquet` and `train_mul.parquet` (distinct steps of the train solutions that
-add or subtract, or multiply or divide: the two experts' data) and `test.parquet` (distinct steps
-of the test solutions, both kinds, none of them also a train step: the target). Only steps of one
-operation on two numbers are kept (`400+60`, `1000/20`): chains of several (`750+430+400+700`)
-stay near zero for a 135M model after the few minutes of fine-tuning 2 cores allow, and a target
-nobody gets right cannot show what a merge adds. Columns: `expr`, `result`, `kind` (add or mul)
-and `problem` (the row of the source file).
+Kept: the distinct steps of the train and test solutions that apply one operation to two whole
+numbers of at most 100 with a whole, non-negative result (`40+60`, `100/20`, `12*7`). Longer
+chains (`750+430+400+700`) and larger numbers (`1250*12`) stay below 10% for a 135M model after the
+few minutes of fine-tuning 2 cores allow (bench/results/smollm2_math.txt), and an expert that learns
+little leaves a merge nothing to combine. Of these, 450 that add or subtract and 450 that multiply
+or divide (drawn with a fixed seed) are the target, `test.parquet`; the rest are the two experts'
+data, `train_add.parquet` and `train_mul.parquet`; no expression is in both. Columns: `expr`,
+`result`, `kind` (add or mul), `split` (the GSM8K file) and `problem` (its row).
 GSM8K is MIT-licensed (openai/grade-school-math); these files are derived from it unchanged.
 """
 
@@ -27,6 +28,10 @@ EXPRESSION = re.compile(r"[\d+\-*/. ()]+")
 NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
+LARGEST = 100  # operand bound
+TARGET = 450  # target steps of each kind
+
+
 def steps(path: Path) -> pd.DataFrame:
     rows = []
     for problem, line in enumerate(path.read_text().splitlines()):
@@ -39,17 +44,23 @@ def steps(path: Path) -> pd.DataFrame:
             ops = re.findall(r"(?<=[\d)\s])[+\-*/]", expr)
             if len(ops) != 1:
                 continue
+            numbers = re.findall(r"[\d.]+", expr)
+            if any(not n.isdigit() or int(n) > LARGEST for n in numbers) or not result.isdigit():
+                continue
             kind = "add" if ops[0] in "+-" else "mul"
-            rows.append({"expr": expr, "result": result, "kind": kind, "problem": problem})
-    return pd.DataFrame(rows).drop_duplicates("expr", ignore_index=True)
+            rows.append({"expr": expr, "result": result, "kind": kind, "split": path.stem, "problem": problem})
+    return pd.DataFrame(rows)
 
 
 def main(source: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    train, test = steps(source / "train.jsonl"), steps(source / "test.jsonl")
+    pool = pd.concat([steps(source / "train.jsonl"), steps(source / "test.jsonl")])
+    pool = pool.drop_duplicates("expr", ignore_index=True)
+    target = pd.concat([pool[pool["kind"] == kind].sample(TARGET, random_state=0) for kind in ("add", "mul")])
+    target.sort_index().reset_index(drop=True).to_parquet(out / "test.parquet", index=False)
+    rest = pool.drop(target.index)
     for kind in ("add", "mul"):
-        train[train["kind"] == kind].reset_index(drop=True).to_parquet(out / f"train_{kind}.parquet", index=False)
-    test[~test["expr"].isin(train["expr"])].reset_index(drop=True).to_parquet(out / "test.parquet", index=False)
+        rest[rest["kind"] == kind].reset_index(drop=True).to_parquet(out / f"train_{kind}.parquet", index=False)
 
 
 if __name__ == "__main__":
