@@ -285,3 +285,69 @@ def test_error_misspelt_parameter_is_named_not_ignored(zoo, tmp_path, merge_cli,
     recipe = write_recipe(tmp_path, data)
     assert merge_cli(["merge", str(recipe), str(tmp_path / "out")]) == 2
     assert "parameter 'wieght'" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# ---- the CLI checks what the pipeline's check stage checks, before any tensor is merged
+
+
+def _cli_error(merge_cli, capsys, tmp_path, data, out=None) -> str:
+    recipe = write_recipe(tmp_path, data)
+    out = out or tmp_path / "out"
+    assert merge_cli(["merge", str(recipe), str(out)]) == 2
+    assert not Path(out).exists()
+    return capsys.readouterr().err
+
+
+def test_cli_refuses_an_extra_tensor(zoo, tmp_path, merge_cli, capsys):
+    extra = _copy_model(zoo["lang"], tmp_path / "extra", lambda t: t.update(stray=torch.zeros(3)))
+    err = _cli_error(merge_cli, capsys, tmp_path, recipe_dict(zoo) | {"models": [zoo["math"], extra]})
+    assert f"model '{extra}': tensor 'stray' is not in the base '{zoo['base']}'" in err
+
+
+def test_cli_refuses_another_model_type_and_another_vocabulary(zoo, tmp_path, merge_cli, capsys):
+    other = Path(_copy_model(zoo["lang"], tmp_path / "other", lambda t: None))
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"model_type": "mistral"}))
+    err = _cli_error(merge_cli, capsys, tmp_path, recipe_dict(zoo) | {"models": [zoo["math"], str(other)]})
+    assert f"model '{other}': config field 'model_type' is 'mistral' but the base" in err
+
+    swapped = Path(_copy_model(zoo["lang"], tmp_path / "swapped", lambda t: None))
+    tokenizer = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = list(vocab)[10:12]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (swapped / "tokenizer.json").write_text(json.dumps(tokenizer))
+    err = _cli_error(merge_cli, capsys, tmp_path, recipe_dict(zoo) | {"models": [zoo["math"], str(swapped)]})
+    assert f"model '{swapped}': its tokenizer's vocabulary differs from the base" in err and first in err
+
+
+def test_cli_refuses_an_output_inside_a_source_model(zoo, tmp_path, merge_cli, capsys):
+    inside = Path(zoo["math"]) / "merged"
+    err = _cli_error(merge_cli, capsys, tmp_path, recipe_dict(zoo), out=inside)
+    assert f"output directory '{inside}' is inside the source model '{zoo['math']}'" in err
+    assert not inside.exists()
+
+
+def test_cli_weights_an_exponent_number_refuses_nan_and_warns_beyond_a_bound(zoo, tmp_path, merge_cli, capsys):
+    recipe = tmp_path / "r.yaml"
+    text = yaml.safe_dump({"merge_method": "linear", "models": [{"model": zoo["math"], "parameters": {"weight": 0.6}},
+                                                                {"model": zoo["lang"], "parameters": {"weight": 0.5}}]})
+    recipe.write_text(text.replace("weight: 0.6", "weight: 1.0e30"))  # YAML 1.1 would read a string
+    assert merge_cli(["merge", str(recipe), str(tmp_path / "big")]) == 0
+    assert f"mergeflow: WARNING: weight 1e+30 of model '{zoo['math']}' is beyond +-1000" in capsys.readouterr().err
+    recipe.write_text(text.replace("weight: 0.6", "weight: .nan"))
+    assert merge_cli(["merge", str(recipe), str(tmp_path / "nan")]) == 2
+    assert "weight nan of model" in capsys.readouterr().err and not (tmp_path / "nan").exists()
+
+
+def test_cli_names_a_yaml_error_with_its_line_and_a_config_link_loop(zoo, tmp_path, merge_cli, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("merge_method: linear\nmodels: [\n  - model: x\n")
+    assert merge_cli(["merge", str(recipe), str(tmp_path / "out")]) == 2
+    assert f"recipe '{recipe}' is not valid YAML at line 3, column 3" in capsys.readouterr().err
+
+    looped = Path(_copy_model(zoo["lang"], tmp_path / "looped", lambda t: None))
+    (looped / "config.json").unlink()
+    (looped / "config.json").symlink_to(looped / "config.json")
+    err = _cli_error(merge_cli, capsys, tmp_path, recipe_dict(zoo) | {"models": [zoo["math"], str(looped)]})
+    assert f"'{looped / 'config.json'}' is a symbolic link loop" in err

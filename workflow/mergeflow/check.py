@@ -18,9 +18,10 @@ from pathlib import Path
 from mergeflow.errors import MergeflowError
 from mergeflow.evaluate import load_tokenizer
 from mergeflow.locations import local_model_dir
+from mergeflow.merge.params import layer_index, with_layer_index
 from mergeflow.merge.plan import check_finite
 from mergeflow.merge.sources import ModelSource
-from mergeflow.weights import INDEX_FILE, weight_files
+from mergeflow.weights import INDEX_FILE, file_problem, weight_files
 
 # Config fields that must agree for two models to be merged tensor by tensor.
 ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -30,6 +31,8 @@ ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers"
 def _load_config(name: str, location: str, trust_remote_code: bool):
     from transformers import AutoConfig  # heavy: not at parse time, where the workflow reads weights_fingerprint
 
+    if problem := file_problem(Path(location) / "config.json"):
+        raise MergeflowError(f"model {name!r}: {problem}")
     try:
         return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except Exception as err:
@@ -61,39 +64,66 @@ class BaseReference:
                    load_tokenizer(base_dir, trust, base).get_vocab())
 
 
-def check_model(name: str, spec: dict, ref: BaseReference) -> dict:
-    """One model against the base: architecture (config fields, tensor names and shapes),
-    tokenizer vocabulary, every tensor finite; returns its summary with the fingerprint of its
-    weights (:func:`weights_fingerprint`)."""
+def compare_to_base(name: str, model_dir: Path, ref: BaseReference, trust_remote_code: bool = False,
+                    same_depth: bool = True) -> tuple[ModelSource, dict, dict[str, int]]:
+    """Refuse a model that cannot be merged with the base tensor by tensor: a config field of
+    :data:`ARCH_FIELDS` that differs, a tensor missing, extra or of another shape, or another
+    vocabulary (the first differing tokens named). With ``same_depth`` False (layer paths and
+    slices, which take layers by index) the depth may differ, and the tensors are compared by
+    name with the layer index left out. Returns the model's source, config and vocabulary."""
     base = ref.name
-    model_dir = resolve_model_dir(name, spec)
-    trust = spec.get("trust_remote_code", False)
-    cfg = _load_config(name, str(model_dir), trust).to_dict()
+    cfg = _load_config(name, str(model_dir), trust_remote_code).to_dict()
     for field in ARCH_FIELDS:
+        if field == "num_hidden_layers" and not same_depth:
+            continue
         if cfg.get(field) != ref.config.get(field):
             raise MergeflowError(f"model {name!r}: config field {field!r} is {cfg.get(field)!r} but the base "
                                  f"{base!r} has {ref.config.get(field)!r}")
     source = ModelSource(model_dir, name)  # the weights as the merge reads them, its errors naming the model
-    shapes = source.shapes
-    for key, shape in ref.shapes.items():
+    shapes, base_shapes = (source.shapes, ref.shapes) if same_depth else (_by_role(source.shapes),
+                                                                          _by_role(ref.shapes))
+    for key, shape in base_shapes.items():
         if key not in shapes:
             raise MergeflowError(f"model {name!r}: tensor {key!r} of the base {base!r} is missing")
         if shapes[key] != shape:
             raise MergeflowError(f"model {name!r}: tensor {key!r} has shape {list(shapes[key])} but the base "
                                  f"{base!r} has {list(shape)}")
-    extra = sorted(set(shapes) - set(ref.shapes))
+    extra = sorted(set(shapes) - set(base_shapes))
     if extra:
         raise MergeflowError(f"model {name!r}: tensor {extra[0]!r} is not in the base {base!r}")
-    vocab = load_tokenizer(model_dir, trust, name).get_vocab()
+    vocab = load_tokenizer(model_dir, trust_remote_code, name).get_vocab()
     if vocab != ref.vocab:
         diff = sorted(set(vocab.items()) ^ set(ref.vocab.items()))[:3]
         raise MergeflowError(f"model {name!r}: its tokenizer's vocabulary differs from the base {base!r} "
                              f"({len(vocab)} vs {len(ref.vocab)} tokens; e.g. {diff})")
+    return source, cfg, vocab
+
+
+def _by_role(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes by name with the layer index as 0: what every layer of a depth must match."""
+    return {name if layer_index(name) is None else with_layer_index(name, 0): shape for name, shape in shapes.items()}
+
+
+def check_model(name: str, spec: dict, ref: BaseReference) -> dict:
+    """One model against the base (:func:`compare_to_base`), then every tensor finite; returns its
+    summary with the fingerprint of its weights (:func:`weights_fingerprint`)."""
+    model_dir = resolve_model_dir(name, spec)
+    source, cfg, vocab = compare_to_base(name, model_dir, ref, spec.get("trust_remote_code", False))
     for tensor in source.tensors:  # one tensor in memory at a time
         check_finite(source.read(tensor), tensor, name)
     n_params = sum(info.numel for info in source.tensors.values())
-    return {"location": str(model_dir), "model_type": cfg.get("model_type"), "tensors": len(shapes),
+    return {"location": str(model_dir), "model_type": cfg.get("model_type"), "tensors": len(source.shapes),
             "parameters": n_params, "vocab_size": len(vocab), "fingerprint": weights_fingerprint(name, model_dir)}
+
+
+def check_merge_sources(paths: list[str], base: str, same_depth: bool = True) -> None:
+    """What the check stage checks of a pipeline's models, for the models of one recipe (``mergeflow
+    merge``): every model against ``base`` (:func:`compare_to_base`), before any tensor is merged.
+    Models are named by their paths. Finiteness is the merge's own check, tensor by tensor."""
+    ref = BaseReference.load({base: {"path": base}}, base)
+    for path in paths:
+        if path != base:
+            compare_to_base(path, Path(path), ref, same_depth=same_depth)
 
 
 def check_models(models: dict[str, dict], base: str) -> dict:

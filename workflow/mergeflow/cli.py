@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from mergeflow.errors import MergeflowError
@@ -30,11 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the library's warnings (an absurd recipe weight, ...) reach the user as the errors do
+    warnings = logging.StreamHandler(sys.stderr)
+    warnings.setLevel(logging.WARNING)
+    warnings.setFormatter(logging.Formatter("mergeflow: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("mergeflow")
+    logger.addHandler(warnings)
     try:
         args.func(args)
     except MergeflowError as err:
         print(f"mergeflow: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        logger.removeHandler(warnings)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
 
 from mergeflow.data import template_fields
 from mergeflow.errors import MergeflowError
@@ -29,6 +28,7 @@ from mergeflow.locations import local_model_dir, zoo_model_dirs, zoo_task_files
 from mergeflow.schema import check_instance, fill_defaults, load_schema
 from mergeflow.scorers import get_scorer
 from mergeflow.spaces import ModelConfigs, check_space, space_models
+from mergeflow.yamlio import load_yaml
 
 
 def run_tasks(config: dict, run: str) -> list[str]:
@@ -249,4 +249,4 @@ def load_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise MergeflowError(f"config file {str(path)!r} does not exist")
-    return validate_config(yaml.safe_load(path.read_text()))
+    return validate_config(load_yaml(path.read_text(), f"config file {str(path)!r}"))

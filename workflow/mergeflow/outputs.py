@@ -26,17 +26,17 @@ def _inside(path: Path, parent: Path) -> bool:
 def check_output_dir(out: str | Path, *, force: bool = False, protected: Iterable[str | Path] = ()) -> Path:
     """``out`` resolved, once it is known that writing it destroys nothing it should not.
 
-    Refuses a directory that is (or holds) one of ``protected`` (the models a merge reads),
-    always; refuses an existing non-empty directory or a file unless ``force``.
+    Refuses a directory that is, holds or lies inside one of ``protected`` (the models a merge
+    reads), always; refuses an existing non-empty directory or a file unless ``force``.
     """
     out = Path(out)
     target = out.resolve()
     for source in protected:
         resolved = Path(source).resolve()
-        if _inside(resolved, target):
-            what = "is" if resolved == target else "holds"
+        if _inside(resolved, target) or _inside(target, resolved):
+            what = "is" if resolved == target else "holds" if _inside(resolved, target) else "is inside"
             raise OutputError(f"output directory {str(out)!r} {what} the source model {str(source)!r}; "
-                              "a merge never writes over a model it reads: choose another directory")
+                              "a merge never writes into a model it reads: choose another directory")
     if not force:
         if out.is_dir() and any(out.iterdir()):
             raise OutputError(f"output directory {str(out)!r} is not empty; choose an empty or new "

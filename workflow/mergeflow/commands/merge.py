@@ -47,10 +47,16 @@ def return_freed_memory_to_os() -> None:
 def run(args: argparse.Namespace) -> None:
     return_freed_memory_to_os()
     # Imported here so that `mergeflow --help` does not load torch.
+    from mergeflow.check import check_merge_sources
     from mergeflow.merge.candidates import load_candidate, materialise
+    from mergeflow.merge.recipe import Recipe
     from mergeflow.merge.stream import DEFAULT_MAX_SHARD_SIZE
 
     recipe = load_candidate(args.recipe)
+    # what the pipeline's check stage checks, before any tensor is merged: a recipe with slices or
+    # a layer path takes layers by index, so its models may differ in depth
+    check_merge_sources(recipe.model_paths(), getattr(recipe, "base_model", None) or recipe.model_paths()[0],
+                        same_depth=isinstance(recipe, Recipe) and not recipe.slices)
     out = materialise(recipe, args.out_dir, device=args.device, dtype=args.dtype, force=args.force,
                       max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
     print(f"merged {len(recipe.model_paths())} models into {out}")

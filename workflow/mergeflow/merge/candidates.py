@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from mergeflow.errors import MergeflowError
 from mergeflow.merge.assemble import PathAssembler
@@ -21,6 +20,7 @@ from mergeflow.merge.fast import InMemoryMerger
 from mergeflow.merge.path import LayerPath, export_path, is_path_recipe, path_from_dict
 from mergeflow.merge.recipe import Recipe, recipe_from_dict
 from mergeflow.merge.stream import merge_to_dir
+from mergeflow.yamlio import load_yaml
 
 Candidate = Recipe | LayerPath
 
@@ -66,11 +66,7 @@ def candidate_from_dict(data, where: str = "recipe") -> Candidate:
 
 def candidate_from_yaml(text: str, where: str = "recipe") -> Candidate:
     """A recipe or a layer path from YAML (a history row's, a recipe file's)."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise MergeflowError(f"{where} is not valid YAML: {err}") from None
-    return candidate_from_dict(data, where)
+    return candidate_from_dict(load_yaml(text, where), where)
 
 
 def load_candidate(path: str | Path) -> Candidate:

@@ -9,6 +9,7 @@ blocks (``merge_tensor_blocks``) that reproduce the whole tensor's result bit fo
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -36,6 +37,11 @@ ReadRange = Callable[[str, str, int, int], torch.Tensor]
 # (4 MiB of float32): a multiple of CPU_BLOCK, so the methods' own blocks fall where they fall
 # in the whole tensor.
 STREAM_BLOCK = 1 << 20
+# A model weight beyond this magnitude is almost surely a typo (1.0e+30 for 1.0): merged with a
+# warning, since a weight is the user's to choose.
+ABSURD_WEIGHT = 1e3
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,7 +94,11 @@ def _check_value(key: str, value: Any, model: str, tensor: str) -> None:
         raise MergeflowError(
             f"density {value!r} of model {model!r} for tensor {tensor!r} is outside (0, 1]")
     if key == "weight" and not isinstance(value, (int, float)):
-        raise MergeflowError(f"weight {value!r} of model {model!r} for tensor {tensor!r} is not a number")
+        hint = (" (YAML reads a float written with an exponent as a number: 1.0e+30 or 1e30)"
+                if isinstance(value, str) else "")
+        raise MergeflowError(f"weight {value!r} of model {model!r} for tensor {tensor!r} is not a number{hint}")
+    if key == "weight" and not math.isfinite(value):
+        raise MergeflowError(f"weight {value!r} of model {model!r} for tensor {tensor!r} is not finite")
 
 
 class _Planner:
@@ -98,6 +108,7 @@ class _Planner:
         self.template = recipe.base_model or recipe.model_paths()[0]
         template = sources[self.template]
         self.slices = as_slices(recipe, template.num_layers)
+        self._warned: set[tuple[str, float]] = set()
         self._check_names()
 
     def _check_names(self) -> None:
@@ -193,6 +204,10 @@ class _Planner:
             value = resolve_value(setting, t, tensor, key) if found else None
             value = default if value is None else value
             _check_value(key, value, source.model, tensor)
+            if key == "weight" and abs(value) > ABSURD_WEIGHT and (source.model, value) not in self._warned:
+                self._warned.add((source.model, value))
+                log.warning("weight %r of model %r is beyond +-%g: the merge will be dominated by it "
+                            "(a typo, or a missing normalize?)", value, source.model, ABSURD_WEIGHT)
             values[key] = value
         return values
 

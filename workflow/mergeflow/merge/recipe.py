@@ -33,6 +33,7 @@ import yaml
 
 from mergeflow.dtypes import DTYPES
 from mergeflow.errors import MergeflowError
+from mergeflow.yamlio import load_yaml
 
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype",
                   "out_dtype", "tokenizer_source", "seed"}
@@ -229,11 +230,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
 
 def recipe_from_yaml(text: str, where: str = "recipe") -> Recipe:
     """Parse a recipe from YAML text (what :meth:`Recipe.to_yaml` writes, e.g. a history row's)."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise MergeflowError(f"{where} is not valid YAML: {err}") from None
-    return recipe_from_dict(data, where=where)
+    return recipe_from_dict(load_yaml(text, where), where=where)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -241,11 +238,7 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise MergeflowError(f"recipe file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise MergeflowError(f"recipe file {str(path)!r} is not valid YAML: {err}") from None
-    return recipe_from_dict(data, where=f"recipe {str(path)!r}")
+    return recipe_from_dict(load_yaml(path.read_text(), f"recipe file {str(path)!r}"), where=f"recipe {str(path)!r}")
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

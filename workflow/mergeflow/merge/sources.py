@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from mergeflow.errors import MergeflowError, SourceFileError
 from mergeflow.merge.params import layer_index
-from mergeflow.weights import weight_files
+from mergeflow.weights import file_problem, weight_files
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -73,6 +73,8 @@ class ModelSource:
         self.name = str(self.path) if name is None else name
         files = weight_files(self.path, f"model {self.name!r}")
         config_file = self.path / "config.json"
+        if problem := file_problem(config_file):
+            raise MergeflowError(f"model {self.name!r}: {problem}")
         if not config_file.is_file():
             raise MergeflowError(f"model {self.name!r}: no config.json in {str(self.path)!r}")
         self.config: dict = json.loads(config_file.read_text())
