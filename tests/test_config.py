@@ -2,6 +2,7 @@
 defaults come from the schema, and the older flat fitness form is still read."""
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -113,4 +114,13 @@ def test_layer_groups_are_checked_against_the_base_config_on_disk(tmp_path):
         config["models"][name] = {"path": str(tmp_path / name)}
     with pytest.raises(MergeflowError, match=r"^config: irt\.calibration\.search_space\.layer_groups: 4 must be between 1 "
                                              r"and the base model's 3 layers"):
+        validate_config(config)
+
+
+@pytest.mark.parametrize("section, name", [("runs", "my run/x"), ("models", "../up"), ("tasks", ".hidden")])
+def test_a_name_that_is_not_a_safe_path_component_is_refused(section, name):
+    config = copy.deepcopy(DEFAULT)
+    config[section][name] = config[section].pop(next(iter(config[section])))
+    with pytest.raises(MergeflowError, match=rf"config: at {section}: the name '{re.escape(name)}' is not allowed: "
+                                             r"a name is part of result paths"):
         validate_config(config)

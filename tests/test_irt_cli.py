@@ -3,6 +3,7 @@
 import argparse
 import json
 
+import numpy as np
 import pandas as pd
 
 from mergeflow.commands import irt as irt_commands
@@ -107,3 +108,32 @@ def test_an_all_correct_matrix_fits_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mergeflow"):
         fit_irt(matrix, steps=5)
     assert "answered alike" not in caplog.text
+
+
+def test_nan_and_fractional_scores_are_counted_and_said(tmp_path, capsys):
+    from mergeflow import cli
+
+    sim = simulate_irt(6, 20, seed=3)
+    sim.matrix.matrix[0, :3] = np.nan
+    sim.matrix.matrix[1, 0] = 0.4
+    write_responses(tmp_path / "responses", sim.matrix)
+    assert cli.main(["irt", "fit", str(tmp_path / "responses"), "--out", str(tmp_path / "irt"), "--steps", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "mergeflow: WARNING: 3 of 120 scores in column 'correct' are NaN: those items count as not answered" in err
+    assert "1 of 117 scores in column 'correct' are fractional: all are binarized at the mean-preserving threshold" in err
+
+
+def test_missing_fit_flags_are_named(tmp_path, capsys):
+    from mergeflow import cli
+
+    sim = simulate_irt(6, 20, seed=3)
+    write_responses(tmp_path / "responses", sim.matrix)
+    assert cli.main(["anchors", str(tmp_path / "responses"), "--strategy", "irt", "--n", "4",
+                     "--out", str(tmp_path / "a.parquet")]) == 2
+    assert "`mergeflow anchors --strategy irt` needs --irt DIR" in capsys.readouterr().err
+    assert cli.main(["anchors", str(tmp_path / "responses"), "--strategy", "random", "--n", "4",
+                     "--out", str(tmp_path / "a.parquet")]) == 0
+    candidate = str(tmp_path / "responses" / f"{sim.matrix.models[0]}.parquet")
+    assert cli.main(["estimate", candidate, "--anchors", str(tmp_path / "a.parquet"), "--method", "mean", "gpirt",
+                     "--out", str(tmp_path / "e.json")]) == 2
+    assert "`mergeflow estimate --method gpirt` needs --irt DIR" in capsys.readouterr().err

@@ -74,7 +74,11 @@ def check_instance(instance, schema: dict, root: dict, where: str) -> None:
     if errors:
         err = jsonschema.exceptions.best_match(errors)
         path = ".".join([where, *(str(p) for p in err.absolute_path)] if where else [str(p) for p in err.absolute_path])
-        raise MergeflowError(f"config: at {path or 'top level'}: {err.message}")
+        message = err.message
+        if "propertyNames" in err.schema_path:  # a name that becomes a path component of results
+            message = (f"the name {err.instance!r} is not allowed: a name is part of result paths, so it holds "
+                       "letters, digits, '_', '.' and '-' only, and starts with a letter, digit or '_'")
+        raise MergeflowError(f"config: at {path or 'top level'}: {message}")
 
 
 def validate_section(instance: dict, definition: str, where: str) -> dict:

@@ -105,6 +105,8 @@ def run_fit(args: argparse.Namespace) -> None:
 def run_anchors(args: argparse.Namespace) -> None:
     from mergeflow.irt.anchors import select_anchors  # scikit-learn: only for the commands that cluster
 
+    if args.strategy == "irt" and not args.irt:
+        raise MergeflowError("`mergeflow anchors --strategy irt` needs --irt DIR, an IRT fit (from `mergeflow irt fit`)")
     matrix = load_response_matrix(args.responses) if args.responses else None
     fit = load_irt(args.irt) if args.irt else None
     anchors = select_anchors(matrix, fit, strategy=args.strategy, n=args.n, seed=args.seed)
@@ -118,6 +120,10 @@ def run_estimate(args: argparse.Namespace) -> None:
     from mergeflow.irt.anchors import read_anchors
     from mergeflow.irt.estimators import Estimator
 
+    needs_fit = [m for m in args.method if m != "mean"]
+    if needs_fit and not args.irt:
+        raise MergeflowError(f"`mergeflow estimate --method {' '.join(needs_fit)}` needs --irt DIR, an IRT fit (from "
+                             "`mergeflow irt fit`); only --method mean works without one")
     anchors = read_anchors(args.anchors)
     fit = load_irt(args.irt) if args.irt else None
     calibration = load_response_matrix(args.calibration) if args.calibration else None

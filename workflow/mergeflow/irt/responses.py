@@ -14,6 +14,7 @@ mean of the scores) or rejected, as the caller chooses.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence, Union
@@ -25,6 +26,8 @@ from mergeflow.errors import MergeflowError
 from mergeflow.irt import SCORE_MODES
 
 Source = Union[str, Path, pd.DataFrame]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,6 +104,10 @@ def load_response_matrix(
         raise MergeflowError(
             f"model {first['model']!r} has more than one response for item {first['item_id']!r}"
         )
+    missing = int(long["correct"].isna().sum())
+    if missing:
+        log.warning("%d of %d scores in column 'correct' are NaN: those items count as not answered by "
+                    "their models (left out of the fit)", missing, len(long))
     long["correct"], threshold = binarize_scores(long["correct"].to_numpy(dtype=float), scores)
     return _pivot(long, threshold)
 
@@ -123,6 +130,9 @@ def binarize_scores(values: np.ndarray, scores: str = "threshold") -> tuple[np.n
         )
     threshold = mean_preserving_threshold(observed)
     binary = np.where(np.isnan(values), np.nan, (values > threshold).astype(float))
+    log.warning("%d of %d scores in column 'correct' are fractional: all are binarized at the mean-preserving "
+                "threshold %.4g (scores above it count as correct); `--scores reject` refuses them instead",
+                int((~np.isin(observed, (0.0, 1.0))).sum()), observed.size, threshold)
     return binary, threshold
 
 
