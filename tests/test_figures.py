@@ -125,6 +125,31 @@ def test_summary_figures_cover_every_run(run, tmp_path):
     assert written_png(figures.cost_figure(tables, {"r": ["a", "b"], "s": ["b"]}, tmp_path / "cost.png"))
 
 
+@pytest.mark.parametrize("order", [["full", "halving"], ["halving", "full"]])
+def test_cost_labels_sit_by_their_own_points(order):
+    """Two searches of the same cost: the higher one's label above it, the lower one's below,
+    whichever comes first; a third between them at its height; one alone above."""
+    points = {"full": (4800.0, 0.45), "halving": (4800.0, 0.40), "cheap": (480.0, 0.42)}
+    offsets = figures.label_offsets({name: points[name] for name in [*order, "cheap"]})
+    assert offsets["full"] > 0 > offsets["halving"] and offsets["cheap"] > 0
+    offsets = figures.label_offsets(points | {"psdfs": (5000.0, 0.43)})
+    assert offsets["full"] > offsets["psdfs"] > offsets["halving"]
+
+
+def test_the_cost_figure_labels_each_point_by_its_position(run, tmp_path, monkeypatch):
+    table = pd.read_parquet(run["table"])
+    lower = table.assign(accuracy=np.where(table["model"] == "merged", table["accuracy"] - 0.1, table["accuracy"]))
+    lower.to_parquet(tmp_path / "lower.parquet")
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out: drawn.setdefault("fig", fig))
+    figures.cost_figure({"low": tmp_path / "lower.parquet", "high": run["table"]},
+                        {"low": ["a"], "high": ["a"]}, tmp_path / "cost.png")
+    for ax in drawn["fig"].axes:
+        labels = {text.get_text(): text for text in ax.texts if text.get_text() in ("low", "high")}
+        assert labels["high"].xy[1] > labels["low"].xy[1]
+        assert labels["high"].xyann[1] > 0 > labels["low"].xyann[1]
+
+
 def test_irt_figure_marks_anchors_and_checked_merges(run, tmp_path):
     sim = simulate_irt(30, 60, seed=1)
     fit = fit_irt(sim.matrix, steps=60, min_steps=60)

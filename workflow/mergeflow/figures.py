@@ -8,6 +8,8 @@ genome as heatmaps); per task with an IRT fit: :func:`irt_fit_figure`; per multi
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -299,6 +301,22 @@ def accuracy_figure(tables: dict[str, str | Path], out: str | Path) -> Path:
     return _save(fig, out)
 
 
+def label_offsets(points: dict[str, tuple[float, float]], near: float = 0.15) -> dict[str, int]:
+    """Vertical offsets (points) of the labels of points on a log-x plot: where searches of similar
+    cost (within ``near`` decades) would print their labels over each other, the highest point's
+    label goes above it, the lowest's below it and any between at its own height (a tie is broken
+    by name); a point alone is labelled above. Placed by position, never by order: the label
+    beside a point is its own."""
+    above, level, below = 4, -3, -11
+    offsets = {}
+    for name, (x, y) in points.items():
+        cluster = sorted((-other_y, other) for other, (other_x, other_y) in points.items()
+                         if abs(math.log10(other_x) - math.log10(x)) < near)
+        rank = cluster.index((-y, name))
+        offsets[name] = above if rank == 0 else below if rank == len(cluster) - 1 else level
+    return offsets
+
+
 def cost_figure(tables: dict[str, str | Path], objectives: dict[str, list[str]], out: str | Path) -> Path:
     """Per search: its final merge's test accuracy on its (first) objective against the items it
     evaluated (left) and its wall time (right), beside the best endpoint on that task."""
@@ -310,6 +328,7 @@ def cost_figure(tables: dict[str, str | Path], objectives: dict[str, list[str]],
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 3.6), sharey=True)
     for ax, column, label in ((axes[0], "search_items", "items evaluated in the search"),
                               (axes[1], "search_wall_s", "search wall time (s)")):
+        points = {}
         for number, (run, tasks) in enumerate(objectives.items()):
             row = merged[(merged["run"] == run) & (merged["task"] == tasks[0])]
             if row.empty or pd.isna(row[column].iloc[0]):
@@ -317,9 +336,9 @@ def cost_figure(tables: dict[str, str | Path], objectives: dict[str, list[str]],
             row = row.iloc[0]
             ax.errorbar([row[column]], [row["accuracy"]], yerr=[Z_95 * row["stderr"]], fmt="o", capsize=3,
                         color=plt.cm.tab10(number), label=f"{run} ({tasks[0]})")
-            # alternate above and below: searches of similar cost would print over each other
-            ax.annotate(run, (row[column], row["accuracy"]), textcoords="offset points",
-                        xytext=(6, 4 if number % 2 == 0 else -11), fontsize=8)
+            points[run] = (float(row[column]), float(row["accuracy"]))
+        for run, offset in label_offsets(points).items():
+            ax.annotate(run, points[run], textcoords="offset points", xytext=(6, offset), fontsize=8)
         targets = {tasks[0] for tasks in objectives.values()}
         endpoints = table[(table["model"] != MERGED) & table["task"].isin(targets)]
         for number, (task, rows) in enumerate(endpoints.groupby("task")):
