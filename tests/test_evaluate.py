@@ -271,3 +271,25 @@ def test_a_prefix_every_prompt_shares_is_read_once_and_changes_nothing(tiny_zoo,
     assert list(once["correct"]) == list(per_row["correct"])
     if scorer == "exact_match":
         assert list(once["generation"]) == list(per_row["generation"])
+
+
+def test_answers_do_not_depend_on_the_batch_size(tiny_zoo):
+    """What lets the workflow leave evaluation.batch_size out of its jobs' parameters: on the zoo's
+    multiple-choice and generation tasks, every model's correctness and generations are the same
+    at every batch size; log-likelihoods differ in their last float digits only."""
+    tasks = {"mc_loglik": "math_l2", "exact_match": "math_l1"}
+    for scorer, task in tasks.items():
+        source = pd.read_parquet(tiny_zoo / "tasks" / f"{task}.parquet").head(120)
+        items = pd.DataFrame({"item_id": source["item_id"], "prompt": source["question"], "choices": source["choices"],
+                              "answer": source["answer"], "target": source["target"]})
+        for name in ("base", "math", "lang"):
+            out = {}
+            for batch_size in (1, 5, 64):
+                settings = EvalSettings.from_config({"batch_size": batch_size})
+                model, tok = load_causal_lm(tiny_zoo / name, settings)
+                out[batch_size] = evaluate_items(model, tok, items, scorer, settings)
+            for batch_size in (5, 64):
+                assert out[batch_size]["correct"].tolist() == out[1]["correct"].tolist(), (scorer, name, batch_size)
+                assert (out[batch_size]["loglik"] - out[1]["loglik"]).abs().max() < 1e-4
+                if scorer == "exact_match":
+                    assert out[batch_size]["generation"].tolist() == out[1]["generation"].tolist()

@@ -523,3 +523,18 @@ def test_jobs_use_this_checkouts_library(finished_run, tmp_path):
                        env={**os.environ, "PYTHONPATH": str(other.parent)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert summary.stat().st_mtime_ns > before  # the job ran, on this checkout's library
+
+
+@pytest.mark.slow
+def test_a_lower_batch_size_reruns_only_what_follows_the_batches(finished_run):
+    """The first thing anyone does after an out-of-memory crash: answers do not depend on the batch
+    size (test_evaluate), so nothing that writes answers reruns; the gradient search, whose sums
+    follow the batches, is the one kind that does."""
+    workdir, config = finished_run
+    lowered = {**config, "evaluation": {**config.get("evaluation", {}), "batch_size": 3}}
+    plan = snakemake(workdir, lowered, "-n")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    reruns = {job.split("[")[0] for job in planned_jobs(plan.stdout)}
+    assert "respond" not in reruns and "calibrate" not in reruns and "final_respond" not in reruns
+    fitness = [job for job in planned_jobs(plan.stdout) if job.startswith("fitness")]
+    assert fitness and all("run=gradient" in job for job in fitness)

@@ -48,6 +48,19 @@ from mergeflow.scorers import SCORERS, get_scorer  # noqa: F401 (SCORERS: the re
 log = logging.getLogger(__name__)
 
 
+# Evaluation settings that change no answer: the batch size changes log-likelihoods in their last
+# float digits and no item's correctness or generation (tests/test_evaluate.py), so jobs that
+# write answers leave it out of their parameters (the workflow's answer_settings): a batch size
+# lowered after an out-of-memory crash reruns nothing. Such a job reads it with job_evaluation.
+ANSWER_NEUTRAL = ("batch_size",)
+
+
+def job_evaluation(evaluation: dict, config_evaluation: dict) -> dict:
+    """A job's evaluation settings: its parameters' (``evaluation``), with the config's values of
+    the settings that change no answer (:data:`ANSWER_NEUTRAL`), which its parameters lack."""
+    return {**evaluation, **{key: config_evaluation[key] for key in ANSWER_NEUTRAL if key in config_evaluation}}
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     """How to run a model: batch size, device, dtype, and the limits of a sequence (the

@@ -18,7 +18,7 @@ os.environ.update(PYTHONPATH=os.pathsep.join(
 from mergeflow.config import run_tasks, search_model_names, task_evaluation, validate_config
 from mergeflow.locations import hub_model_dir, local_model_dir, model_check_file, model_location, zoo_task_files
 from mergeflow.errors import MergeflowError
-from mergeflow.evaluate import chat_keys
+from mergeflow.evaluate import ANSWER_NEUTRAL, chat_keys
 from mergeflow.evolve.stages import EvolveConfig
 from mergeflow.fitness import NEED_PATHS, need_paths
 
@@ -38,6 +38,14 @@ def canonical(value):
     if isinstance(value, list):
         return [canonical(v) for v in value]
     return value
+
+
+def answer_settings(evaluation, batch_invariant=True):
+    """The evaluation settings of a job's params: those that can change an answer. The batch size
+    changes none (mergeflow.evaluate.ANSWER_NEUTRAL), so changing it reruns nothing; the job reads
+    it from the config (job_evaluation). Where a job's output follows the batches (a fitness kind
+    that is not batch_invariant) it stays a parameter."""
+    return canonical({k: v for k, v in evaluation.items() if not (batch_invariant and k in ANSWER_NEUTRAL)})
 
 
 SPLITS = ["search", "test"]

@@ -43,7 +43,7 @@ rule fitness:
     params:
         evolve=evolve_params,
         tasks=lambda wc: canonical({t: config["tasks"][t] for t in EVOLVE[wc.run].tasks}),
-        evaluation=canonical(config["evaluation"]),
+        evaluation=lambda wc: answer_settings(config["evaluation"], EVOLVE[wc.run].kind.batch_invariant),
         files=fitness_files,
     threads: 1
     resources:

@@ -67,7 +67,7 @@ rule final_respond:
         model=lambda wc: {"path": f"results/runs/{wc.run}/final/merge"},
         scorer=lambda wc: config["tasks"][wc.task]["scorer"],
         delimiter=lambda wc: config["tasks"][wc.task]["target_delimiter"],
-        evaluation=lambda wc: canonical(task_evaluation(config, wc.task)),
+        evaluation=lambda wc: answer_settings(task_evaluation(config, wc.task)),
     threads: 1
     resources:
         **MODEL_JOB,
@@ -182,7 +182,7 @@ rule pareto_members:
         ),
     params:
         tasks=pareto_test_tasks,
-        evaluation=canonical(config["evaluation"]),
+        evaluation=answer_settings(config["evaluation"]),
     threads: 1
     resources:
         **MODEL_JOB,

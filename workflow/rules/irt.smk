@@ -19,7 +19,7 @@ rule calibrate:
         sources=SOURCE_LOCATIONS,
         calibration=canonical(config["irt"]["calibration"]),
         seed=config["seed"],
-        evaluation=canonical(config["evaluation"]),
+        evaluation=answer_settings(config["evaluation"]),
     threads: 1
     resources:
         **MODEL_JOB,

@@ -15,7 +15,7 @@ rule respond:
         model=lambda wc: canonical(model_spec(wc.model)),
         scorer=lambda wc: config["tasks"][wc.task]["scorer"],
         delimiter=lambda wc: config["tasks"][wc.task]["target_delimiter"],
-        evaluation=lambda wc: canonical(task_evaluation(config, wc.task)),
+        evaluation=lambda wc: answer_settings(task_evaluation(config, wc.task)),
     threads: 1
     resources:
         **MODEL_JOB,

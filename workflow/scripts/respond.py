@@ -1,6 +1,6 @@
-from mergeflow.evaluate import respond
+from mergeflow.evaluate import job_evaluation, respond
 from mergeflow.logs import setup_job
 
 setup_job(snakemake.log[0], snakemake.threads)
 respond(snakemake.params.model, snakemake.input.split_file, snakemake.params.scorer, snakemake.params.delimiter,
-        snakemake.params.evaluation, snakemake.output[0])
+        job_evaluation(snakemake.params.evaluation, snakemake.config["evaluation"]), snakemake.output[0])

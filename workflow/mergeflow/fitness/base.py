@@ -134,6 +134,9 @@ class FitnessKind:
       when a search is repeated over seeds (anchor sets, rung items, minibatches).
     - ``flat_keys``: the keys the older flat spelling ``fitness: KIND`` set beside it, read into
       the mapping by ``mergeflow.config.upgrade_config``.
+    - ``batch_invariant``: whether what its jobs write follows from the answers alone, not from the
+      evaluation's batch size (:data:`mergeflow.evaluate.ANSWER_NEUTRAL`); then the batch size is
+      not among their parameters.
     """
 
     name: str
@@ -150,6 +153,7 @@ class FitnessKind:
     result: str = "best"
     seeded_keys: tuple[tuple[str, ...], ...] = ()
     flat_keys: tuple[str, ...] = ()
+    batch_invariant: bool = True
 
     def __post_init__(self) -> None:
         if self.result not in RESULTS:

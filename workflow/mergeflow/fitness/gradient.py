@@ -234,4 +234,5 @@ def extras(fitness_cfg: dict, scored: ScoredCandidate) -> dict[str, dict[str, An
 
 KIND = FitnessKind("gradient", needs=lambda fitness_cfg: ("split",), estimates=lambda fitness_cfg, split_size: True,
                    task_fitness=task_fitness, check=check, extra_columns=(GRADIENT_COLUMN,), extras=extras,
-                   result="last", seeded_keys=(("seed",),))
+                   result="last", seeded_keys=(("seed",),),
+                   batch_invariant=False)  # its float sums follow the evaluation's batches

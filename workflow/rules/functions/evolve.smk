@@ -1,4 +1,5 @@
 # Input functions of the evolve stage's rules (evolve.smk), and the adapters of its `run:` jobs.
+from mergeflow.evaluate import job_evaluation
 from mergeflow.evolve.stages import FitnessJob, ask, fitness, promote, tell
 from mergeflow.logs import job_log, pin_threads
 
@@ -68,7 +69,8 @@ def fitness_job(input, output, params, wildcards, threads, log):
         pin_threads(threads)
         job = FitnessJob(int(wildcards.g), int(wildcards.r), int(wildcards.k), input.candidates,
                          input.get("promoted"), tuple(input.get("earlier", [])), output.fitness, output.responses)
-        fitness(EvolveConfig(**params.evolve), params.tasks, params.evaluation, params.files, job)
+        fitness(EvolveConfig(**params.evolve), params.tasks, job_evaluation(params.evaluation, config["evaluation"]),
+                params.files, job)
 
 
 def promote_job(input, output, params, wildcards, log):
