@@ -174,7 +174,10 @@ def test_results_readme_and_model_card(run, tmp_path, monkeypatch):
     provenance.write_text(json.dumps({"run": "r", "config": config, "seeds": {"seed": 0, "run_seed": 0},
                                       "python": "3.11.7", "packages": {"mergeflow": "0.1.0", "torch": "2.13.0+cpu"},
                                       "git": {"commit": "abc123", "dirty": False},
-                                      "hardware": {"cpu": "Test CPU", "cpu_count": 2, "machine": "x86_64", "gpus": []}}))
+                                      "hardware": {"cpu": "Test CPU", "cpu_count": 2, "machine": "x86_64", "gpus": []},
+                                      "models": {"base": {"fingerprint": "f" * 64, "location": "results/zoo/base",
+                                                          "parameters": 600000}},
+                                      "zoo_fingerprint": "0123456789abcdef"}))
     monkeypatch.setattr("mergeflow.publish.RESULTS", root)
     text = results_readme(["r"], [str(provenance)], {"r": str(run["table"])}, str(run["root"] / "runs/r/final/summary.md"),
                           [f"{root}/runs/r/figures/search_progress.png", f"{root}/figures/accuracy.png"],
@@ -184,6 +187,9 @@ def test_results_readme_and_model_card(run, tmp_path, monkeypatch):
     assert "![search progress of run r](runs/r/figures/search_progress.png)" in text
     # the cost table: 12 candidates, 10 items each at rung 0 and 90 more for 2 per generation
     assert "| r | 12 | 1,320 | 12 |" in text
+    assert "| base | `results/zoo/base` | 600,000 | `ffffffffffffffff` |" in text
+    assert "The embedded zoo's fingerprint: `0123456789abcdef`" in text
+    assert "CMA, sigma 0.35" in text and "learning rate" not in text
     pins = (run["root"] / "requirements.txt").read_text()
     assert "pandas==" + pd.__version__ in pins and "mergeflow==" not in pins
 

@@ -41,9 +41,18 @@ def test_baseline_and_final_merges_carry_their_lineage(stages, tmp_path):
 
 def test_provenance_and_job_logs(stages, tmp_path):
     config, _, _, _ = stages
-    record = write_provenance(config, "full", tmp_path / "provenance.json")
-    assert json.loads((tmp_path / "provenance.json").read_text())["seeds"] == record["seeds"] == {
-        "seed": 0, "run_seed": 0}
+    checks = []
+    for name, fingerprint in (("base", "a" * 64), ("math", "b" * 64)):
+        checks.append(tmp_path / f"{name}.json")
+        checks[-1].write_text(json.dumps({"model": name, "fingerprint": fingerprint, "location": f"results/zoo/{name}",
+                                          "parameters": 10, "tensors": 3}))
+    record = write_provenance(config | {"zoo": {"seed": 0, "experts": {"math": {}}}}, "full", tmp_path / "provenance.json",
+                              checks)
+    written = json.loads((tmp_path / "provenance.json").read_text())
+    assert written["seeds"] == record["seeds"] == {"seed": 0, "run_seed": 0, "zoo_seed": 0}
+    assert written["models"]["math"] == {"fingerprint": "b" * 64, "location": "results/zoo/math", "parameters": 10}
+    other = write_provenance(config | {"zoo": {"seed": 0, "experts": {"math": {}}}}, "full", tmp_path / "other.json", checks[:1])
+    assert len(written["zoo_fingerprint"]) == 16 and other["zoo_fingerprint"] != written["zoo_fingerprint"]
     logger = setup_job(tmp_path / "job.log", threads=1)
     logger.info("hello from a job")
     assert "hello from a job" in (tmp_path / "job.log").read_text()

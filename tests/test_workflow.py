@@ -83,7 +83,8 @@ def planned_jobs(dry_run_output: str) -> list[str]:
         m = re.match(r"(?:local)?rule (\w+):", block)
         if m:
             w = re.search(r"wildcards: (.*)", block)
-            jobs.append(m.group(1) + (f"[{re.sub(r', digest=\w+', '', w.group(1))}]" if w else ""))
+            wildcards = re.sub(r", digest=\w+", "", w.group(1)) if w else None
+            jobs.append(m.group(1) + (f"[{wildcards}]" if w else ""))
     return sorted(jobs)
 
 

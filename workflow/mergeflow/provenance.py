@@ -6,6 +6,7 @@ the same file. It does name the CPU and GPUs: float results differ across hardwa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -69,11 +70,32 @@ def seeds(config: dict, run: str) -> dict[str, int]:
     return out
 
 
-def write_provenance(config: dict, run: str, out: str | Path) -> dict:
+def model_fingerprints(checks: list[str | Path]) -> dict[str, dict]:
+    """Which weights a run read: per model, its check report's fingerprint, location and size."""
+    reports = [json.loads(Path(c).read_text()) for c in checks]
+    return {r["model"]: {key: r[key] for key in ("fingerprint", "location", "parameters")} for r in reports}
+
+
+def zoo_fingerprint(config: dict, models: dict[str, dict]) -> str | None:
+    """One digest of the embedded zoo's weights (its models' fingerprints): the zoo trained on
+    another machine differs (CPU kernels), and this tells two zoos apart."""
+    from mergeflow.locations import zoo_model_dirs
+
+    zoo = {str(path) for path in zoo_model_dirs(config).values()}
+    mine = sorted((name, entry["fingerprint"]) for name, entry in models.items() if entry["location"] in zoo)
+    return hashlib.sha256(json.dumps(mine).encode()).hexdigest()[:16] if mine else None
+
+
+def write_provenance(config: dict, run: str, out: str | Path, checks: list[str | Path] = ()) -> dict:
+    """The run's record: its config, seeds, the fingerprints of the weights it read (``checks``:
+    their check reports) and the zoo's, versions, commit and hardware."""
+    models = model_fingerprints(checks)
     record = {
         "run": run,
         "config": config,
         "seeds": seeds(config, run),
+        "models": models,
+        "zoo_fingerprint": zoo_fingerprint(config, models),
         "python": sys.version.split()[0],
         "packages": package_versions(),
         "git": git_commit(Path(__file__).resolve().parents[2]),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from mergeflow.evolve.search import GRADIENT_OPTIMIZERS
 from mergeflow.outputs import staged_dir
 from mergeflow.report import MERGED
 
@@ -67,10 +68,36 @@ def _runs_table(provenance: list[dict]) -> list[str]:
         rows.append({"run": run, "tasks": ", ".join(rcfg.get("tasks") or []),
                      "objectives": ", ".join(f"{t} ({w})" for t, w in ecfg["objectives"].items()),
                      "fitness": f"{kind}" + (f" ({detail})" if detail else ""),
-                     "optimizer": f"{ecfg['optimizer']}, sigma {ecfg.get('sigma', '')}",
+                     "optimizer": _optimizer(ecfg),
                      "candidates": f"{ecfg['population']} × {ecfg['generations']} generations",
                      "seed": record["seeds"]["run_seed"]})
     return _table(pd.DataFrame(rows))
+
+
+def _optimizer(ecfg: dict) -> str:
+    """The optimizer with the setting it reads: a gradient optimizer's learning rate, a Nevergrad
+    optimizer's sigma (never the other's, which the run did not apply)."""
+    if ecfg["optimizer"] in GRADIENT_OPTIMIZERS:
+        return f"{ecfg['optimizer']}, learning rate {ecfg.get('learning_rate')}"
+    return f"{ecfg['optimizer']}, sigma {ecfg.get('sigma')}"
+
+
+def _models_table(provenance: list[dict]) -> list[str]:
+    """Which weights the results were built on: every model's fingerprint (its check's), and the
+    embedded zoo's, which differs between machines (CPU kernels)."""
+    models: dict[str, dict] = {}
+    for record in provenance:
+        models.update(record.get("models", {}))
+    if not models:
+        return ["Not recorded (provenance.json predates model fingerprints)."]
+    rows = [{"model": name, "location": f"`{entry['location']}`", "parameters": f"{entry['parameters']:,}",
+             "fingerprint": f"`{entry['fingerprint'][:16]}`"} for name, entry in sorted(models.items())]
+    zoo = next((r["zoo_fingerprint"] for r in provenance if r.get("zoo_fingerprint")), None)
+    lines = _table(pd.DataFrame(rows))
+    if zoo:
+        lines += ["", f"The embedded zoo's fingerprint: `{zoo}`. The zoo is trained here, and its weights differ "
+                  "between machines (CPU kernels): a rerun whose zoo fingerprint differs measures other models."]
+    return lines
 
 
 def _cost_table(tables: dict[str, str | Path]) -> list[str]:
@@ -111,7 +138,8 @@ def results_readme(runs: list[str], provenance_paths: list[str], tables: dict[st
              "GPU kernels): compare figures measured on one machine.", "",
              "## What was run", ""] + _runs_table(provenance) + [
              "", "Each run's `runs/{run}/provenance.json` holds the whole validated config, the seeds, the "
-             "commit and the package versions.", ""]
+             "commit, the package versions and the fingerprints of the weights it read.", "",
+             "## Which weights", ""] + _models_table(provenance) + [""]
     if summary_path:
         body = Path(summary_path).read_text().splitlines()
         lines += ["## Test accuracy", ""] + [line.replace("## ", "### ") for line in body[1:]]

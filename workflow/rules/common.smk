@@ -110,11 +110,20 @@ def model_check(name):
     return str(model_check_file(name, check_inputs(name)))
 
 
+def merged_model_names(run):
+    """The models a run's merges read: its search space's models (a data-flow run's A and B, which
+    may be another run's final merge), else the base and the endpoints."""
+    return search_model_names(config, run) if run in EVOLVE else [config["base_model"], *config["endpoints"]]
+
+
+def run_model_names(run):
+    """Every model a run reads: its merges' and its table's (the base and the endpoints)."""
+    return list(dict.fromkeys([*merged_model_names(run), config["base_model"], *config["endpoints"]]))
+
+
 def search_model_inputs(wildcards):
-    """What a run's merges read, and their checks: its search space's models (a data-flow run's
-    A and B, which may be another run's final merge), else the base and the endpoints."""
-    run = getattr(wildcards, "run", None)
-    names = search_model_names(config, run) if run in EVOLVE else [config["base_model"], *config["endpoints"]]
+    """What a run's merges read (merged_model_names), and their checks."""
+    names = merged_model_names(getattr(wildcards, "run", None))
     return [p for name in names for p in model_inputs(name)] + [model_check(name) for name in names]
 
 

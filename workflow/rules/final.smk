@@ -151,6 +151,9 @@ rule compare_runs:
 
 
 rule provenance:
+    input:
+        # which weights the run read: the fingerprints of its models' checks
+        checks=lambda wc: [model_check(n) for n in run_model_names(wc.run)],
     output:
         "results/runs/{run}/provenance.json",
     params:

@@ -139,7 +139,7 @@ rule results_readme:
         requirements="results/requirements.txt",
     params:
         runs=list(config["runs"]),
-        configfiles=[str(f) for f in workflow.configfiles],
+        configfiles=[project_path(f) for f in workflow.configfiles],
     log:
         "results/logs/results_readme.log",
     conda:

@@ -48,3 +48,13 @@ def results_readme_inputs(wildcards):
         "figures": all_figures(),
         "models": [f"results/runs/{run}/final/model" for run in EVOLVE],
     }
+
+
+def project_path(path):
+    """A config file as a reader of results/ needs it: relative to the working directory (the
+    project, where results/ is), else to the workflow's checkout, else as given."""
+    path = Path(path).resolve()
+    for root in (Path.cwd(), Path(workflow.basedir)):
+        if path.is_relative_to(root.resolve()):
+            return str(path.relative_to(root.resolve()))
+    return str(path)
