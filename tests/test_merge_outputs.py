@@ -116,3 +116,31 @@ def test_a_killed_merges_stage_is_removed_by_the_next_merge(zoo, tmp_path):
     merge_to_dir(recipe_from_dict(recipe_data(zoo)), out)
     assert not abandoned.exists() and other_host.exists()  # another host's writer may still be alive
     assert (out / "model.safetensors.index.json").is_file()
+
+
+def test_a_full_disk_is_named_with_the_output_and_the_bytes(zoo, tmp_path, monkeypatch):
+    """Too little space is refused before any tensor is merged; a disk that fills during the write
+    is named the same way, and the earlier result stays."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from mergeflow.errors import OutputError
+    from mergeflow.outputs import staged_dir
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    out = tmp_path / "merged"
+    with pytest.raises(OutputError, match=rf"no space left on the device for '{out}': it needs [\d,]+ bytes and "
+                                          r"1,000 bytes were free"):
+        merge_to_dir(recipe_from_dict(recipe_data(zoo)), out)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+    monkeypatch.undo()
+    (out / "weights").mkdir(parents=True)
+    (out / "weights" / "earlier").write_text("an earlier result")
+    with pytest.raises(OutputError, match=rf"no space left on the device for '{out}': \d[\d,]* bytes were free"):
+        with staged_dir(out, force=True) as stage:
+            (stage / "part").write_text("half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (out / "weights" / "earlier").read_text() == "an earlier result" and leftovers(tmp_path) == []

@@ -7,6 +7,7 @@ it was (an earlier good merge stays), never a half-written model.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -71,23 +72,37 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _no_space(out: Path, needed: int | None, free: int) -> str:
+    what = f"it needs {needed:,} bytes and " if needed is not None else ""
+    return (f"no space left on the device for {str(out)!r}: {what}{free:,} bytes were free in "
+            f"{str(out.parent)!r}; free some space or write it elsewhere")
+
+
 @contextmanager
-def staged_dir(out: str | Path, *, force: bool = False, protected: Iterable[str | Path] = ()) -> Iterator[Path]:
+def staged_dir(out: str | Path, *, force: bool = False, protected: Iterable[str | Path] = (),
+               needed: int | None = None) -> Iterator[Path]:
     """Yield a fresh staging directory beside ``out``; on success it replaces ``out`` whole.
 
     On any error the staging directory is removed and ``out`` is left untouched. See
-    :func:`check_output_dir` for what is refused.
+    :func:`check_output_dir` for what is refused. ``needed``, the bytes the writer will write where
+    it knows them, is checked against the free space first; a disk that fills anyway is named
+    with ``out`` and those bytes, not left to a traceback.
     """
     out = Path(out)
     check_output_dir(out, force=force, protected=protected)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_stages(out)
+    free = shutil.disk_usage(out.parent).free
+    if needed is not None and needed > free:
+        raise OutputError(_no_space(out, needed, free))
     stage = out.parent / f".{out.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
         yield stage
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise OutputError(_no_space(out, needed, free)) from err
         raise
     if out.exists() or out.is_symlink():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"

@@ -21,6 +21,31 @@ from mergeflow.errors import MergeflowError
 from mergeflow.evaluate import ANSWER_NEUTRAL, chat_keys
 from mergeflow.evolve.stages import EvolveConfig
 from mergeflow.fitness import NEED_PATHS, need_paths
+from mergeflow.runlock import live_run, record_run, release_run
+
+# One live run per working directory (mergeflow.runlock): `snakemake --unlock` while a run is
+# live would let a second start beside it and rewrite its files; refused, as is that second run.
+if workflow.is_main_process:
+    live = live_run()
+    if live is not None and ("--unlock" in sys.argv or not workflow.dryrun):
+        raise WorkflowError(
+            f"a run is live in this directory (Snakemake process {live['pid']}, started {live['started']}): "
+            + ("--unlock would let a second run start beside it and rewrite its files; " if "--unlock" in sys.argv
+               else "a second run would rewrite its files; ")
+            + f"wait for it to end, or stop it (kill {live['pid']}) and then run again")
+
+
+onstart:
+    record_run()
+
+
+onsuccess:
+    release_run()
+
+
+onerror:
+    release_run()
+
 
 # Schema (keys, types, defaults) and cross-references, then each run's search, before any job
 # is planned.

@@ -195,7 +195,8 @@ def merge_to_dir(recipe: Recipe, out_dir: str | Path, device: str = "cpu",
     tokenizer_dir = Path(recipe.tokenizer_source or plan.template)
     if not tokenizer_dir.is_dir():
         raise MergeflowError(f"tokenizer_source {str(tokenizer_dir)!r} is not a directory")
-    with staged_dir(out_dir, force=force, protected=protected) as out:
+    needed = sum(_tensor_bytes(t, plan.out_dtype) for t in plan.tensors)
+    with staged_dir(out_dir, force=force, protected=protected, needed=needed) as out:
         _write_merge(plan, sources, out, torch.device(device), max_shard_size)
         _copy_tokenizer(tokenizer_dir, out)
         (out / "README.md").write_text(model_card(recipe, lineage))
