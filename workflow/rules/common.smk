@@ -24,18 +24,22 @@ from mergeflow.fitness import NEED_PATHS, need_paths
 from mergeflow.runlock import live_run, record_run, release_run
 
 # One live run per working directory (mergeflow.runlock): `snakemake --unlock` while a run is
-# live would let a second start beside it and rewrite its files; refused, as is that second run.
-if workflow.is_main_process:
+# live would let a second start beside it and rewrite its files; refused (the unlock parses the
+# workflow, so here), as is that second run (when it starts: a dry run only reads).
+def refuse_beside_live_run(what):
     live = live_run()
-    if live is not None and ("--unlock" in sys.argv or not workflow.dryrun):
-        raise WorkflowError(
-            f"a run is live in this directory (Snakemake process {live['pid']}, started {live['started']}): "
-            + ("--unlock would let a second run start beside it and rewrite its files; " if "--unlock" in sys.argv
-               else "a second run would rewrite its files; ")
-            + f"wait for it to end, or stop it (kill {live['pid']}) and then run again")
+    if live is not None:
+        raise WorkflowError(f"a run is live in this directory (Snakemake process {live['pid']}, started "
+                            f"{live['started']}): {what}; wait for it to end, or stop it (kill {live['pid']}) "
+                            "and then run again")
+
+
+if workflow.is_main_process and "--unlock" in sys.argv:
+    refuse_beside_live_run("--unlock would let a second run start beside it and rewrite its files")
 
 
 onstart:
+    refuse_beside_live_run("a second run would rewrite its files")
     record_run()
 
 
