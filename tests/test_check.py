@@ -105,3 +105,17 @@ def test_a_models_check_records_the_fingerprint_of_its_weights(tiny_zoo, tmp_pat
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
     assert (model / "model.safetensors").stat().st_size == (tiny_zoo / "math" / "model.safetensors").stat().st_size
     assert weights_fingerprint("math", model) != report["fingerprint"]
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("loop", r"'{path}' is a symbolic link loop"),
+    ("dangling", r"'{path}' is a link to '.*nowhere.json', which does not exist"),
+])
+def test_an_unreadable_config_is_named_with_the_real_reason(tiny_zoo, tmp_path, fault, message):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_zoo / "math", bad)
+    config = bad / "config.json"
+    config.unlink()
+    config.symlink_to(config if fault == "loop" else tmp_path / "nowhere.json")
+    with pytest.raises(MergeflowError, match="model 'bad': " + message.format(path=config)):
+        run_model_check("bad", _models(tiny_zoo, bad=bad), "base", tmp_path / "c.json")

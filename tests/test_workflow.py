@@ -188,6 +188,10 @@ def test_run_writes_every_stage(finished_run):
         assert (results / "figures" / f"{figure}.png").stat().st_size > 5000
     readme = (results / "README.md").read_text()
     assert provenance["git"]["commit"] in readme and "![search progress of run multi]" in readme
+    assert "config `config.yaml`" in readme and str(workdir) not in readme  # the config as the project names it
+    assert "## Which weights" in readme and "The embedded zoo's fingerprint" in readme
+    assert provenance["models"]["math"]["fingerprint"][:16] in readme
+    assert "Adam, learning rate" in readme and "Adam, sigma" not in readme
     assert "torch==" in (results / "requirements.txt").read_text()
 
 
