@@ -41,7 +41,21 @@ PARITY_TOLERANCE = 1e-5
 IN_MEMORY_TARGETS = {"linear": 3.0, "task_arithmetic": 3.0, "ties": 10.0}
 TIMED = ["linear", "task_arithmetic", "ties", "dare_ties", "della"]
 # Deterministic methods both implement: compared once for parity, not timed.
-PARITY_ONLY = ["breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ties-argsort"]
+PARITY_ONLY = ["breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ties-argsort", "nuslerp", "multislerp",
+               "karcher", "sce", "nearswap", "ram", "ramplus_tl"]
+# Not arcee_fusion: on tensors above 1M entries mergekit takes its quartiles from a random sample
+# (unseeded), mergeflow from the whole tensor; tests/test_merge_peer.py compares it on tiny models.
+# The methods mergekit 0.1.5 added: (fine-tunes with their weights, None: no parameters), method
+# parameters, whether the base is named; parameters sized to the fine-tunes' noise (sd 0.002).
+NEW_METHOD_RECIPES = {
+    "nuslerp": ((("ft1", 0.6), ("ft2", 0.4)), {}, True),
+    "multislerp": ((("ft1", 0.5), ("ft2", 0.3), ("ft3", 0.2)), {}, True),
+    "karcher": ((("ft1", None), ("ft2", None), ("ft3", None)), {}, False),
+    "sce": ((("ft1", None), ("ft2", None), ("ft3", None)), {"select_topk": 0.5}, True),
+    "nearswap": ((("ft1", None),), {"t": 0.002}, True),
+    "ram": ((("ft1", None), ("ft2", None), ("ft3", None)), {"epsilon": 0.002}, True),
+    "ramplus_tl": ((("ft1", None), ("ft2", None), ("ft3", None)), {"epsilon": 0.002}, True),
+}
 # Rows that are a method with mergeflow-only parameters: TIES with the opt-in ``tie_break:
 # argsort`` (mergekit's order among tied entries); mergekit runs the plain method.
 VARIANTS = {"ties-argsort": ("ties", {"tie_break": "argsort"})}
@@ -89,6 +103,13 @@ def recipe_for(method: str, paths: dict[str, Path]) -> dict:
         return {"merge_method": "slerp", "base_model": str(paths["base"]),
                 "models": [{"model": str(paths["base"])}, {"model": str(paths["ft1"])}],
                 "parameters": {"t": 0.5}, "dtype": "float32"}
+    if method in NEW_METHOD_RECIPES:
+        models, parameters, with_base = NEW_METHOD_RECIPES[method]
+        recipe = {"merge_method": method, "dtype": "float32", "models": [
+            {"model": str(paths[n]), **({} if w is None else {"parameters": {"weight": w}})} for n, w in models]}
+        recipe.update({"parameters": dict(parameters)} if parameters else {})
+        recipe.update({"base_model": str(paths["base"])} if with_base else {})
+        return recipe
     if method == "model_stock":
         return {"merge_method": method, "base_model": str(paths["base"]),
                 "models": [{"model": str(paths[n])} for n in ("ft1", "ft2", "ft3")], "dtype": "float32"}

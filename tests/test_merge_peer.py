@@ -194,3 +194,28 @@ def test_a_layer_path_recipe_rebuilds_in_mergekit(zoo, tmp_path):
             torch.testing.assert_close(value, theirs[tensor], rtol=0, atol=1e-6, msg=f"{name}: {tensor}")
     assert not torch.equal(tensors(tmp_path / "across-mergekit")["model.norm.weight"],
                            tensors(Path(zoo["base"]))["model.norm.weight"])  # lang's norm, not the base's
+
+
+ROUND_TRIP = """
+import sys, yaml
+from mergekit.config import MergeConfiguration
+for path in sys.argv[1:]:
+    config = MergeConfiguration.model_validate(yaml.safe_load(open(path).read()))
+    open(path, "w").write(config.to_yaml())
+"""
+
+
+@pytest.mark.slow
+def test_new_method_recipes_round_trip_through_mergekit(zoo, tmp_path):
+    """Each new method's recipe as mergeflow writes it is read by mergekit's configuration, and
+    what mergekit writes back reads as the same recipe (mergekit drops ``seed``: 0 here)."""
+    from mergeflow.merge.recipe import recipe_from_yaml
+
+    recipes = {case: recipe_from_dict(new_recipe(zoo, case)) for case in NEW_CASES}
+    for case, ours in recipes.items():
+        (tmp_path / f"{case}.yaml").write_text(ours.to_yaml())
+    subprocess.run([str(PEER_VENV / "bin" / "python"), "-c", ROUND_TRIP,
+                    *[str(tmp_path / f"{case}.yaml") for case in recipes]],
+                   check=True, capture_output=True, env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    for case, ours in recipes.items():
+        assert recipe_from_yaml((tmp_path / f"{case}.yaml").read_text()) == ours, case

@@ -28,6 +28,7 @@ the method; ``registry.MERGE_METHODS`` declares each one's parameters and defaul
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -288,6 +289,25 @@ def model_stock_merge(tensors, base, model_params, params, rng, ws=None, out=Non
     return average.mul_(ratio).add_(base, alpha=1.0 - ratio)
 
 
+def _one_cpu_thread(method: MethodFunction) -> MethodFunction:
+    """Run ``method`` on one CPU thread. Whole-tensor reductions (norms, dots, sums) round
+    according to how torch's threads split them (a dot of 8192 entries already differs between
+    one thread and two); the streaming writer merges on one thread, so the in-memory merger must
+    too for the same bits."""
+    @functools.wraps(method)
+    def run(tensors, *args, **kwargs) -> Tensor:
+        threads = torch.get_num_threads()
+        if tensors[0].device.type != "cpu" or threads == 1:
+            return method(tensors, *args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return method(tensors, *args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
 # ---- Spherical methods (nuslerp, multislerp, karcher). Their angles and norms lose too much in
 # half precision, so they compute in float32 at least and the result takes the compute dtype.
 
@@ -320,6 +340,7 @@ def _slerp_last_axis(v0: Tensor, v1: Tensor, t: float) -> Tensor:
     return torch.where(parallel, v0 * (1.0 - t) + v1 * t, spherical)
 
 
+@_one_cpu_thread
 def nuslerp_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
     """NuSLERP: spherical interpolation between two models at ``t = w1 / (w0 + w1)`` (0.5 when
     the weights sum to about zero); with a base, between their task vectors, added back to the
@@ -339,6 +360,7 @@ def nuslerp_merge(tensors, base, model_params, params, rng, ws=None, out=None) -
     return result.copy_(merged if base is None else merged + _geometric(base))
 
 
+@_one_cpu_thread
 def multislerp_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
     """Multi-SLERP: a weighted mean of the models' directions on the unit sphere, from the tangent
     space at their normalized weighted mean (one exponential map), scaled by the weighted mean of
@@ -411,6 +433,7 @@ def karcher_mean(vectors: list[Tensor], max_iter: int, tol: float) -> Tensor:
     return mean * scale
 
 
+@_one_cpu_thread
 def karcher_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
     """Karcher mean of the models (see :func:`karcher_mean`); one model is returned as is. No
     base: a models recipe's ``base_model`` is merged as one more model (the planner adds it)."""
@@ -438,6 +461,7 @@ def _variance_mask(deltas: Tensor, fraction: float) -> Tensor:
     return mask
 
 
+@_one_cpu_thread
 def sce_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
     """SCE (select, calculate, erase): keep the ``select_topk`` fraction of entries whose task
     vectors vary most across the models (all at 1); weight each model by its task vector's mean
@@ -483,6 +507,7 @@ def _fusion_importance(model: Tensor, base: Tensor) -> Tensor:
     return torch.abs(model - base) * divergence
 
 
+@_one_cpu_thread
 def arcee_fusion_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
     """Arcee Fusion: the other model's value where the entry's importance (see
     ``_fusion_importance``) reaches ``median + 1.5 IQR`` of the tensor's importances (the
@@ -543,8 +568,9 @@ def ramplus_tl_merge(tensors, base, model_params, params, rng, ws=None, out=None
     alone = torch.eq(count, 1.0, out=ws.empty("alone", base))
     boost = ws.empty("boost", base).zero_()
     for delta, mask in zip(deltas, kept):
-        unique = float(torch.sum(mask * alone))
-        shared = float(torch.sum(mask)) - unique
+        # counts as integers: exact, whatever the tensor's size and the threads
+        unique = int(torch.count_nonzero(mask * alone))
+        shared = int(torch.count_nonzero(mask)) - unique
         floor = max(unique, epsilon)
         ratio = shared / floor if floor > 0 else (math.inf if shared else 0.0)
         boost.add_(delta, alpha=r * min(max(ratio, 0.0), alpha))
