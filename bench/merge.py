@@ -41,7 +41,23 @@ PARITY_TOLERANCE = 1e-5
 IN_MEMORY_TARGETS = {"linear": 3.0, "task_arithmetic": 3.0, "ties": 10.0}
 TIMED = ["linear", "task_arithmetic", "ties", "dare_ties", "della"]
 # Deterministic methods both implement: compared once for parity, not timed.
-PARITY_ONLY = ["breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ties-argsort"]
+PARITY_ONLY = ["breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ties-argsort", "nuslerp", "multislerp",
+               "karcher", "sce", "nearswap", "ram", "ramplus_tl"]
+# Not arcee_fusion: on tensors above 1M entries mergekit takes its quartiles from a random sample
+# (unseeded), mergeflow from the whole tensor; tests/test_merge_peer.py compares it on tiny models
+# (``--parity arcee_fusion`` shows how far apart they are here).
+# The methods mergekit 0.1.5 added: (fine-tunes with their weights, None: no parameters), method
+# parameters, whether the base is named; parameters sized to the fine-tunes' noise (sd 0.002).
+NEW_METHOD_RECIPES = {
+    "nuslerp": ((("ft1", 0.6), ("ft2", 0.4)), {}, True),
+    "multislerp": ((("ft1", 0.5), ("ft2", 0.3), ("ft3", 0.2)), {}, True),
+    "karcher": ((("ft1", None), ("ft2", None), ("ft3", None)), {}, False),
+    "sce": ((("ft1", None), ("ft2", None), ("ft3", None)), {"select_topk": 0.5}, True),
+    "nearswap": ((("ft1", None),), {"t": 0.002}, True),
+    "arcee_fusion": ((("ft1", None),), {}, True),
+    "ram": ((("ft1", None), ("ft2", None), ("ft3", None)), {"epsilon": 0.002}, True),
+    "ramplus_tl": ((("ft1", None), ("ft2", None), ("ft3", None)), {"epsilon": 0.002}, True),
+}
 # Rows that are a method with mergeflow-only parameters: TIES with the opt-in ``tie_break:
 # argsort`` (mergekit's order among tied entries); mergekit runs the plain method.
 VARIANTS = {"ties-argsort": ("ties", {"tie_break": "argsort"})}
@@ -56,8 +72,13 @@ def build_models(root: Path, args: argparse.Namespace) -> dict[str, Path]:
     """A random base Llama and three "fine-tunes" (base + small noise), float32 safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from mergeflow.zoo.build import build_tokenizer
+
     names = ["base", "ft1", "ft2", "ft3"]
     if all((root / name / "config.json").is_file() for name in names):
+        for name in names:  # models built before the bench saved a tokenizer: mergeflow needs one
+            if not (root / name / "tokenizer.json").is_file():
+                build_tokenizer().save_pretrained(root / name)
         return {name: root / name for name in names}
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                          intermediate_size=args.intermediate, num_hidden_layers=args.layers,
@@ -75,6 +96,7 @@ def build_models(root: Path, args: argparse.Namespace) -> dict[str, Path]:
                     param.copy_(base[key] + 0.002 * torch.randn(param.shape, generator=generator))
         paths[name] = root / name
         model.save_pretrained(paths[name], safe_serialization=True)
+        build_tokenizer().save_pretrained(paths[name])  # copied with the merge, never used here
     return paths
 
 
@@ -89,6 +111,13 @@ def recipe_for(method: str, paths: dict[str, Path]) -> dict:
         return {"merge_method": "slerp", "base_model": str(paths["base"]),
                 "models": [{"model": str(paths["base"])}, {"model": str(paths["ft1"])}],
                 "parameters": {"t": 0.5}, "dtype": "float32"}
+    if method in NEW_METHOD_RECIPES:
+        models, parameters, with_base = NEW_METHOD_RECIPES[method]
+        recipe = {"merge_method": method, "dtype": "float32", "models": [
+            {"model": str(paths[n]), **({} if w is None else {"parameters": {"weight": w}})} for n, w in models]}
+        recipe.update({"parameters": dict(parameters)} if parameters else {})
+        recipe.update({"base_model": str(paths["base"])} if with_base else {})
+        return recipe
     if method == "model_stock":
         return {"merge_method": method, "base_model": str(paths["base"]),
                 "models": [{"model": str(paths[n])} for n in ("ft1", "ft2", "ft3")], "dtype": "float32"}
@@ -118,7 +147,7 @@ import torch
 if tool == "mergeflow":
     from mergeflow import cli
     cli.COMMAND_MODULES = ["mergeflow.commands.merge"]  # only the command under test
-    run = lambda: cli.main(["merge", *args])
+    run = lambda: cli.main(["merge", *args]) == 0 or sys.exit("mergeflow merge failed")
 else:
     from mergekit.scripts.run_yaml import main as mergekit_main
     run = lambda: mergekit_main(args, standalone_mode=False)

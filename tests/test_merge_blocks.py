@@ -9,7 +9,9 @@ from mergeflow.merge.plan import TensorPlan, merge_tensor, merge_tensor_blocks, 
 from mergeflow.merge.registry import get_method
 from mergeflow.merge.sparsify import Workspace, magnitude_trim, select_largest
 
-BLOCKED = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear"]
+BLOCKED = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear", "nearswap", "ram"]
+# method parameters that have no default, or whose default selects nothing on these tensors
+BLOCK_PARAMS = {"nearswap": {"t": 0.02}, "ram": {"epsilon": 0.03}}
 
 
 def quantized(shape, generator, step=1 / 64):
@@ -24,8 +26,9 @@ def plan_for(name, shape, models=3):
                     for w, d in zip((0.5, 0.3, 0.2), (0.5, 0.37, 0.9))][:models]
     if "density" not in method.model_defaults:
         model_params = [{"weight": p["weight"]} for p in model_params]
+    params = {**method.method_defaults, **BLOCK_PARAMS.get(name, {})}
     return TensorPlan("w", method, sources, ("base", "w") if method.uses_base else None,
-                      model_params, dict(method.method_defaults), tensor_seed(3, "w"), shape)
+                      model_params, params, tensor_seed(3, "w"), shape)
 
 
 @pytest.mark.parametrize("shape", [(1201, 399), (479_899,)])  # odd sizes: blocks end mid-row
@@ -36,7 +39,7 @@ def test_blocks_equal_the_whole_tensor_bitwise(name, shape):
     tensors = {("base", "w"): base}
     for i in range(3):
         tensors[(f"m{i}", "w")] = base + quantized(shape, generator)
-    plan = plan_for(name, shape)
+    plan = plan_for(name, shape, models=get_method(name).max_models or 3)
     whole = merge_tensor(plan, lambda model, tensor: tensors[(model, tensor)], "cpu")
 
     def read(model, tensor, start, stop):

@@ -48,6 +48,21 @@ def recipe_dict(zoo, method="ties", **extra):
         "seed": 7, **extra}
 
 
+def zoo_name(name: str) -> str:
+    """A zoo model in a parametrization (which runs before the fixture): see resolve_zoo_names."""
+    return f"<zoo:{name}>"
+
+
+def resolve_zoo_names(data, zoo):
+    if isinstance(data, dict):
+        return {key: resolve_zoo_names(value, zoo) for key, value in data.items()}
+    if isinstance(data, list):
+        return [resolve_zoo_names(value, zoo) for value in data]
+    if isinstance(data, str) and data.startswith("<zoo:"):
+        return zoo[data[5:-1]]
+    return data
+
+
 def write_recipe(tmp_path, data) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -81,9 +96,14 @@ def test_cli_merge_loads_and_generates(zoo, tmp_path, merge_cli):
     ("ties", {"parameters": {"tie_break": "argsort"}}),
     ("dare_ties", {}), ("dare_linear", {}), ("della", {}), ("breadcrumbs_ties", {}),
     ("model_stock", {}),
+    ("nuslerp", {}), ("nuslerp", {"parameters": {"nuslerp_flatten": False}, "base_model": None}),
+    ("multislerp", {}), ("karcher", {}), ("sce", {"parameters": {"select_topk": 0.5}}),
+    ("nearswap", {"models": [{"model": zoo_name("math")}], "parameters": {"t": 0.01}}),
+    ("arcee_fusion", {"models": [{"model": zoo_name("math")}]}),
+    ("ram", {"parameters": {"epsilon": 0.01}}), ("ramplus_tl", {"parameters": {"epsilon": 0.01}}),
 ])
 def test_in_memory_matches_cli_bitwise(zoo, tmp_path, method, extra):
-    recipe = recipe_from_dict(recipe_dict(zoo, method, **extra))
+    recipe = recipe_from_dict(recipe_dict(zoo, method, **resolve_zoo_names(extra, zoo)))
     out = merge_to_dir(recipe, tmp_path / method)
     merger = InMemoryMerger(recipe, sort_magnitudes=method != "ties")
     model = merger.merge(recipe)
@@ -202,6 +222,54 @@ def test_error_nan_in_source(zoo, tmp_path):
 def test_error_slerp_needs_two_models(zoo):
     _expect_error(recipe_dict(zoo, "slerp", parameters={"t": 0.5}),
                   r"merge method 'slerp' merges exactly 1 model\(s\) besides the base; tensor '.*' has 2")
+
+
+def test_error_nearswap_needs_t_and_one_model(zoo):
+    one = {"models": [{"model": zoo["math"]}]}
+    _expect_error(recipe_dict(zoo, "nearswap") | one, r"merge method 'nearswap' needs parameter 't'")
+    _expect_error(recipe_dict(zoo, "nearswap", parameters={"t": 0.1}),
+                  r"merge method 'nearswap' merges exactly 1 model\(s\) besides the base; tensor '.*' has 2")
+    _expect_error(recipe_dict(zoo, "arcee_fusion") | {"base_model": None},
+                  r"merge method 'arcee_fusion' needs a 'base_model'")
+
+
+def test_nuslerp_without_a_base_merges_the_models(zoo):
+    data = recipe_dict(zoo, "nuslerp") | {"base_model": None}
+    plan = plan_merge(recipe_from_dict(data), open_sources(recipe_from_dict(data)))
+    assert all(tensor.base is None and len(tensor.sources) == 2 for tensor in plan.tensors)
+    _expect_error(data | {"models": [{"model": zoo["math"]}]},
+                  r"merge method 'nuslerp' merges exactly 2 model\(s\); tensor '.*' has 1")
+
+
+def test_karcher_merges_a_named_base_as_one_more_model(zoo):
+    """As mergekit's planner: a models recipe's base joins the mean (appended when not listed);
+    a slices recipe merges only its sources."""
+    data = {"merge_method": "karcher", "base_model": zoo["base"], "models": [zoo["math"], zoo["lang"]]}
+    recipe = recipe_from_dict(data)
+    plan = plan_merge(recipe, open_sources(recipe))
+    assert [model for model, _ in plan.tensors[0].sources] == [zoo["math"], zoo["lang"], zoo["base"]]
+    assert plan.tensors[0].base is None
+    listed = recipe_from_dict(data | {"models": [zoo["base"], zoo["math"], zoo["lang"]]})
+    assert [m for m, _ in plan_merge(listed, open_sources(listed)).tensors[0].sources] == [
+        zoo["base"], zoo["math"], zoo["lang"]]
+    slices = recipe_from_dict({"merge_method": "karcher", "base_model": zoo["base"], "slices": [
+        {"sources": [{"model": zoo[m], "layer_range": [0, 3]} for m in ("math", "lang")]}]})
+    assert len(plan_merge(slices, open_sources(slices)).tensors[0].sources) == 2
+
+
+def test_a_method_refusal_names_the_tensor():
+    """multislerp refuses directions that cancel exactly; the message names the tensor."""
+    from mergeflow.merge.plan import TensorPlan, merge_tensor
+    from mergeflow.merge.registry import get_method
+
+    values = {"base": torch.zeros(2), "a": torch.tensor([1.0, 0.0]), "b": torch.tensor([-1.0, 0.0]),
+              "c": torch.tensor([2.0, 0.0]), "d": torch.tensor([-2.0, 0.0])}
+    method = get_method("multislerp")
+    plan = TensorPlan("model.norm.weight", method, [(m, "w") for m in "abcd"], ("base", "w"),
+                      [{"weight": 1.0}] * 4, dict(method.method_defaults), 0, (2,))
+    with pytest.raises(MergeflowError, match=r"^tensor 'model.norm.weight': multislerp: the weighted mean of "
+                                             r"the models' directions is zero"):
+        merge_tensor(plan, lambda model, name: values[model], "cpu")
 
 
 def test_error_more_models_than_the_registry_allows(zoo, monkeypatch):

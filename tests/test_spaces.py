@@ -104,6 +104,32 @@ def test_genome_recipes_merge_in_memory_like_the_cli(tmp_path):
         assert all(torch.equal(state[k], v) for k, v in merged.items())
 
 
+def test_a_space_chooses_among_the_newer_methods_per_group(tmp_path):
+    """Any registered method is a choice: here TIES, nuslerp and SCE (with its select_topk
+    searched) per layer group; the recipes merge, in memory as by the CLI."""
+    zoo = make_zoo(tmp_path / "zoo", num_layers=3)
+    cfg = config(method=["ties", "nuslerp", "sce"], base_model=zoo["base"], models=[zoo["math"], zoo["lang"]],
+                 layer_groups=3, filters=[], method_parameters={"select_topk": {"min": 0.2, "max": 1.0}})
+    space = build_space(cfg)
+    x = np.full(space.dim, 0.4)
+    x[:3] = [0.1, 0.5, 0.9]  # one method per group
+    recipe = space.to_recipe(x, seed=2)
+    assert [s.merge_method for s in recipe.slices] == ["ties", "nuslerp", "sce"]
+    state = InMemoryMerger(space.models, base_model=space.base_model).merge(recipe).state_dict()
+    from safetensors.torch import load_file
+    out = merge_to_dir(recipe, tmp_path / "merged")
+    merged = {}
+    for file in out.glob("model-*.safetensors"):
+        merged.update(load_file(file))
+    assert all(torch.equal(state[k], v) for k, v in merged.items())
+    # parameters none of the chosen methods reads are refused: karcher and ram read no weight
+    with pytest.raises(MergeflowError, match="'weight' is read by no merge method here \\(karcher, ram\\)"):
+        ParameterSpace.from_config(config(method=["karcher", "ram"], method_parameters={}), num_layers=3)
+    with pytest.raises(MergeflowError, match="'gamma'"):
+        ParameterSpace.from_config(config(method=["karcher", "ram"], parameters={}, method_parameters={"gamma": 0.1}),
+                                   num_layers=3)
+
+
 def test_the_registry_builds_the_default_kind_and_fills_the_schema_defaults(tmp_path):
     zoo = make_zoo(tmp_path / "zoo", num_layers=4)
     space = build_space({"method": "task_arithmetic", "base_model": zoo["base"], "models": [zoo["math"]],

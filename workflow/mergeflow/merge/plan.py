@@ -110,6 +110,7 @@ class _Planner:
         self.slices = as_slices(recipe, template.num_layers)
         self._warned: set[tuple[str, float]] = set()
         self._check_names()
+        self._add_base_as_model(template.num_layers)
 
     def _check_names(self) -> None:
         """Every method of the recipe exists, and every parameter is one a merge method reads at
@@ -125,6 +126,17 @@ class _Planner:
                 check_parameter_names(source.parameters, "model", f"recipe: {where}: model {source.model!r}")
             check_parameter_names(spec.parameters, "any", f"recipe: {where}: parameters")
         check_parameter_names(self.recipe.parameters, "any", "recipe: parameters")
+
+    def _add_base_as_model(self, num_layers: int) -> None:
+        """A models recipe whose method merges its base as one more model (``base_as_model``,
+        karcher) gets the base appended when it does not list it, as mergekit's planner does; a
+        slices recipe merges the sources it names."""
+        base = self.recipe.base_model
+        if self.recipe.slices or not base or not get_method(self.recipe.merge_method).base_as_model:
+            return
+        sources = self.slices[0].sources
+        if base not in [source.model for source in sources]:
+            self.slices = [SliceSpec([*sources, SliceSource(base, (0, num_layers))], self.slices[0].parameters)]
 
     def source_info(self, ref: TensorRef) -> TensorInfo:
         return self.sources[ref[0]].info(ref[1])
@@ -164,14 +176,14 @@ class _Planner:
 
         members = spec.sources
         base_ref = None
-        if method.uses_base:
+        if method.uses_base and (base_path or not method.base_optional):
             if not base_path:
                 raise MergeflowError(f"merge method {method.name!r} needs a 'base_model'")
             base_members = [s for s in members if s.model == base_path]
             base_ref = ref(base_members[0]) if base_members else (
                 base_path, ref(members[0])[1])
             members = [s for s in members if s.model != base_path]
-        self._check_model_count(method, members, out_name)
+        self._check_model_count(method, members, out_name, base_ref is not None)
         model_params = [self._model_params(method, s, spec, t, out_name) for s in members]
         params = self._method_params(method, spec, t, out_name)
         refs = [ref(s) for s in members]
@@ -179,7 +191,7 @@ class _Planner:
         seed = tensor_seed(self.recipe.seed, out_name)
         return TensorPlan(out_name, method, refs, base_ref, model_params, params, seed, shape)
 
-    def _check_model_count(self, method: MergeMethod, members: list, tensor: str) -> None:
+    def _check_model_count(self, method: MergeMethod, members: list, tensor: str, has_base: bool) -> None:
         """The models merged besides the base are within the method's ``min_models`` and
         ``max_models``."""
         count = len(members)
@@ -192,7 +204,7 @@ class _Planner:
             needs = f"at least {low}"
         else:
             needs = f"{low} to {high}"
-        besides = " besides the base" if method.uses_base else ""
+        besides = " besides the base" if has_base else ""
         raise MergeflowError(f"merge method {method.name!r} merges {needs} model(s){besides}; "
                              f"tensor {tensor!r} has {count}")
 
@@ -265,8 +277,11 @@ def merge_tensor(plan: TensorPlan, fetch: Fetch, device: torch.device | str,
     they change where results go, never their values."""
     tensors = [fetch(model, name) for model, name in plan.sources]
     base = fetch(*plan.base) if plan.base else None
-    return plan.method.function(tensors, base, plan.model_params, plan.params,
-                                _rng_factory(plan, device), ws, out)
+    try:
+        return plan.method.function(tensors, base, plan.model_params, plan.params,
+                                    _rng_factory(plan, device), ws, out)
+    except MergeflowError as err:  # a method's own refusal (multislerp's cancelling directions)
+        raise MergeflowError(f"tensor {plan.name!r}: {err}") from None
 
 
 def _rng_factory(plan: TensorPlan, device: torch.device | str) -> Callable[[int], torch.Generator]:

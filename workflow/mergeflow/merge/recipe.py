@@ -3,7 +3,8 @@
 Supported top-level keys (anything else is rejected with a message naming the key):
 
 - ``merge_method``: a name in ``MERGE_METHODS``.
-- ``base_model``: path of the base model (required by every method except ``linear``).
+- ``base_model``: path of the base model (required by every method except ``linear``,
+  ``nuslerp`` and ``multislerp``; ``karcher`` merges it as one more model).
 - ``models``: list of ``{model: PATH, parameters: {weight: ..., density: ...}}``.
 - ``slices``: instead of ``models``: list of ``{sources: [{model, layer_range: [start, end],
   parameters}], parameters, base_model}``; the output layers are the slices' layers in order.

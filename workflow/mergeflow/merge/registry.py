@@ -14,8 +14,9 @@ from typing import Any
 
 from mergeflow.errors import MergeflowError, RecipeError
 from mergeflow.merge.methods import (
-    MethodFunction, breadcrumbs_merge, breadcrumbs_ties_merge, dare_linear_merge, dare_ties_merge, della_linear_merge,
-    della_merge, linear_merge, model_stock_merge, slerp_merge, task_arithmetic_merge, ties_merge,
+    MethodFunction, arcee_fusion_merge, breadcrumbs_merge, breadcrumbs_ties_merge, dare_linear_merge, dare_ties_merge,
+    della_linear_merge, della_merge, karcher_merge, linear_merge, model_stock_merge, multislerp_merge, nearswap_merge,
+    nuslerp_merge, ram_merge, ramplus_tl_merge, sce_merge, slerp_merge, task_arithmetic_merge, ties_merge,
 )
 
 
@@ -31,6 +32,11 @@ class MergeMethod:
     name: str
     function: MethodFunction
     uses_base: bool
+    # uses_base methods that also merge without one: on the models themselves, not task vectors
+    base_optional: bool = False
+    # methods without a base (mergekit's "ignored" base) that merge a models recipe's
+    # base_model as one more model, appended when the recipe does not list it, as mergekit does
+    base_as_model: bool = False
     model_defaults: dict[str, Any] = field(default_factory=dict)
     method_defaults: dict[str, Any] = field(default_factory=dict)
     min_models: int = 1
@@ -83,6 +89,22 @@ MERGE_METHODS: dict[str, MergeMethod] = {
         MergeMethod(name="slerp", function=slerp_merge, uses_base=True,
                     method_defaults={"t": None}, min_models=1, max_models=1),
         MergeMethod(name="model_stock", function=model_stock_merge, uses_base=True, min_models=2),
+        MergeMethod(name="nuslerp", function=nuslerp_merge, uses_base=True, base_optional=True,
+                    model_defaults={"weight": 1.0},
+                    method_defaults={"nuslerp_flatten": True, "nuslerp_row_wise": False},
+                    min_models=2, max_models=2),
+        MergeMethod(name="multislerp", function=multislerp_merge, uses_base=True, base_optional=True,
+                    model_defaults={"weight": 1.0}, method_defaults={"normalize_weights": True, "eps": 1e-8}),
+        MergeMethod(name="karcher", function=karcher_merge, uses_base=False, base_as_model=True,
+                    method_defaults={"max_iter": 10, "tol": 1e-5}),
+        MergeMethod(name="sce", function=sce_merge, uses_base=True, method_defaults={"select_topk": 1.0}),
+        MergeMethod(name="nearswap", function=nearswap_merge, uses_base=True, method_defaults={"t": None},
+                    max_models=1, blocks="flat"),
+        MergeMethod(name="arcee_fusion", function=arcee_fusion_merge, uses_base=True, max_models=1),
+        MergeMethod(name="ram", function=ram_merge, uses_base=True, method_defaults={"epsilon": 1e-5},
+                    blocks="flat"),
+        MergeMethod(name="ramplus_tl", function=ramplus_tl_merge, uses_base=True,
+                    method_defaults={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}),
     ]
 }
 
