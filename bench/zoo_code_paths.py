@@ -1,17 +1,20 @@
 """Is the embedded zoo the same on every CPU code path of one machine?
 
 Trains the default config's zoo (`snakemake results/zoo/{base,math,lang} --cores 1`) in fresh
-working directories under each code path this x86-64 machine offers, and compares the weights:
+working directories, per zoo.kernels setting and per CPU code path this x86-64 machine can show,
+and compares the weights:
 
-- `default`: what torch picks here (its CPU capability, MKL's and oneDNN's own ISA dispatch);
-- `default again`: the same, a second time (the control: training is deterministic on one path);
-- `aten avx2`: `ATEN_CPU_CAPABILITY=avx2` (torch's own vectorised kernels at AVX2);
-- `all avx2`: that, plus `MKL_ENABLE_INSTRUCTIONS=AVX2` (MKL's BLAS) and `ONEDNN_MAX_CPU_ISA=AVX2`.
+- `zoo.kernels: native` (the default) with the environment as it is; again (the control:
+  training is deterministic on one path); and with `ATEN_CPU_CAPABILITY=avx2`, torch's kernels
+  as an AVX2 machine would run them (MKL's and oneDNN's dispatch too: `MKL_ENABLE_INSTRUCTIONS`,
+  `ONEDNN_MAX_CPU_ISA`);
+- `zoo.kernels: avx2` with the environment as it is, and as an AVX2 machine would run it.
 
 Prints, per path and model, the weights' fingerprint (mergeflow.check.weights_fingerprint, what
-results/README.md lists) and the largest |difference| from `default` over every tensor:
+results/README.md lists) and the largest |difference| from the first row of its setting; with
+`--history`, also the hash of the `full` search's history.parquet on each zoo:
 
-    python bench/zoo_code_paths.py --workdir /tmp/zoo-paths
+    python bench/zoo_code_paths.py --workdir /tmp/zoo-paths [--history]
 """
 
 from __future__ import annotations
@@ -27,48 +30,62 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 
+AVX2_MACHINE = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# (zoo.kernels, environment) per row
 PATHS = {
-    "default": {},
-    "default again": {},
-    "aten avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
-    "all avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "native": ("native", {}),
+    "native again": ("native", {}),
+    "native, AVX2 machine": ("native", AVX2_MACHINE),
+    "avx2": ("avx2", {}),
+    "avx2, AVX2 machine": ("avx2", AVX2_MACHINE),
 }
 MODELS = ("base", "math", "lang")
 
 
-def train(workdir: Path, env: dict[str, str]) -> float:
+def train(workdir: Path, kernels: str, env: dict[str, str], history: bool) -> float:
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+    overlay = workdir / "kernels.yaml"
+    overlay.write_text(f"zoo: {{kernels: {kernels}}}\n")
+    targets = [f"results/zoo/{m}" for m in MODELS] + (["results/runs/full/evolve/history.parquet"] if history else [])
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-                    "--configfile", str(REPO / "config" / "config.yaml"), "--cores", "1", "--quiet",
-                    *[f"results/zoo/{m}" for m in MODELS]], check=True, env={**os.environ, **env})
+                    "--configfile", str(REPO / "config" / "config.yaml"), str(overlay), "--cores", "1", "--quiet",
+                    *targets], check=True, env={**os.environ, **env})
     return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--history", action="store_true", help="also run the full search on each zoo")
     args = parser.parse_args()
     import torch
     from safetensors.torch import load_file
 
     from mergeflow.check import weights_fingerprint
 
-    walls = {name: train(args.workdir / name.replace(" ", "-"), env) for name, env in PATHS.items()}
-    weights = {name: {m: load_file(args.workdir / name.replace(" ", "-") / "results" / "zoo" / m / "model.safetensors")
-                      for m in MODELS} for name in PATHS}
+    dirs = {name: args.workdir / name.replace(" ", "-").replace(",", "") for name in PATHS}
+    walls = {name: train(dirs[name], kernels, env, args.history) for name, (kernels, env) in PATHS.items()}
     print(f"torch {torch.__version__}, CPU capability here: {torch.backends.cpu.get_cpu_capability()}")
-    print("| code path | env | model | fingerprint | max abs diff from default | zoo wall (s) |")
+    print("| zoo.kernels | code path | model | fingerprint | max abs diff from the setting's first row | wall (s) |")
     print("|---|---|---|---|---|---|")
-    for name, env in PATHS.items():
+    for name, (kernels, env) in PATHS.items():
+        first = next(n for n, (k, _) in PATHS.items() if k == kernels)
         for model in MODELS:
-            ref, mine = weights["default"][model], weights[name][model]
+            ref = load_file(dirs[first] / "results" / "zoo" / model / "model.safetensors")
+            mine = load_file(dirs[name] / "results" / "zoo" / model / "model.safetensors")
             diff = max(float((mine[k].double() - ref[k].double()).abs().max()) for k in ref)
-            fingerprint = weights_fingerprint(model, args.workdir / name.replace(" ", "-") / "results" / "zoo" / model)
-            print(f"| {name} | {' '.join(f'{k}={v}' for k, v in env.items()) or '-'} | {model} | `{fingerprint[:16]}` "
-                  f"| {diff:.3g} | {walls[name]:.0f} |")
+            fingerprint = weights_fingerprint(model, dirs[name] / "results" / "zoo" / model)
+            print(f"| {kernels} | {name} | {model} | `{fingerprint[:16]}` | {diff:.3g} | {walls[name]:.0f} |")
+    if args.history:
+        import hashlib
+
+        print("\n| zoo.kernels | code path | full search history.parquet (sha256) |\n|---|---|---|")
+        for name, (kernels, _) in PATHS.items():
+            path = dirs[name] / "results" / "runs" / "full" / "evolve" / "history.parquet"
+            print(f"| {kernels} | {name} | `{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}` |")
 
 
 if __name__ == "__main__":

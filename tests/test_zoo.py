@@ -1,6 +1,7 @@
 """The embedded zoo: real HF directories, and experts that are better than the base at home."""
 
 import numpy as np
+import pytest
 import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -66,3 +67,31 @@ def test_language_expert_beats_base_on_l2_text(tiny_zoo):
         with torch.inference_mode():
             nll[name] = model(**batch, labels=labels).loss.item()
     assert nll["lang"] < nll["base"] - 0.1, nll
+
+
+@pytest.mark.slow
+def test_pinned_kernels_give_the_same_zoo_on_another_code_path(tmp_path):
+    """zoo.kernels: avx2 trains with AVX2 kernels on one thread: the same weights whether the
+    libraries would dispatch for this CPU or for an AVX2 one (the machine's other code path).
+    A native zoo records nothing new, so the default's zoo jobs stand as they were."""
+    import json
+    import os
+    import subprocess
+
+    from test_workflow import micro_config, snakemake_command
+
+    config = micro_config()
+    config["zoo"]["kernels"] = "avx2"
+    targets = ["results/zoo/base", "results/zoo/math"]
+    avx2_machine = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    weights = {}
+    for name, env in (("here", {}), ("avx2", avx2_machine)):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        done = subprocess.run(snakemake_command(workdir, config, *targets, cores=2), capture_output=True, text=True,
+                              env={**os.environ, **env}, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        weights[name] = {m: (workdir / "results" / "zoo" / m / "model.safetensors").read_bytes() for m in ("base", "math")}
+        record = json.loads((workdir / "results" / "zoo" / "math" / "zoo.json").read_text())
+        assert record["kernels"] == "avx2" and record["cpu_capability"] == "AVX2"
+    assert weights["here"] == weights["avx2"]

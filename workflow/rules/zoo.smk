@@ -3,6 +3,10 @@
 if config.get("zoo"):
 
     ZOO_EXPERTS = sorted(config["zoo"]["experts"])
+    # Pinned kernels (zoo.kernels: avx2) train on one thread: a thread count splits reductions
+    # differently. They join the params only where set, so the native zoo's jobs stand as they were.
+    ZOO_KERNELS = {} if config["zoo"]["kernels"] == "native" else {"kernels": config["zoo"]["kernels"]}
+    ZOO_THREADS = all_cores() if not ZOO_KERNELS else 1
 
     rule zoo_tasks:
         output:
@@ -22,8 +26,8 @@ if config.get("zoo"):
         output:
             directory("results/zoo/base"),
         params:
-            zoo=canonical({k: config["zoo"][k] for k in ("seed", "model", "base")}),
-        threads: all_cores()
+            zoo=canonical({k: config["zoo"][k] for k in ("seed", "model", "base")} | ZOO_KERNELS),
+        threads: ZOO_THREADS
         resources:
             **CPU_JOB,
         log:
@@ -48,8 +52,9 @@ if config.get("zoo"):
                     "checkpoint_every": config["zoo"]["checkpoint_every"],
                     "experts": config["zoo"]["experts"],
                 }
+                | ZOO_KERNELS
             ),
-        threads: all_cores()
+        threads: ZOO_THREADS
         resources:
             **CPU_JOB,
         log:

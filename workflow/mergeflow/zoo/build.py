@@ -132,6 +132,14 @@ def train(model, tokenizer, spec: TrainSpec, seed: int, checkpoint_dir: Path | N
     return losses
 
 
+def _kernels(cfg: dict) -> dict:
+    """The pinned kernels a zoo model trained with (zoo.kernels), and the ATen dispatch they gave;
+    nothing for native kernels (the record the default's zoo always had)."""
+    if "kernels" not in cfg:
+        return {}
+    return {"kernels": cfg["kernels"], "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def build_base(cfg: dict, out: Path) -> None:
     """Pretrain the base model on both languages (see ``language.pretraining_text``)."""
     arch = cfg["model"]
@@ -142,7 +150,8 @@ def build_base(cfg: dict, out: Path) -> None:
     spec = TrainSpec("pretrain", phase["steps"], phase["batch_size"], phase["lr"])
     losses = train(model, tokenizer, spec, seed=cfg["seed"])
     save_model(model, tokenizer, out, {"zoo.json": {"role": "base", "corpus": "pretrain", "steps": spec.steps,
-                                                    "final_loss": float(np.mean(losses[-50:])), "seed": cfg["seed"]}})
+                                                    "final_loss": float(np.mean(losses[-50:])), "seed": cfg["seed"],
+                                                    **_kernels(cfg)}})
 
 
 def build_expert(cfg: dict, name: str, base_dir: Path, out: Path, checkpoints: Path) -> None:
@@ -156,7 +165,8 @@ def build_expert(cfg: dict, name: str, base_dir: Path, out: Path, checkpoints: P
     checkpoints.mkdir(parents=True, exist_ok=True)
     losses = train(model, tokenizer, spec, seed=seed, checkpoint_dir=checkpoints)
     save_model(model, tokenizer, out, {"zoo.json": {"role": "expert", "corpus": spec.corpus, "steps": spec.steps,
-                                                    "final_loss": float(np.mean(losses[-50:])), "seed": seed}})
+                                                    "final_loss": float(np.mean(losses[-50:])), "seed": seed,
+                                                    **_kernels(cfg)}})
 
 
 def write_task_sources(cfg: dict, out_dir: Path) -> None:
