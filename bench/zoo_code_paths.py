@@ -50,9 +50,10 @@ def train(workdir: Path, kernels: str, env: dict[str, str], history: bool) -> fl
     overlay.write_text(f"zoo: {{kernels: {kernels}}}\n")
     targets = [f"results/zoo/{m}" for m in MODELS] + (["results/runs/full/evolve/history.parquet"] if history else [])
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-                    "--configfile", str(REPO / "config" / "config.yaml"), str(overlay), "--cores", "1", "--quiet",
-                    *targets], check=True, env={**os.environ, **env})
+    # targets first: --configfile and --quiet take every word after them
+    subprocess.run([sys.executable, "-m", "snakemake", *targets, "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+                    "--cores", "1", "--quiet", "progress", "--configfile", str(REPO / "config" / "config.yaml"),
+                    str(overlay)], check=True, env={**os.environ, **env})
     return time.perf_counter() - start
 
 
