@@ -14,7 +14,7 @@ Prints, per path and model, the weights' fingerprint (mergeflow.check.weights_fi
 results/README.md lists) and the largest |difference| from the first row of its setting; with
 `--history`, also the hash of the `full` search's history.parquet on each zoo:
 
-    python bench/zoo_code_paths.py --workdir /tmp/zoo-paths [--history]
+    python bench/zoo_code_paths.py --workdir /tmp/zoo-paths [--history] [--kernels avx2]
 """
 
 from __future__ import annotations
@@ -61,19 +61,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--history", action="store_true", help="also run the full search on each zoo")
+    parser.add_argument("--kernels", choices=["native", "avx2"], nargs="+", default=["native", "avx2"],
+                        help="the zoo.kernels settings to compare (default both)")
     args = parser.parse_args()
+    paths = {name: path for name, path in PATHS.items() if path[0] in args.kernels}
     import torch
     from safetensors.torch import load_file
 
     from mergeflow.check import weights_fingerprint
 
-    dirs = {name: args.workdir / name.replace(" ", "-").replace(",", "") for name in PATHS}
-    walls = {name: train(dirs[name], kernels, env, args.history) for name, (kernels, env) in PATHS.items()}
+    dirs = {name: args.workdir / name.replace(" ", "-").replace(",", "") for name in paths}
+    walls = {name: train(dirs[name], kernels, env, args.history) for name, (kernels, env) in paths.items()}
     print(f"torch {torch.__version__}, CPU capability here: {torch.backends.cpu.get_cpu_capability()}")
     print("| zoo.kernels | code path | model | fingerprint | max abs diff from the setting's first row | wall (s) |")
     print("|---|---|---|---|---|---|")
-    for name, (kernels, env) in PATHS.items():
-        first = next(n for n, (k, _) in PATHS.items() if k == kernels)
+    for name, (kernels, env) in paths.items():
+        first = next(n for n, (k, _) in paths.items() if k == kernels)
         for model in MODELS:
             ref = load_file(dirs[first] / "results" / "zoo" / model / "model.safetensors")
             mine = load_file(dirs[name] / "results" / "zoo" / model / "model.safetensors")
@@ -84,7 +87,7 @@ def main() -> None:
         import hashlib
 
         print("\n| zoo.kernels | code path | full search history.parquet (sha256) |\n|---|---|---|")
-        for name, (kernels, _) in PATHS.items():
+        for name, (kernels, _) in paths.items():
             path = dirs[name] / "results" / "runs" / "full" / "evolve" / "history.parquet"
             print(f"| {kernels} | {name} | `{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}` |")
 
