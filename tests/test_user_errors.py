@@ -127,6 +127,17 @@ def test_a_failing_data_job_says_why_in_its_log(tmp_path):
     assert "Traceback" not in log and not (tmp_path / "results" / "data" / "t" / "search.parquet").exists()
 
 
+def zoo_config(tmp_path: Path, zoo: dict[str, str]) -> dict:
+    """A standalone config on a tiny zoo's models and a 30-item generative task written to tmp_path."""
+    pd.DataFrame({"question": [f"what is {i} plus 1 ?" for i in range(30)],
+                  "solution": [f"#### {i + 1}" for i in range(30)]}).to_parquet(tmp_path / "t.parquet")
+    return {"models": {name: {"path": path} for name, path in zoo.items()}, "base_model": "base",
+            "endpoints": ["math", "lang"],
+            "tasks": {"t": {"source": {"path": str(tmp_path / "t.parquet")}, "template": "{question}",
+                            "answer": "solution", "scorer": "exact_match", "splits": {"search": 20, "test": 10}}},
+            "runs": {"plain": {}}}
+
+
 @pytest.mark.slow
 def test_replaced_weights_in_a_local_model_rerun_its_check(tmp_path):
     """Each model has its own check, whose parameter is its weights' fingerprint: weights
@@ -136,13 +147,7 @@ def test_replaced_weights_in_a_local_model_rerun_its_check(tmp_path):
     from factories import make_zoo
 
     zoo = make_zoo(tmp_path / "zoo")
-    pd.DataFrame({"question": [f"what is {i} plus 1 ?" for i in range(30)],
-                  "solution": [f"#### {i + 1}" for i in range(30)]}).to_parquet(tmp_path / "t.parquet")
-    config = {"models": {name: {"path": path} for name, path in zoo.items()}, "base_model": "base",
-              "endpoints": ["math", "lang"],
-              "tasks": {"t": {"source": {"path": str(tmp_path / "t.parquet")}, "template": "{question}",
-                              "answer": "solution", "scorer": "exact_match", "splits": {"search": 20, "test": 10}}},
-              "runs": {"plain": {}}}
+    config = zoo_config(tmp_path, zoo)
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(config))
     targets = ["check_models"]
     done = snakemake(tmp_path, *targets, "--configfile", str(tmp_path / "mine.yaml"))
@@ -172,13 +177,7 @@ def test_a_failed_check_keeps_the_good_report_and_a_reverted_config_reruns_nothi
     tensors = load_file(broken / "model.safetensors")
     tensors["model.norm.weight"][0] = float("nan")
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
-    pd.DataFrame({"question": [f"what is {i} plus 1 ?" for i in range(30)],
-                  "solution": [f"#### {i + 1}" for i in range(30)]}).to_parquet(tmp_path / "t.parquet")
-    config = {"models": {name: {"path": path} for name, path in zoo.items()}, "base_model": "base",
-              "endpoints": ["math", "lang"],
-              "tasks": {"t": {"source": {"path": str(tmp_path / "t.parquet")}, "template": "{question}",
-                              "answer": "solution", "scorer": "exact_match", "splits": {"search": 20, "test": 10}}},
-              "runs": {"plain": {}}}
+    config = zoo_config(tmp_path, zoo)
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
     good.write_text(yaml.safe_dump(config))
     config["models"]["lang"] = {"path": str(broken)}

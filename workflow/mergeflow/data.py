@@ -73,8 +73,10 @@ def _local_rows(task: str, path: Path, fmt: str) -> int | None:
         except pyarrow.ArrowException as err:
             raise MergeflowError(f"task {task!r}: source {str(path)!r} is not a parquet file ({err})") from err
     if fmt == "csv":
-        with path.open(errors="replace") as lines:
-            return None if sum(1 for line in lines if line.strip()) > 1 else 0  # a header alone has no rows
+        with path.open(errors="replace") as lines:  # a header alone has no rows; read no further than one
+            nonblank = (line for line in lines if line.strip())
+            next(nonblank, None)
+            return None if next(nonblank, None) is not None else 0
     return None if path.stat().st_size else 0
 
 

@@ -55,14 +55,15 @@ def remove_abandoned_stages(out: Path) -> list[Path]:
     for stage in out.parent.glob(f".{out.name}.partial-*"):
         rest = stage.name[len(f".{out.name}.partial-"):]
         owner, _, pid = rest.rpartition("-")[0].rpartition("-")
-        if owner != host or not pid.isdigit() or _alive(int(pid)):
+        if owner != host or not pid.isdigit() or process_alive(int(pid)):
             continue
         shutil.rmtree(stage, ignore_errors=True)
         removed.append(stage)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

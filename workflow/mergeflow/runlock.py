@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from mergeflow.outputs import _alive
+from mergeflow.outputs import process_alive
 
 RECORD = Path(".snakemake") / "mergeflow-live-run.json"
 
@@ -37,7 +37,7 @@ def live_run(record: Path = RECORD) -> dict | None:
         return None
     pid = run.get("pid")
     if (not isinstance(pid, int) or pid == os.getpid() or run.get("host") != socket.gethostname()
-            or not _alive(pid) or not _is_snakemake(pid)):
+            or not process_alive(pid) or not _is_snakemake(pid)):
         return None
     return run
 

@@ -30,10 +30,12 @@ def external_fingerprint(name):
         return None
 
 
+@lru_cache(maxsize=None)
 def check_inputs(name):
     """What a model's check depends on: its and the base's config entries (key order aside) and
     the fingerprints of their weights where the workflow does not write them. It names the
-    check's report (model_check), so a changed model is checked into a new file."""
+    check's report (model_check), so a changed model is checked into a new file. Computed once
+    per invocation: every job that reads a model asks for its check."""
     names = (name, config["base_model"])
     return {"models": canonical({n: config["models"][n] for n in names}),
             "fingerprints": {n: external_fingerprint(n) for n in names}}
