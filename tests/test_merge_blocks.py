@@ -9,9 +9,15 @@ from mergeflow.merge.plan import TensorPlan, merge_tensor, merge_tensor_blocks, 
 from mergeflow.merge.registry import get_method
 from mergeflow.merge.sparsify import Workspace, magnitude_trim, select_largest
 
-BLOCKED = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear", "nearswap", "ram"]
+BLOCKED = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear", "nearswap", "ram",
+           "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "nuslerp", "multislerp", "karcher", "sce",
+           "arcee_fusion", "ramplus_tl"]
 # method parameters that have no default, or whose default selects nothing on these tensors
-BLOCK_PARAMS = {"nearswap": {"t": 0.02}, "ram": {"epsilon": 0.03}}
+BLOCK_PARAMS = {"nearswap": {"t": 0.02}, "ram": {"epsilon": 0.03}, "ramplus_tl": {"epsilon": 0.03},
+                "slerp": {"t": 0.3}, "sce": {"select_topk": 0.4}, "breadcrumbs": {"gamma": 0.05},
+                "breadcrumbs_ties": {"gamma": 0.05}}
+# blocked only with more than one row
+ROW_WISE = ("della", "della_linear", "arcee_fusion")
 
 
 def quantized(shape, generator, step=1 / 64):
@@ -27,6 +33,8 @@ def plan_for(name, shape, models=3):
     if "density" not in method.model_defaults:
         model_params = [{"weight": p["weight"]} for p in model_params]
     params = {**method.method_defaults, **BLOCK_PARAMS.get(name, {})}
+    model_params = [{**p, **{k: v for k, v in params.items() if k in p}} for p in model_params]
+    params = {k: v for k, v in params.items() if k in method.method_defaults}
     return TensorPlan("w", method, sources, ("base", "w") if method.uses_base else None,
                       model_params, params, tensor_seed(3, "w"), shape)
 
@@ -46,7 +54,7 @@ def test_blocks_equal_the_whole_tensor_bitwise(name, shape):
         return tensors[(model, tensor)].reshape(-1)[start:stop]
 
     blocks = list(merge_tensor_blocks(plan, read, "cpu", block=2 * CPU_BLOCK))
-    assert len(blocks) > 1 or (name.startswith("della") and len(shape) == 1)  # one row: whole
+    assert len(blocks) > 1 or (name in ROW_WISE and len(shape) == 1)  # one row: whole
     assert torch.equal(torch.cat(blocks).view(shape), whole)
 
 
@@ -124,7 +132,13 @@ def wide_zoo(tmp_path_factory) -> dict[str, str]:
     return _WIDE_ZOO
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "task_arithmetic", "linear"])
+STREAMED = {"ties": {}, "dare_ties": {}, "della": {}, "task_arithmetic": {}, "linear": {},
+            "breadcrumbs_ties": {"gamma": 0.05}, "slerp": {"t": 0.3}, "model_stock": {}, "nuslerp": {},
+            "multislerp": {}, "karcher": {}, "sce": {"select_topk": 0.4}, "arcee_fusion": {},
+            "ramplus_tl": {"epsilon": 0.001}}
+
+
+@pytest.mark.parametrize("method", list(STREAMED))
 def test_streaming_in_blocks_matches_the_in_memory_merger(tmp_path_factory, monkeypatch, method):
     import json
 
@@ -137,9 +151,14 @@ def test_streaming_in_blocks_matches_the_in_memory_merger(tmp_path_factory, monk
     data = {"merge_method": method, "base_model": zoo["base"], "seed": 5,
             "models": [{"model": zoo["math"], "parameters": {"weight": 0.7, "density": 0.4}},
                        {"model": zoo["lang"], "parameters": {"weight": 0.4, "density": 0.7}}]}
-    if method in ("task_arithmetic", "linear"):
-        for model in data["models"]:
-            model["parameters"].pop("density")
+    reads = get_method(method).model_defaults
+    for model in data["models"]:
+        model["parameters"] = {k: v for k, v in model["parameters"].items() if k in reads}
+    data["parameters"] = STREAMED[method]
+    if method in ("slerp", "arcee_fusion"):  # one model besides the base
+        data["models"] = data["models"][:1]
+    if method == "karcher":
+        data.pop("base_model")
     recipe = recipe_from_dict(data)
     out = merge_to_dir(recipe, tmp_path_factory.mktemp("out") / method)
     state = InMemoryMerger(recipe).merge(recipe).state_dict()

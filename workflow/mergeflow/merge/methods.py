@@ -15,9 +15,10 @@ Every method has the same signature::
   so random methods (DARE, DELLA) are reproducible tensor by tensor.
 - ``ws``: a ``sparsify.Workspace`` giving scratch tensors (default: fresh allocations);
   ``out``: an optional tensor to write the result into (same shape and dtype).
-- ``trims`` (magnitude-trimming methods only): the per-model ``sparsify.Trim`` of the whole
-  tensor, given when the call merges one block of it (``plan.merge_tensor_blocks``); None,
-  computed from ``tensors``.
+- ``prepared`` (methods with a ``prepare`` function in the registry only): the method's
+  whole-tensor quantities (trims, angles, weights) from ``prepare(passes, shape, model_params,
+  params)``, given when the call merges one block of the tensor (``plan.merge_tensor_blocks``)
+  that starts at flat entry ``offset``; None, computed from ``tensors`` (see ``passes``).
 
 Source tensors are never modified. The same operations run whether or not ``ws`` caches and
 whether or not ``out`` is given, so results are bitwise identical either way.
@@ -37,8 +38,12 @@ import torch
 from torch import Tensor
 
 from mergeflow.errors import MergeflowError
+from mergeflow.merge.passes import (
+    CPU_BLOCK, BlockPass, chunks, fill_flat, gram, norm, one_cpu_thread, quadratic, whole_tensor_pass,
+)
 from mergeflow.merge.sparsify import (
-    Trim, Workspace, apply_trim, drop_by_magnitude_rank, drop_magnitude_outliers, magnitude_trims,
+    Trim, Workspace, apply_trim, drop_by_magnitude_rank, drop_outliers, kth_largest, magnitude_trim, magnitude_trims,
+    outlier_trims,
 )
 
 RngFactory = Callable[[int], torch.Generator]
@@ -79,13 +84,6 @@ def _task_vector_sum(tensors, base, weights, lam: float, normalize: bool, result
     return result
 
 
-# CPU merges run in blocks of this many entries (512 KiB of float32): a dozen passes over a
-# block stay in cache, where over a whole tensor each pass goes to memory, and the Python cost
-# per block stays small. On the bench's 134M-parameter TIES merge: 2^16 against 2^14 in memory
-# 1.44 s against 2.3 s (one core busy beside it: 1.75 s against 3.3 s); 2^17 against 2^16 in
-# memory 1.24-1.38 s against 1.43-1.76 s, streaming about even (9.9-12.3 s against 10.5-13.0 s,
-# a noisy machine); 2^18 streamed slower in one run.
-CPU_BLOCK = 1 << 17
 
 
 def _elect_and_merge(deltas: list[Tensor], scales: list[float], weights: list[float],
@@ -132,27 +130,32 @@ class _TaskArithmeticVariant:
 
     @property
     def elementwise(self) -> bool:
-        """Whether the merge can run block by block (given per-tensor trim thresholds)."""
-        return self.sparsify in (None, "magnitude", "random")
+        """Whether the merge can run block by block (given its whole-tensor trims)."""
+        return self.sparsify in (None, "magnitude", "random", "outliers")
+
+    @property
+    def trimmed(self) -> bool:
+        """Whether the merge needs whole-tensor magnitude trims (``prepared``)."""
+        return self.sparsify in ("magnitude", "outliers")
 
 
 def _sparsify_block(delta: Tensor, variant: _TaskArithmeticVariant, model: dict,
-                    trim: Trim | None, rescale: bool, generator: torch.Generator | None,
+                    trim, rescale: bool, generator: torch.Generator | None,
                     ws: Workspace) -> Tensor:
-    """Sparsify one task vector (block) in place; DARE's 1/density rescale is left to the
-    caller's scale."""
+    """Sparsify one task vector (block) in place; DARE's and Breadcrumbs' rescales are left to
+    the caller's scale."""
     density = float(model["density"])
     if density >= 1.0:
         return delta
     if variant.sparsify == "magnitude":
         return apply_trim(delta, trim, ws)
+    if variant.sparsify == "outliers":
+        return drop_outliers(delta, trim, ws)
     if variant.sparsify == "random":
         draws = torch.rand(delta.shape, generator=generator, out=ws.empty("random", delta))
         # a 0/1 float mask: a comparison into a float output and a float product are fast on
         # CPU, a bool mask multiplied into floats is not
         return delta.mul_(torch.lt(draws, density, out=draws))
-    if variant.sparsify == "outliers":
-        return drop_magnitude_outliers(delta, density, float(model["gamma"]), rescale)
     if variant.sparsify == "magnitude_rank":
         return drop_by_magnitude_rank(delta, density, float(model["epsilon"]), rescale, generator)
     return delta
@@ -171,8 +174,11 @@ def _merge_block(tensors, base, model_params, variant, params, trims, generators
                                 generators[index], ws)
         scale = weights[index]
         density = float(model["density"])
-        if variant.sparsify == "random" and rescale and density < 1.0:
-            scale /= density
+        if rescale and density < 1.0:
+            if variant.sparsify == "random":
+                scale /= density
+            elif variant.sparsify == "outliers":
+                scale *= trims[index].scale
         if scale < 0.0:  # the election below needs non-negative scales
             delta.mul_(scale)
             scale = 1.0
@@ -190,78 +196,156 @@ def _merge_block(tensors, base, model_params, variant, params, trims, generators
     return torch.add(base, result, alpha=float(params["lambda"]), out=result)
 
 
-def _whole_tensor_trims(tensors, base, model_params, ws: Workspace, tie_break: str) -> list[Trim | None]:
-    keys = [(t.data_ptr(), base.data_ptr(), tuple(base.shape), base.dtype) for t in tensors]
-    return magnitude_trims(model_params, base.numel(),
-                           lambda i: torch.sub(tensors[i], base).abs_().reshape(-1).float(), ws, keys,
-                           tie_break)
+def _trims(variant: _TaskArithmeticVariant, model_params, params, numel: int,
+           magnitudes: Callable[[int], Tensor], ws: Workspace, keys: list[tuple] | None = None) -> list:
+    """Per model, the whole-tensor trim of its task vector: TIES's ``Trim`` or Breadcrumbs'
+    ``OutlierTrim`` (see ``sparsify.outlier_trims``); ``magnitudes(i)``: model ``i``'s flat float32
+    |task vector|."""
+    if variant.sparsify == "magnitude":
+        return magnitude_trims(model_params, numel, magnitudes, ws, keys, params["tie_break"])
+    return [outlier_trims(float(model["density"]), float(model["gamma"]), numel,
+                          lambda index=index: magnitudes(index), ws, keys[index] if keys else None)
+            for index, model in enumerate(model_params)]
 
 
-def _generalized_task_arithmetic(*, sparsify: str | None, sign_consensus: bool) -> MethodFunction:
-    """Build a task-vector method: sparsify each ``x_i - base`` (see ``_TaskArithmeticVariant``),
-    optionally elect signs, sum with weights, optionally normalize by the (agreeing) weights,
-    scale by lambda, add base."""
+def _generalized_task_arithmetic(*, sparsify: str | None, sign_consensus: bool) -> tuple[MethodFunction, Callable]:
+    """Build a task-vector method and its ``prepare``: sparsify each ``x_i - base`` (see
+    ``_TaskArithmeticVariant``), optionally elect signs, sum with weights, optionally normalize
+    by the (agreeing) weights, scale by lambda, add base."""
     variant = _TaskArithmeticVariant(sparsify=sparsify, sign_consensus=sign_consensus)
 
-    def merge(tensors, base, model_params, params, rng, ws=None, out=None, trims=None) -> Tensor:
+    def prepare(passes: BlockPass, shape, model_params, params) -> list | None:
+        """The whole tensor's trims, one model's magnitudes at a time in a float32 buffer."""
+        if not variant.trimmed:
+            return None
+        numel = math.prod(shape)
+        buffer: list[Tensor] = []
+
+        def magnitudes(index: int) -> Tensor:
+            def fill(blocks, base, out):
+                # as the whole-tensor trim: the difference in the compute dtype, then float32
+                if blocks[0].dtype == torch.float32:
+                    torch.sub(blocks[0], base, out=out).abs_()
+                else:
+                    out.copy_(torch.sub(blocks[0], base).abs_())
+            buffer[:] = [fill_flat(passes, numel, fill, [index], out=buffer[0] if buffer else None)]
+            return buffer[0]
+
+        return _trims(variant, model_params, params, numel, magnitudes, Workspace())
+
+    def merge(tensors, base, model_params, params, rng, ws=None, out=None, prepared=None, offset=0) -> Tensor:
         ws = ws or Workspace()
         result = _destination(out, ws, base)
         if variant.sparsify is None and not variant.sign_consensus:
             weights = [float(p["weight"]) for p in model_params]
             return _task_vector_sum(tensors, base, weights, float(params["lambda"]),
                                     bool(params["normalize"]), result)
-        if trims is None and variant.sparsify == "magnitude":
-            trims = _whole_tensor_trims(tensors, base, model_params, ws, params["tie_break"])
-        trims = trims or [None] * len(tensors)
+        if prepared is None and variant.trimmed:
+            keys = [(t.data_ptr(), base.data_ptr(), tuple(base.shape), base.dtype) for t in tensors]
+            prepared = _trims(variant, model_params, params, base.numel(),
+                              lambda i: torch.sub(tensors[i], base).abs_().reshape(-1).float(), ws, keys)
+        trims = prepared or [None] * len(tensors)
         random = variant.sparsify in ("random", "magnitude_rank")
         generators = [rng(i) if random else None for i in range(len(tensors))]
         if not variant.elementwise or base.device.type != "cpu" or base.numel() <= CPU_BLOCK:
-            return _merge_block(tensors, base, model_params, variant, params, trims,
+            block_trims = [None if t is None else t.block(offset, offset + base.numel()) for t in trims]
+            return _merge_block(tensors, base, model_params, variant, params, block_trims,
                                 generators, ws, result)
         flat_sources = [t.reshape(-1) for t in tensors]
         flat_base, flat_result = base.reshape(-1), result.view(-1)
         for start in range(0, base.numel(), CPU_BLOCK):
             block = slice(start, start + CPU_BLOCK)
-            block_trims = [t.block(start, start + CPU_BLOCK) if t is not None else None for t in trims]
+            block_trims = [None if t is None else t.block(offset + start, offset + start + CPU_BLOCK)
+                           for t in trims]
             _merge_block([t[block] for t in flat_sources], flat_base[block], model_params,
                          variant, params, block_trims, generators, ws, flat_result[block])
         return result
 
-    return merge
+    return merge, prepare
 
 
-task_arithmetic_merge = _generalized_task_arithmetic(sparsify=None, sign_consensus=False)
-ties_merge = _generalized_task_arithmetic(sparsify="magnitude", sign_consensus=True)
-dare_linear_merge = _generalized_task_arithmetic(sparsify="random", sign_consensus=False)
-dare_ties_merge = _generalized_task_arithmetic(sparsify="random", sign_consensus=True)
-breadcrumbs_merge = _generalized_task_arithmetic(sparsify="outliers", sign_consensus=False)
-breadcrumbs_ties_merge = _generalized_task_arithmetic(sparsify="outliers", sign_consensus=True)
-della_merge = _generalized_task_arithmetic(sparsify="magnitude_rank", sign_consensus=True)
-della_linear_merge = _generalized_task_arithmetic(sparsify="magnitude_rank", sign_consensus=False)
+task_arithmetic_merge, _ = _generalized_task_arithmetic(sparsify=None, sign_consensus=False)
+ties_merge, ties_prepare = _generalized_task_arithmetic(sparsify="magnitude", sign_consensus=True)
+dare_linear_merge, _ = _generalized_task_arithmetic(sparsify="random", sign_consensus=False)
+dare_ties_merge, _ = _generalized_task_arithmetic(sparsify="random", sign_consensus=True)
+breadcrumbs_merge, breadcrumbs_prepare = _generalized_task_arithmetic(sparsify="outliers", sign_consensus=False)
+breadcrumbs_ties_merge, breadcrumbs_ties_prepare = _generalized_task_arithmetic(sparsify="outliers",
+                                                                                sign_consensus=True)
+della_merge, _ = _generalized_task_arithmetic(sparsify="magnitude_rank", sign_consensus=True)
+della_linear_merge, _ = _generalized_task_arithmetic(sparsify="magnitude_rank", sign_consensus=False)
 
 
-def _lerp(v0: Tensor, v1: Tensor, t: float, result: Tensor) -> Tensor:
-    return torch.mul(v0, 1.0 - t, out=result).add_(v1, alpha=t)
+def _one_cpu_thread(method: MethodFunction) -> MethodFunction:
+    """Run ``method`` on one CPU thread (see ``passes.one_cpu_thread``): the streaming writer
+    merges on one thread, so the in-memory merger must too for the same bits."""
+    @functools.wraps(method)
+    def run(tensors, *args, **kwargs) -> Tensor:
+        with one_cpu_thread(tensors[0].device):
+            return method(tensors, *args, **kwargs)
+
+    return run
 
 
-def slerp_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
-    """Spherical interpolation from the base (t=0) to the other model (t=1), on the angle
-    between the flattened tensors; linear interpolation when they are nearly colinear."""
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _geometric(tensor: Tensor) -> Tensor:
+    return tensor.float() if tensor.dtype in _HALF else tensor
+
+
+def _combine(tensors: list[Tensor], coefficients: list[float], result: Tensor, ws: Workspace) -> Tensor:
+    """``sum(c_i x_i)`` into ``result``, summed in float32 at least (a half-precision result is
+    rounded once): how the methods whose whole-tensor angles give coefficients (``prepare``)
+    merge, block by block."""
+    if result.dtype not in _HALF:
+        acc = torch.mul(tensors[0], coefficients[0], out=result)
+    else:
+        acc = ws.empty("combine", result, torch.float32).copy_(tensors[0]).mul_(coefficients[0])
+    for tensor, coefficient in zip(tensors[1:], coefficients[1:]):
+        acc.add_(tensor, alpha=coefficient)
+    return acc if acc is result else result.copy_(acc)
+
+
+def _on_base(tensors: list[Tensor], base: Tensor | None, coefficients: list[float], result: Tensor,
+             ws: Workspace) -> Tensor:
+    """``sum(c_i v_i)`` for the models' task vectors added to the base (``v_i = x_i - base``, as
+    ``sum(c_i x_i) + (1 - sum(c_i)) base``) or, without a base, for the models themselves."""
+    if base is None:
+        return _combine(tensors, coefficients, result, ws)
+    return _combine([base, *tensors], [1.0 - sum(coefficients), *coefficients], result, ws)
+
+
+def _whole(method_prepare: Callable, tensors, base, model_params, params, prepared):
+    """``prepared`` as given (a block of a streamed tensor), or computed from the whole tensor."""
+    if prepared is not None:
+        return prepared
+    like = tensors[0] if tensors else base
+    return method_prepare(whole_tensor_pass(tensors, base), tuple(like.shape), model_params, params)
+
+
+def slerp_prepare(passes: BlockPass, shape, model_params, params) -> list[float]:
+    """SLERP's coefficients on the base and the model, from the angle between the flattened
+    tensors; linear interpolation's when they are nearly colinear or one is about zero."""
     t = float(params["t"])
-    v0, v1 = base, tensors[0]
-    result = _destination(out, ws or Workspace(), base)
-    norm0 = float(torch.linalg.vector_norm(v0.float()))
-    norm1 = float(torch.linalg.vector_norm(v1.float()))
+    matrix = gram(passes, "base+models")
+    norm0, norm1 = math.sqrt(matrix[0][0]), math.sqrt(matrix[1][1])
     if norm0 < _TINY or norm1 < _TINY:
-        return _lerp(v0, v1, t, result)
-    dot = float(torch.sum(v0.double() * v1.double())) / (norm0 * norm1)
+        return [1.0 - t, t]
+    dot = matrix[0][1] / (norm0 * norm1)
     if abs(dot) > SLERP_DOT_THRESHOLD:
-        return _lerp(v0, v1, t, result)
+        return [1.0 - t, t]
     theta = math.acos(max(-1.0, min(1.0, dot)))
     sin_theta = math.sin(theta)
-    scale0 = math.sin((1.0 - t) * theta) / sin_theta
-    scale1 = math.sin(t * theta) / sin_theta
-    return torch.mul(v0, scale0, out=result).add_(v1, alpha=scale1)
+    return [math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta]
+
+
+@_one_cpu_thread
+def slerp_merge(tensors, base, model_params, params, rng, ws=None, out=None, prepared=None, offset=0) -> Tensor:
+    """Spherical interpolation from the base (t=0) to the other model (t=1), on the angle
+    between the flattened tensors; linear interpolation when they are nearly colinear."""
+    ws = ws or Workspace()
+    coefficients = _whole(slerp_prepare, tensors, base, model_params, params, prepared)
+    return _combine([base, tensors[0]], coefficients, _destination(out, ws, base), ws)
 
 
 def model_stock_ratio(cosine: float, num_models: int) -> float:
@@ -272,48 +356,32 @@ def model_stock_ratio(cosine: float, num_models: int) -> float:
     return num_models * cosine / denominator
 
 
-def model_stock_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
+def model_stock_prepare(passes: BlockPass, shape, model_params, params) -> list[float]:
+    """Model Stock's coefficients on the models' task vectors: ``t / N`` each, ``t`` from the
+    mean pairwise cosine between them."""
+    matrix = gram(passes, "task")
+    count = len(matrix)
+    cosines = []
+    for i in range(count):
+        for j in range(i + 1, count):
+            norms = math.sqrt(matrix[i][i]) * math.sqrt(matrix[j][j])
+            cosines.append(max(-1.0, min(1.0, matrix[i][j] / max(norms, 1e-6))))
+    ratio = model_stock_ratio(sum(cosines) / len(cosines), count)
+    return [ratio / count] * count
+
+
+@_one_cpu_thread
+def model_stock_merge(tensors, base, model_params, params, rng, ws=None, out=None, prepared=None,
+                      offset=0) -> Tensor:
     """Model Stock: average the fine-tuned models and move from the base towards that average
     by ``t`` from the mean pairwise cosine between their task vectors."""
-    deltas = [torch.sub(tensor, base).flatten().double() for tensor in tensors]
-    cosines = []
-    for i in range(len(deltas)):
-        for j in range(i + 1, len(deltas)):
-            norms = float(torch.linalg.vector_norm(deltas[i]) * torch.linalg.vector_norm(deltas[j]))
-            cosine = float(torch.dot(deltas[i], deltas[j])) / max(norms, 1e-6)
-            cosines.append(max(-1.0, min(1.0, cosine)))
-    ratio = model_stock_ratio(sum(cosines) / len(cosines), len(tensors))
-    average = torch.mul(tensors[0], 1.0 / len(tensors), out=_destination(out, ws or Workspace(), base))
-    for tensor in tensors[1:]:
-        average.add_(tensor, alpha=1.0 / len(tensors))
-    return average.mul_(ratio).add_(base, alpha=1.0 - ratio)
+    ws = ws or Workspace()
+    coefficients = _whole(model_stock_prepare, tensors, base, model_params, params, prepared)
+    return _on_base(tensors, base, coefficients, _destination(out, ws, base), ws)
 
 
-def _one_cpu_thread(method: MethodFunction) -> MethodFunction:
-    """Run ``method`` on one CPU thread. Whole-tensor reductions (norms, dots, sums) round
-    according to how torch's threads split them (a dot of 8192 entries already differs between
-    one thread and two); the streaming writer merges on one thread, so the in-memory merger must
-    too for the same bits."""
-    @functools.wraps(method)
-    def run(tensors, *args, **kwargs) -> Tensor:
-        threads = torch.get_num_threads()
-        if tensors[0].device.type != "cpu" or threads == 1:
-            return method(tensors, *args, **kwargs)
-        torch.set_num_threads(1)
-        try:
-            return method(tensors, *args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-
-    return run
-
-
-# ---- Spherical methods (nuslerp, multislerp, karcher). Their angles and norms lose too much in
-# half precision, so they compute in float32 at least and the result takes the compute dtype.
-
-
-def _geometric(tensor: Tensor) -> Tensor:
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+# ---- Spherical methods (nuslerp, multislerp, karcher): coefficients from the angles between
+# whole tensors (float64 from float32 dot products), summed in float32 at least.
 
 
 # nuslerp: vectors with 1 - cos^2 at most this squared are (anti)parallel and interpolate
@@ -340,36 +408,49 @@ def _slerp_last_axis(v0: Tensor, v1: Tensor, t: float) -> Tensor:
     return torch.where(parallel, v0 * (1.0 - t) + v1 * t, spherical)
 
 
+def _nuslerp_t(model_params) -> float:
+    w0, w1 = (float(p["weight"]) for p in model_params)
+    return 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+
+
+def nuslerp_prepare(passes: BlockPass, shape, model_params, params) -> list[float] | None:
+    """NuSLERP's coefficients on the two vectors, flattened (``_slerp_last_axis`` on whole
+    tensors); None for its row and column forms, which merge the whole tensor."""
+    if not params["nuslerp_flatten"]:
+        return None
+    t = _nuslerp_t(model_params)
+    matrix = gram(passes, "task")
+    norm0 = max(math.sqrt(matrix[0][0]), NUSLERP_NORM_FLOOR)
+    norm1 = max(math.sqrt(matrix[1][1]), NUSLERP_NORM_FLOOR)
+    cosine = max(-1.0, min(1.0, matrix[0][1] / (norm0 * norm1)))
+    if 1.0 - cosine * cosine <= NUSLERP_EPS ** 2:
+        return [1.0 - t, t]
+    theta = math.acos(cosine)
+    sin_theta = math.sin(theta)
+    return [math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta]
+
+
 @_one_cpu_thread
-def nuslerp_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
+def nuslerp_merge(tensors, base, model_params, params, rng, ws=None, out=None, prepared=None, offset=0) -> Tensor:
     """NuSLERP: spherical interpolation between two models at ``t = w1 / (w0 + w1)`` (0.5 when
     the weights sum to about zero); with a base, between their task vectors, added back to the
     base. ``nuslerp_flatten`` (default) takes each tensor as one vector; otherwise each row
     (vectors along the last axis), or with ``nuslerp_row_wise`` each column (along the first)."""
-    w0, w1 = (float(p["weight"]) for p in model_params)
-    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
-    v0, v1 = (_geometric(x if base is None else x - base) for x in tensors)
+    ws = ws or Workspace()
+    result = _destination(out, ws, tensors[0])
     if params["nuslerp_flatten"]:
-        merged = _slerp_last_axis(v0.reshape(-1), v1.reshape(-1), t)
-    elif params["nuslerp_row_wise"]:
+        coefficients = _whole(nuslerp_prepare, tensors, base, model_params, params, prepared)
+        return _on_base(tensors, base, coefficients, result, ws)
+    t = _nuslerp_t(model_params)
+    v0, v1 = (_geometric(x if base is None else x - base) for x in tensors)
+    if params["nuslerp_row_wise"]:
         merged = _slerp_last_axis(v0.transpose(0, -1), v1.transpose(0, -1), t).transpose(0, -1)
     else:
         merged = _slerp_last_axis(v0, v1, t)
-    result = _destination(out, ws or Workspace(), tensors[0])
-    merged = merged.reshape(result.shape)
     return result.copy_(merged if base is None else merged + _geometric(base))
 
 
-@_one_cpu_thread
-def multislerp_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
-    """Multi-SLERP: a weighted mean of the models' directions on the unit sphere, from the tangent
-    space at their normalized weighted mean (one exponential map), scaled by the weighted mean of
-    their norms; with a base, of their task vectors, added back to the base. Weights are divided
-    by their sum with ``normalize_weights``; one model is returned as is."""
-    result = _destination(out, ws or Workspace(), tensors[0])
-    if len(tensors) == 1:
-        return result.copy_(tensors[0])
-    eps = float(params["eps"])
+def _multislerp_weights(model_params, params) -> list[float]:
     weights = [float(p["weight"]) for p in model_params]
     if params["normalize_weights"]:
         total = sum(weights)
@@ -377,109 +458,182 @@ def multislerp_merge(tensors, base, model_params, params, rng, ws=None, out=None
             raise MergeflowError(f"multislerp: the models' weights {weights} sum to zero "
                                  "(normalize_weights divides by their sum)")
         weights = [w / total for w in weights]
-    vectors = [_geometric(x if base is None else x - base).reshape(-1) for x in tensors]
-    norms = [torch.linalg.vector_norm(v) for v in vectors]
-    units = [v / (norm + eps) for v, norm in zip(vectors, norms)]
-    mean = sum(w * u for w, u in zip(weights, units))
-    mean_norm = float(torch.linalg.vector_norm(mean))
+    return weights
+
+
+def multislerp_prepare(passes: BlockPass, shape, model_params, params) -> list[float]:
+    """Multi-SLERP's coefficients on the models' vectors (task vectors with a base): the
+    tangent-space mean of their directions (see :func:`multislerp_merge`), in the span of the
+    vectors, from their Gram matrix."""
+    weights = _multislerp_weights(model_params, params)
+    if len(weights) == 1:
+        return [1.0]
+    eps = float(params["eps"])
+    matrix = gram(passes, "task")
+    norms = [math.sqrt(max(matrix[i][i], 0.0)) for i in range(len(weights))]
+    mean = [w / (n + eps) for w, n in zip(weights, norms)]  # sum(w_i u_i), u_i = v_i / (|v_i| + eps)
+    mean_norm = norm(matrix, mean)
     if mean_norm < eps:
         # No mean direction. Two models (antipodal, balanced) and unchanged tensors (every vector
         # zero) fall back to the weighted sum; otherwise the weights must change. mergekit
         # raises for unchanged tensors of three or more models too.
-        if len(tensors) > 2 and any(float(n) > 0.0 for n in norms):
+        if len(weights) > 2 and any(n > 0.0 for n in norms):
             raise MergeflowError(f"multislerp: the weighted mean of the models' directions is zero "
                                  f"(antipodal task vectors balanced by the weights {weights}); change the weights")
-        merged = sum(w * v for w, v in zip(weights, vectors))
-    else:
-        mean = mean / mean_norm
-        tangent = sum(w * (u - torch.dot(u, mean) * mean) for w, u in zip(weights, units))
-        length = float(torch.linalg.vector_norm(tangent)) + eps
-        direction = mean * math.cos(length) + tangent * (math.sin(length) / length)
-        merged = direction * sum(w * norm for w, norm in zip(weights, norms))
-    merged = merged.reshape(result.shape)
-    return result.copy_(merged if base is None else merged + _geometric(base))
-
-
-def karcher_mean(vectors: list[Tensor], max_iter: int, tol: float) -> Tensor:
-    """The Karcher (Riemannian) mean of flat vectors' directions, equally weighted, scaled by
-    their mean norm. Vectors with norm at most ``tol`` have no direction and only count in the
-    scale (zero, for a zero vector); when the mean direction cancels the first direction starts
-    the iteration. Each step moves along the mean log map; stops after ``max_iter`` steps or
-    once the step is shorter than ``tol``."""
-    norms = [float(torch.linalg.vector_norm(v)) for v in vectors]
-    scale = sum(norms) / len(vectors)
-    units = [v / n for v, n in zip(vectors, norms) if n > tol]
-    if not units:
-        return torch.zeros_like(vectors[0])
-    share = 1.0 / len(units)
-    mean = sum(share * u for u in units)
-    mean_norm = float(torch.linalg.vector_norm(mean))
-    mean = units[0].clone() if mean_norm < tol else mean / mean_norm
-    for _ in range(max_iter):
-        step = torch.zeros_like(mean)
-        for unit in units:
-            cosine = max(-1.0, min(1.0, float(torch.dot(mean, unit))))
-            theta = math.acos(cosine)
-            if theta < tol or math.sin(theta) == 0.0:  # at the mean; or antipodal: no direction
-                continue
-            step.add_(unit - cosine * mean, alpha=share * theta / math.sin(theta))
-        length = float(torch.linalg.vector_norm(step))
-        if length < tol:
-            break
-        mean = mean * math.cos(length) + step * (math.sin(length) / length)
-        mean_norm = float(torch.linalg.vector_norm(mean))
-        if mean_norm > tol:
-            mean = mean / mean_norm
-    return mean * scale
+        return weights
+    # the tangent at the mean direction: sum(w_i (u_i - (u_i . m) m)) = mean - (sum w_i u_i . m) m
+    along = sum(w / (n + eps) * quadratic(matrix, [float(i == j) for j in range(len(weights))], mean) / mean_norm
+                for i, (w, n) in enumerate(zip(weights, norms)))
+    tangent = [a - along * a / mean_norm for a in mean]
+    length = norm(matrix, tangent) + eps
+    scale = sum(w * n for w, n in zip(weights, norms))
+    return [(a / mean_norm * math.cos(length) + b * math.sin(length) / length) * scale
+            for a, b in zip(mean, tangent)]
 
 
 @_one_cpu_thread
-def karcher_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
-    """Karcher mean of the models (see :func:`karcher_mean`); one model is returned as is. No
-    base: a models recipe's ``base_model`` is merged as one more model (the planner adds it)."""
-    result = _destination(out, ws or Workspace(), tensors[0])
+def multislerp_merge(tensors, base, model_params, params, rng, ws=None, out=None, prepared=None,
+                     offset=0) -> Tensor:
+    """Multi-SLERP: a weighted mean of the models' directions on the unit sphere, from the tangent
+    space at their normalized weighted mean (one exponential map), scaled by the weighted mean of
+    their norms; with a base, of their task vectors, added back to the base. Weights are divided
+    by their sum with ``normalize_weights``; one model is returned as is."""
+    ws = ws or Workspace()
+    result = _destination(out, ws, tensors[0])
     if len(tensors) == 1:
         return result.copy_(tensors[0])
-    merged = karcher_mean([_geometric(x).reshape(-1) for x in tensors],
-                          int(params["max_iter"]), float(params["tol"]))
-    return result.copy_(merged.reshape(result.shape))
+    coefficients = _whole(multislerp_prepare, tensors, base, model_params, params, prepared)
+    return _on_base(tensors, base, coefficients, result, ws)
+
+
+def karcher_coefficients(matrix: list[list[float]], max_iter: int, tol: float) -> list[float]:
+    """The Karcher (Riemannian) mean of vectors' directions, equally weighted, scaled by their
+    mean norm, as coefficients on the vectors (it stays in their span), from their Gram matrix.
+    Vectors with norm at most ``tol`` have no direction and only count in the scale (zero, for a
+    zero vector); when the mean direction cancels the first direction starts the iteration.
+    Each step moves along the mean log map; stops after ``max_iter`` steps or once the step is
+    shorter than ``tol``."""
+    count = len(matrix)
+    norms = [math.sqrt(max(matrix[i][i], 0.0)) for i in range(count)]
+    scale = sum(norms) / count
+    units = [i for i in range(count) if norms[i] > tol]
+    if not units:
+        return [0.0] * count
+    # the units' Gram matrix; the mean as coefficients on the units
+    g = [[matrix[i][j] / (norms[i] * norms[j]) for j in units] for i in units]
+    size = len(units)
+    share = 1.0 / size
+    mean = [share] * size
+    mean_norm = norm(g, mean)
+    mean = [float(i == 0) for i in range(size)] if mean_norm < tol else [m / mean_norm for m in mean]
+    for _ in range(max_iter):
+        step = [0.0] * size
+        for i in range(size):
+            cosine = max(-1.0, min(1.0, sum(mean[j] * g[j][i] for j in range(size))))
+            theta = math.acos(cosine)
+            if theta < tol or math.sin(theta) == 0.0:  # at the mean; or antipodal: no direction
+                continue
+            factor = share * theta / math.sin(theta)
+            for j in range(size):
+                step[j] += factor * (float(i == j) - cosine * mean[j])
+        length = norm(g, step)
+        if length < tol:
+            break
+        mean = [m * math.cos(length) + s * (math.sin(length) / length) for m, s in zip(mean, step)]
+        mean_norm = norm(g, mean)
+        if mean_norm > tol:
+            mean = [m / mean_norm for m in mean]
+    coefficients = [0.0] * count
+    for position, i in enumerate(units):
+        coefficients[i] = mean[position] * scale / norms[i]
+    return coefficients
+
+
+def karcher_prepare(passes: BlockPass, shape, model_params, params) -> list[float]:
+    """Karcher's coefficients on the models (see :func:`karcher_coefficients`)."""
+    if len(model_params) == 1:
+        return [1.0]
+    return karcher_coefficients(gram(passes, "models"), int(params["max_iter"]), float(params["tol"]))
+
+
+@_one_cpu_thread
+def karcher_merge(tensors, base, model_params, params, rng, ws=None, out=None, prepared=None, offset=0) -> Tensor:
+    """Karcher mean of the models (see :func:`karcher_coefficients`); one model is returned as
+    is. No base: a models recipe's ``base_model`` is merged as one more model (the planner adds
+    it)."""
+    ws = ws or Workspace()
+    coefficients = _whole(karcher_prepare, tensors, None, model_params, params, prepared)
+    return _combine(list(tensors), coefficients, _destination(out, ws, tensors[0]), ws)
 
 
 # ---- Task-vector methods with their own weighting (sce, ram, ramplus_tl), nearswap and
 # arcee_fusion: computed in the compute dtype, as mergekit does.
 
 
-def _variance_mask(deltas: Tensor, fraction: float) -> Tensor:
-    """1 at the ``int(fraction * count)`` entries whose task vectors vary most across the models
-    (population variance; ``count`` the entries that vary at all), 0 elsewhere."""
-    variance = torch.var(deltas, dim=0, correction=0)
-    # the product as torch forms it (a float32 tensor), as mergekit does: the same cut
-    keep = int(torch.count_nonzero(variance) * fraction) if fraction > 0 else 0
-    mask = torch.zeros_like(variance)
-    if keep > 0:
-        mask.view(-1)[torch.topk(variance.reshape(-1), keep).indices] = 1.0
-    return mask
+def _sce_deltas(tensors, base, selection: Trim | None, start: int) -> Tensor:
+    """The models' task vectors, stacked, zero outside ``selection`` (the entries of highest
+    variance across the models; None: all); ``start``: the flat offset of these entries."""
+    deltas = torch.stack([x - base for x in tensors])
+    if selection is not None:
+        variance = torch.var(deltas, dim=0, correction=0)
+        kept = apply_trim(variance, selection.block(start, start + variance.numel()), Workspace())
+        deltas.mul_(torch.ne(kept, 0.0).to(deltas.dtype))
+    return deltas
+
+
+def sce_prepare(passes: BlockPass, shape, model_params, params) -> tuple[Trim | None, list[float]]:
+    """SCE's selection and weights: the ``select_topk`` fraction of entries whose task vectors
+    vary most across the models (a trim of the variances: ``int(fraction * count)`` of the
+    ``count`` entries that vary; ties at the cut by flat index, where mergekit's ``topk`` picks
+    its own), and each model's weight from the mean square of its selected task vector."""
+    fraction = float(params["select_topk"])
+    numel = math.prod(shape)
+    selection = None
+    if fraction < 1.0:
+        def fill(blocks, base, out):
+            for start, runs in chunks(base, *blocks):
+                variance = torch.var(torch.stack([x - runs[0] for x in runs[1:]]), dim=0, correction=0)
+                out[start:start + variance.numel()].copy_(variance)
+
+        variances = fill_flat(passes, numel, fill)
+        count = int(torch.count_nonzero(variances))
+        # the product as torch forms it (a float32 tensor), as mergekit does: the same cut
+        keep = int(torch.tensor(count) * fraction) if fraction > 0 else 0
+        selection = magnitude_trim(variances, keep) if keep > 0 else Trim(math.inf)
+        del variances
+    sums: Tensor | None = None
+    for offset, blocks, base in passes():
+        for start, runs in chunks(base, *blocks):
+            deltas = _sce_deltas(runs[1:], runs[0], selection, offset + start).reshape(len(blocks), -1)
+            squares = _geometric(deltas).square().sum(dim=1, dtype=torch.float64)
+            sums = squares if sums is None else sums.add_(squares)
+    energy = [value / numel for value in sums.tolist()]
+    total = sum(energy)
+    weights = [1.0 / len(energy)] * len(energy) if abs(total) < 1e-6 else [e / total for e in energy]
+    return selection, weights
+
+
+def _sce_block(tensors, base, selection: Trim | None, weights: list[float], start: int, result: Tensor) -> None:
+    deltas = _sce_deltas(tensors, base, selection, start)
+    shares = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).reshape(-1, *([1] * base.dim()))
+    elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    agreeing = shares * (torch.sign(deltas) == elected)
+    merged = (deltas * agreeing).sum(dim=0) / agreeing.sum(dim=0).clamp_min(1e-6)
+    torch.add(base, merged, out=result)
 
 
 @_one_cpu_thread
-def sce_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
+def sce_merge(tensors, base, model_params, params, rng, ws=None, out=None, prepared=None, offset=0) -> Tensor:
     """SCE (select, calculate, erase): keep the ``select_topk`` fraction of entries whose task
     vectors vary most across the models (all at 1); weight each model by its task vector's mean
     square (normalized to sum 1; equal when they sum below 1e-6); per entry, drop the task
     vectors whose sign differs from the sign of their sum (zero entries never agree), and take
     the weighted mean of the rest: ``base + sum(w_i d_i) / max(sum(w_i), 1e-6)`` over them."""
-    deltas = torch.stack([x - base for x in tensors])
-    fraction = float(params["select_topk"])
-    if fraction < 1.0:
-        deltas.mul_(_variance_mask(deltas, fraction))
-    energy = deltas.square().reshape(len(tensors), -1).mean(dim=1)
-    total = float(energy.sum())
-    weights = torch.full_like(energy, 1.0 / len(tensors)) if abs(total) < 1e-6 else energy / total
-    weights = weights.reshape(-1, *([1] * base.dim()))
-    elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
-    agreeing = weights * (torch.sign(deltas) == elected)
-    merged = (deltas * agreeing).sum(dim=0) / agreeing.sum(dim=0).clamp_min(1e-6)
-    return torch.add(base, merged, out=_destination(out, ws or Workspace(), base))
+    selection, weights = _whole(sce_prepare, tensors, base, model_params, params, prepared)
+    result = _destination(out, ws or Workspace(), base)
+    for start, runs in chunks(base, result, *tensors):
+        _sce_block(runs[2:], runs[0], selection, weights, offset + start, runs[1])
+    return result
 
 
 # nearswap divides by max(|x - base|, this): where the models agree, the other model's value
@@ -507,20 +661,44 @@ def _fusion_importance(model: Tensor, base: Tensor) -> Tensor:
     return torch.abs(model - base) * divergence
 
 
+def arcee_fusion_layout(params, shape) -> str | None:
+    """Rows (the softmax's axis) for vectors and matrices; other tensors whole."""
+    return "rows" if len(shape) <= 2 else None
+
+
+def arcee_fusion_prepare(passes: BlockPass, shape, model_params, params) -> Tensor:
+    """Arcee Fusion's threshold: ``median + 1.5 IQR`` of the tensor's importances (quartiles:
+    the sorted importances at ``floor(q (n - 1))``), in the compute dtype."""
+    numel = math.prod(shape)
+    dtypes = []
+
+    def fill(blocks, base, out):
+        importance = _fusion_importance(blocks[0], base)
+        dtypes.append(importance.dtype)
+        out.copy_(importance.reshape(-1))
+
+    importances = fill_flat(passes, numel, fill)
+    last = numel - 1
+    # exact order statistics of the float32 copy (exact for every compute dtype)
+    quartiles = torch.tensor([kth_largest(importances, numel - index) for index in (last // 4, last // 2, 3 * last // 4)],
+                             dtype=dtypes[0], device=importances.device)
+    return quartiles[1] + 1.5 * (quartiles[2] - quartiles[0])  # in the compute dtype
+
+
 @_one_cpu_thread
-def arcee_fusion_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
+def arcee_fusion_merge(tensors, base, model_params, params, rng, ws=None, out=None, prepared=None,
+                       offset=0) -> Tensor:
     """Arcee Fusion: the other model's value where the entry's importance (see
     ``_fusion_importance``) reaches ``median + 1.5 IQR`` of the tensor's importances (the
-    outliers of a box plot), the base's elsewhere. Quartiles are the sorted importances at
-    ``floor(q (n - 1))``, of the whole tensor: mergekit takes them from a random sample of 1M
-    entries in larger tensors, which cannot be reproduced."""
+    outliers of a box plot), the base's elsewhere. Quartiles are of the whole tensor: mergekit
+    takes them from a random sample of 1M entries in larger tensors, which cannot be
+    reproduced."""
     model = tensors[0]
-    flat = _fusion_importance(model, base).reshape(-1)
-    last = flat.numel() - 1
-    quartiles = torch.stack([torch.kthvalue(flat, index + 1).values
-                             for index in (last // 4, last // 2, 3 * last // 4)])
-    threshold = quartiles[1] + 1.5 * (quartiles[2] - quartiles[0])  # in the compute dtype
-    keep = (flat >= threshold).reshape(base.shape)
+    if prepared is None:
+        row = model.shape[-1] if model.dim() == 2 else None
+        prepared = arcee_fusion_prepare(whole_tensor_pass(tensors, base, row), tuple(model.shape),
+                                        model_params, params)
+    keep = _fusion_importance(model, base) >= prepared
     return torch.where(keep, model, base, out=_destination(out, ws or Workspace(), base))
 
 
@@ -556,24 +734,42 @@ def ram_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Te
     return result.div_(count.clamp_min_(1.0)).add_(base)
 
 
-def ramplus_tl_merge(tensors, base, model_params, params, rng, ws=None, out=None) -> Tensor:
+def ramplus_tl_prepare(passes: BlockPass, shape, model_params, params) -> list[float]:
+    """RAM+'s boost per model, ``r min(alpha, shared / max(unique, epsilon))``, from counts of
+    the model's kept entries that other models change too (``shared``) and that it alone
+    changes (``unique``) over the whole tensor (integers: exact, however the tensor is split)."""
+    epsilon, r, alpha = float(params["epsilon"]), float(params["r"]), float(params["alpha"])
+    unique = [0] * len(model_params)
+    kept = [0] * len(model_params)
+    for _, blocks, base in passes():
+        masks = [torch.gt(torch.abs(x - base), epsilon) for x in blocks]
+        alone = torch.eq(sum(m.to(torch.int32) for m in masks), 1)
+        for index, mask in enumerate(masks):
+            unique[index] += int(torch.count_nonzero(mask & alone))
+            kept[index] += int(torch.count_nonzero(mask))
+    boosts = []
+    for alone_count, kept_count in zip(unique, kept):
+        shared = kept_count - alone_count
+        floor = max(alone_count, epsilon)
+        ratio = shared / floor if floor > 0 else (math.inf if shared else 0.0)
+        boosts.append(r * min(max(ratio, 0.0), alpha))
+    return boosts
+
+
+def ramplus_tl_merge(tensors, base, model_params, params, rng, ws=None, out=None, prepared=None,
+                     offset=0) -> Tensor:
     """RAM+ (tensor-local): RAM, with each model's changes that no other model makes scaled by
     ``1 + r min(alpha, shared / unique)``, ``shared`` and ``unique`` counting the model's kept
     entries that other models change too and those it alone changes, in this tensor
     (``unique`` floored at ``epsilon``)."""
     ws = ws or Workspace()
+    boosts = _whole(ramplus_tl_prepare, tensors, base, model_params, params, prepared)
     result = _destination(out, ws, base)
-    epsilon, r, alpha = float(params["epsilon"]), float(params["r"]), float(params["alpha"])
-    count, deltas, kept = _ram_sums(tensors, base, epsilon, ws, result)
+    count, deltas, _ = _ram_sums(tensors, base, float(params["epsilon"]), ws, result)
     alone = torch.eq(count, 1.0, out=ws.empty("alone", base))
     boost = ws.empty("boost", base).zero_()
-    for delta, mask in zip(deltas, kept):
-        # counts as integers: exact, whatever the tensor's size and the threads
-        unique = int(torch.count_nonzero(mask * alone))
-        shared = int(torch.count_nonzero(mask)) - unique
-        floor = max(unique, epsilon)
-        ratio = shared / floor if floor > 0 else (math.inf if shared else 0.0)
-        boost.add_(delta, alpha=r * min(max(ratio, 0.0), alpha))
+    for delta, factor in zip(deltas, boosts):
+        boost.add_(delta, alpha=factor)
     # where one model changes an entry the mean is that change: add its boost there
     result.div_(count.clamp_min_(1.0))
     return result.add_(boost.mul_(alone)).add_(base)

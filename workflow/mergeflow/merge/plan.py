@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from mergeflow.errors import MergeflowError, RecipeError
-from mergeflow.merge.methods import CPU_BLOCK
+from mergeflow.merge.passes import CPU_BLOCK, one_cpu_thread
 from mergeflow.merge.params import (
     is_pre_layer_tensor, layer_index, layer_position, resolve_value, with_layer_index,
 )
@@ -25,7 +25,7 @@ from mergeflow.merge.recipe import Recipe, SliceSource, SliceSpec
 from mergeflow.merge.registry import MergeMethod, check_parameter_names, get_method
 from mergeflow.dtypes import torch_dtype
 from mergeflow.merge.sources import ModelSource, TensorInfo
-from mergeflow.merge.sparsify import TIE_BREAKS, Workspace, magnitude_trims
+from mergeflow.merge.sparsify import TIE_BREAKS, Workspace
 
 TensorRef = tuple[str, str]  # (model path, tensor name)
 Fetch = Callable[[str, str], torch.Tensor]
@@ -304,66 +304,53 @@ def merge_tensor_blocks(plan: TensorPlan, read: ReadRange, device: torch.device 
                         block: int | None = None) -> Iterator[torch.Tensor]:
     """Run one tensor's plan, yielding its result as consecutive flat blocks; together they
     equal ``merge_tensor``'s result bit for bit. Tensors of at most ``block`` entries, and those
-    of methods that need the whole tensor (``MergeMethod.blocks`` None), come as one block.
+    a method needs whole (``MergeMethod.layout`` None), come as one block.
 
     A block sees the same entries and the same operations as in the whole tensor: blocks are
     multiples of the methods' own CPU blocks (or whole rows for row-wise methods), each
-    model's random generator continues across blocks, and whole-tensor magnitude trims are
-    computed first from one pass over each trimmed model's blocks into a float32 buffer of the
-    tensor's size, the one whole tensor held. ``block``: default ``STREAM_BLOCK``.
+    model's random generator continues across blocks, and a method's whole-tensor quantities
+    (``MergeMethod.prepare``: trims, angles, weights) are computed first from passes over the
+    blocks, as the whole-tensor merge computes them (``passes``). ``block``: default
+    ``STREAM_BLOCK``.
     """
     block = block or STREAM_BLOCK
     if block % CPU_BLOCK:
         raise ValueError(f"block {block} is not a multiple of {CPU_BLOCK}")
     numel = math.prod(plan.shape)
-    layout = plan.method.blocks
+    layout = plan.method.layout(plan.params, plan.shape)
     refs = plan.sources + ([plan.base] if plan.base else [])
     # a row-wise method ranks a vector's entries across the whole vector: one row
     if layout is None or numel <= block or (layout == "rows" and len(plan.shape) < 2):
         whole = {ref: read(*ref, 0, numel).view(plan.shape) for ref in refs}
         yield merge_tensor(plan, lambda model, name: whole[(model, name)], device).reshape(-1)
         return
-    if layout == "rows":
-        row = numel // plan.shape[0]
+    row = numel // plan.shape[0] if layout == "rows" else None
+    if row is not None:
         block = max(1, block // row) * row
-    ws = Workspace(cache=True, sort_cache=False)
-    trims = _whole_tensor_trims(plan, read, device, numel, block) if plan.method.trims else None
-    rng = _rng_factory(plan, device)
-    for start in range(0, numel, block):
-        stop = min(start + block, numel)
-        tensors = [read(model, name, start, stop) for model, name in plan.sources]
-        base = read(*plan.base, start, stop) if plan.base else None
-        if layout == "rows":
-            tensors = [t.view(-1, row) for t in tensors]
-            base = base.view(-1, row) if base is not None else None
-        options = {}
-        if trims is not None:
-            options["trims"] = [t.block(start, stop) if t is not None else None for t in trims]
-        out = ws.empty("block_result", tensors[0])
-        yield plan.method.function(tensors, base, plan.model_params, plan.params, rng, ws, out,
-                                   **options).reshape(-1)
 
-
-def _whole_tensor_trims(plan: TensorPlan, read: ReadRange, device: torch.device | str,
-                        numel: int, block: int) -> list:
-    """The magnitude trims of ``plan``'s whole tensor, from its blocks (see ``sparsify.Trim``)."""
-    magnitudes = torch.empty(numel, dtype=torch.float32, device=device)
-    scratch = Workspace(cache=True)
-
-    def fill(index: int) -> torch.Tensor:
-        model, name = plan.sources[index]
+    def passes(models: list[int] | None = None) -> Iterator[tuple[int, list[torch.Tensor], torch.Tensor | None]]:
+        chosen = range(len(plan.sources)) if models is None else models
         for start in range(0, numel, block):
             stop = min(start + block, numel)
-            source = read(model, name, start, stop)
-            # as the whole-tensor trim: the difference in the compute dtype, then float32
-            target = magnitudes[start:stop]
-            into = target if source.dtype == torch.float32 else scratch.empty("delta", source)
-            torch.sub(source, read(*plan.base, start, stop), out=into).abs_()
-            if into is not target:
-                target.copy_(into)
-        return magnitudes
+            tensors = [read(*plan.sources[i], start, stop) for i in chosen]
+            base = read(*plan.base, start, stop) if plan.base else None
+            if row is not None:
+                tensors = [t.view(-1, row) for t in tensors]
+                base = base.view(-1, row) if base is not None else None
+            yield start, tensors, base
 
-    return magnitude_trims(plan.model_params, numel, fill, Workspace(), tie_break=plan.params["tie_break"])
+    ws = Workspace(cache=True, sort_cache=False)
+    options = {}
+    if plan.method.prepare is not None:
+        with one_cpu_thread(device):
+            options["prepared"] = plan.method.prepare(passes, plan.shape, plan.model_params, plan.params)
+    rng = _rng_factory(plan, device)
+    for start, tensors, base in passes():
+        out = ws.empty("block_result", tensors[0])
+        if plan.method.prepare is not None:
+            options["offset"] = start
+        yield plan.method.function(tensors, base, plan.model_params, plan.params, rng, ws, out,
+                                   **options).reshape(-1)
 
 
 def _no_rng(model_index: int) -> torch.Generator:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from mergeflow.errors import MergeflowError, RecipeError
 from mergeflow.merge.methods import (
-    MethodFunction, arcee_fusion_merge, breadcrumbs_merge, breadcrumbs_ties_merge, dare_linear_merge, dare_ties_merge,
-    della_linear_merge, della_merge, karcher_merge, linear_merge, model_stock_merge, multislerp_merge, nearswap_merge,
-    nuslerp_merge, ram_merge, ramplus_tl_merge, sce_merge, slerp_merge, task_arithmetic_merge, ties_merge,
+    MethodFunction, arcee_fusion_layout, arcee_fusion_merge, arcee_fusion_prepare, breadcrumbs_merge,
+    breadcrumbs_prepare, breadcrumbs_ties_merge, breadcrumbs_ties_prepare, dare_linear_merge, dare_ties_merge,
+    della_linear_merge, della_merge, karcher_merge, karcher_prepare, linear_merge, model_stock_merge,
+    model_stock_prepare, multislerp_merge, multislerp_prepare, nearswap_merge, nuslerp_merge, nuslerp_prepare,
+    ram_merge, ramplus_tl_merge, ramplus_tl_prepare, sce_merge, sce_prepare, slerp_merge, slerp_prepare,
+    task_arithmetic_merge, ties_merge, ties_prepare,
 )
 
 
@@ -43,9 +46,17 @@ class MergeMethod:
     max_models: int | None = None
     random: bool = False  # draws from ``rng``: DARE's and DELLA's drops
     # How the streaming writer may split a large tensor: "flat" (any runs of entries: the
-    # method is elementwise given its ``trims``), "rows" (whole rows) or None (whole tensor).
-    blocks: str | None = None
-    trims: bool = False  # takes ``trims``: whole-tensor magnitude trims
+    # method is elementwise given what ``prepare`` computed), "rows" (whole rows) or None (whole
+    # tensor); or a function of (params, shape) giving one of them.
+    blocks: str | None | Callable[[dict, tuple], str | None] = None
+    # ``prepare(passes, shape, model_params, params)``: the method's whole-tensor quantities
+    # (trims, angles, weights) from passes over the blocks (``passes``), given to it as
+    # ``prepared`` for each block; None: the method needs none.
+    prepare: Callable | None = None
+
+    def layout(self, params: dict, shape: tuple) -> str | None:
+        """How the streaming writer may split a tensor of ``shape`` (see ``blocks``)."""
+        return self.blocks(params, shape) if callable(self.blocks) else self.blocks
 
 
 # What every task-vector method reads per model: its weight and the density of its sparsified
@@ -63,7 +74,7 @@ MERGE_METHODS: dict[str, MergeMethod] = {
         MergeMethod(name="ties", function=ties_merge, uses_base=True,
                     model_defaults={**_TASK_VECTOR_MODEL},
                     method_defaults={"lambda": 1.0, "normalize": True, "rescale": False, "tie_break": "index"},
-                    blocks="flat", trims=True),
+                    blocks="flat", prepare=ties_prepare),
         MergeMethod(name="dare_linear", function=dare_linear_merge, uses_base=True,
                     model_defaults={**_TASK_VECTOR_MODEL},
                     method_defaults={"lambda": 1.0, "normalize": False, "rescale": True},
@@ -74,10 +85,12 @@ MERGE_METHODS: dict[str, MergeMethod] = {
                     random=True, blocks="flat"),
         MergeMethod(name="breadcrumbs", function=breadcrumbs_merge, uses_base=True,
                     model_defaults={**_TASK_VECTOR_MODEL, "gamma": 0.01},
-                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": False}),
+                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": False},
+                    blocks="flat", prepare=breadcrumbs_prepare),
         MergeMethod(name="breadcrumbs_ties", function=breadcrumbs_ties_merge, uses_base=True,
                     model_defaults={**_TASK_VECTOR_MODEL, "gamma": 0.01},
-                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": False}),
+                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": False},
+                    blocks="flat", prepare=breadcrumbs_ties_prepare),
         MergeMethod(name="della", function=della_merge, uses_base=True,
                     model_defaults={**_TASK_VECTOR_MODEL, "epsilon": 0.15},
                     method_defaults={"lambda": 1.0, "normalize": True, "rescale": True},
@@ -87,24 +100,30 @@ MERGE_METHODS: dict[str, MergeMethod] = {
                     method_defaults={"lambda": 1.0, "normalize": False, "rescale": True},
                     random=True, blocks="rows"),
         MergeMethod(name="slerp", function=slerp_merge, uses_base=True,
-                    method_defaults={"t": None}, min_models=1, max_models=1),
-        MergeMethod(name="model_stock", function=model_stock_merge, uses_base=True, min_models=2),
+                    method_defaults={"t": None}, min_models=1, max_models=1, blocks="flat", prepare=slerp_prepare),
+        MergeMethod(name="model_stock", function=model_stock_merge, uses_base=True, min_models=2,
+                    blocks="flat", prepare=model_stock_prepare),
         MergeMethod(name="nuslerp", function=nuslerp_merge, uses_base=True, base_optional=True,
                     model_defaults={"weight": 1.0},
                     method_defaults={"nuslerp_flatten": True, "nuslerp_row_wise": False},
-                    min_models=2, max_models=2),
+                    min_models=2, max_models=2, prepare=nuslerp_prepare,
+                    blocks=lambda params, shape: "flat" if params["nuslerp_flatten"] else None),
         MergeMethod(name="multislerp", function=multislerp_merge, uses_base=True, base_optional=True,
-                    model_defaults={"weight": 1.0}, method_defaults={"normalize_weights": True, "eps": 1e-8}),
+                    model_defaults={"weight": 1.0}, method_defaults={"normalize_weights": True, "eps": 1e-8},
+                    blocks="flat", prepare=multislerp_prepare),
         MergeMethod(name="karcher", function=karcher_merge, uses_base=False, base_as_model=True,
-                    method_defaults={"max_iter": 10, "tol": 1e-5}),
-        MergeMethod(name="sce", function=sce_merge, uses_base=True, method_defaults={"select_topk": 1.0}),
+                    method_defaults={"max_iter": 10, "tol": 1e-5}, blocks="flat", prepare=karcher_prepare),
+        MergeMethod(name="sce", function=sce_merge, uses_base=True, method_defaults={"select_topk": 1.0},
+                    blocks="flat", prepare=sce_prepare),
         MergeMethod(name="nearswap", function=nearswap_merge, uses_base=True, method_defaults={"t": None},
                     max_models=1, blocks="flat"),
-        MergeMethod(name="arcee_fusion", function=arcee_fusion_merge, uses_base=True, max_models=1),
+        MergeMethod(name="arcee_fusion", function=arcee_fusion_merge, uses_base=True, max_models=1,
+                    blocks=arcee_fusion_layout, prepare=arcee_fusion_prepare),
         MergeMethod(name="ram", function=ram_merge, uses_base=True, method_defaults={"epsilon": 1e-5},
                     blocks="flat"),
         MergeMethod(name="ramplus_tl", function=ramplus_tl_merge, uses_base=True,
-                    method_defaults={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}),
+                    method_defaults={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, blocks="flat",
+                    prepare=ramplus_tl_prepare),
     ]
 }
 

@@ -255,23 +255,50 @@ def _float32_away_from_zero(value: float) -> float:
     return float(numpy.nextafter(numpy.float32(value), numpy.float32(math.inf)))
 
 
-def drop_magnitude_outliers(delta: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
+@dataclass(frozen=True)
+class OutlierTrim:
+    """Model Breadcrumbs' cut of one task vector: the entries ``kept`` keeps (None: none) that
+    ``outliers`` does not (None: no outliers); ``scale``: the rescale, entries / entries kept."""
+
+    kept: Trim | None
+    outliers: Trim | None
+    scale: float
+
+    def block(self, start: int, stop: int) -> "OutlierTrim":
+        """This cut for the flat entries ``[start, stop)`` of the tensor, indexed from 0."""
+        return OutlierTrim(None if self.kept is None else self.kept.block(start, stop),
+                           None if self.outliers is None else self.outliers.block(start, stop), self.scale)
+
+
+def outlier_trims(density: float, gamma: float, numel: int, magnitudes: Callable[[], Tensor],
+                  ws: Workspace, key: tuple | None = None) -> OutlierTrim | None:
     """Model Breadcrumbs: drop the top ``gamma`` fraction by magnitude (outliers) and the
-    smallest entries, keeping ``int(density * n)`` entries in between."""
+    smallest entries, keeping ``int(density * n)`` entries in between (with ``gamma + density``
+    above 1, fewer outliers); None with density 1 (nothing dropped). Of entries tied in
+    magnitude at a cut, those first by flat index count as larger (mergekit: its unstable
+    argsort's order; ties that matter are rare in trained weights, zeros among them add nothing
+    either way). ``magnitudes()``: the flat float32 |task vector| (called at most once)."""
     if density >= 1.0:
-        return delta
-    total = delta.numel()
-    keep = int(total * density)
-    n_top = int(total * gamma)
-    n_bottom = total - keep - n_top
+        return None
+    keep = int(numel * density)
+    n_top = int(numel * gamma)
+    n_bottom = numel - keep - n_top
     if n_bottom < 0:  # gamma + density > 1: keep the density, drop fewer outliers
-        n_bottom, n_top = 0, total - keep
-    order = torch.argsort(delta.abs().flatten().float())
-    mask = torch.zeros(total, dtype=torch.bool, device=delta.device)
-    mask[order[n_bottom : total - n_top]] = True
-    delta.mul_(mask.view(delta.shape))
-    if rescale and keep > 0:
-        delta.mul_(total / keep)
+        n_bottom, n_top = 0, numel - keep
+    values = functools.cache(magnitudes)
+    kept = None if keep == 0 else Trim(0.0) if n_bottom == 0 else ws.trim(values, numel - n_bottom, key)
+    outliers = None if n_top == 0 or kept is None else ws.trim(values, n_top, key)
+    return OutlierTrim(kept, outliers, numel / keep if keep else 1.0)
+
+
+def drop_outliers(delta: Tensor, trim: OutlierTrim | None, ws: Workspace) -> Tensor:
+    """Zero, in place, the entries of ``delta`` that a Breadcrumbs cut drops (None: none)."""
+    if trim is None:
+        return delta
+    apply_trim(delta, trim.kept, ws)
+    if trim.outliers is not None:
+        # the outliers alone, subtracted: x - x is exactly 0, x - 0 is x
+        delta.sub_(apply_trim(ws.empty("outliers", delta).copy_(delta), trim.outliers, ws))
     return delta
 
 
