@@ -133,7 +133,8 @@ def wide_zoo(tmp_path_factory) -> dict[str, str]:
 
 
 STREAMED = {"ties": {}, "dare_ties": {}, "della": {}, "task_arithmetic": {}, "linear": {},
-            "breadcrumbs_ties": {"gamma": 0.05}, "slerp": {"t": 0.3}, "model_stock": {}, "nuslerp": {},
+            "breadcrumbs_ties": {"gamma": 0.05}, "slerp": {"t": 0.3}, "model_stock": {},
+            "model_stock-filter-wise": {"filter_wise": True}, "nuslerp": {},
             "multislerp": {}, "karcher": {}, "sce": {"select_topk": 0.4}, "arcee_fusion": {},
             "ramplus_tl": {"epsilon": 0.001}}
 
@@ -151,10 +152,12 @@ def test_streaming_in_blocks_matches_the_in_memory_merger(tmp_path_factory, monk
     data = {"merge_method": method, "base_model": zoo["base"], "seed": 5,
             "models": [{"model": zoo["math"], "parameters": {"weight": 0.7, "density": 0.4}},
                        {"model": zoo["lang"], "parameters": {"weight": 0.4, "density": 0.7}}]}
+    parameters = STREAMED[method]
+    method = data["merge_method"] = method.removesuffix("-filter-wise")
     reads = get_method(method).model_defaults
     for model in data["models"]:
         model["parameters"] = {k: v for k, v in model["parameters"].items() if k in reads}
-    data["parameters"] = STREAMED[method]
+    data["parameters"] = parameters
     if method in ("slerp", "arcee_fusion"):  # one model besides the base
         data["models"] = data["models"][:1]
     if method == "karcher":

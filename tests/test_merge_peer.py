@@ -50,6 +50,11 @@ NEW_CASES = {
     "karcher-with-base": ("karcher", (("math", None), ("lang", None)), {"max_iter": 20, "tol": 1e-6}, True),
     "sce": ("sce", (("math", None), ("lang", None), ("code", None)), {}, True),
     "sce-topk": ("sce", (("math", None), ("lang", None), ("code", None)), {"select_topk": 0.3}, True),
+    # mergekit's memory option, read and changing no value
+    "sce-int8-mask": ("sce", (("math", None), ("lang", None), ("code", None)),
+                      {"select_topk": 0.5, "int8_mask": True}, True),
+    "model_stock-filter-wise": ("model_stock", (("math", None), ("lang", None), ("code", None)),
+                                {"filter_wise": True}, True),
     "nearswap": ("nearswap", (("math", None),), {"t": 0.015}, True),
     "arcee_fusion": ("arcee_fusion", (("math", None),), {}, True),
     "ram": ("ram", (("math", None), ("lang", None), ("code", None)), {"epsilon": 0.02}, True),
@@ -78,12 +83,16 @@ def recipe(zoo, method):
                 "models": [{"model": zoo["base"]}, {"model": zoo["math"]}]}
     models = [{"model": zoo[name], "parameters": {"weight": weight, "density": 0.5}}
               for name, weight in (("math", 0.5), ("lang", 0.3), ("code", 0.2))]
+    int8_mask = method.endswith("-int8-mask")
+    method = method.removesuffix("-int8-mask")
     if method in ("linear", "task_arithmetic", "model_stock"):
         for model in models:
             model["parameters"].pop("density")
             if method == "model_stock":
                 model.pop("parameters")
     data = {"merge_method": method, "models": models}
+    if int8_mask:
+        data["parameters"] = {"int8_mask": True}
     if method != "linear":
         data["base_model"] = zoo["base"]
     return data
@@ -96,7 +105,8 @@ def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return result
 
 
-METHODS = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", *NEW_CASES]
+METHODS = ["linear", "task_arithmetic", "ties", "ties-int8-mask", "breadcrumbs", "breadcrumbs_ties", "slerp",
+           "model_stock", *NEW_CASES]
 
 # mergekit-yaml's own two calls, for several recipes in one process (each start costs seconds)
 RUN_MERGES = """

@@ -356,9 +356,18 @@ def model_stock_ratio(cosine: float, num_models: int) -> float:
     return num_models * cosine / denominator
 
 
-def model_stock_prepare(passes: BlockPass, shape, model_params, params) -> list[float]:
+def model_stock_layout(params, shape) -> str | None:
+    """Flat; with ``filter_wise``, rows of matrices (each row its own ratio), other tensors whole."""
+    if not params["filter_wise"]:
+        return "flat"
+    return "rows" if len(shape) == 2 else None
+
+
+def model_stock_prepare(passes: BlockPass, shape, model_params, params) -> list[float] | None:
     """Model Stock's coefficients on the models' task vectors: ``t / N`` each, ``t`` from the
-    mean pairwise cosine between them."""
+    mean pairwise cosine between them; None with ``filter_wise`` (per row, in each block)."""
+    if params["filter_wise"]:
+        return None
     matrix = gram(passes, "task")
     count = len(matrix)
     cosines = []
@@ -370,14 +379,35 @@ def model_stock_prepare(passes: BlockPass, shape, model_params, params) -> list[
     return [ratio / count] * count
 
 
+def _model_stock_rows(tensors, base, result: Tensor) -> Tensor:
+    """Model Stock per row (vectors along the last axis; a vector is one row): each row moves
+    from the base towards the models' average by its own ratio."""
+    rows = base.reshape(-1, base.shape[-1])
+    deltas = [x.reshape(rows.shape) - rows for x in tensors]
+    norms = [torch.linalg.vector_norm(d, dim=-1) for d in deltas]
+    cosines = [((a * b).sum(dim=-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
+               for i, a in enumerate(deltas) for j, b in enumerate(deltas) if j > i]
+    cosine = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    count = len(tensors)
+    denominator = 1.0 + (count - 1) * cosine
+    singular = denominator.abs() < 1e-6  # no finite ratio: the base
+    ratio = torch.where(singular, 0.0, count * cosine / torch.where(singular, 1.0, denominator))
+    average = sum(x.reshape(rows.shape) for x in tensors) / count
+    return result.copy_((ratio * average + (1.0 - ratio) * rows).reshape(result.shape))
+
+
 @_one_cpu_thread
 def model_stock_merge(tensors, base, model_params, params, rng, ws=None, out=None, prepared=None,
                       offset=0) -> Tensor:
     """Model Stock: average the fine-tuned models and move from the base towards that average
-    by ``t`` from the mean pairwise cosine between their task vectors."""
+    by ``t`` from the mean pairwise cosine between their task vectors (with ``filter_wise``,
+    per row)."""
     ws = ws or Workspace()
+    result = _destination(out, ws, base)
+    if params["filter_wise"]:
+        return _model_stock_rows(tensors, base, result)
     coefficients = _whole(model_stock_prepare, tensors, base, model_params, params, prepared)
-    return _on_base(tensors, base, coefficients, _destination(out, ws, base), ws)
+    return _on_base(tensors, base, coefficients, result, ws)
 
 
 # ---- Spherical methods (nuslerp, multislerp, karcher): coefficients from the angles between

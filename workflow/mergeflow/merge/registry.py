@@ -16,7 +16,7 @@ from mergeflow.errors import MergeflowError, RecipeError
 from mergeflow.merge.methods import (
     MethodFunction, arcee_fusion_layout, arcee_fusion_merge, arcee_fusion_prepare, breadcrumbs_merge,
     breadcrumbs_prepare, breadcrumbs_ties_merge, breadcrumbs_ties_prepare, dare_linear_merge, dare_ties_merge,
-    della_linear_merge, della_merge, karcher_merge, karcher_prepare, linear_merge, model_stock_merge,
+    della_linear_merge, della_merge, karcher_merge, karcher_prepare, linear_merge, model_stock_layout, model_stock_merge,
     model_stock_prepare, multislerp_merge, multislerp_prepare, nearswap_merge, nuslerp_merge, nuslerp_prepare,
     ram_merge, ramplus_tl_merge, ramplus_tl_prepare, sce_merge, sce_prepare, slerp_merge, slerp_prepare,
     task_arithmetic_merge, ties_merge, ties_prepare,
@@ -63,6 +63,10 @@ class MergeMethod:
 # task vector (1: no sparsification).
 _TASK_VECTOR_MODEL = {"weight": 1.0, "density": 1.0}
 
+# mergekit's ``int8_mask`` (the dtype of its masks: a memory option) on the methods that take
+# it: read, so mergekit recipes run, and changes no value (our masks are never held whole).
+_MASK_OPTION = {"int8_mask": False}
+
 MERGE_METHODS: dict[str, MergeMethod] = {
     method.name: method
     for method in [
@@ -70,39 +74,39 @@ MERGE_METHODS: dict[str, MergeMethod] = {
                     model_defaults={"weight": 1.0}, method_defaults={"normalize": True}, blocks="flat"),
         MergeMethod(name="task_arithmetic", function=task_arithmetic_merge, uses_base=True,
                     model_defaults={**_TASK_VECTOR_MODEL},
-                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": False}, blocks="flat"),
+                    method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": False, "rescale": False}, blocks="flat"),
         MergeMethod(name="ties", function=ties_merge, uses_base=True,
                     model_defaults={**_TASK_VECTOR_MODEL},
-                    method_defaults={"lambda": 1.0, "normalize": True, "rescale": False, "tie_break": "index"},
+                    method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": True, "rescale": False, "tie_break": "index"},
                     blocks="flat", prepare=ties_prepare),
         MergeMethod(name="dare_linear", function=dare_linear_merge, uses_base=True,
                     model_defaults={**_TASK_VECTOR_MODEL},
-                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": True},
+                    method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": False, "rescale": True},
                     random=True, blocks="flat"),
         MergeMethod(name="dare_ties", function=dare_ties_merge, uses_base=True,
                     model_defaults={**_TASK_VECTOR_MODEL},
-                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": True},
+                    method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": False, "rescale": True},
                     random=True, blocks="flat"),
         MergeMethod(name="breadcrumbs", function=breadcrumbs_merge, uses_base=True,
                     model_defaults={**_TASK_VECTOR_MODEL, "gamma": 0.01},
-                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": False},
+                    method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": False, "rescale": False},
                     blocks="flat", prepare=breadcrumbs_prepare),
         MergeMethod(name="breadcrumbs_ties", function=breadcrumbs_ties_merge, uses_base=True,
                     model_defaults={**_TASK_VECTOR_MODEL, "gamma": 0.01},
-                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": False},
+                    method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": False, "rescale": False},
                     blocks="flat", prepare=breadcrumbs_ties_prepare),
         MergeMethod(name="della", function=della_merge, uses_base=True,
                     model_defaults={**_TASK_VECTOR_MODEL, "epsilon": 0.15},
-                    method_defaults={"lambda": 1.0, "normalize": True, "rescale": True},
+                    method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": True, "rescale": True},
                     random=True, blocks="rows"),
         MergeMethod(name="della_linear", function=della_linear_merge, uses_base=True,
                     model_defaults={**_TASK_VECTOR_MODEL, "epsilon": 0.15},
-                    method_defaults={"lambda": 1.0, "normalize": False, "rescale": True},
+                    method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": False, "rescale": True},
                     random=True, blocks="rows"),
         MergeMethod(name="slerp", function=slerp_merge, uses_base=True,
                     method_defaults={"t": None}, min_models=1, max_models=1, blocks="flat", prepare=slerp_prepare),
         MergeMethod(name="model_stock", function=model_stock_merge, uses_base=True, min_models=2,
-                    blocks="flat", prepare=model_stock_prepare),
+                    method_defaults={"filter_wise": False}, blocks=model_stock_layout, prepare=model_stock_prepare),
         MergeMethod(name="nuslerp", function=nuslerp_merge, uses_base=True, base_optional=True,
                     model_defaults={"weight": 1.0},
                     method_defaults={"nuslerp_flatten": True, "nuslerp_row_wise": False},
@@ -113,7 +117,8 @@ MERGE_METHODS: dict[str, MergeMethod] = {
                     blocks="flat", prepare=multislerp_prepare),
         MergeMethod(name="karcher", function=karcher_merge, uses_base=False, base_as_model=True,
                     method_defaults={"max_iter": 10, "tol": 1e-5}, blocks="flat", prepare=karcher_prepare),
-        MergeMethod(name="sce", function=sce_merge, uses_base=True, method_defaults={"select_topk": 1.0},
+        MergeMethod(name="sce", function=sce_merge, uses_base=True,
+                    method_defaults={**_MASK_OPTION, "select_topk": 1.0},
                     blocks="flat", prepare=sce_prepare),
         MergeMethod(name="nearswap", function=nearswap_merge, uses_base=True, method_defaults={"t": None},
                     max_models=1, blocks="flat"),
