@@ -55,8 +55,10 @@ def run(args: argparse.Namespace) -> None:
     recipe = load_candidate(args.recipe)
     # what the pipeline's check stage checks, before any tensor is merged: a recipe with slices or
     # a layer path takes layers by index, so its models may differ in depth
+    is_recipe = isinstance(recipe, Recipe)
     check_merge_sources(recipe.model_paths(), getattr(recipe, "base_model", None) or recipe.model_paths()[0],
-                        same_depth=isinstance(recipe, Recipe) and not recipe.slices)
+                        same_depth=is_recipe and not recipe.slices,
+                        vocabularies_may_differ=is_recipe and bool(recipe.tokenizer_source))
     out = materialise(recipe, args.out_dir, device=args.device, dtype=args.dtype, force=args.force,
                       max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
     print(f"merged {len(recipe.model_paths())} models into {out}")

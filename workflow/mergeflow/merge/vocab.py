@@ -49,24 +49,34 @@ def is_vocabulary_tensor(name: str) -> bool:
     return any(name == suffix or name.endswith("." + suffix) for suffix in VOCABULARY_TENSORS)
 
 
-def vocabulary_difference(vocab: dict[str, int], base_vocab: dict[str, int], base: str) -> str | None:
-    """The first id at which a vocabulary differs from the base's, in words; None when equal."""
-    if vocab == base_vocab:
+def vocabulary_difference(vocab: dict[str, int], reference: dict[str, int], of: str) -> str | None:
+    """The first id at which a vocabulary differs from a ``reference`` one, in words (``of``
+    names the reference: "the base 'b'"); None when they are equal."""
+    if vocab == reference:
         return None
     by_id = {index: token for token, index in vocab.items()}
-    base_by_id = {index: token for token, index in base_vocab.items()}
-    for index in sorted(by_id.keys() | base_by_id.keys()):
-        token, base_token = by_id.get(index), base_by_id.get(index)
-        if token == base_token:
+    reference_by_id = {index: token for token, index in reference.items()}
+    for index in sorted(by_id.keys() | reference_by_id.keys()):
+        token, theirs = by_id.get(index), reference_by_id.get(index)
+        if token == theirs:
             continue
         if token is not None:
-            if token not in base_vocab:
-                return f"token {token!r} (id {index}) is not in the base {base!r} vocabulary"
-            return f"token {token!r} has id {index} but id {base_vocab[token]} in the base {base!r} vocabulary"
-        if base_token not in vocab:
-            return f"the base {base!r} token {base_token!r} (id {index}) is not in its vocabulary"
-        return f"the base {base!r} token {base_token!r} (id {index}) has id {vocab[base_token]} in its vocabulary"
+            if token not in reference:
+                return f"token {token!r} (id {index}) is not in {of} vocabulary"
+            return f"token {token!r} has id {index} but id {reference[token]} in {of} vocabulary"
+        if theirs not in vocab:
+            return f"{of} token {theirs!r} (id {index}) is not in its vocabulary"
+        return f"{of} token {theirs!r} (id {index}) has id {vocab[theirs]} in its vocabulary"
     return None
+
+
+def first_difference(vocab: "Vocabulary") -> str:
+    """Why a merge has a vocabulary to reconcile, in words: the first model whose vocabulary is not
+    the output's, else the token overrides."""
+    for path, own in vocab.vocabs.items():
+        if difference := vocabulary_difference(own, vocab.tokens, "the output"):
+            return f"model {path!r}: {difference}"
+    return "tokenizer.tokens overrides rows" if vocab.overrides else "the models' vocabulary tensors differ in rows"
 
 
 @dataclass
@@ -82,19 +92,23 @@ class Vocabulary:
 
 def plan_vocabulary(recipe: Recipe, sources: dict[str, ModelSource]) -> Vocabulary | None:
     """The output vocabulary of a recipe with a ``tokenizer_source``; None when there is nothing to
-    reconcile (no ``tokenizer_source``; or one vocabulary, that of its source, and no token
-    overrides): the merge then takes the tensors as they are. A model with a token beyond its
-    embedding rows is refused."""
+    reconcile (one vocabulary, that of its source, the base's rows in every model, and no token
+    overrides): the merge then takes the tensors as they are. Refused: a model with a token beyond
+    its embedding rows; without ``tokenizer_source``, models whose vocabulary tensors differ in
+    shape from the base's (the first differing token named; the vocabularies themselves are the
+    check's to compare, :func:`mergeflow.check.compare_to_base`)."""
     from mergeflow.evaluate import load_tokenizer  # heavy: transformers
 
-    if not recipe.tokenizer_source:
-        return None
     base = recipe.base_model or recipe.model_paths()[0]
+    if not recipe.tokenizer_source:
+        if not _same_shapes(sources, base):
+            _refuse_differing_vocabularies(recipe, base)
+        return None
     tokenizers = {path: load_tokenizer(path) for path in dict.fromkeys([base, *recipe.model_paths()])}
     vocabs = {path: tokenizer.get_vocab() for path, tokenizer in tokenizers.items()}
     source = recipe.tokenizer_model
     source_vocab = load_tokenizer(source).get_vocab() if source else vocabs[base]
-    if not recipe.tokens and all(vocab == source_vocab for vocab in vocabs.values()):
+    if not recipe.tokens and all(vocab == source_vocab for vocab in vocabs.values()) and _same_shapes(sources, base):
         return None
     for path, vocab in vocabs.items():
         _check_rows(path, vocab, sources[path])
@@ -106,6 +120,24 @@ def plan_vocabulary(recipe: Recipe, sources: dict[str, ModelSource]) -> Vocabula
     order = sorted(tokens, key=tokens.__getitem__)
     rows = {path: [vocab.get(token, -1) for token in order] for path, vocab in vocabs.items()}
     return Vocabulary(tokenizer, tokens, rows, vocabs, dict(recipe.tokens))
+
+
+def _same_shapes(sources: dict[str, ModelSource], base: str) -> bool:
+    """Every model's vocabulary tensors have the base's shapes."""
+    shapes = {name: info.shape for name, info in sources[base].tensors.items() if is_vocabulary_tensor(name)}
+    return all(source.tensors[name].shape == shape for source in sources.values()
+               for name, shape in shapes.items() if name in source.tensors)
+
+
+def _refuse_differing_vocabularies(recipe: Recipe, base: str) -> None:
+    """MergeflowError naming the first model whose vocabulary is not the base's, and its first
+    differing token (:func:`vocabulary_difference`)."""
+    from mergeflow.evaluate import load_tokenizer
+
+    reference = load_tokenizer(base).get_vocab()
+    for path in recipe.model_paths():
+        if difference := vocabulary_difference(load_tokenizer(path).get_vocab(), reference, f"the base {base!r}"):
+            raise MergeflowError(f"model {path!r}: {difference}; {RECIPE_HINT}")
 
 
 def _check_rows(path: str, vocab: dict[str, int], source: ModelSource) -> None:
