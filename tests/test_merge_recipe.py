@@ -58,7 +58,8 @@ def test_slices_with_layer_ranges():
 
 
 @pytest.mark.parametrize("data, culprit", [
-    ({"merge_method": "linear", "models": ["x"], "tokenizer": {"pad_to_multiple_of": 64}}, "'pad_to_multiple_of'"),
+    ({"merge_method": "linear", "models": ["x"], "tokenizer": {"pad_to_multiple_of": 0}}, "positive integer"),
+    ({"merge_method": "linear", "models": ["x"], "tokenizer": {"pad_to": 8}}, "'pad_to'"),
     ({"merge_method": "linear", "models": ["x"], "tokenizer_source": "union", "tokenizer": {"source": "base"}},
      "not both"),
     ({"merge_method": "linear", "models": ["x"], "tokenizer": {"tokens": {"<t>": {"source": {"kind": "one"}}}}},
@@ -103,3 +104,6 @@ def test_tokenizer_forms_round_trip_as_mergekit_writes_them():
     assert block.to_dict()["tokenizer"] == {"source": "union", "tokens": tokens}
     assert recipe_from_yaml(block.to_yaml()) == block and recipe_hash(block) != recipe_hash(plain)
     assert recipe_from_dict({"merge_method": "linear", "models": ["x"], "tokenizer_source": "x"}).tokenizer_model == "x"
+    padded = recipe_from_dict({"merge_method": "linear", "models": ["x"], "tokenizer": {"pad_to_multiple_of": 8}})
+    assert padded.to_dict()["tokenizer"] == {"source": "union", "pad_to_multiple_of": 8}
+    assert recipe_from_yaml(padded.to_yaml()) == padded

@@ -122,6 +122,17 @@ def test_token_overrides(vzoo, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_padding_rows_are_each_models_mean_row(vzoo, tmp_path):
+    """``pad_to_multiple_of: 8``: 88 rows for 84 tokens; a linear merge of each model's mean row is
+    the mean of the merged rows. The tokenizer keeps its 84 tokens; config.json says 88."""
+    out = merge_to_dir(recipe_from_dict(linear(vzoo, None, tokenizer={"pad_to_multiple_of": 8})), tmp_path / "out")
+    assert len(vocab_of(out)) == 84 and json.loads((out / "config.json").read_text())["vocab_size"] == 88
+    for name in (EMBED, HEAD):
+        merged = tensors(out)[name]
+        assert merged.shape == (88, 64)
+        torch.testing.assert_close(merged[84:], merged[:84].mean(dim=0).expand(4, 64))
+
+
 def test_one_vocabulary_with_a_tokenizer_source_is_the_plain_merge_byte_for_byte(vzoo, tmp_path):
     data = {"merge_method": "ties", "base_model": vzoo["base"],
             "models": [{"model": vzoo[m], "parameters": {"weight": 0.5, "density": 0.6}} for m in ("math", "lang")]}
@@ -167,7 +178,8 @@ def test_cli(vzoo, tmp_path, capsys):
 
 def parity_recipes(vzoo) -> dict[str, dict]:
     def based(method, source, density=None, **extra):
-        return {"merge_method": method, "base_model": vzoo["base"], "dtype": "float32", "tokenizer_source": source,
+        return {"merge_method": method, "base_model": vzoo["base"], "dtype": "float32",
+                **({"tokenizer_source": source} if source else {}),
                 "models": [{"model": vzoo[m], "parameters": {"weight": w, **({"density": density} if density else {})}}
                            for m, w in (("a", 0.6), ("b", 0.4))], **extra}
 
@@ -177,7 +189,8 @@ def parity_recipes(vzoo) -> dict[str, dict]:
     return {"linear-union": linear(vzoo), "task_arithmetic-union": based("task_arithmetic", "union"),
             "ties-union": based("ties", "union", 0.5), "ties-base": based("ties", "base", 0.5),
             "task_arithmetic-model": based("task_arithmetic", vzoo["b"]), "linear-base": linear(vzoo, "base"),
-            "linear-tokens": with_tokens}
+            "linear-tokens": with_tokens,
+            "ties-union-padded": based("ties", None, 0.5, tokenizer={"source": "union", "pad_to_multiple_of": 8})}
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +210,7 @@ def mergekit_outputs(vzoo, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["linear-union", "task_arithmetic-union", "ties-union", "ties-base",
-                                  "task_arithmetic-model", "linear-base", "linear-tokens"])
+                                  "task_arithmetic-model", "linear-base", "linear-tokens", "ties-union-padded"])
 def test_matches_mergekit(vzoo, mergekit_outputs, tmp_path, case):
     """Tensor for tensor, rows matched by token (mergekit orders the models of a union as a set
     does, so its ids of the added tokens may differ from run to run); the same vocabulary."""
@@ -206,8 +219,10 @@ def test_matches_mergekit(vzoo, mergekit_outputs, tmp_path, case):
     ours, theirs = tensors(ours_dir), tensors(theirs_dir)
     vocab, their_vocab = vocab_of(ours_dir), vocab_of(theirs_dir)
     assert set(vocab) == set(their_vocab) and set(ours) == set(theirs)
-    assert json.loads((ours_dir / "config.json").read_text())["vocab_size"] == len(vocab)
-    order = torch.tensor([their_vocab[token] for token in sorted(vocab, key=vocab.__getitem__)])
+    rows = json.loads((ours_dir / "config.json").read_text())["vocab_size"]
+    assert rows == json.loads((theirs_dir / "config.json").read_text())["vocab_size"] == ours[EMBED].shape[0]
+    order = torch.tensor([their_vocab[token] for token in sorted(vocab, key=vocab.__getitem__)]
+                         + list(range(len(vocab), rows)))  # the padding rows last
     worst = 0.0
     for name, tensor in ours.items():
         expected = theirs[name][order] if name in (EMBED, HEAD) else theirs[name]

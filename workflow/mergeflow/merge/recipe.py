@@ -23,10 +23,11 @@ Supported top-level keys (anything else is rejected with a message naming the ke
 - ``tokenizer``: instead of ``tokenizer_source``, ``{source: base | union | PATH (default union),
   tokens: {TOKEN: {source: MODEL | {kind: zero} | {kind: model_token, model: MODEL, token: T |
   token_id: N}, force: false}}}``: where an output token's row comes from when a model lacks it
-  (with ``force``, for every model); a token no model has is added to the output vocabulary.
+  (with ``force``, for every model); a token no model has is added to the output vocabulary;
+  ``pad_to_multiple_of: N`` pads the rows to a multiple of N with the mean of each model's rows.
 - ``seed``: extension, seed of the random methods (DARE, DELLA); default 0.
 
-Not supported: ``tokenizer.pad_to_multiple_of``, ``chat_template``, ``modules``,
+Not supported: ``chat_template``, ``modules``,
 ``passthrough`` frankenmerges and non-safetensors models.
 
 For tensors outside the transformer blocks (embeddings, final norm, lm_head) a slices recipe
@@ -48,7 +49,7 @@ from mergeflow.yamlio import load_yaml
 
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype",
                   "out_dtype", "tokenizer_source", "tokenizer", "seed"}
-TOKENIZER_KEYS = {"source", "tokens"}
+TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
 TOKEN_KEYS = {"source", "force"}
 # tokenizer_source values that are no model path: the base's vocabulary, the union of all
 VOCABULARY_KEYWORDS = ("base", "union")
@@ -117,6 +118,7 @@ class Recipe:
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     tokens: dict[str, TokenOverride] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
     seed: int = 0
 
     @property
@@ -147,9 +149,12 @@ class Recipe:
         for key in ("dtype", "out_dtype"):
             if getattr(self, key):
                 data[key] = getattr(self, key)
-        if self.tokens:  # mergekit's form with token overrides
-            data["tokenizer"] = {"source": self.tokenizer_source,
-                                 "tokens": {token: o.to_dict() for token, o in self.tokens.items()}}
+        if self.tokens or self.pad_to_multiple_of:  # mergekit's form with token overrides or padding
+            data["tokenizer"] = {"source": self.tokenizer_source}
+            if self.tokens:
+                data["tokenizer"]["tokens"] = {token: o.to_dict() for token, o in self.tokens.items()}
+            if self.pad_to_multiple_of:
+                data["tokenizer"]["pad_to_multiple_of"] = self.pad_to_multiple_of
         elif self.tokenizer_source:
             data["tokenizer_source"] = self.tokenizer_source
         data["seed"] = self.seed
@@ -251,8 +256,8 @@ def _parse_token_source(source: Any, where: str) -> str | dict[str, Any]:
                       f"token | token_id}}; got {source!r}")
 
 
-def _parse_tokenizer(data: dict, where: str) -> tuple[str | None, dict[str, TokenOverride]]:
-    """``tokenizer_source`` and the token overrides, from either mergekit form."""
+def _parse_tokenizer(data: dict, where: str) -> tuple[str | None, dict[str, TokenOverride], int | None]:
+    """``tokenizer_source``, the token overrides and the padding multiple, from either mergekit form."""
     source = data.get("tokenizer_source")
     block = data.get("tokenizer")
     if source is not None and block is not None:
@@ -274,7 +279,10 @@ def _parse_tokenizer(data: dict, where: str) -> tuple[str | None, dict[str, Toke
         if not isinstance(spec.get("force", False), bool):
             raise RecipeError(f"{at}: 'force' must be true or false")
         overrides[str(token)] = TokenOverride(_parse_token_source(spec["source"], at), spec.get("force", False))
-    return source, overrides
+    pad = (block or {}).get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise RecipeError(f"{where}: 'tokenizer.pad_to_multiple_of' must be a positive integer, got {pad!r}")
+    return source, overrides, pad
 
 
 def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
@@ -302,7 +310,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     seed = data.get("seed", 0)
     if not isinstance(seed, int):
         raise MergeflowError(f"{where}: 'seed' must be an integer")
-    tokenizer_source, tokens = _parse_tokenizer(data, where)
+    tokenizer_source, tokens, pad_to_multiple_of = _parse_tokenizer(data, where)
     return Recipe(
         merge_method=method,
         models=entries,
@@ -313,6 +321,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
         out_dtype=data.get("out_dtype"),
         tokenizer_source=tokenizer_source,
         tokens=tokens,
+        pad_to_multiple_of=pad_to_multiple_of,
         seed=seed,
     )
 

@@ -16,6 +16,8 @@ the models of that tensor: the override's source if ``tokenizer.tokens`` names o
 of the one model that has the token, the base's row if it has it, or the mean of the rows of the
 models that have it; zeros when none has it. The merge method then runs on these rows as on any
 tensor: a model lacking a token is not masked out of the weights, it brings the filled row.
+With ``tokenizer.pad_to_multiple_of``, the rows are padded to that multiple, each model's padding
+rows the mean of its rows above (the tokenizer is not padded; ``config.json``'s ``vocab_size`` is).
 
 A filled row is computed in the merge's compute dtype and held in its model's own dtype (exact
 for float32 models; mergekit keeps a mean of bfloat16 rows in float32 when the recipe's dtype is).
@@ -31,7 +33,7 @@ import torch
 
 from mergeflow.errors import MergeflowError, RecipeError
 from mergeflow.merge.params import is_pre_layer_tensor
-from mergeflow.merge.plan import MergePlan
+from mergeflow.merge.plan import STREAM_BLOCK, MergePlan
 from mergeflow.merge.recipe import Recipe, TokenOverride
 from mergeflow.merge.sources import ModelSource
 
@@ -85,6 +87,7 @@ class Vocabulary:
 
     tokenizer: Any  # the output tokenizer (transformers), written beside the merged weights
     tokens: dict[str, int]  # output token -> id (ids 0 .. n-1)
+    size: int  # rows of the output: n, or n padded to a multiple of tokenizer.pad_to_multiple_of
     rows: dict[str, list[int]]  # model path -> per output id, the model's row of that token or -1
     vocabs: dict[str, dict[str, int]]  # each model's own vocabulary
     overrides: dict[str, TokenOverride]
@@ -108,7 +111,8 @@ def plan_vocabulary(recipe: Recipe, sources: dict[str, ModelSource]) -> Vocabula
     vocabs = {path: tokenizer.get_vocab() for path, tokenizer in tokenizers.items()}
     source = recipe.tokenizer_model
     source_vocab = load_tokenizer(source).get_vocab() if source else vocabs[base]
-    if not recipe.tokens and all(vocab == source_vocab for vocab in vocabs.values()) and _same_shapes(sources, base):
+    if (not recipe.tokens and not recipe.pad_to_multiple_of and all(vocab == source_vocab for vocab in vocabs.values())
+            and _same_shapes(sources, base)):
         return None
     for path, vocab in vocabs.items():
         _check_rows(path, vocab, sources[path])
@@ -119,7 +123,8 @@ def plan_vocabulary(recipe: Recipe, sources: dict[str, ModelSource]) -> Vocabula
                              f"0..{len(tokens) - 1}")
     order = sorted(tokens, key=tokens.__getitem__)
     rows = {path: [vocab.get(token, -1) for token in order] for path, vocab in vocabs.items()}
-    return Vocabulary(tokenizer, tokens, rows, vocabs, dict(recipe.tokens))
+    multiple = recipe.pad_to_multiple_of or 1
+    return Vocabulary(tokenizer, tokens, -(-len(tokens) // multiple) * multiple, rows, vocabs, dict(recipe.tokens))
 
 
 def _same_shapes(sources: dict[str, ModelSource], base: str) -> bool:
@@ -176,14 +181,15 @@ def output_tokenizer(recipe: Recipe, base: str, tokenizers: dict[str, Any]) -> A
 class AlignedSource(ModelSource):
     """A model's weights seen through the output vocabulary: each vocabulary tensor has one row per
     output token (the model's own row of it, or the row :func:`fill_rows` set), every other
-    tensor is the model's. ``config``'s ``vocab_size`` is the output's."""
+    tensor is the model's. ``rows``: per output token, the model's row of it or -1; ``size``: the
+    output's rows (padding included), ``config``'s ``vocab_size``."""
 
-    def __init__(self, source: ModelSource, rows: list[int]):  # no super().__init__: nothing to read again
+    def __init__(self, source: ModelSource, rows: list[int], size: int):  # no super().__init__: nothing to reread
         self.source, self.path, self.name = source, source.path, source.name
-        self.rows = rows
+        self.rows = rows + [-1] * (size - len(rows))
         self.fills: dict[str, dict[int, torch.Tensor]] = {}  # tensor -> output id -> row
-        self.config = {**source.config, "vocab_size": len(rows)}
-        self.tensors = {name: replace(info, shape=(len(rows), *info.shape[1:])) if is_vocabulary_tensor(name) else info
+        self.config = {**source.config, "vocab_size": size}
+        self.tensors = {name: replace(info, shape=(size, *info.shape[1:])) if is_vocabulary_tensor(name) else info
                         for name, info in source.tensors.items()}
 
     def read(self, name: str) -> torch.Tensor:
@@ -223,7 +229,7 @@ class AlignedSource(ModelSource):
 
 def align_sources(sources: dict[str, ModelSource], vocab: Vocabulary) -> dict[str, AlignedSource]:
     """Every model seen through the output vocabulary (:class:`AlignedSource`)."""
-    return {path: AlignedSource(source, vocab.rows[path]) for path, source in sources.items()}
+    return {path: AlignedSource(source, vocab.rows[path], vocab.size) for path, source in sources.items()}
 
 
 def fill_rows(plan: MergePlan, recipe: Recipe, sources: dict[str, AlignedSource], vocab: Vocabulary) -> None:
@@ -242,6 +248,9 @@ def fill_rows(plan: MergePlan, recipe: Recipe, sources: dict[str, AlignedSource]
             dtype = sources[model].info(tensor.name).dtype
             sources[model].fills[tensor.name] = {index: row.to(dtype) for index, row in shared.items()
                                                  if vocab.rows[model][index] < 0 or index in forced}
+            if vocab.size > len(vocab.tokens):
+                mean = _mean_row(sources[model], tensor.name, len(vocab.tokens), plan.compute_dtype).to(dtype)
+                sources[model].fills[tensor.name].update(dict.fromkeys(range(len(vocab.tokens), vocab.size), mean))
 
 
 def _tensor_base(recipe: Recipe, name: str) -> str | None:
@@ -256,6 +265,20 @@ def _row(source: AlignedSource, name: str, row: int, dtype: torch.dtype) -> torc
     width = info.numel // info.shape[0]
     out = torch.empty(width, dtype=info.dtype)
     return source.source.read_range(name, row * width, out).view(info.shape[1:]).to(dtype)
+
+
+def _mean_row(source: AlignedSource, name: str, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """The mean of an aligned tensor's first ``count`` rows (its filled ones included), in ``dtype``,
+    read a block of rows at a time."""
+    info = source.info(name)
+    width = info.numel // info.shape[0]
+    step = max(1, STREAM_BLOCK // width)
+    buffer = torch.empty(step * width, dtype=info.dtype)
+    total = torch.zeros(width, dtype=dtype)
+    for first in range(0, count, step):
+        rows = min(step, count - first)
+        total += source.read_range(name, first * width, buffer[:rows * width]).view(rows, width).to(dtype).sum(dim=0)
+    return (total / count).view(info.shape[1:])
 
 
 def _shared_rows(name: str, models: list[str], base: str | None, vocab: Vocabulary,
