@@ -128,17 +128,18 @@ def check_model(name: str, spec: dict, ref: BaseReference) -> dict:
             "parameters": n_params, "vocab_size": len(vocab), "fingerprint": weights_fingerprint(name, model_dir)}
 
 
-def check_merge_sources(paths: list[str], base: str, same_depth: bool = True,
-                        vocabularies_may_differ: bool = False) -> None:
+def check_merge_sources(paths: list[str], base: str, same_depth: bool = True, vocabularies_may_differ: bool = False,
+                        vocabulary_hint: str = RECIPE_HINT) -> None:
     """What the check stage checks of a pipeline's models, for the models of one recipe (``mergeflow
     merge``): every model against ``base`` (:func:`compare_to_base`), before any tensor is merged.
     Models are named by their paths. Finiteness is the merge's own check, tensor by tensor.
-    ``vocabularies_may_differ``: the recipe reconciles them (its ``tokenizer_source``)."""
+    ``vocabularies_may_differ``: the recipe reconciles them (its ``tokenizer_source``); else a
+    differing one is refused with ``vocabulary_hint``."""
     ref = BaseReference.load({base: {"path": base}}, base)
     for path in paths:
         if path != base:
             compare_to_base(path, Path(path), ref, same_depth=same_depth,
-                            vocabularies_may_differ=vocabularies_may_differ, vocabulary_hint=RECIPE_HINT)
+                            vocabularies_may_differ=vocabularies_may_differ, vocabulary_hint=vocabulary_hint)
 
 
 def check_models(models: dict[str, dict], base: str) -> dict:
