@@ -229,3 +229,24 @@ def test_matches_mergekit(vzoo, mergekit_outputs, tmp_path, case):
         torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-5, msg=name)
         worst = max(worst, float((tensor - expected).abs().max()))
     print(f"PARITY {case} max|diff| {worst:.2e} over {len(ours)} tensors, {len(vocab)} tokens")
+
+
+def test_an_aligned_source_reads_any_window_of_its_rows(vzoo):
+    """The streaming merge reads blocks that start and end anywhere in a row: every window of an
+    aligned tensor is that window of the whole, and the whole is the model's rows by token."""
+    from mergeflow.merge.plan import open_sources, plan_merge
+    from mergeflow.merge.vocab import align_sources, fill_rows, plan_vocabulary
+
+    recipe = recipe_from_dict(linear(vzoo))
+    vocab = plan_vocabulary(recipe, open_sources(recipe))
+    sources = align_sources(open_sources(recipe), vocab)
+    fill_rows(plan_merge(recipe, sources), recipe, sources, vocab)
+    a = sources[vzoo["a"]]
+    whole = a.read(HEAD)
+    own = tensors(vzoo["a"])[HEAD]
+    torch.testing.assert_close(whole[:83], own, rtol=0, atol=0)  # <tool> <call> where a has them
+    torch.testing.assert_close(whole[83], tensors(vzoo["b"])[HEAD][82], rtol=0, atol=0)  # <think>: b's
+    flat = whole.reshape(-1)
+    for start, size in [(0, 1), (5, 64), (63, 130), (64 * 80 + 7, 64 * 3), (64 * 83 + 1, 63), (0, flat.numel())]:
+        out = torch.empty(size, dtype=flat.dtype)
+        assert torch.equal(a.read_range(HEAD, start, out), flat[start:start + size]), (start, size)
