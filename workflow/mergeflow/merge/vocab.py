@@ -7,7 +7,8 @@ the base's tokenizer, then the tokens the base lacks, added as added tokens: fir
 ordinary tokens, then every model's added tokens with their own settings (special, normalized),
 the first model's settings winning. Models go base first, then in recipe order, and a model's
 tokens by id (mergekit's order of the models is a set's, of a model's ordinary tokens a hash
-map's). The tokens of ``tokenizer.tokens`` that it still lacks are added last.
+map's). The tokens of ``tokenizer.tokens`` that it still lacks are added last. The base is the
+recipe's ``base_model``, else its first model (mergekit's: the first of that set).
 
 **The rows.** Every tensor over the vocabulary (:func:`is_vocabulary_tensor`) of every model
 merged into it gets one row per output token: the model's own row of the token; for a token it
