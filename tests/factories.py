@@ -72,3 +72,21 @@ def perturbed(base: Path, out: Path, seed: int, noise: float = 0.02) -> str:
     save_file({name: tensor.contiguous() for name, tensor in weights.items()}, out / "model.safetensors",
               metadata={"format": "pt"})
     return str(out)
+
+
+def with_added_tokens(model_dir: Path, out_dir: Path, tokens: list[str], seed: int, special: bool = False) -> str:
+    """A copy of a model with ``tokens`` added to its tokenizer (as added tokens; ``special`` ones
+    if asked) and their rows of the embeddings and LM head drawn at random, distinct per model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    old = len(tokenizer)
+    tokenizer.add_tokens(tokens, special_tokens=special)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
+            embedding.weight[old:] = torch.randn(len(tokenizer) - old, embedding.weight.shape[1], generator=generator)
+    save_model(model, tokenizer, out_dir)
+    return str(out_dir)

@@ -65,7 +65,8 @@ def test_tokenizer_mismatch_is_named(tiny_zoo, tmp_path):
     vocab = tok["model"]["vocab"]
     vocab["\u2581zzz"] = vocab.pop("\u2581tom")
     (bad / "tokenizer.json").write_text(json.dumps(tok))
-    with pytest.raises(MergeflowError, match="model 'othertok': its tokenizer's vocabulary differs"):
+    with pytest.raises(MergeflowError, match=r"model 'othertok': token '\u2581zzz' \(id \d+\) is not in the base "
+                                             r"'base' vocabulary; a pipeline's models must share"):
         run_check(_models(tiny_zoo, othertok=bad), "base", tmp_path / "c.json")
 
 

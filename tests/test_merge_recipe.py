@@ -58,7 +58,15 @@ def test_slices_with_layer_ranges():
 
 
 @pytest.mark.parametrize("data, culprit", [
-    ({"merge_method": "linear", "models": ["x"], "tokenizer": {"source": "union"}}, "'tokenizer'"),
+    ({"merge_method": "linear", "models": ["x"], "tokenizer": {"pad_to_multiple_of": 0}}, "positive integer"),
+    ({"merge_method": "linear", "models": ["x"], "tokenizer": {"pad_to": 8}}, "'pad_to'"),
+    ({"merge_method": "linear", "models": ["x"], "tokenizer_source": "union", "tokenizer": {"source": "base"}},
+     "not both"),
+    ({"merge_method": "linear", "models": ["x"], "tokenizer": {"tokens": {"<t>": {"source": {"kind": "one"}}}}},
+     r"tokenizer.tokens\['<t>'\]: 'source' must be"),
+    ({"merge_method": "linear", "models": ["x"],
+      "tokenizer": {"tokens": {"<t>": {"source": {"kind": "model_token", "model": "x"}}}}}, "exactly one of 'token'"),
+    ({"merge_method": "linear", "models": ["x"], "tokenizer": {"tokens": {"<t>": {"force": True}}}}, "needs a 'source'"),
     ({"merge_method": "linear", "models": [{"model": "x", "lora": 1}]}, "'lora'"),
     ({"merge_method": "linear"}, "exactly one of 'models' and 'slices'"),
     ({"merge_method": "linear", "models": ["x"], "dtype": "int4"}, "'int4'"),
@@ -79,3 +87,23 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_recipe(bad)
     with pytest.raises(MergeflowError, match="history row 3 is not valid YAML"):
         recipe_from_yaml("models: [\n", where="history row 3")
+
+
+def test_tokenizer_forms_round_trip_as_mergekit_writes_them():
+    """``tokenizer_source`` stays itself; a ``tokenizer`` block with token overrides stays a block
+    (its source defaulting to union, as mergekit's); one without overrides is a tokenizer_source."""
+    plain = recipe_from_dict({"merge_method": "linear", "models": ["x", "y"], "tokenizer_source": "union"})
+    assert plain.tokenizer_source == "union" and plain.tokenizer_model is None and not plain.tokens
+    assert plain.to_dict()["tokenizer_source"] == "union" and recipe_from_yaml(plain.to_yaml()) == plain
+    assert recipe_from_dict({"merge_method": "linear", "models": ["x"], "tokenizer": {"source": "base"}}).to_dict()[
+        "tokenizer_source"] == "base"
+    tokens = {"<a>": {"source": "y"}, "<b>": {"source": {"kind": "zero"}, "force": True},
+              "<c>": {"source": {"kind": "model_token", "model": "x", "token_id": 3}}}
+    block = recipe_from_dict({"merge_method": "linear", "models": ["x", "y"], "tokenizer": {"tokens": tokens}})
+    assert block.tokenizer_source == "union" and block.tokens["<b>"].force and not block.tokens["<a>"].force
+    assert block.to_dict()["tokenizer"] == {"source": "union", "tokens": tokens}
+    assert recipe_from_yaml(block.to_yaml()) == block and recipe_hash(block) != recipe_hash(plain)
+    assert recipe_from_dict({"merge_method": "linear", "models": ["x"], "tokenizer_source": "x"}).tokenizer_model == "x"
+    padded = recipe_from_dict({"merge_method": "linear", "models": ["x"], "tokenizer": {"pad_to_multiple_of": 8}})
+    assert padded.to_dict()["tokenizer"] == {"source": "union", "pad_to_multiple_of": 8}
+    assert recipe_from_yaml(padded.to_yaml()) == padded

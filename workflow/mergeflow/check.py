@@ -1,7 +1,8 @@
 """The check stage: fail fast, naming the culprit, before any model is evaluated or merged.
 
 Every model must load its config and tokenizer, hold its weights as safetensors (never pickles),
-share architecture, tensor names and shapes with the base, and share the base's vocabulary.
+share architecture, tensor names and shapes with the base, and share the base's vocabulary (a
+recipe with a ``tokenizer_source`` merges models whose vocabularies differ: ``mergeflow merge``).
 Every task's splits must load with the columns the evaluator needs. Reading only safetensors
 headers keeps the check cheap even for large models.
 """
@@ -21,8 +22,12 @@ from mergeflow.locations import local_model_dir
 from mergeflow.merge.params import layer_index, with_layer_index
 from mergeflow.merge.plan import check_finite
 from mergeflow.merge.sources import ModelSource
+from mergeflow.merge.vocab import RECIPE_HINT, is_vocabulary_tensor, vocabulary_difference
 from mergeflow.weights import INDEX_FILE, file_problem, weight_files
 
+# What the pipeline's check stage says of a model whose vocabulary is not the base's.
+PIPELINE_VOCABULARY_HINT = ("a pipeline's models must share the base's vocabulary (mergeflow merge merges others "
+                            "with a recipe's tokenizer_source: union or base)")
 # Config fields that must agree for two models to be merged tensor by tensor.
 ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "intermediate_size", "vocab_size")
@@ -65,37 +70,44 @@ class BaseReference:
 
 
 def compare_to_base(name: str, model_dir: Path, ref: BaseReference, trust_remote_code: bool = False,
-                    same_depth: bool = True) -> tuple[ModelSource, dict, dict[str, int]]:
+                    same_depth: bool = True, vocabularies_may_differ: bool = False,
+                    vocabulary_hint: str = PIPELINE_VOCABULARY_HINT) -> tuple[ModelSource, dict, dict[str, int]]:
     """Refuse a model that cannot be merged with the base tensor by tensor: a config field of
-    :data:`ARCH_FIELDS` that differs, a tensor missing, extra or of another shape, or another
-    vocabulary (the first differing tokens named). With ``same_depth`` False (layer paths and
-    slices, which take layers by index) the depth may differ, and the tensors are compared by
-    name with the layer index left out. Returns the model's source, config and vocabulary."""
+    :data:`ARCH_FIELDS` that differs, another vocabulary (its first differing token named, then
+    ``vocabulary_hint``), a tensor missing, extra or of another shape. With ``same_depth`` False
+    (layer paths and slices, which take layers by index) the depth may differ, and the tensors are
+    compared by name with the layer index left out. With ``vocabularies_may_differ`` (a recipe
+    with a ``tokenizer_source``) the vocabulary may differ, and with it ``vocab_size`` and the
+    vocabulary tensors' rows (:func:`mergeflow.merge.vocab.is_vocabulary_tensor`). Returns the
+    model's source, config and vocabulary."""
     base = ref.name
     cfg = _load_config(name, str(model_dir), trust_remote_code).to_dict()
     for field in ARCH_FIELDS:
-        if field == "num_hidden_layers" and not same_depth:
+        if (field == "num_hidden_layers" and not same_depth) or field == "vocab_size":
             continue
         if cfg.get(field) != ref.config.get(field):
             raise MergeflowError(f"model {name!r}: config field {field!r} is {cfg.get(field)!r} but the base "
                                  f"{base!r} has {ref.config.get(field)!r}")
+    vocab = load_tokenizer(model_dir, trust_remote_code, name).get_vocab()
+    difference = vocabulary_difference(vocab, ref.vocab, f"the base {base!r}")
+    if difference and not vocabularies_may_differ:
+        raise MergeflowError(f"model {name!r}: {difference}; {vocabulary_hint}")
+    if not vocabularies_may_differ and cfg.get("vocab_size") != ref.config.get("vocab_size"):
+        raise MergeflowError(f"model {name!r}: config field 'vocab_size' is {cfg.get('vocab_size')!r} but the base "
+                             f"{base!r} has {ref.config.get('vocab_size')!r}")
     source = ModelSource(model_dir, name)  # the weights as the merge reads them, its errors naming the model
     shapes, base_shapes = (source.shapes, ref.shapes) if same_depth else (_by_role(source.shapes),
                                                                           _by_role(ref.shapes))
     for key, shape in base_shapes.items():
         if key not in shapes:
             raise MergeflowError(f"model {name!r}: tensor {key!r} of the base {base!r} is missing")
-        if shapes[key] != shape:
+        rows_may_differ = vocabularies_may_differ and is_vocabulary_tensor(key)
+        if shapes[key][rows_may_differ:] != shape[rows_may_differ:]:
             raise MergeflowError(f"model {name!r}: tensor {key!r} has shape {list(shapes[key])} but the base "
-                                 f"{base!r} has {list(shape)}")
+                                 f"{base!r} has {list(shape)}" + (" (rows may differ)" if rows_may_differ else ""))
     extra = sorted(set(shapes) - set(base_shapes))
     if extra:
         raise MergeflowError(f"model {name!r}: tensor {extra[0]!r} is not in the base {base!r}")
-    vocab = load_tokenizer(model_dir, trust_remote_code, name).get_vocab()
-    if vocab != ref.vocab:
-        diff = sorted(set(vocab.items()) ^ set(ref.vocab.items()))[:3]
-        raise MergeflowError(f"model {name!r}: its tokenizer's vocabulary differs from the base {base!r} "
-                             f"({len(vocab)} vs {len(ref.vocab)} tokens; e.g. {diff})")
     return source, cfg, vocab
 
 
@@ -116,14 +128,18 @@ def check_model(name: str, spec: dict, ref: BaseReference) -> dict:
             "parameters": n_params, "vocab_size": len(vocab), "fingerprint": weights_fingerprint(name, model_dir)}
 
 
-def check_merge_sources(paths: list[str], base: str, same_depth: bool = True) -> None:
+def check_merge_sources(paths: list[str], base: str, same_depth: bool = True, vocabularies_may_differ: bool = False,
+                        vocabulary_hint: str = RECIPE_HINT) -> None:
     """What the check stage checks of a pipeline's models, for the models of one recipe (``mergeflow
     merge``): every model against ``base`` (:func:`compare_to_base`), before any tensor is merged.
-    Models are named by their paths. Finiteness is the merge's own check, tensor by tensor."""
+    Models are named by their paths. Finiteness is the merge's own check, tensor by tensor.
+    ``vocabularies_may_differ``: the recipe reconciles them (its ``tokenizer_source``); else a
+    differing one is refused with ``vocabulary_hint``."""
     ref = BaseReference.load({base: {"path": base}}, base)
     for path in paths:
         if path != base:
-            compare_to_base(path, Path(path), ref, same_depth=same_depth)
+            compare_to_base(path, Path(path), ref, same_depth=same_depth,
+                            vocabularies_may_differ=vocabularies_may_differ, vocabulary_hint=vocabulary_hint)
 
 
 def check_models(models: dict[str, dict], base: str) -> dict:

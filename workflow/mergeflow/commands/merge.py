@@ -11,6 +11,8 @@ import ctypes
 from mergeflow.dtypes import DTYPES
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+# A layer path (a passthrough recipe) takes whole layers: its models share one vocabulary.
+PATH_VOCABULARY_HINT = "a layer path's models must share the base's vocabulary"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,12 +53,17 @@ def run(args: argparse.Namespace) -> None:
     from mergeflow.merge.candidates import load_candidate, materialise
     from mergeflow.merge.recipe import Recipe
     from mergeflow.merge.stream import DEFAULT_MAX_SHARD_SIZE
+    from mergeflow.merge.vocab import RECIPE_HINT
 
     recipe = load_candidate(args.recipe)
     # what the pipeline's check stage checks, before any tensor is merged: a recipe with slices or
-    # a layer path takes layers by index, so its models may differ in depth
+    # a layer path takes layers by index, so its models may differ in depth; a recipe with a
+    # tokenizer_source reconciles vocabularies, so its models' may differ
+    is_recipe = isinstance(recipe, Recipe)
     check_merge_sources(recipe.model_paths(), getattr(recipe, "base_model", None) or recipe.model_paths()[0],
-                        same_depth=isinstance(recipe, Recipe) and not recipe.slices)
+                        same_depth=is_recipe and not recipe.slices,
+                        vocabularies_may_differ=is_recipe and bool(recipe.tokenizer_source),
+                        vocabulary_hint=RECIPE_HINT if is_recipe else PATH_VOCABULARY_HINT)
     out = materialise(recipe, args.out_dir, device=args.device, dtype=args.dtype, force=args.force,
                       max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
     print(f"merged {len(recipe.model_paths())} models into {out}")

@@ -19,6 +19,7 @@ from mergeflow.merge.recipe import Recipe
 from mergeflow.dtypes import dtype_name, torch_dtype
 from mergeflow.merge.sources import ModelSource
 from mergeflow.merge.sparsify import Workspace
+from mergeflow.merge.vocab import first_difference, plan_vocabulary
 
 
 def find_nonfinite(model: torch.nn.Module) -> list[str]:
@@ -104,6 +105,11 @@ class InMemoryMerger:
         missing = [p for p in recipe.model_paths() if p not in self.resident]
         if missing:
             raise MergeflowError(f"model {missing[0]!r} was not loaded into the in-memory merger")
+        vocab = plan_vocabulary(recipe, self.sources) if recipe.tokenizer_source else None
+        if vocab is not None:
+            raise MergeflowError(
+                f"recipe: tokenizer_source {recipe.tokenizer_source!r} reconciles vocabularies ({first_difference(vocab)}), "
+                "which the in-memory merger does not do; merge the recipe with mergeflow merge (merge_to_dir)")
         plan = plan_merge(recipe, self.sources, out_dtype=dtype_name(self.out_dtype))
         if plan.num_layers != self.sources[self.template].num_layers:
             raise MergeflowError(

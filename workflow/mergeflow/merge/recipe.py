@@ -13,10 +13,21 @@ Supported top-level keys (anything else is rejected with a message naming the ke
   per-model ones; each value a scalar, a gradient or a filter list (see ``params``).
 - ``dtype``: the dtype merges are computed in (default float32); ``out_dtype``: the dtype
   written (default ``dtype`` if given, else the base model's dtype).
-- ``tokenizer_source``: the model whose tokenizer is copied (default the base model).
+- ``tokenizer_source``: the output vocabulary, as mergekit: ``base`` (the base model's),
+  ``union`` (every model's tokens: the base's, then each other model's new ones in recipe order)
+  or a model path (that model's). Unset, every model must have the base's vocabulary. When the
+  vocabularies differ, each model's embedding rows (``embed_tokens``, ``lm_head``) are permuted
+  into the output vocabulary and the rows a model lacks filled before merging
+  (:mod:`mergeflow.merge.vocab`); when they are all the same, it only names the directory whose
+  tokenizer files are copied (``base``, ``union``: the base's).
+- ``tokenizer``: instead of ``tokenizer_source``, ``{source: base | union | PATH (default union),
+  tokens: {TOKEN: {source: MODEL | {kind: zero} | {kind: model_token, model: MODEL, token: T |
+  token_id: N}, force: false}}}``: where an output token's row comes from when a model lacks it
+  (with ``force``, for every model); a token no model has is added to the output vocabulary;
+  ``pad_to_multiple_of: N`` pads the rows to a multiple of N with the mean of each model's rows.
 - ``seed``: extension, seed of the random methods (DARE, DELLA); default 0.
 
-Not supported: ``tokenizer`` (vocabulary unions), ``chat_template``, ``modules``,
+Not supported: ``chat_template``, ``modules``,
 ``passthrough`` frankenmerges and non-safetensors models.
 
 For tensors outside the transformer blocks (embeddings, final norm, lm_head) a slices recipe
@@ -33,11 +44,15 @@ from typing import Any
 import yaml
 
 from mergeflow.dtypes import DTYPES
-from mergeflow.errors import MergeflowError
+from mergeflow.errors import MergeflowError, RecipeError
 from mergeflow.yamlio import load_yaml
 
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype",
-                  "out_dtype", "tokenizer_source", "seed"}
+                  "out_dtype", "tokenizer_source", "tokenizer", "seed"}
+TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
+TOKEN_KEYS = {"source", "force"}
+# tokenizer_source values that are no model path: the base's vocabulary, the union of all
+VOCABULARY_KEYWORDS = ("base", "union")
 MODEL_KEYS = {"model", "parameters"}
 SLICE_KEYS = {"sources", "parameters", "base_model", "merge_method"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
@@ -75,6 +90,21 @@ class SliceSpec:
         return end - start
 
 
+@dataclass(frozen=True)
+class TokenOverride:
+    """Where one output token's embedding rows come from (mergekit's ``tokenizer.tokens``):
+    ``source`` is a model path (its row of the token), ``{"kind": "zero"}``, or ``{"kind":
+    "model_token", "model": PATH, "token": T}`` (or ``"token_id": N``: a row of that model by its
+    own id). Used for the models that lack the token, for all with ``force``."""
+
+    source: str | dict[str, Any]
+    force: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        source = dict(self.source) if isinstance(self.source, dict) else self.source
+        return {"source": source, "force": True} if self.force else {"source": source}
+
+
 @dataclass
 class Recipe:
     """A merge recipe (mergekit's format); exactly one of ``models`` and ``slices`` is set."""
@@ -87,7 +117,14 @@ class Recipe:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokens: dict[str, TokenOverride] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
     seed: int = 0
+
+    @property
+    def tokenizer_model(self) -> str | None:
+        """The model path ``tokenizer_source`` names, None for unset, ``base`` and ``union``."""
+        return None if self.tokenizer_source in (None, *VOCABULARY_KEYWORDS) else self.tokenizer_source
 
     def model_paths(self) -> list[str]:
         """Every model the recipe reads, base included, in first-mention order."""
@@ -109,9 +146,17 @@ class Recipe:
             data["slices"] = [_slice_to_dict(spec) for spec in self.slices]
         if self.parameters:
             data["parameters"] = dict(self.parameters)
-        for key in ("dtype", "out_dtype", "tokenizer_source"):
+        for key in ("dtype", "out_dtype"):
             if getattr(self, key):
                 data[key] = getattr(self, key)
+        if self.tokens or self.pad_to_multiple_of:  # mergekit's form with token overrides or padding
+            data["tokenizer"] = {"source": self.tokenizer_source}
+            if self.tokens:
+                data["tokenizer"]["tokens"] = {token: o.to_dict() for token, o in self.tokens.items()}
+            if self.pad_to_multiple_of:
+                data["tokenizer"]["pad_to_multiple_of"] = self.pad_to_multiple_of
+        elif self.tokenizer_source:
+            data["tokenizer_source"] = self.tokenizer_source
         data["seed"] = self.seed
         return data
 
@@ -191,6 +236,55 @@ def _parse_slice(data: Any, where: str) -> SliceSpec:
                      data.get("merge_method"))
 
 
+def _parse_token_source(source: Any, where: str) -> str | dict[str, Any]:
+    if isinstance(source, str) and source:
+        return source
+    if isinstance(source, dict) and source.get("kind") == "zero":
+        _check_keys(source, {"kind"}, where)
+        return {"kind": "zero"}
+    if isinstance(source, dict) and source.get("kind") == "model_token":
+        _check_keys(source, {"kind", "model", "token", "token_id"}, where)
+        _model_path(source, where)
+        token, token_id = source.get("token"), source.get("token_id")
+        by_token = isinstance(token, str) and token_id is None
+        by_id = token is None and isinstance(token_id, int) and not isinstance(token_id, bool)
+        if not (by_token or by_id):
+            raise RecipeError(f"{where}: a model_token source needs exactly one of 'token' (a string) and "
+                              "'token_id' (an integer)")
+        return dict(source)
+    raise RecipeError(f"{where}: 'source' must be a model path, {{kind: zero}} or {{kind: model_token, model, "
+                      f"token | token_id}}; got {source!r}")
+
+
+def _parse_tokenizer(data: dict, where: str) -> tuple[str | None, dict[str, TokenOverride], int | None]:
+    """``tokenizer_source``, the token overrides and the padding multiple, from either mergekit form."""
+    source = data.get("tokenizer_source")
+    block = data.get("tokenizer")
+    if source is not None and block is not None:
+        raise RecipeError(f"{where}: set 'tokenizer_source' or 'tokenizer', not both (as mergekit)")
+    if block is not None:
+        _check_keys(block, TOKENIZER_KEYS, f"{where} tokenizer")
+        source = block.get("source", "union")
+    if source is not None and (not isinstance(source, str) or not source):
+        raise RecipeError(f"{where}: tokenizer source {source!r} must be 'base', 'union' or a model path")
+    tokens = (block or {}).get("tokens") or {}
+    if not isinstance(tokens, dict):
+        raise RecipeError(f"{where}: 'tokenizer.tokens' must be a mapping of token to {{source, force}}")
+    overrides = {}
+    for token, spec in tokens.items():
+        at = f"{where} tokenizer.tokens[{token!r}]"
+        _check_keys(spec, TOKEN_KEYS, at)
+        if "source" not in spec:
+            raise RecipeError(f"{at} needs a 'source'")
+        if not isinstance(spec.get("force", False), bool):
+            raise RecipeError(f"{at}: 'force' must be true or false")
+        overrides[str(token)] = TokenOverride(_parse_token_source(spec["source"], at), spec.get("force", False))
+    pad = (block or {}).get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise RecipeError(f"{where}: 'tokenizer.pad_to_multiple_of' must be a positive integer, got {pad!r}")
+    return source, overrides, pad
+
+
 def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     """Validate a mergekit-style mapping and build a Recipe."""
     _check_keys(data, TOP_LEVEL_KEYS, where)
@@ -216,6 +310,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     seed = data.get("seed", 0)
     if not isinstance(seed, int):
         raise MergeflowError(f"{where}: 'seed' must be an integer")
+    tokenizer_source, tokens, pad_to_multiple_of = _parse_tokenizer(data, where)
     return Recipe(
         merge_method=method,
         models=entries,
@@ -224,7 +319,9 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
         parameters=_parameters(data, where),
         dtype=data.get("dtype"),
         out_dtype=data.get("out_dtype"),
-        tokenizer_source=data.get("tokenizer_source"),
+        tokenizer_source=tokenizer_source,
+        tokens=tokens,
+        pad_to_multiple_of=pad_to_multiple_of,
         seed=seed,
     )
 

@@ -27,6 +27,7 @@ from mergeflow.merge.plan import (
 )
 from mergeflow.merge.recipe import Recipe, recipe_hash, save_recipe
 from mergeflow.merge.sources import DTYPE_CODES, ModelSource
+from mergeflow.merge.vocab import align_sources, fill_rows, plan_vocabulary
 from mergeflow.outputs import check_output_dir, staged_dir
 from mergeflow.weights import INDEX_FILE
 
@@ -184,21 +185,32 @@ def merge_to_dir(recipe: Recipe, out_dir: str | Path, device: str = "cpu",
     ``dtype`` overrides the output dtype. Writes sharded safetensors with
     ``model.safetensors.index.json``, ``config.json``, the tokenizer of ``tokenizer_source``
     (default: the base model), a model card ``README.md`` (closing with the ``lineage`` lines,
-    if given) and the recipe. Everything is written into a staging directory beside ``out_dir``
-    that replaces it only once complete; a non-empty ``out_dir`` is refused unless ``force``,
-    a directory of a model the recipe reads always (:func:`mergeflow.outputs.staged_dir`).
+    if given) and the recipe. Models whose vocabularies differ are merged over the output
+    vocabulary of ``tokenizer_source`` (:mod:`mergeflow.merge.vocab`), whose tokenizer is
+    written and whose size ``config.json`` says. Everything is written into a staging directory
+    beside ``out_dir`` that replaces it only once complete; a non-empty ``out_dir`` is refused
+    unless ``force``, a directory of a model the recipe reads always
+    (:func:`mergeflow.outputs.staged_dir`).
     """
-    protected = recipe.model_paths() + ([recipe.tokenizer_source] if recipe.tokenizer_source else [])
+    protected = recipe.model_paths() + ([recipe.tokenizer_model] if recipe.tokenizer_model else [])
     check_output_dir(out_dir, force=force, protected=protected)
     sources = open_sources(recipe)
-    plan = plan_merge(recipe, sources, out_dtype=dtype)
-    tokenizer_dir = Path(recipe.tokenizer_source or plan.template)
+    tokenizer_dir = Path(recipe.tokenizer_model or recipe.base_model or recipe.model_paths()[0])
     if not tokenizer_dir.is_dir():
         raise MergeflowError(f"tokenizer_source {str(tokenizer_dir)!r} is not a directory")
+    vocab = plan_vocabulary(recipe, sources)  # None: one vocabulary, the tensors as they are
+    if vocab is not None:
+        sources = align_sources(sources, vocab)
+    plan = plan_merge(recipe, sources, out_dtype=dtype)
+    if vocab is not None:
+        fill_rows(plan, recipe, sources, vocab)
     needed = sum(_tensor_bytes(t, plan.out_dtype) for t in plan.tensors)
     with staged_dir(out_dir, force=force, protected=protected, needed=needed) as out:
         _write_merge(plan, sources, out, torch.device(device), max_shard_size)
-        _copy_tokenizer(tokenizer_dir, out)
+        if vocab is None:
+            _copy_tokenizer(tokenizer_dir, out)
+        else:
+            vocab.tokenizer.save_pretrained(out)
         (out / "README.md").write_text(model_card(recipe, lineage))
         save_recipe(recipe, out / RECIPE_FILE)
     return Path(out_dir)
