@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergeflow.errors import MergeflowError
-from mergeflow.evaluate import load_tokenizer
 from mergeflow.locations import local_model_dir
 from mergeflow.merge.params import layer_index, with_layer_index
 from mergeflow.merge.plan import check_finite
@@ -31,6 +30,40 @@ PIPELINE_VOCABULARY_HINT = ("a pipeline's models must share the base's vocabular
 # Config fields that must agree for two models to be merged tensor by tensor.
 ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "intermediate_size", "vocab_size")
+
+
+def read_config(name: str, location: str | Path) -> dict:
+    """A model's ``config.json`` as written, for comparing architectures without importing
+    transformers (seconds of a merge's start); ``num_key_value_heads`` absent is
+    ``num_attention_heads``, as transformers reads it."""
+    path = Path(location) / "config.json"
+    if problem := file_problem(path):
+        raise MergeflowError(f"model {name!r}: {problem}")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MergeflowError(f"model {name!r}: cannot read its config {str(path)!r}: {err}") from err
+    if not isinstance(config, dict):
+        raise MergeflowError(f"model {name!r}: its config {str(path)!r} is not a JSON object")
+    if "num_key_value_heads" not in config and "num_attention_heads" in config:
+        config["num_key_value_heads"] = config["num_attention_heads"]
+    return config
+
+
+def read_vocabulary(name: str, location: str | Path, trust_remote_code: bool = False) -> dict[str, int]:
+    """A model's vocabulary (token -> id, added tokens included): from its ``tokenizer.json``
+    with the tokenizers library, else from the tokenizer transformers builds."""
+    path = Path(location) / "tokenizer.json"
+    if path.is_file() and not trust_remote_code:
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+        except Exception as err:  # the library's own parse errors; the model is named
+            raise MergeflowError(f"model {name!r}: cannot read its tokenizer {str(path)!r}: {err}") from err
+    from mergeflow.evaluate import load_tokenizer  # heavy: transformers
+
+    return load_tokenizer(location, trust_remote_code, name).get_vocab()
 
 
 def _load_config(name: str, location: str, trust_remote_code: bool):
@@ -65,8 +98,8 @@ class BaseReference:
     def load(cls, models: dict[str, dict], base: str) -> "BaseReference":
         base_dir = resolve_model_dir(base, models[base])
         trust = models[base].get("trust_remote_code", False)
-        return cls(base, _load_config(base, str(base_dir), trust).to_dict(), ModelSource(base_dir, base).shapes,
-                   load_tokenizer(base_dir, trust, base).get_vocab())
+        return cls(base, read_config(base, base_dir), ModelSource(base_dir, base).shapes,
+                   read_vocabulary(base, base_dir, trust))
 
 
 def compare_to_base(name: str, model_dir: Path, ref: BaseReference, trust_remote_code: bool = False,
@@ -81,14 +114,14 @@ def compare_to_base(name: str, model_dir: Path, ref: BaseReference, trust_remote
     vocabulary tensors' rows (:func:`mergeflow.merge.vocab.is_vocabulary_tensor`). Returns the
     model's source, config and vocabulary."""
     base = ref.name
-    cfg = _load_config(name, str(model_dir), trust_remote_code).to_dict()
+    cfg = read_config(name, model_dir)
     for field in ARCH_FIELDS:
         if (field == "num_hidden_layers" and not same_depth) or field == "vocab_size":
             continue
         if cfg.get(field) != ref.config.get(field):
             raise MergeflowError(f"model {name!r}: config field {field!r} is {cfg.get(field)!r} but the base "
                                  f"{base!r} has {ref.config.get(field)!r}")
-    vocab = load_tokenizer(model_dir, trust_remote_code, name).get_vocab()
+    vocab = read_vocabulary(name, model_dir, trust_remote_code)
     difference = vocabulary_difference(vocab, ref.vocab, f"the base {base!r}")
     if difference and not vocabularies_may_differ:
         raise MergeflowError(f"model {name!r}: {difference}; {vocabulary_hint}")
@@ -119,8 +152,14 @@ def _by_role(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
 def check_model(name: str, spec: dict, ref: BaseReference) -> dict:
     """One model against the base (:func:`compare_to_base`), then every tensor finite; returns its
     summary with the fingerprint of its weights (:func:`weights_fingerprint`)."""
+    from mergeflow.evaluate import load_tokenizer  # heavy: transformers
+
     model_dir = resolve_model_dir(name, spec)
-    source, cfg, vocab = compare_to_base(name, model_dir, ref, spec.get("trust_remote_code", False))
+    trust = spec.get("trust_remote_code", False)
+    source, cfg, vocab = compare_to_base(name, model_dir, ref, trust)
+    # the evaluation loads both through transformers: so must the check
+    _load_config(name, str(model_dir), trust)
+    load_tokenizer(model_dir, trust, name)
     for tensor in source.tensors:  # one tensor in memory at a time
         check_finite(source.read(tensor), tensor, name)
     n_params = sum(info.numel for info in source.tensors.values())
