@@ -31,7 +31,8 @@ def node(path: str) -> dict:
     ("definitions.fitness_gradient.properties.loss.enum", LOSSES),
     ("definitions.fitness_anchors.properties.anchors.properties.strategy.enum", irt.STRATEGIES),
     ("properties.irt.properties.kind.enum", irt.KINDS),
-    ("definitions.task.properties.scorer.enum", SCORERS),
+    ("definitions.task_own.properties.scorer.enum", [s for s in SCORERS if not s.startswith("lm_eval")]),
+    ("definitions.task_lm_eval.properties.scorer.enum", [s for s in SCORERS if s.startswith("lm_eval")]),
     ("definitions.train_phase.properties.corpus.enum", CORPORA),
     ("properties.zoo.properties.tasks.items.enum", SYNTHETIC_TASKS),
 ])

@@ -24,6 +24,7 @@ from mergeflow.evaluate import chat_keys
 from mergeflow.evolve.search import check_optimizer
 from mergeflow.fitness import FITNESS
 from mergeflow.gguf import gguf_architecture, gguf_file
+from mergeflow.lm_eval_tasks import resolve_tasks
 from mergeflow.locations import local_model_dir, zoo_model_dirs, zoo_task_files
 from mergeflow.schema import check_instance, fill_defaults, load_schema
 from mergeflow.scorers import get_scorer
@@ -165,6 +166,8 @@ def check_config(config: dict) -> None:
     check_finetuned_models(config)
     written = {str(p) for p in zoo_task_files(config).values()}
     for task, tcfg in config["tasks"].items():
+        if "lm_eval" in tcfg:  # checked when resolved (resolve_lm_eval_tasks)
+            continue
         if get_scorer(tcfg["scorer"]).choices and "choices" not in tcfg:
             raise MergeflowError(f"config: task {task!r} uses scorer {tcfg['scorer']} but names no 'choices' column")
         src = tcfg["source"]
@@ -190,7 +193,8 @@ def check_before_jobs(config: dict) -> None:
     ``config.json`` where they are on disk), and the IRT calibration's search space."""
     try:
         for task, tcfg in config["tasks"].items():
-            template_fields(tcfg["template"], f"tasks.{task}.template")
+            if "template" in tcfg:
+                template_fields(tcfg["template"], f"tasks.{task}.template")
         base = config["base_model"]
         spaces = {"irt.calibration.search_space": (config["irt"]["calibration"]["search_space"],
                                                    [base, *config["endpoints"]])}
@@ -240,8 +244,20 @@ def validate_config(config: dict) -> dict:
     upgrade_config(config)
     check_instance(config, schema, schema, "")
     fill_defaults(config, schema, schema)
+    resolve_lm_eval_tasks(config)
     check_config(config)
     return config
+
+
+def resolve_lm_eval_tasks(config: dict) -> None:
+    """The config's lm-evaluation-harness tasks checked and filled in (``lm_eval_tasks.resolve_tasks``),
+    each with the evaluation's chat keys it does not set itself: its items are rendered with them
+    (the data stage builds lm-eval's chat turns and system instruction)."""
+    for tcfg in config["tasks"].values():
+        if "lm_eval" in tcfg:
+            for key, value in chat_keys(config["evaluation"]).items():
+                tcfg.setdefault(key, value)
+    resolve_tasks(config)
 
 
 def load_config(path: str | Path) -> dict:

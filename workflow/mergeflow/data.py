@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mergeflow.errors import DataError, MergeflowError
+from mergeflow.lm_eval_tasks import lm_eval_items
 from mergeflow.schema import validate_section
 from mergeflow.scorers import get_scorer
 
@@ -59,6 +60,14 @@ def load_source(task: str, source: dict) -> pd.DataFrame:
     if len(frame) == 0:
         raise MergeflowError(f"task {task!r}: source {source} has no rows")
     return frame
+
+
+def task_files(tcfg: dict) -> list[str]:
+    """The local files a task's items are rendered from: its source file, or the data files of an
+    lm-evaluation-harness task (as the config named them; filled in when the config was read)."""
+    if "lm_eval" in tcfg:
+        return list(tcfg["resolved"]["files"])
+    return [tcfg["source"]["path"]] if "path" in tcfg["source"] else []
 
 
 def _local_rows(task: str, path: Path, fmt: str) -> int | None:
@@ -238,33 +247,42 @@ def fewshot_prefix(examples: pd.DataFrame, separator: str, delimiter: str) -> st
 
 def split_task(task: str, cfg: dict, seed: int, frame: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """Disjoint, seeded ``search`` and ``test`` splits (and a few-shot pool) of a task; ``cfg``
-    is the task's config section (checked against the schema here, its defaults filled)."""
+    is the task's config section (checked against the schema here, its defaults filled). A task
+    of lm-evaluation-harness (``lm_eval``) is split over the documents of its evaluation split,
+    rendered by lm-eval (its few-shot examples come from its own few-shot split)."""
     cfg = validate_section(cfg, "task", f"tasks.{task}")
+    sizes = {s: cfg["splits"][s] for s in SPLITS}
+    if "lm_eval" in cfg:
+        return seeded_splits(task, lm_eval_items(task, cfg), sizes, seed)[0]
     if frame is None:
         frame = load_source(task, cfg["source"])
     items = render_items(task, frame, cfg)
-    sizes = {s: cfg["splits"][s] for s in SPLITS}
     shots = cfg["fewshot"]
     k = shots["k"]
-    pool = shots.get("pool", 4 * k) if k else 0
-    need = sizes["test"] + sizes["search"] + pool
-    if len(items) < need:
-        raise MergeflowError(
-            f"task {task!r}: the source has {len(items)} items but the splits need {need} "
-            f"(test {sizes['test']} + search {sizes['search']} + few-shot pool {pool})"
-        )
-    order = np.random.default_rng(seed).permutation(len(items))
-    parts = {"test": items.iloc[order[: sizes["test"]]],
-             "search": items.iloc[order[sizes["test"]: sizes["test"] + sizes["search"]]]}
+    parts, pool_items = seeded_splits(task, items, sizes, seed, shots.get("pool", 4 * k) if k else 0)
     if k:
-        pool_items = items.iloc[order[sizes["test"] + sizes["search"]: need]]
         shot_rng = np.random.default_rng([seed, 1])
         for split, part in parts.items():
             prefixes = [fewshot_prefix(pool_items.iloc[shot_rng.choice(len(pool_items), k, replace=False)],
                                        shots["separator"], cfg["target_delimiter"])
                         for _ in range(len(part))]
-            parts[split] = part.assign(prompt=[p + q for p, q in zip(prefixes, part["prompt"])])
-    return {split: part.reset_index(drop=True) for split, part in parts.items()}
+            parts[split] = part.assign(prompt=[p + q for p, q in zip(prefixes, part["prompt"])]).reset_index(drop=True)
+    return parts
+
+
+def seeded_splits(task: str, items: pd.DataFrame, sizes: dict[str, int], seed: int,
+                  pool: int = 0) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """The ``test`` and ``search`` splits of ``sizes`` items and a pool of ``pool`` more, disjoint,
+    drawn by one seeded permutation of ``items``."""
+    need = sizes["test"] + sizes["search"] + pool
+    if len(items) < need:
+        raise MergeflowError(
+            f"task {task!r}: the source has {len(items)} items but the splits need {need} "
+            f"(test {sizes['test']} + search {sizes['search']}" + (f" + few-shot pool {pool})" if pool else ")"))
+    order = np.random.default_rng(seed).permutation(len(items))
+    parts = {"test": items.iloc[order[: sizes["test"]]].reset_index(drop=True),
+             "search": items.iloc[order[sizes["test"]: sizes["test"] + sizes["search"]]].reset_index(drop=True)}
+    return parts, items.iloc[order[sizes["test"] + sizes["search"]: need]]
 
 
 def write_splits(parts: dict[str, pd.DataFrame], out: dict[str, str | Path]) -> None:

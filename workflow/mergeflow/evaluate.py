@@ -24,7 +24,9 @@ pass that scores its gold answer.
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import json
 import logging
 import math
 import time
@@ -107,24 +109,55 @@ def chat_prompts(tokenizer, prompts: list[str], delimiter: str,
     token, as lm-eval then encodes it without special tokens."""
     if not settings.apply_chat_template:
         return prompts, delimiter, settings
+    system = [{"role": "system", "content": settings.system_instruction}] if settings.system_instruction else []
+    rendered = render_chats(tokenizer, [system + [{"role": "user", "content": p}] for p in prompts])
+    return rendered, "", _bos_settings(tokenizer, rendered, settings)
+
+
+def render_chats(tokenizer, chats: list[list[dict]], open_turn: list[bool] | None = None) -> list[str]:
+    """Chats (lists of turns) rendered by the tokenizer's chat template as lm-evaluation-harness's
+    HF model renders them: the assistant's turn opened (``open_turn``, default all) or, where a
+    chat ends with a started assistant turn, continued; a template that refuses a system turn
+    gets the chats without it."""
     if not getattr(tokenizer, "chat_template", None):
         raise MergeflowError("apply_chat_template is set, but the model's tokenizer has no chat template "
                              "(tokenizer_config.json or chat_template.jinja)")
-    system = [{"role": "system", "content": settings.system_instruction}] if settings.system_instruction else []
+    opened = open_turn if open_turn is not None else [True] * len(chats)
 
-    def render(prompt: str, turns: list[dict]) -> str:
-        return tokenizer.apply_chat_template(turns + [{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True, continue_final_message=False)
+    def render(chat: list[dict], open_: bool) -> str:
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=open_,
+                                             continue_final_message=not open_)
 
     try:
-        rendered = [render(p, system) for p in prompts]
+        return [render(chat, open_) for chat, open_ in zip(chats, opened)]
     except jinja2.exceptions.TemplateError:  # a template without a system role: lm-eval drops the turn
         log.warning("the chat template refuses a system turn; the prompts go without the system instruction")
-        rendered = [render(p, []) for p in prompts]
+        return [render([t for t in chat if t["role"] != "system"], open_) for chat, open_ in zip(chats, opened)]
+
+
+def _bos_settings(tokenizer, rendered: list[str], settings: EvalSettings) -> EvalSettings:
+    """The settings without a BOS prefix where rendered prompts already start with the BOS token."""
     bos = tokenizer.bos_token
     if bos and rendered and rendered[0].startswith(bos):
-        settings = replace(settings, add_bos=False)
-    return rendered, "", settings
+        return replace(settings, add_bos=False)
+    return settings
+
+
+def item_prompts(tokenizer, items: pd.DataFrame, delimiter: str,
+                 settings: EvalSettings) -> tuple[list[str], str, EvalSettings]:
+    """The items' prompts, the delimiter before an answer and the settings, as the model is given
+    them (:func:`chat_prompts`). Items that carry their chat turns (a ``chat`` column: the turns,
+    whether the assistant's turn is opened, and the delimiter that then precedes an answer, as an
+    lm-evaluation-harness task builds them; ``mergeflow.lm_eval_tasks``) are rendered from those
+    turns when the chat template is applied."""
+    if not (settings.apply_chat_template and "chat" in items.columns):
+        return chat_prompts(tokenizer, [str(p) for p in items["prompt"]], delimiter, settings)
+    chats = [json.loads(c) for c in items["chat"]]
+    delimiters = {c["delimiter"] for c in chats}
+    if len(delimiters) > 1:
+        raise MergeflowError(f"items' chat turns disagree on the delimiter before an answer ({sorted(delimiters)})")
+    rendered = render_chats(tokenizer, [c["messages"] for c in chats], [c["add_generation_prompt"] for c in chats])
+    return rendered, delimiters.pop(), _bos_settings(tokenizer, rendered, settings)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -394,20 +427,23 @@ def differentiable_logliks(model, requests: list[tuple[list[int], list[int]]], m
 
 
 def continuation_logliks(model, requests: list[tuple[list[int], list[int]]], batch_size: int, max_length: int,
-                         progress: str = "") -> np.ndarray:
-    """Summed log-probability of each continuation given its context (:func:`score_requests`)."""
-    return score_requests(model, requests, batch_size, max_length, progress)[0]
+                         progress: str = "", greedy: np.ndarray | None = None) -> np.ndarray:
+    """Summed log-probability of each continuation given its context (:func:`score_requests`;
+    ``greedy`` receives whether each continuation is the greedy one)."""
+    return score_requests(model, requests, batch_size, max_length, progress, greedy=greedy)[0]
 
 
 def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_size: int, max_length: int,
                    progress: str = "", max_new_tokens: int = 0, stop_ids: frozenset[int] = frozenset(),
-                   stopped: Callable[[list[int]], bool] | None = None, open_ends: frozenset[int] = frozenset()
-                   ) -> tuple[np.ndarray, list[list[int]]]:
+                   stopped: Callable[[list[int]], bool] | None = None, open_ends: frozenset[int] = frozenset(),
+                   greedy: np.ndarray | None = None) -> tuple[np.ndarray, list[list[int]]]:
     """Summed log-probability of each continuation given its context and, with
     ``max_new_tokens``, the greedy continuation of each request's scoring tree (up to a stop id,
     which is left out), decoded from the tree's own pass and key/value cache. A continuation for
     which ``stopped`` holds (it reached a stop string) gets no more tokens, and decoding ends when
-    every continuation of the batch is done. A tree holding a request of ``open_ends`` generates
+    every continuation of the batch is done. Given ``greedy`` (a boolean array, one per request),
+    it receives whether each continuation is the one greedy decoding would give, every token the
+    most likely (lm-eval's ``is_greedy``). A tree holding a request of ``open_ends`` generates
     after that request's continuation instead (a prompt's trailing whitespace, which the gold
     answer's scoring moves into its continuation: both then share one pass).
 
@@ -479,8 +515,14 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_siz
             token_lp = logprobs[torch.tensor(at, dtype=torch.long, device=device),
                                 torch.tensor(targets, dtype=torch.long, device=device)].double()
             sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
-            sums.index_add_(0, torch.tensor(owner, device=device, dtype=torch.long), token_lp)
+            owner_at = torch.tensor(owner, device=device, dtype=torch.long)
+            sums.index_add_(0, owner_at, token_lp)
             out[idx] = sums.cpu().numpy()
+            if greedy is not None:
+                rows_at = torch.tensor(at, dtype=torch.long, device=device)
+                misses = (logprobs[rows_at].argmax(-1) != torch.tensor(targets, dtype=torch.long, device=device))
+                wrong = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, owner_at, misses.double())
+                greedy[idx] = (wrong == 0).cpu().numpy()
             if max_new_tokens:
                 # each tree generates after its context's last token, or after an open-ended continuation
                 nodes = [starts.get(t, trees[t].context_len - 1) for t in batch]
@@ -594,7 +636,8 @@ def _generation_contexts(tokenizer, prompts: list[str], settings: EvalSettings, 
     return [c[-keep:] for c in full]
 
 
-def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings, progress: str = "") -> list[str]:
+def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings, progress: str = "",
+                    stop: tuple[str, ...] = STOP) -> list[str]:
     """Greedy generations for ``prompts`` with ``generate``, left-padded in batches, cut at the
     first stop string: for models that take no packed mask (see :func:`score_requests`)."""
     device = next(model.parameters()).device
@@ -611,9 +654,9 @@ def generate_greedy(model, tokenizer, prompts: list[str], settings: EvalSettings
             width = input_ids.shape[1]
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  max_new_tokens=settings.max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                                 stopping_criteria=[_StopCriterion(width, _reaches_stop(tokenizer))])
+                                 stopping_criteria=[_StopCriterion(width, _reaches_stop(tokenizer, stop))])
             for r, i in enumerate(idx):
-                texts[i] = _cut(tokenizer.decode(gen[r, width:], skip_special_tokens=True))
+                texts[i] = _cut(tokenizer.decode(gen[r, width:], skip_special_tokens=True), stop)
             if meter:
                 meter.update()
     return texts
@@ -623,51 +666,95 @@ def evaluate_items(model, tokenizer, items: pd.DataFrame, scorer: str, settings:
                    delimiter: str = " ", progress: str = "") -> pd.DataFrame:
     """Score every item: ``item_id``, ``correct`` (0/1), ``loglik`` of the gold continuation, and
     for debugging ``choice_logliks`` (every choice's log-likelihood, multiple choice) or
-    ``generation`` (the greedy answer, cut at the stop string)."""
+    ``generation`` (the greedy answer, cut at the stop string), and what the scorer adds (the
+    ``acc`` and ``acc_norm`` of an lm-eval multiple-choice task, its judge's columns)."""
     how = get_scorer(scorer)
     if len(items) == 0:
         raise MergeflowError("no items to evaluate")
     max_length = context_length(model, settings)
-    prompts, delimiter, settings = chat_prompts(tokenizer, [str(p) for p in items["prompt"]], delimiter, settings)
+    prompts, delimiter, settings = item_prompts(tokenizer, items, delimiter, settings)
     if how.choices:
         pairs = [(p, delimiter + str(c)) for p, choices in zip(prompts, items["choices"]) for c in choices]
         scores = continuation_logliks(model, encode_requests(tokenizer, pairs, settings), settings.batch_size,
                                       max_length, progress)
-        correct = np.zeros(len(items), dtype=np.int8)
+        acc = np.zeros(len(items), dtype=np.int8)
+        acc_norm = np.zeros(len(items), dtype=np.int8)
         loglik = np.zeros(len(items), dtype=np.float64)
         per_choice = []
         start = 0
         for i, (choices, gold) in enumerate(zip(items["choices"], items["answer"])):
             s = scores[start:start + len(choices)]
             start += len(choices)
-            ranked = s / np.array([len(str(c)) for c in choices], dtype=np.float64) if how.length_normalised else s
-            correct[i] = int(np.argmax(ranked) == gold)
+            acc[i] = int(np.argmax(s) == gold)
+            acc_norm[i] = int(np.argmax(s / np.array([len(str(c)) for c in choices], dtype=np.float64)) == gold)
             loglik[i] = s[gold]
             per_choice.append(s.tolist())
-        extra = {"choice_logliks": per_choice}
-    else:
+        correct = acc_norm if how.length_normalised else acc
+        extra = {"choice_logliks": per_choice, **({"acc": acc, "acc_norm": acc_norm} if how.both_norms else {})}
+    elif not how.generates:
+        greedy = np.zeros(len(items), dtype=bool)
         pairs = [(p, delimiter + str(t)) for p, t in zip(prompts, items["target"])]
-        gold = encode_requests(tokenizer, pairs, settings)
-        if shares_contexts(model, max_length):
-            # One pass per prompt scores the gold answer and starts the generation. A prompt ending
-            # in whitespace: its gold context lacks the whitespace's tokens, which the generation
-            # reads as a packed continuation of that context; only a cut prompt needs a tree of its own.
-            contexts = _generation_contexts(tokenizer, prompts, settings, max_length)
-            starts = [(g, c[len(g):]) if len(c) > len(g) and c[:len(g)] == g else (c, [])
-                      for (g, _), c in zip(gold, contexts)]
-            loglik, tokens = score_requests(model, gold + starts, settings.batch_size, max_length, progress,
-                                            settings.max_new_tokens, _stop_ids(model, tokenizer),
-                                            _reaches_stop(tokenizer),
-                                            frozenset(len(gold) + i for i, (_, w) in enumerate(starts) if w))
-            loglik = loglik[:len(gold)]
-            generations = [_cut(tokenizer.decode(t, skip_special_tokens=True)) for t in tokens[len(gold):]]
+        loglik = continuation_logliks(model, encode_requests(tokenizer, pairs, settings), settings.batch_size,
+                                      max_length, progress, greedy=greedy)
+        correct, extra = greedy.astype(np.int8), {}
+    else:
+        loglik = np.zeros(len(items), dtype=np.float64)
+        generations = [""] * len(items)
+        for (stop, max_new), idx in generation_groups(tokenizer, items, settings).items():
+            lls, texts = answer_and_generate(model, tokenizer, [prompts[i] for i in idx],
+                                             [str(items["target"].iloc[i]) for i in idx], delimiter,
+                                             replace(settings, max_new_tokens=max_new), max_length, stop, progress)
+            loglik[idx] = lls
+            for i, text in zip(idx, texts):
+                generations[i] = text
+        if how.judge is None:
+            correct = np.array([_numbers_equal(extract_number(g), extract_number(str(t)))
+                                for g, t in zip(generations, items["target"])], dtype=np.int8)
+            extra = {"generation": generations}
         else:
-            loglik = continuation_logliks(model, gold, settings.batch_size, max_length, progress)
-            generations = generate_greedy(model, tokenizer, prompts, settings, progress=progress)
-        correct = np.array([_numbers_equal(extract_number(g), extract_number(str(t)))
-                            for g, t in zip(generations, items["target"])], dtype=np.int8)
-        extra = {"generation": generations}
+            module, function = how.judge.split(":")
+            correct, judged = getattr(importlib.import_module(module), function)(items, generations)
+            extra = {"generation": generations, **judged}
     return pd.DataFrame({"item_id": items["item_id"].to_numpy(), "correct": correct, "loglik": loglik, **extra})
+
+
+def generation_groups(tokenizer, items: pd.DataFrame,
+                      settings: EvalSettings) -> dict[tuple[tuple[str, ...], int], list[int]]:
+    """The items' positions by how they are generated: (stop strings, most new tokens). Items
+    that carry their own (``until`` and ``max_gen_toks`` columns, an lm-evaluation-harness task's
+    generation arguments) stop at those strings and at the text of the tokenizer's EOS token, as
+    lm-eval stops them; others at :data:`STOP`, after ``max_new_tokens``."""
+    if "until" not in items.columns:
+        return {(STOP, settings.max_new_tokens): list(range(len(items)))}
+    eos = tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False) if tokenizer.eos_token_id is not None else None
+    groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
+    for i, (until, max_new) in enumerate(zip(items["until"], items["max_gen_toks"])):
+        stop = [str(u) for u in until]
+        if eos and eos not in stop:
+            stop.append(eos)
+        groups.setdefault((tuple(u for u in stop if u), int(max_new)), []).append(i)
+    return groups
+
+
+def answer_and_generate(model, tokenizer, prompts: list[str], targets: list[str], delimiter: str,
+                        settings: EvalSettings, max_length: int, stop: tuple[str, ...],
+                        progress: str = "") -> tuple[np.ndarray, list[str]]:
+    """The gold answers' log-likelihoods and the greedy generations (at most
+    ``settings.max_new_tokens`` tokens, cut at the first of ``stop``) of prompts."""
+    gold = encode_requests(tokenizer, [(p, delimiter + t) for p, t in zip(prompts, targets)], settings)
+    if not shares_contexts(model, max_length):
+        loglik = continuation_logliks(model, gold, settings.batch_size, max_length, progress)
+        return loglik, generate_greedy(model, tokenizer, prompts, settings, progress=progress, stop=stop)
+    # One pass per prompt scores the gold answer and starts the generation. A prompt ending in
+    # whitespace: its gold context lacks the whitespace's tokens, which the generation reads as a
+    # packed continuation of that context; only a cut prompt needs a tree of its own.
+    contexts = _generation_contexts(tokenizer, prompts, settings, max_length)
+    starts = [(g, c[len(g):]) if len(c) > len(g) and c[:len(g)] == g else (c, [])
+              for (g, _), c in zip(gold, contexts)]
+    loglik, tokens = score_requests(model, gold + starts, settings.batch_size, max_length, progress,
+                                    settings.max_new_tokens, _stop_ids(model, tokenizer), _reaches_stop(tokenizer, stop),
+                                    frozenset(len(gold) + i for i, (_, w) in enumerate(starts) if w))
+    return loglik[:len(gold)], [_cut(tokenizer.decode(t, skip_special_tokens=True), stop) for t in tokens[len(gold):]]
 
 
 def respond(model_spec: dict, items_path: str | Path, scorer: str, delimiter: str, evaluation: dict,

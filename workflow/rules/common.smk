@@ -16,6 +16,7 @@ os.environ.update(PYTHONPATH=os.pathsep.join(
     [LIBRARY] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != LIBRARY]))
 
 from mergeflow.config import run_tasks, search_model_names, task_evaluation, validate_config
+from mergeflow.data import task_files
 from mergeflow.locations import hub_model_dir, local_model_dir, model_check_file, model_location, zoo_task_files
 from mergeflow.errors import MergeflowError
 from mergeflow.evaluate import ANSWER_NEUTRAL, chat_keys

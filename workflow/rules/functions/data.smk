@@ -2,5 +2,4 @@
 
 
 def task_source_input(wildcards):
-    source = config["tasks"][wildcards.task]["source"]
-    return [source["path"]] if "path" in source else []
+    return task_files(config["tasks"][wildcards.task])
