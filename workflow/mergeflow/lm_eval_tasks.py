@@ -410,19 +410,27 @@ def lm_eval_items(task: str, tcfg: dict) -> pd.DataFrame:
 
 
 class _Recorded:
-    """What lm-eval's few-shot sampler drew for each document: their indices in its pool."""
+    """What lm-eval's few-shot sampler draws while in use: per call, the drawn documents' indices
+    in its pool (the sampler's own ``sample`` is back in place after the ``with``)."""
 
     def __init__(self, sampler) -> None:
+        self.sampler = sampler
         self.at = {id(doc): i for i, doc in enumerate(sampler.fewshot_docs())}
         self.drawn: list[list[int]] = []
-        draw = sampler.sample
+
+    def __enter__(self) -> "_Recorded":
+        draw = self.sampler.sample
 
         def sample(*args, **kwargs):
             docs = draw(*args, **kwargs)
             self.drawn.append([self.at[id(doc)] for doc in docs])
             return docs
 
-        sampler.sample = sample
+        self.sampler.sample = sample
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.sampler.sample  # the instance attribute: the class's method again
 
 
 def _chat_recorder(messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -444,12 +452,16 @@ def _render(task: str, tcfg: dict, spec: dict) -> pd.DataFrame:
 
     def contexts(apply_chat: bool) -> tuple[list[str], list[list[int]]]:
         lm_task.set_fewshot_seed(seed=tcfg["fewshot_seed"])  # as lm-eval seeds it before building requests
-        recorded = _Recorded(lm_task.sampler) if shots else None
-        out = [lm_task.fewshot_context(doc, shots, system_instruction=system, apply_chat_template=apply_chat,
+        if not shots:
+            return [render(doc, apply_chat) for doc in docs], [[] for _ in docs]
+        with _Recorded(lm_task.sampler) as recorded:
+            return [render(doc, apply_chat) for doc in docs], recorded.drawn
+
+    def render(doc, apply_chat: bool) -> str:
+        return lm_task.fewshot_context(doc, shots, system_instruction=system, apply_chat_template=apply_chat,
                                        fewshot_as_multiturn=tcfg["fewshot_as_multiturn"],
                                        chat_template=_chat_recorder if apply_chat else None,
-                                       gen_prefix=lm_task.doc_to_prefix(doc)) for doc in docs]
-        return out, recorded.drawn if recorded else [[] for _ in docs]
+                                       gen_prefix=lm_task.doc_to_prefix(doc))
 
     prompts, fewshot = contexts(False)
     output_type = lm_task.OUTPUT_TYPE
