@@ -356,8 +356,7 @@ def resolve_tasks(config: dict) -> None:
         else:
             entries = {}
             for leaf, spec in specs:
-                own = {k: v for k, v in tcfg.items() if k not in ("subtasks", "pool", "resolved", "scorer",
-                                                                  "target_delimiter")}
+                own = {k: v for k, v in tcfg.items() if k not in ("subtasks", "resolved", "scorer", "target_delimiter")}
                 entries[leaf] = ({**own, "lm_eval": leaf, **((tcfg.get("subtasks") or {}).get(leaf) or {})},
                                  [(leaf, spec)])
         became[key] = list(entries)
