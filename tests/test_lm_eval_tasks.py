@@ -289,3 +289,66 @@ def test_a_loglikelihood_task_is_correct_where_its_answer_is_the_greedy_continua
     out = evaluate_items(model, tokenizer, items, "lm_eval_loglik", settings, "")
     assert out["correct"].iloc[0] == 1 and set(out.columns) == {"item_id", "correct", "loglik"}
     assert np.all(out["loglik"] < 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The workflow on lm-eval tasks
+
+
+def lm_eval_micro_config() -> dict:
+    """The micro workflow's zoo with two lm-eval tasks on local files (arc_easy, 2-shot, multiple
+    choice; gsm8k, 5-shot, generation), a search on every item of arc's search split and one on
+    IRT anchors of it (calibration, fit and anchors read only our item files)."""
+    from test_workflow import micro_config
+
+    config = micro_config()
+    config["tasks"] = {"arc": {**ARC, "num_fewshot": 2, "splits": {"search": 40, "test": 20}},
+                       "gsm": {**GSM8K, "max_gen_toks": 4, "splits": {"search": 20, "test": 10}}}
+    config["irt"] = {"steps": 100, "calibration": {"random_merges": 4}}
+    space = {"method": "task_arithmetic", "layer_groups": 2, "parameters": {"weight": {"min": 0.0, "max": 1.5}}}
+    evolve = {"objectives": {"arc": 1.0}, "population": 3, "generations": 2, "search_space": space}
+    config["runs"] = {"full": {"tasks": ["arc", "gsm"], "evolve": {**evolve, "fitness": {"kind": "full"}}},
+                      "anchored": {"tasks": ["arc"], "evolve": {**evolve, "fitness": {
+                          "kind": "anchors", "anchors": {"strategy": "irt", "n": 8}}}}}
+    return config
+
+
+@needs_lm_eval
+@pytest.mark.slow
+def test_a_zoo_sized_run_over_lm_eval_tasks_runs_end_to_end(tmp_path):
+    from test_workflow import snakemake
+
+    config = lm_eval_micro_config()
+    result = snakemake(tmp_path, config)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = tmp_path / "results"
+    arc = pd.read_parquet(results / "data" / "arc" / "search.parquet")
+    assert len(arc) == 40 and arc["item_id"].str.startswith("arc_easy-").all()
+    assert all(len(shots) == 2 for shots in arc["fewshot"]) and arc["prompt"].str.endswith("\nAnswer:").all()
+    responses = pd.read_parquet(results / "responses" / "arc" / "test" / "math.parquet")
+    assert {"acc", "acc_norm", "choice_logliks"} <= set(responses.columns)
+    assert (responses["correct"] == responses["acc_norm"]).all()
+    generated = pd.read_parquet(results / "responses" / "gsm" / "test" / "math.parquet")
+    assert {"generation", "filtered", "metrics"} <= set(generated.columns) and len(generated) == 10
+    assert set(json.loads(generated["metrics"].iloc[0])) == {"exact_match,strict-match", "exact_match,flexible-extract"}
+    assert len(pd.read_parquet(results / "anchors" / "arc" / "irt-8-seed0.parquet")) == 8
+    for run in ("full", "anchored"):
+        history = pd.read_parquet(results / "runs" / run / "evolve" / "history.parquet")
+        assert len(history) == 6 and history["fitness"].between(0, 1).all()
+        table = pd.read_parquet(results / "runs" / run / "final" / "test.parquet")
+        assert "merged" in set(table["model"])
+    assert set(pd.read_parquet(results / "runs" / "full" / "final" / "test.parquet")["task"]) == {"arc", "gsm"}
+
+
+@needs_lm_eval
+@pytest.mark.slow
+def test_the_example_config_plans_one_data_job_per_lm_eval_subtask():
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile",
+                           str(REPO / "config" / "examples" / "lm-eval-tasks.yaml")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    planned = done.stdout + done.stderr
+    for task in ("gsm8k", "mgsm_direct_en", "mgsm_direct_ja", "arc"):
+        assert f"results/data/{task}/search.parquet" in planned
