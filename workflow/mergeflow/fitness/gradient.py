@@ -46,7 +46,7 @@ import torch
 
 from mergeflow.data import read_split
 from mergeflow.errors import MergeflowError
-from mergeflow.evaluate import chat_prompts, context_length, differentiable_logliks, encode_requests
+from mergeflow.evaluate import context_length, differentiable_logliks, encode_requests, item_prompts
 from mergeflow.evolve.search import GRADIENT_OPTIMIZERS
 from mergeflow.fitness.base import FitnessContext, FitnessKind, ScoredCandidate, TaskFitness
 from mergeflow.scorers import get_scorer
@@ -100,8 +100,7 @@ def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fit
     choice_loss, temperature = LOSSES[fitness_cfg["loss"]], fitness_cfg["temperature"]
     items, n = fit.items, len(fit.items)
     # the items as the evaluator presents them (evaluate_items), chat template included
-    prompts, delimiter, settings = chat_prompts(tokenizer, [str(p) for p in items["prompt"]], fit.delimiter,
-                                                settings.for_task(fit.chat))
+    prompts, delimiter, settings = item_prompts(tokenizer, items, fit.delimiter, settings.for_task(fit.chat))
     if how.choices:
         options = [[str(c) for c in cs] for cs in items["choices"]]
         golds = [int(a) for a in items["answer"]]
