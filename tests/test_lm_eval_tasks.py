@@ -218,7 +218,8 @@ def test_generations_are_judged_by_the_task_s_own_filters_and_metric():
 def test_a_tiny_model_answers_as_lm_eval_s_hf_model_item_for_item(tmp_path):
     """On a tiny Llama: lm-eval's simple_evaluate (HF backend) over the same task objects against
     our evaluator on our item files: the same contexts, log-likelihoods within 1e-4, acc and
-    acc_norm, generations and filtered answers, and each metric under each filter."""
+    acc_norm (multiple choice), acc (loglikelihood: greedy or not), generations and filtered
+    answers, and each metric under each filter."""
     import lm_eval as harness
     import torch
     from lm_eval.models.huggingface import HFLM
@@ -235,10 +236,15 @@ def test_a_tiny_model_answers_as_lm_eval_s_hf_model_item_for_item(tmp_path):
             text = (DATA / f"{name}_{split}.jsonl").read_text().splitlines()
             (tmp_path / f"{name}_{split}.jsonl").write_text("\n".join(text[:rows if split == "test" else 40]) + "\n")
         files[name] = {"dataset_path": "json", "data_files": {s: str(tmp_path / f"{name}_{s}.jsonl") for s in ("train", "test")}}
+    # lambada_openai (loglikelihood: the last word after the rest) on GSM8K's questions
+    questions = [json.loads(line)["question"] for line in (DATA / "gsm8k_test.jsonl").read_text().splitlines()[:16]]
+    (tmp_path / "lambada.jsonl").write_text("".join(json.dumps({"text": q}) + "\n" for q in questions))
     splits = {"search": 8, "test": 8}
     config = resolved({"gsm": {"lm_eval": "gsm8k", "max_gen_toks": 8, "splits": splits, **files["gsm8k"]},
                        "arc": {"lm_eval": "arc_easy", "num_fewshot": 2, "splits": splits, **files["arc_numbers"]},
-                       "mgsm": {"lm_eval": "mgsm_direct_ja", "max_gen_toks": 8, "splits": splits, **files["mgsm_ja"]}})
+                       "mgsm": {"lm_eval": "mgsm_direct_ja", "max_gen_toks": 8, "splits": splits, **files["mgsm_ja"]},
+                       "lamb": {"lm_eval": "lambada_openai", "splits": splits, "dataset_path": "json",
+                                "data_files": {"test": str(tmp_path / "lambada.jsonl")}}})
     settings = EvalSettings.from_config({"batch_size": 4})
     model, tokenizer = load_causal_lm(model_dir, settings)
     peer = HFLM(pretrained=str(model_dir), batch_size=4, device="cpu", dtype="float32")
@@ -255,7 +261,10 @@ def test_a_tiny_model_answers_as_lm_eval_s_hf_model_item_for_item(tmp_path):
                 if doc != item.doc_id:
                     continue
                 assert sample["arguments"][0][0] == item.prompt
-                if task["scorer"] == "lm_eval_acc_norm":
+                if task["scorer"] == "lm_eval_loglik":
+                    assert abs(float(sample["resps"][0][0][0]) - row.loglik) < 1e-4
+                    assert row.correct == int(sample["acc"])
+                elif task["scorer"] == "lm_eval_acc_norm":
                     logliks = [float(r[0][0]) for r in sample["resps"]]
                     assert max(abs(a - b) for a, b in zip(logliks, row.choice_logliks)) < 1e-4
                     assert (row.acc, row.acc_norm) == (int(sample["acc"]), int(sample["acc_norm"]))

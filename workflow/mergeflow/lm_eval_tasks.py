@@ -390,8 +390,12 @@ def fill_task(key: str, tcfg: dict, specs: list[tuple[str, dict]]) -> dict:
         raise MergeflowError(f"{where}.splits: the evaluation split has {documents} documents but the splits need "
                              f"{need} (search {tcfg['splits']['search']} + test {tcfg['splits']['test']})")
     files = [f for _, spec in specs for f in _local_files(spec["overrides"].get("dataset_kwargs", {}).get("data_files"))]
+    import lm_eval
+
+    # the version renders the items: a data job reruns when it changes (its parameters are the task's config)
     return {**tcfg, "scorer": scorer, "target_delimiter": delimiter,
-            "resolved": {"specs": [spec for _, spec in specs], "files": sorted(set(files)), "documents": documents}}
+            "resolved": {"specs": [spec for _, spec in specs], "files": sorted(set(files)), "documents": documents,
+                         "lm_eval_version": lm_eval.__version__}}
 
 
 # ---------------------------------------------------------------------------------------------
