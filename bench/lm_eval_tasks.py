@@ -15,7 +15,8 @@ tasks' own 256) and task, each side is one process timed whole, from start to pe
 
 - mergeflow: the task resolved through lm-eval's TaskManager, its documents rendered by lm-eval's
   code into items (``lm_eval_items``), the model loaded and every item scored (``evaluate_items``);
-- lm-eval: ``lm_eval --model hf --tasks TASK --include_path DIR --log_samples`` in the virtualenv
+- lm-eval: ``lm_eval --model hf --tasks TASK --include_path DIR --log_samples`` (with ``--chat``,
+  ``--apply_chat_template``, whose few-shot examples are turns of their own) in the virtualenv
   ``bench/evaluate.py`` makes, the task being a YAML that includes lm-eval's own and overrides the
   dataset exactly as mergeflow's config does.
 
@@ -49,10 +50,11 @@ ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSIT
        "TOKENIZERS_PARALLELISM": "false"}
 
 
-def task_config(task: str, files: dict[str, str], max_gen_toks: int | None) -> dict:
+def task_config(task: str, files: dict[str, str], max_gen_toks: int | None, chat: bool) -> dict:
     cfg, _ = TASKS[task]
     return {**cfg, "dataset_path": "json", "data_files": files, "splits": {"search": 1, "test": 1},
-            **({"max_gen_toks": max_gen_toks} if max_gen_toks and task != "arc_easy" else {})}
+            **({"max_gen_toks": max_gen_toks} if max_gen_toks and task != "arc_easy" else {}),
+            **({"apply_chat_template": True} if chat else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +86,7 @@ def run_mergeflow(model_dir: str, task: str, tcfg: dict, batch_size: int) -> dic
         else:
             limited = replace(encoded, max_new_tokens=int(item.max_gen_toks))
             row["ids"] = _generation_contexts(tokenizer, [prompts[i]], limited, context_length(model, settings))
-        rows[int(item.doc_id)] = {"context": item.prompt, **{k: v for k, v in row.items() if k != "item_id"}}
+        rows[int(item.doc_id)] = {"context": prompts[i], **{k: v for k, v in row.items() if k != "item_id"}}
     return {"filter": tcfg["resolved"]["specs"][0]["filter"], "metric": tcfg["resolved"]["specs"][0]["metric"],
             "spec": tcfg["resolved"]["specs"][0], "items": rows}
 
@@ -187,6 +189,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per side (best kept)")
+    parser.add_argument("--chat", action="store_true", help="SmolLM2 in its chat template (--apply_chat_template)")
     parser.add_argument("--peer-venv", type=Path, default=REPO / "bench" / ".peer-venv")
     parser.add_argument("--out", type=Path, help="also write the table here")
     parser.add_argument("--side", choices=["mergeflow", "peer-ids"], help=argparse.SUPPRESS)
@@ -220,7 +223,7 @@ def main() -> None:
              f"(start, imports, task indexing and rendering, model load, items; best of {args.repeats}), batch "
              f"{args.batch_size}, {args.threads} threads, float32 on CPU ({os.cpu_count()} cores, load "
              f"{os.getloadavg()[0]:.2f} at the start)", ""]
-    header = (f"{'model':6} {'task':15} {'items':>5} {'contexts':>8} {'token ids':>9} {'max |Δ ll|':>10} "
+    header = (f"{'model':10} {'task':15} {'items':>5} {'contexts':>8} {'token ids':>9} {'max |Δ ll|':>10} "
               f"{'answers':>7} {'generations':>11} {'filtered':>8} {'mergeflow s':>11} {'lm-eval s':>9} {'ratio':>6}")
     table = [header]
     with tempfile.TemporaryDirectory() as tmp:
@@ -245,7 +248,7 @@ def main() -> None:
                     path = tmp / f"{model_name}-{stem}_{split}.jsonl"
                     path.write_text("\n".join(rows[:n] if split == "test" else rows) + "\n")
                     files[split] = str(path)
-                tcfg = task_config(task, files, max_gen_toks)
+                tcfg = task_config(task, files, max_gen_toks, args.chat and model_name == "smol")
                 config = {"tasks": {task: validate_section(tcfg, "task", task)}, "runs": {}, "evaluation": {}}
                 resolve_tasks(config)
                 spec = config["tasks"][task]["resolved"]["specs"][0]
@@ -268,6 +271,8 @@ def main() -> None:
                                 "--output_path", samples]
                     if "num_fewshot" in tcfg:
                         peer_cmd += ["--num_fewshot", str(tcfg["num_fewshot"])]
+                    if tcfg.get("apply_chat_template"):  # few-shot examples as turns: the CLI's default with it
+                        peer_cmd += ["--apply_chat_template"]
                     times["lm-eval"].append(timed(peer_cmd, env))
                 ids_file = tmp / f"ids-{model_name}-{task}.json"
                 gen_toks = max_gen_toks or 256
@@ -278,13 +283,14 @@ def main() -> None:
                 counts = compare(ours, peer, json.loads(ids_file.read_text()), ours["metric"], ours["filter"])
                 mine, theirs = min(times["mergeflow"]), min(times["lm-eval"])
                 accuracy = sum(v["correct"] for v in ours["items"].values()) / len(ours["items"])
-                table.append(f"{model_name:6} {task:15} {counts['items']:5d} {counts['contexts differ']:8d} "
+                label = model_name + ("+chat" if tcfg.get("apply_chat_template") else "")
+                table.append(f"{label:10} {task:15} {counts['items']:5d} {counts['contexts differ']:8d} "
                              f"{counts['token ids differ']:9d} {counts['max |d loglik|']:10.1e} "
                              f"{counts['answers differ']:7d} {counts['generations differ']:11d} "
                              f"{counts['filtered differ']:8d} {mine:11.1f} {theirs:9.1f} {theirs / mine:6.2f}"
                              f"   ({ours['metric']}{',' + ours['filter'] if ours['filter'] else ''} {accuracy:.3f})")
                 print(table[-1], flush=True)
-    lines += table + ["", "contexts, token ids, answers (acc and acc_norm; every metric under every filter and the "
+    lines += table + ["", "contexts (as the model reads them, chat template included), token ids, answers (acc and acc_norm; every metric under every filter and the "
                       "judged one), generations and filtered answers: items that differ; max |Δ ll|: largest "
                       "difference of a choice's log-likelihood; ratio: lm-eval's time / mergeflow's"]
     text = "\n".join(lines)
