@@ -15,7 +15,7 @@ tasks' own 256) and task, each side is one process timed whole, from start to pe
 
 - mergeflow: the task resolved through lm-eval's TaskManager, its documents rendered by lm-eval's
   code into items (``lm_eval_items``), the model loaded and every item scored (``evaluate_items``);
-- lm-eval: ``lm_eval --model hf --tasks TASK --include_path DIR --log_samples`` (with ``--chat``,
+- lm-eval: ``lm_eval --model hf --tasks TASK --include_path DIR --log_samples`` (``smol-chat``: with
   ``--apply_chat_template``, whose few-shot examples are turns of their own) in the virtualenv
   ``bench/evaluate.py`` makes, the task being a YAML that includes lm-eval's own and overrides the
   dataset exactly as mergeflow's config does.
@@ -181,15 +181,15 @@ def compare(ours: dict, peer: dict[int, list[dict]], peer_ids: dict, metric: str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="zoo,smol", help="zoo (results/zoo/math), smol (SmolLM2), comma-separated")
+    parser.add_argument("--models", default="zoo,smol,smol-chat",
+                        help="zoo (results/zoo/math), smol (SmolLM2), smol-chat (SmolLM2 in its chat template), comma-separated")
     parser.add_argument("--zoo", type=Path, default=REPO / "results" / "zoo" / "math")
     parser.add_argument("--smol", type=Path, default=None, help="a converted SmolLM2 directory (else converted here)")
     parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--items", default="zoo:200,smol:40", help="test documents per task, per model")
+    parser.add_argument("--items", default="zoo:200,smol:40,smol-chat:40", help="test documents per task, per model")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per side (best kept)")
-    parser.add_argument("--chat", action="store_true", help="SmolLM2 in its chat template (--apply_chat_template)")
     parser.add_argument("--peer-venv", type=Path, default=REPO / "bench" / ".peer-venv")
     parser.add_argument("--out", type=Path, help="also write the table here")
     parser.add_argument("--side", choices=["mergeflow", "peer-ids"], help=argparse.SUPPRESS)
@@ -237,7 +237,7 @@ def main() -> None:
                     from mergeflow.gguf import convert_gguf
 
                     args.smol = convert_gguf("smol", SMOLLM2, tmp / "smollm2")
-                models["smol"] = (args.smol, None)
+                models[name] = (args.smol, None)
         for model_name, (model_dir, max_gen_toks) in models.items():
             n = int(items_per[model_name])
             for task in args.tasks.split(","):
@@ -248,7 +248,7 @@ def main() -> None:
                     path = tmp / f"{model_name}-{stem}_{split}.jsonl"
                     path.write_text("\n".join(rows[:n] if split == "test" else rows) + "\n")
                     files[split] = str(path)
-                tcfg = task_config(task, files, max_gen_toks, args.chat and model_name == "smol")
+                tcfg = task_config(task, files, max_gen_toks, model_name.endswith("-chat"))
                 config = {"tasks": {task: validate_section(tcfg, "task", task)}, "runs": {}, "evaluation": {}}
                 resolve_tasks(config)
                 spec = config["tasks"][task]["resolved"]["specs"][0]
@@ -283,16 +283,16 @@ def main() -> None:
                 counts = compare(ours, peer, json.loads(ids_file.read_text()), ours["metric"], ours["filter"])
                 mine, theirs = min(times["mergeflow"]), min(times["lm-eval"])
                 accuracy = sum(v["correct"] for v in ours["items"].values()) / len(ours["items"])
-                label = model_name + ("+chat" if tcfg.get("apply_chat_template") else "")
-                table.append(f"{label:10} {task:15} {counts['items']:5d} {counts['contexts differ']:8d} "
+                table.append(f"{model_name:10} {task:15} {counts['items']:5d} {counts['contexts differ']:8d} "
                              f"{counts['token ids differ']:9d} {counts['max |d loglik|']:10.1e} "
                              f"{counts['answers differ']:7d} {counts['generations differ']:11d} "
                              f"{counts['filtered differ']:8d} {mine:11.1f} {theirs:9.1f} {theirs / mine:6.2f}"
                              f"   ({ours['metric']}{',' + ours['filter'] if ours['filter'] else ''} {accuracy:.3f})")
                 print(table[-1], flush=True)
-    lines += table + ["", "contexts (as the model reads them, chat template included), token ids, answers (acc and acc_norm; every metric under every filter and the "
-                      "judged one), generations and filtered answers: items that differ; max |Δ ll|: largest "
-                      "difference of a choice's log-likelihood; ratio: lm-eval's time / mergeflow's"]
+    lines += table + ["", "contexts (as the model reads them, chat template included), token ids, answers (acc and "
+                      "acc_norm; every metric under every filter and the judged one), generations and filtered "
+                      "answers: items that differ; max |Δ ll|: largest difference of a choice's log-likelihood; "
+                      "ratio: lm-eval's time / mergeflow's"]
     text = "\n".join(lines)
     print(text)
     if args.out:

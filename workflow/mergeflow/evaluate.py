@@ -8,6 +8,11 @@ Scorers (the registry is :mod:`mergeflow.scorers`):
 - ``mc_loglik_norm``: the same, choices ranked by log-likelihood per character (its ``acc_norm``).
 - ``exact_match``: greedy generation, then the number in the answer is extracted (GSM8K style:
   the text after ``####`` if present, else the last number) and compared with the target.
+- ``lm_eval_acc``, ``lm_eval_acc_norm``, ``lm_eval_generate``, ``lm_eval_loglik``: tasks named in
+  lm-evaluation-harness (:mod:`mergeflow.lm_eval_tasks`): multiple choice as above with both
+  ``acc`` and ``acc_norm`` recorded; greedy generation up to each item's own stop strings and
+  length, judged by the task's filters and metric; the gold continuation's log-likelihood,
+  correct when it is the greedy continuation.
 
 All record ``loglik``, the log-likelihood of the gold continuation, which the IRT stage can use
 as a graded response, and for debugging ``choice_logliks`` (multiple choice) or ``generation``.
