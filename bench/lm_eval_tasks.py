@@ -73,7 +73,7 @@ def run_mergeflow(model_dir: str, task: str, tcfg: dict, batch_size: int) -> dic
     resolve_tasks(config)
     tcfg = config["tasks"][task]
     items = lm_eval_items(task, tcfg)
-    settings = EvalSettings.from_config({"batch_size": batch_size})
+    settings = EvalSettings.from_config({"batch_size": batch_size}).for_task(tcfg)  # the task's chat keys
     model, tokenizer = load_causal_lm(model_dir, settings)
     out = evaluate_items(model, tokenizer, items, tcfg["scorer"], settings, tcfg["target_delimiter"])
     # the token ids each request is scored from (what the scoring above encoded)
