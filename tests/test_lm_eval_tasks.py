@@ -79,6 +79,16 @@ def test_a_task_gets_its_scorer_and_delimiter_from_lm_eval_and_a_tag_one_task_pe
 
 
 @needs_lm_eval
+def test_a_group_stands_for_its_tasks_through_its_subgroups_and_tags():
+    from mergeflow.lm_eval_tasks import leaf_tasks
+
+    mmlu = leaf_tasks("mmlu", "tasks.m.lm_eval")  # mmlu -> mmlu_stem, ... (groups) -> their tags -> 57 tasks
+    assert len(mmlu) == 57 and "mmlu_abstract_algebra" in mmlu and len(set(mmlu)) == 57
+    assert {"mgsm_direct_en", "mgsm_direct_ja"} <= set(leaf_tasks("mgsm_direct", "tasks.m.lm_eval"))
+    assert leaf_tasks("gsm8k", "tasks.m.lm_eval") == ["gsm8k"]
+
+
+@needs_lm_eval
 def test_a_pooled_group_is_one_task_whose_items_name_their_subtask():
     from mergeflow.data import split_task
 
