@@ -289,6 +289,7 @@ def main() -> None:
                              f"{counts['filtered differ']:8d} {mine:11.1f} {theirs:9.1f} {theirs / mine:6.2f}"
                              f"   ({ours['metric']}{',' + ours['filter'] if ours['filter'] else ''} {accuracy:.3f})")
                 print(table[-1], flush=True)
+    lines[0] += f", {os.getloadavg()[0]:.2f} at the end"
     lines += table + ["", "contexts (as the model reads them, chat template included), token ids, answers (acc and "
                       "acc_norm; every metric under every filter and the judged one), generations and filtered "
                       "answers: items that differ; max |Δ ll|: largest difference of a choice's log-likelihood; "

@@ -293,3 +293,16 @@ def test_answers_do_not_depend_on_the_batch_size(tiny_zoo):
                 assert (out[batch_size]["loglik"] - out[1]["loglik"]).abs().max() < 1e-4
                 if scorer == "exact_match":
                     assert out[batch_size]["generation"].tolist() == out[1]["generation"].tolist()
+
+
+def test_requests_whose_continuation_outgrows_the_window_get_a_tree_each():
+    """A continuation longer than the window leaves a one-token context, which unrelated requests
+    would share: one tree of all their continuations (quadratic in their length). Each gets its
+    own; requests truncated in their context alone still share theirs."""
+    from mergeflow.evaluate import pack_requests
+
+    long = [([0] * 5, [0] * 5 + [7] + list(range(100, 164))), ([1] * 5, [1] * 5 + [7] + list(range(200, 264)))]
+    short = [(list(range(300, 400)), [1]), (list(range(300, 400)), [2])]  # the same long context, two choices
+    trees, reads, _ = pack_requests(long + short, max_length=64)
+    assert len(trees) == 3 and max(len(tree.tokens) for tree in trees) == 64  # the window, less its last token
+    assert reads[2][0] == reads[3][0] and all(len(tokens) == 64 for _, _, tokens in reads[:2])

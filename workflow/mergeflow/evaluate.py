@@ -358,8 +358,10 @@ def pack_requests(requests: list[tuple[list[int], list[int]]], max_length: int, 
                   ) -> tuple[list[ScoringTree], list[tuple[int, list[int], list[int]]], dict[int, int]]:
     """The scoring trees of ``requests`` and, per request, its tree, the packed indices that
     predict its tokens and the tokens. A request reads ``(context + continuation)`` cut to
-    ``max_length + 1`` tokens from the left, so that requests truncated alike share a tree;
-    without ``share`` each request has a tree of its own (a plain sequence). The requests in
+    ``max_length + 1`` tokens from the left, so that requests truncated alike share a tree; a
+    request whose continuation itself is cut (longer than the window: its context is then one
+    token, which unrelated requests would share in one tree of all their continuations) and,
+    without ``share``, every request has a tree of its own (a plain sequence). The requests in
     ``open_ends`` are a generation's start: their whole continuation is packed, and the third
     result maps their tree to the packed index after which it generates."""
     trees: list[ScoringTree] = []
@@ -369,7 +371,7 @@ def pack_requests(requests: list[tuple[list[int], list[int]]], max_length: int, 
     for i, (ctx, cont) in enumerate(requests):
         full, c = _truncated(ctx, cont, max_length)
         context, answer = tuple(full[:len(full) - c]), full[len(full) - c:]
-        key = context if share else i
+        key = context if share and c == len(cont) else ("own", i)
         if key not in by_context:
             by_context[key] = len(trees)
             trees.append(ScoringTree.of(context))
