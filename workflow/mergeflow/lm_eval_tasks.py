@@ -84,7 +84,9 @@ def closest_names(name: str) -> list[str]:
 
 def leaf_tasks(name: str, where: str) -> list[str]:
     """The tasks ``name`` stands for: itself, or a group's or tag's tasks, in lm-eval's order
-    (groups and tags within a group expanded too)."""
+    (groups and tags within a group expanded too). Each is then built by its own name, as
+    ``lm_eval --tasks SUBTASK`` builds it: a group that overrides its members' configs is refused
+    where it does so member by member, and its group-wide overrides are not applied."""
     entry = task_manager(where).task_index.get(name)
     if entry is None:
         close = closest_names(name)
