@@ -152,7 +152,6 @@ tool, args = sys.argv[2], sys.argv[3:]
 import torch
 if tool == "mergeflow":
     from mergeflow import cli
-    cli.COMMAND_MODULES = ["mergeflow.commands.merge"]  # only the command under test
     run = lambda: cli.main(["merge", *args]) == 0 or sys.exit("mergeflow merge failed")
 else:
     from mergekit.scripts.run_yaml import main as mergekit_main

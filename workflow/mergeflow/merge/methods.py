@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -177,7 +177,7 @@ def _merge_block(tensors, base, model_params, variant, params, trims, generators
         if rescale and density < 1.0:
             if variant.sparsify == "random":
                 scale /= density
-            elif variant.sparsify == "outliers":
+            elif variant.trimmed and trims[index] is not None:
                 scale *= trims[index].scale
         if scale < 0.0:  # the election below needs non-negative scales
             delta.mul_(scale)
@@ -196,16 +196,42 @@ def _merge_block(tensors, base, model_params, variant, params, trims, generators
     return torch.add(base, result, alpha=float(params["lambda"]), out=result)
 
 
-def _trims(variant: _TaskArithmeticVariant, model_params, params, numel: int,
+def _trims(variant: _TaskArithmeticVariant, model_params, params, numel: int, passes: BlockPass,
            magnitudes: Callable[[int], Tensor], ws: Workspace, keys: list[tuple] | None = None) -> list:
     """Per model, the whole-tensor trim of its task vector: TIES's ``Trim`` or Breadcrumbs'
     ``OutlierTrim`` (see ``sparsify.outlier_trims``); ``magnitudes(i)``: model ``i``'s flat float32
-    |task vector|."""
+    |task vector|. With ``rescale``, each with mergekit's rescale (:func:`_l1_rescaled`)."""
     if variant.sparsify == "magnitude":
-        return magnitude_trims(model_params, numel, magnitudes, ws, keys, params["tie_break"])
-    return [outlier_trims(float(model["density"]), float(model["gamma"]), numel,
-                          lambda index=index: magnitudes(index), ws, keys[index] if keys else None)
-            for index, model in enumerate(model_params)]
+        trims = magnitude_trims(model_params, numel, magnitudes, ws, keys, params["tie_break"])
+    else:
+        trims = [outlier_trims(float(model["density"]), float(model["gamma"]), numel,
+                               lambda index=index: magnitudes(index), ws, keys[index] if keys else None,
+                               params["tie_break"])
+                 for index, model in enumerate(model_params)]
+    return _l1_rescaled(trims, passes) if params["rescale"] else trims
+
+
+def _l1_rescaled(trims: list, passes: BlockPass) -> list:
+    """The trims with mergekit's rescale: a kept task vector scaled to the L1 norm of the whole
+    (none where either norm is below 1e-7); sums of float64 per ``CPU_BLOCK`` run."""
+    rescaled = []
+    scratch = Workspace()
+    for index, trim in enumerate(trims):
+        if trim is None:
+            rescaled.append(trim)
+            continue
+        sums = None
+        for offset, blocks, base in passes([index]):
+            for start, (run_base, run) in chunks(base, blocks[0]):
+                delta = run - run_base
+                whole = delta.abs().sum(dtype=torch.float64)
+                cut = trim.block(offset + start, offset + start + delta.numel())
+                kept = (apply_trim(delta, cut, scratch) if isinstance(cut, Trim) else drop_outliers(delta, cut, scratch))
+                pair = torch.stack([whole, kept.abs().sum(dtype=torch.float64)])
+                sums = pair if sums is None else sums.add_(pair)
+        before, after = sums.tolist()
+        rescaled.append(replace(trim, scale=1.0 if before < 1e-7 or after < 1e-7 else before / after))
+    return rescaled
 
 
 def _generalized_task_arithmetic(*, sparsify: str | None, sign_consensus: bool) -> tuple[MethodFunction, Callable]:
@@ -231,7 +257,7 @@ def _generalized_task_arithmetic(*, sparsify: str | None, sign_consensus: bool) 
             buffer[:] = [fill_flat(passes, numel, fill, [index], out=buffer[0] if buffer else None)]
             return buffer[0]
 
-        return _trims(variant, model_params, params, numel, magnitudes, Workspace())
+        return _trims(variant, model_params, params, numel, passes, magnitudes, Workspace())
 
     def merge(tensors, base, model_params, params, rng, ws=None, out=None, prepared=None, offset=0) -> Tensor:
         ws = ws or Workspace()
@@ -242,7 +268,7 @@ def _generalized_task_arithmetic(*, sparsify: str | None, sign_consensus: bool) 
                                     bool(params["normalize"]), result)
         if prepared is None and variant.trimmed:
             keys = [(t.data_ptr(), base.data_ptr(), tuple(base.shape), base.dtype) for t in tensors]
-            prepared = _trims(variant, model_params, params, base.numel(),
+            prepared = _trims(variant, model_params, params, base.numel(), whole_tensor_pass(tensors, base),
                               lambda i: torch.sub(tensors[i], base).abs_().reshape(-1).float(), ws, keys)
         trims = prepared or [None] * len(tensors)
         random = variant.sparsify in ("random", "magnitude_rank")
