@@ -45,8 +45,8 @@ PARITY_TOLERANCE = 1e-5
 IN_MEMORY_TARGETS = {"linear": 3.0, "task_arithmetic": 3.0, "ties": 10.0}
 TIMED = ["linear", "task_arithmetic", "ties", "dare_ties", "della"]
 # Deterministic methods both implement: compared once for parity, not timed.
-PARITY_ONLY = ["breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ties-argsort", "nuslerp", "multislerp",
-               "karcher", "sce", "nearswap", "ram", "ramplus_tl"]
+PARITY_ONLY = ["breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ties-argsort", "breadcrumbs-argsort",
+               "breadcrumbs_ties-argsort", "nuslerp", "multislerp", "karcher", "sce", "nearswap", "ram", "ramplus_tl"]
 # Not arcee_fusion: on tensors above 1M entries mergekit takes its quartiles from a random sample
 # (unseeded), mergeflow from the whole tensor; tests/test_merge_peer.py compares it on tiny models
 # (``--parity arcee_fusion`` shows how far apart they are here).
@@ -64,7 +64,9 @@ NEW_METHOD_RECIPES = {
 }
 # Rows that are a method with mergeflow-only parameters: TIES with the opt-in ``tie_break:
 # argsort`` (mergekit's order among tied entries); mergekit runs the plain method.
-VARIANTS = {"ties-argsort": ("ties", {"tie_break": "argsort"})}
+VARIANTS = {"ties-argsort": ("ties", {"tie_break": "argsort"}),
+            "breadcrumbs-argsort": ("breadcrumbs", {"tie_break": "argsort"}),
+            "breadcrumbs_ties-argsort": ("breadcrumbs_ties", {"tie_break": "argsort"})}
 RANDOM = {"dare_ties", "della"}
 # timed, not compared: arcee_fusion's quartiles come from mergekit's unseeded sample at this size
 NO_PARITY = RANDOM | {"arcee_fusion"}
