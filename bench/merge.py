@@ -77,12 +77,15 @@ NO_PARITY = RANDOM | {"arcee_fusion"}
 
 
 def build_models(root: Path, args: argparse.Namespace) -> dict[str, Path]:
-    """A random base Llama and three "fine-tunes" (base + small noise), float32 safetensors."""
+    """A random base Llama (or ``--base-model``) and three "fine-tunes" (base + small noise),
+    float32 safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mergeflow.zoo.build import build_tokenizer
 
     names = ["base", "ft1", "ft2", "ft3"]
+    if args.base_model:
+        return real_models(root, Path(args.base_model), names)
     if all((root / name / "config.json").is_file() for name in names):
         for name in names:  # models built before the bench saved a tokenizer: mergeflow needs one
             if not (root / name / "tokenizer.json").is_file():
@@ -105,6 +108,29 @@ def build_models(root: Path, args: argparse.Namespace) -> dict[str, Path]:
         paths[name] = root / name
         model.save_pretrained(paths[name], safe_serialization=True)
         build_tokenizer().save_pretrained(paths[name])  # copied with the merge, never used here
+    return paths
+
+
+def real_models(root: Path, source: Path, names: list[str]) -> dict[str, Path]:
+    """``source`` (an HF directory, e.g. SmolLM2-135M converted from its GGUF) as the base, in
+    float32, and three fine-tunes of it (base + noise of sd 0.002), as a new user would merge."""
+    from safetensors.torch import load_file, save_file
+
+    paths = {name: root / name for name in names}
+    if all((path / "config.json").is_file() for path in paths.values()):
+        return paths
+    tensors = {}
+    for file in sorted(source.glob("*.safetensors")):
+        tensors.update({key: value.float() for key, value in load_file(file).items()})
+    for index, name in enumerate(names):
+        paths[name].mkdir(parents=True, exist_ok=True)
+        for extra in source.iterdir():
+            if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name != "model.safetensors.index.json":
+                shutil.copyfile(extra, paths[name] / extra.name)
+        generator = torch.Generator().manual_seed(index)
+        weights = tensors if not index else {
+            key: value + 0.002 * torch.randn(value.shape, generator=generator) for key, value in tensors.items()}
+        save_file(weights, paths[name] / "model.safetensors", metadata={"format": "pt"})
     return paths
 
 
@@ -358,6 +384,8 @@ def parity_only(args, python: Path, recipes: dict, root: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-model", default=None,
+                        help="an HF model directory to merge fine-tunes of (default: a random Llama of the shape below)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--intermediate", type=int, default=2048)
@@ -382,9 +410,10 @@ def main() -> None:
         start = time.perf_counter()
         paths = build_models(root, args)
         size = model_bytes(paths["base"])
+        shape = (f"{args.base_model}" if args.base_model else
+                 f"vocabulary {args.vocab}, hidden {args.hidden}, {args.layers} layers")
         print(f"models: base + 3 fine-tunes, {size // 4 / 1e6:.0f}M parameters, float32, "
-              f"{size / 1e6:.0f} MB each (ready in {time.perf_counter() - start:.0f}s); "
-              f"vocabulary {args.vocab}, hidden {args.hidden}, {args.layers} layers")
+              f"{size / 1e6:.0f} MB each (ready in {time.perf_counter() - start:.0f}s); {shape}")
         print(f"peer: {versions(python)} in {args.peer_venv}; mergekit-yaml {' '.join(args.mergekit_args)}")
         print(f"mergeflow: torch {torch.__version__}; both at torch's default threads "
               f"({torch.get_num_threads()}), {os.cpu_count()} cores")

@@ -3,6 +3,7 @@
 parity with mergekit 0.1.5 (slow; skipped without its virtualenv, as ``test_merge_peer``)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,22 @@ def test_an_aligned_source_reads_any_window_of_its_rows(vzoo):
     for start, size in [(0, 1), (5, 64), (63, 130), (64 * 80 + 7, 64 * 3), (64 * 83 + 1, 63), (0, flat.numel())]:
         out = torch.empty(size, dtype=flat.dtype)
         assert torch.equal(a.read_range(HEAD, start, out), flat[start:start + size]), (start, size)
+
+
+def test_the_evaluator_scores_a_union_merge_on_prompts_with_the_added_tokens(union_out, tmp_path):
+    """The respond stage on the union output: prompts holding the added tokens are tokenized to
+    their own ids and every item gets a finite log-likelihood per choice."""
+    import pandas as pd
+
+    from mergeflow.evaluate import respond
+
+    items = pd.DataFrame({"item_id": ["q0", "q1", "q2"],
+                          "prompt": ["tom <tool> has 3 apples", "<think> tom has", "<call> 2 plus 2 is"],
+                          "choices": [["3", "4"], ["3", "4"], ["3", "4"]], "answer": [0, 1, 1],
+                          "target": ["3", "4", "4"]})
+    items.to_parquet(tmp_path / "split.parquet", index=False)
+    responses = respond({"path": str(union_out)}, tmp_path / "split.parquet", "mc_loglik", " ",
+                        {"batch_size": 4, "max_length": 32, "max_new_tokens": 2}, tmp_path / "responses.parquet")
+    assert list(responses["item_id"]) == ["q0", "q1", "q2"]
+    assert set(responses["correct"]) <= {0, 1}
+    assert all(len(c) == 2 and all(math.isfinite(v) for v in c) for c in responses["choice_logliks"])
