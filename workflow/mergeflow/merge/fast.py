@@ -19,7 +19,7 @@ from mergeflow.merge.recipe import Recipe
 from mergeflow.dtypes import dtype_name, torch_dtype
 from mergeflow.merge.sources import ModelSource
 from mergeflow.merge.sparsify import Workspace
-from mergeflow.merge.vocab import first_difference, plan_vocabulary
+from mergeflow.merge.vocab import align_sources, fill_rows, first_difference, is_vocabulary_tensor, plan_vocabulary
 
 
 def find_nonfinite(model: torch.nn.Module) -> list[str]:
@@ -29,6 +29,16 @@ def find_nonfinite(model: torch.nn.Module) -> list[str]:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad.append(name)
     return bad
+
+
+def _tokenizer_spec(recipe: Recipe) -> tuple:
+    return (recipe.tokenizer_source, tuple(sorted((t, str(o.to_dict())) for t, o in recipe.tokens.items())),
+            recipe.pad_to_multiple_of)
+
+
+def _vocabulary_refs(plan: MergePlan) -> tuple:
+    """Which models each vocabulary tensor merges: what the rows filled for it depend on."""
+    return tuple((t.name, tuple(t.sources), t.base) for t in plan.tensors if is_vocabulary_tensor(t.name))
 
 
 class InMemoryMerger:
@@ -41,6 +51,13 @@ class InMemoryMerger:
     (default float32, as the CLI). ``sort_magnitudes`` keeps each trimmed task vector's sorted
     magnitudes so TIES trims need no selection per candidate (one float32 copy per source
     model's tensor; turn off when device memory is short).
+
+    Models whose vocabularies differ: given a recipe with a ``tokenizer_source``, the sources are
+    held seen through its output vocabulary (each model's embedding rows permuted, the rows it
+    lacks filled, as ``merge_to_dir`` does: :mod:`mergeflow.merge.vocab`), the preallocated model
+    has that vocabulary's rows, and :attr:`tokenizer` is its tokenizer (None otherwise: the
+    template's). Every recipe merged must then name the same tokenizer and merge the same models
+    into the vocabulary tensors: a search's candidates do.
     """
 
     def __init__(self, models: Recipe | Sequence[str], base_model: str | None = None,
@@ -54,6 +71,9 @@ class InMemoryMerger:
         self.device = torch.device(device)
         self.compute_dtype = torch_dtype(compute_dtype or "float32", "compute dtype")
         self.sources = {path: ModelSource(path) for path in self.paths}
+        self.vocabulary, self.tokenizer, self._vocabulary_merge = None, None, None
+        if isinstance(models, Recipe) and models.tokenizer_source:
+            self._align_vocabularies(models)
         self.resident = {path: self._load(source) for path, source in self.sources.items()}
         self.template = self.paths[0]
         self.out_dtype = torch_dtype(dtype, "dtype") if dtype else None
@@ -61,6 +81,17 @@ class InMemoryMerger:
         self.parameters = dict(self.model.state_dict())
         self.workspace = Workspace(cache=True, sort_cache=sort_magnitudes)
         self.merged: Recipe | None = None  # the recipe the model holds, None before a merge or after a failed one
+
+    def _align_vocabularies(self, recipe: Recipe) -> None:
+        """See the sources through ``recipe``'s output vocabulary, when it reconciles any."""
+        vocabulary = plan_vocabulary(recipe, self.sources)
+        if vocabulary is None:
+            return
+        self.sources = align_sources(self.sources, vocabulary)
+        plan = plan_merge(recipe, self.sources)
+        fill_rows(plan, recipe, self.sources, vocabulary)
+        self.vocabulary, self.tokenizer = vocabulary, vocabulary.tokenizer
+        self._vocabulary_merge = (_tokenizer_spec(recipe), _vocabulary_refs(plan))
 
     def _load(self, source: ModelSource) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -79,6 +110,8 @@ class InMemoryMerger:
             self.out_dtype = first if first.is_floating_point else torch.float32
         model = AutoModelForCausalLM.from_pretrained(
             template.path, dtype=self.out_dtype, device_map=None)
+        if self.vocabulary is not None:  # the output vocabulary's rows (tied embeddings stay tied)
+            model.resize_token_embeddings(self.vocabulary.size)
         model.to(self.device)
         model.eval()
         model.requires_grad_(False)
@@ -105,12 +138,20 @@ class InMemoryMerger:
         missing = [p for p in recipe.model_paths() if p not in self.resident]
         if missing:
             raise MergeflowError(f"model {missing[0]!r} was not loaded into the in-memory merger")
-        vocab = plan_vocabulary(recipe, self.sources) if recipe.tokenizer_source else None
-        if vocab is not None:
-            raise MergeflowError(
-                f"recipe: tokenizer_source {recipe.tokenizer_source!r} reconciles vocabularies ({first_difference(vocab)}), "
-                "which the in-memory merger does not do; merge the recipe with mergeflow merge (merge_to_dir)")
-        plan = plan_merge(recipe, self.sources, out_dtype=dtype_name(self.out_dtype))
+        if self._vocabulary_merge is not None:
+            plan = plan_merge(recipe, self.sources, out_dtype=dtype_name(self.out_dtype))
+            if (_tokenizer_spec(recipe), _vocabulary_refs(plan)) != self._vocabulary_merge:
+                raise MergeflowError(
+                    "recipe: its tokenizer, or the models it merges into the vocabulary tensors, differ from the recipe "
+                    f"this merger aligned the vocabularies for ({self._vocabulary_merge[0]}); build a merger for it")
+        else:
+            vocab = plan_vocabulary(recipe, self.sources) if recipe.tokenizer_source else None
+            if vocab is not None:
+                raise MergeflowError(
+                    f"recipe: tokenizer_source {recipe.tokenizer_source!r} reconciles vocabularies "
+                    f"({first_difference(vocab)}); build the in-memory merger from such a recipe "
+                    "(InMemoryMerger(recipe)) to merge it in memory")
+            plan = plan_merge(recipe, self.sources, out_dtype=dtype_name(self.out_dtype))
         if plan.num_layers != self.sources[self.template].num_layers:
             raise MergeflowError(
                 f"recipe produces {plan.num_layers} layers; the preallocated model has "
