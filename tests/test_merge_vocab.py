@@ -159,22 +159,24 @@ def test_without_a_tokenizer_source_the_first_differing_token_is_named(vzoo, tmp
 
 def test_the_in_memory_merger_merges_over_the_output_vocabulary_as_the_cli(vzoo, union_out, tmp_path):
     """Built from a union recipe, the merger holds the sources seen through the output vocabulary:
-    every merge of that recipe's shape (here TIES with other weights, as a search's candidates
-    vary) is bit for bit the CLI's, its tokenizer is the output's, and its model's logits cover
-    every added token. A recipe without the tokenizer, or a merger built without it, is refused."""
+    every merge with that tokenizer and base (here TIES with other weights, and a merge of two of
+    the models, as a search's candidates vary) is bit for bit the CLI's, its tokenizer is the
+    output's, and its model's logits cover every added token. A recipe of another tokenizer, or a
+    merger built without one, is refused."""
     recipe = recipe_from_dict(linear(vzoo))
     merger = InMemoryMerger(recipe)
     assert merger.tokenizer.get_vocab() == vocab_of(union_out)
     ties = {**linear(vzoo), "merge_method": "ties", "models": [
         {"model": vzoo[name], "parameters": {"weight": weight, "density": 0.6}} for name, weight in (("a", 0.7), ("b", 0.4))]}
-    ties_merger = InMemoryMerger(recipe_from_dict(ties))
-    for data, resident in ((linear(vzoo), merger), (ties, ties_merger)):
-        state = resident.merge(recipe_from_dict(data)).state_dict()
-        streamed = tensors(merge_to_dir(recipe_from_dict(data), tmp_path / data["merge_method"]))
+    pair = {**linear(vzoo), "models": linear(vzoo)["models"][1:]}  # a and b: other models merged into the rows
+    for data in (linear(vzoo), ties, pair, linear(vzoo)):
+        state = merger.merge(recipe_from_dict(data)).state_dict()
+        streamed = tensors(merge_to_dir(recipe_from_dict(data), tmp_path / f"{data['merge_method']}-{len(data['models'])}",
+                                        force=True))
         assert set(streamed) <= set(state) and all(torch.equal(state[k], v) for k, v in streamed.items())
     logits = merger.model(**merger.tokenizer("tom <tool> has <think> 3", return_tensors="pt")).logits
     assert logits.shape[-1] == 84 and bool(torch.isfinite(logits).all())
-    with pytest.raises(MergeflowError, match="its tokenizer, or the models it merges into the vocabulary tensors, differ"):
+    with pytest.raises(MergeflowError, match="its tokenizer or base model differ from those of the recipe"):
         merger.merge(recipe_from_dict(linear(vzoo, "base")))
     with pytest.raises(MergeflowError, match=r"tokenizer_source 'union' reconciles vocabularies \(model .*'<tool>'.*"
                                              r"build the in-memory merger from such a recipe"):

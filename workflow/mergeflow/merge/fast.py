@@ -36,9 +36,11 @@ def _tokenizer_spec(recipe: Recipe) -> tuple:
             recipe.pad_to_multiple_of)
 
 
-def _vocabulary_refs(plan: MergePlan) -> tuple:
-    """Which models each vocabulary tensor merges: what the rows filled for it depend on."""
-    return tuple((t.name, tuple(t.sources), t.base) for t in plan.tensors if is_vocabulary_tensor(t.name))
+def _rows_key(tensor_plan: TensorPlan) -> tuple:
+    """A vocabulary tensor and the models merged into it: what its filled rows depend on (given
+    the output vocabulary and the recipe's base)."""
+    refs = [*tensor_plan.sources, *([tensor_plan.base] if tensor_plan.base else [])]
+    return tensor_plan.name, frozenset(model for model, _ in refs)
 
 
 class InMemoryMerger:
@@ -71,7 +73,7 @@ class InMemoryMerger:
         self.device = torch.device(device)
         self.compute_dtype = torch_dtype(compute_dtype or "float32", "compute dtype")
         self.sources = {path: ModelSource(path) for path in self.paths}
-        self.vocabulary, self.tokenizer, self._vocabulary_merge = None, None, None
+        self.vocabulary, self.tokenizer = None, None
         if isinstance(models, Recipe) and models.tokenizer_source:
             self._align_vocabularies(models)
         self.resident = {path: self._load(source) for path, source in self.sources.items()}
@@ -83,19 +85,46 @@ class InMemoryMerger:
         self.merged: Recipe | None = None  # the recipe the model holds, None before a merge or after a failed one
 
     def _align_vocabularies(self, recipe: Recipe) -> None:
-        """See the sources through ``recipe``'s output vocabulary, when it reconciles any."""
+        """See the sources through ``recipe``'s output vocabulary, when it reconciles any: the
+        other tensors are held as they are, the vocabulary tensors per set of models merged into
+        them (the rows a model lacks are filled from those models: :meth:`_vocabulary_rows`)."""
         vocabulary = plan_vocabulary(recipe, self.sources)
         if vocabulary is None:
             return
-        self.sources = align_sources(self.sources, vocabulary)
-        plan = plan_merge(recipe, self.sources)
-        fill_rows(plan, recipe, self.sources, vocabulary)
         self.vocabulary, self.tokenizer = vocabulary, vocabulary.tokenizer
-        self._vocabulary_merge = (_tokenizer_spec(recipe), _vocabulary_refs(plan))
+        self._vocabulary_merge = (_tokenizer_spec(recipe), recipe.base_model)
+        self._rows: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._aligned = align_sources(self.sources, vocabulary)
+
+    def _vocabulary_rows(self, plan: MergePlan, recipe: Recipe) -> None:
+        """The aligned vocabulary tensors of every set of models ``plan`` merges into one, loaded
+        once per set."""
+        missing = [t for t in plan.tensors if is_vocabulary_tensor(t.name) and _rows_key(t) not in self._rows]
+        if not missing:
+            return
+        sources = align_sources(self.sources, self.vocabulary)  # fresh fills, for this plan's sets
+        fill_rows(plan, recipe, sources, self.vocabulary)
+        for tensor_plan in missing:
+            rows = {}
+            for model, _ in [*tensor_plan.sources, *([tensor_plan.base] if tensor_plan.base else [])]:
+                tensor = sources[model].read(tensor_plan.name)
+                check_finite(tensor, tensor_plan.name, model)
+                rows[model] = tensor.to(device=self.device, dtype=self.compute_dtype)
+            self._rows[_rows_key(tensor_plan)] = rows
+
+    def _fetcher(self, tensor_plan: TensorPlan):
+        """``fetch(model, name)`` for one tensor's plan: a vocabulary tensor seen through the output
+        vocabulary when the merger aligns vocabularies."""
+        if self.vocabulary is None or not is_vocabulary_tensor(tensor_plan.name):
+            return self._fetch
+        rows = self._rows[_rows_key(tensor_plan)]
+        return lambda model, name: rows[model]
 
     def _load(self, source: ModelSource) -> dict[str, torch.Tensor]:
         tensors = {}
         for name in source.tensors:
+            if self.vocabulary is not None and is_vocabulary_tensor(name):
+                continue  # held through the output vocabulary (:meth:`_vocabulary_rows`)
             tensor = source.read(name)
             check_finite(tensor, name, str(source.path))
             tensors[name] = tensor.to(device=self.device, dtype=self.compute_dtype)
@@ -138,12 +167,13 @@ class InMemoryMerger:
         missing = [p for p in recipe.model_paths() if p not in self.resident]
         if missing:
             raise MergeflowError(f"model {missing[0]!r} was not loaded into the in-memory merger")
-        if self._vocabulary_merge is not None:
-            plan = plan_merge(recipe, self.sources, out_dtype=dtype_name(self.out_dtype))
-            if (_tokenizer_spec(recipe), _vocabulary_refs(plan)) != self._vocabulary_merge:
+        if self.vocabulary is not None:
+            if (_tokenizer_spec(recipe), recipe.base_model) != self._vocabulary_merge:
                 raise MergeflowError(
-                    "recipe: its tokenizer, or the models it merges into the vocabulary tensors, differ from the recipe "
-                    f"this merger aligned the vocabularies for ({self._vocabulary_merge[0]}); build a merger for it")
+                    "recipe: its tokenizer or base model differ from those of the recipe this merger aligned the "
+                    f"vocabularies for ({self._vocabulary_merge}); build a merger for it")
+            plan = plan_merge(recipe, self._aligned, out_dtype=dtype_name(self.out_dtype))
+            self._vocabulary_rows(plan, recipe)
         else:
             vocab = plan_vocabulary(recipe, self.sources) if recipe.tokenizer_source else None
             if vocab is not None:
@@ -163,7 +193,7 @@ class InMemoryMerger:
         merged model's dtype, bit for bit what :meth:`merge` writes into the model: a merge read
         tensor by tensor, without touching the model (a gradient's directions, one at a time)."""
         with torch.no_grad():
-            return merge_tensor(tensor_plan, self._fetch, self.device, self.workspace).to(self.out_dtype)
+            return merge_tensor(tensor_plan, self._fetcher(tensor_plan), self.device, self.workspace).to(self.out_dtype)
 
     def merge(self, recipe: Recipe) -> torch.nn.Module:
         """Merge ``recipe`` into the preallocated model in place and return the model
@@ -179,7 +209,7 @@ class InMemoryMerger:
                 # Write straight into the parameter when it has the compute dtype; otherwise
                 # merge into scratch and cast on the copy, as the CLI casts on writing.
                 direct = target.dtype == self.compute_dtype and target.is_contiguous()
-                merged = merge_tensor(tensor_plan, self._fetch, self.device, self.workspace,
+                merged = merge_tensor(tensor_plan, self._fetcher(tensor_plan), self.device, self.workspace,
                                       out=target if direct else None)
                 if merged is not target:
                     target.copy_(merged)

@@ -242,7 +242,8 @@ def fill_rows(plan: MergePlan, recipe: Recipe, sources: dict[str, AlignedSource]
         if not is_vocabulary_tensor(tensor.name):
             continue
         refs = tensor.sources + ([tensor.base] if tensor.base else [])
-        models = list(dict.fromkeys(model for model, _ in refs))
+        merged = {model for model, _ in refs}
+        models = [model for model in vocab.rows if model in merged]  # one order (a mean's) for one set
         shared = _shared_rows(tensor.name, models, _tensor_base(recipe, tensor.name), vocab, sources,
                               plan.compute_dtype)
         for model in models:
