@@ -382,6 +382,70 @@ def parity_only(args, python: Path, recipes: dict, root: Path) -> None:
               f"mergeflow {ours['wall']:.1f} s", flush=True)
 
 
+# Float64 references of the spherical methods, written from their definitions as vectors (not
+# mergeflow's coefficient form): where the two tools differ on a large tensor, which is right.
+def _multislerp64(models: list[torch.Tensor], base: torch.Tensor, weights: list[float], eps: float = 1e-8) -> torch.Tensor:
+    deltas = [m - base for m in models]
+    total = sum(weights)
+    weights = [w / total for w in weights]
+    norms = [torch.linalg.vector_norm(d) for d in deltas]
+    units = [d / (n + eps) for d, n in zip(deltas, norms)]
+    mean = sum(w * u for w, u in zip(weights, units))
+    mean = mean / torch.linalg.vector_norm(mean)
+    tangent = sum(w * (u - torch.dot(u, mean) * mean) for w, u in zip(weights, units))
+    length = torch.linalg.vector_norm(tangent) + eps
+    direction = mean * torch.cos(length) + tangent * (torch.sin(length) / length)
+    return direction * sum(w * n for w, n in zip(weights, norms)) + base
+
+
+def _karcher64(models: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    norms = [torch.linalg.vector_norm(m) for m in models]
+    units = [m / n for m, n in zip(models, norms)]
+    mean = sum(units) / len(units)
+    mean = mean / torch.linalg.vector_norm(mean)
+    for _ in range(max_iter):
+        step = torch.zeros_like(mean)
+        for unit in units:
+            cosine = torch.dot(mean, unit).clamp(-1.0, 1.0)
+            theta = torch.acos(cosine)
+            if theta < tol:
+                continue
+            step += (theta / torch.sin(theta)) * (unit - cosine * mean) / len(units)
+        length = torch.linalg.vector_norm(step)
+        if length < tol:
+            break
+        mean = mean * torch.cos(length) + step * (torch.sin(length) / length)
+        mean = mean / torch.linalg.vector_norm(mean)
+    return mean * (sum(norms) / len(norms))
+
+
+REFERENCES = {"multislerp": lambda t: _multislerp64([t["ft1"], t["ft2"], t["ft3"]], t["base"], [0.5, 0.3, 0.2]),
+              "karcher": lambda t: _karcher64([t["ft1"], t["ft2"], t["ft3"]])}
+
+
+def reference_rows(args, python: Path, recipes: dict, root: Path, paths: dict[str, Path]) -> None:
+    """For the spherical methods, both tools' embedding matrix against a float64 reference."""
+    from safetensors import safe_open
+
+    name = "model.embed_tokens.weight"
+    print(f"\n## against float64 references ({name}, the largest tensor)")
+    for method in args.reference:
+        run_side("mergekit", python, recipes[("mergekit", method)], root / "out-mergekit", args.mergekit_args)
+        run_side("mergeflow", Path(sys.executable), recipes[("mergeflow", method)], root / "out-mergeflow", [])
+        sources = {}
+        for model, path in paths.items():
+            with safe_open(tensor_files(path)[name], framework="pt") as handle:
+                sources[model] = handle.get_tensor(name).double().reshape(-1)
+        reference = REFERENCES[method](sources)
+        errors = {}
+        for tool in ("mergeflow", "mergekit"):
+            out = root / f"out-{tool}"
+            with safe_open(tensor_files(out)[name], framework="pt") as handle:
+                errors[tool] = float((handle.get_tensor(name).double().reshape(-1) - reference).abs().max())
+        print(f"  {method:<18} max |x - float64 reference|: mergeflow {errors['mergeflow']:.1e}, "
+              f"mergekit {errors['mergekit']:.1e}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-model", default=None,
@@ -394,6 +458,8 @@ def main() -> None:
     parser.add_argument("--timed", type=lambda s: [m for m in s.split(",") if m], default=TIMED)
     parser.add_argument("--parity", type=lambda s: [m for m in s.split(",") if m], default=PARITY_ONLY)
     parser.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["quiet", "busy"])
+    parser.add_argument("--reference", type=lambda s: [m for m in s.split(",") if m], default=list(REFERENCES),
+                        help="spherical methods compared with a float64 reference on the embedding matrix")
     parser.add_argument("--busy", type=int, default=1, help="spinning processes in the busy mode")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-in-memory", action="store_true", help="skip the in-memory merger's figures")
@@ -418,7 +484,7 @@ def main() -> None:
         print(f"mergeflow: torch {torch.__version__}; both at torch's default threads "
               f"({torch.get_num_threads()}), {os.cpu_count()} cores")
         recipes = {}
-        for method in args.timed + args.parity:
+        for method in dict.fromkeys(args.timed + args.parity + args.reference):
             base_method, ours = VARIANTS.get(method, (method, {}))
             data = recipe_for(base_method, paths)
             sides = {"mergeflow": {**data, "seed": 1}, "mergekit": data}
@@ -441,6 +507,8 @@ def main() -> None:
               "methods: speed only)")
         if args.parity:
             parity_only(args, python, recipes, root)
+        if args.reference:
+            reference_rows(args, python, recipes, root, paths)
         if not args.no_in_memory:
             in_memory({m: recipe_for(m, paths) | {"seed": 1} for m in IN_MEMORY_TARGETS}, args.repeats)
     finally:
