@@ -45,8 +45,8 @@ PARITY_TOLERANCE = 1e-5
 IN_MEMORY_TARGETS = {"linear": 3.0, "task_arithmetic": 3.0, "ties": 10.0}
 TIMED = ["linear", "task_arithmetic", "ties", "dare_ties", "della"]
 # Deterministic methods both implement: compared once for parity, not timed.
-PARITY_ONLY = ["breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ties-argsort", "nuslerp", "multislerp",
-               "karcher", "sce", "nearswap", "ram", "ramplus_tl"]
+PARITY_ONLY = ["breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "ties-argsort", "breadcrumbs-argsort",
+               "breadcrumbs_ties-argsort", "nuslerp", "multislerp", "karcher", "sce", "nearswap", "ram", "ramplus_tl"]
 # Not arcee_fusion: on tensors above 1M entries mergekit takes its quartiles from a random sample
 # (unseeded), mergeflow from the whole tensor; tests/test_merge_peer.py compares it on tiny models
 # (``--parity arcee_fusion`` shows how far apart they are here).
@@ -64,7 +64,9 @@ NEW_METHOD_RECIPES = {
 }
 # Rows that are a method with mergeflow-only parameters: TIES with the opt-in ``tie_break:
 # argsort`` (mergekit's order among tied entries); mergekit runs the plain method.
-VARIANTS = {"ties-argsort": ("ties", {"tie_break": "argsort"})}
+VARIANTS = {"ties-argsort": ("ties", {"tie_break": "argsort"}),
+            "breadcrumbs-argsort": ("breadcrumbs", {"tie_break": "argsort"}),
+            "breadcrumbs_ties-argsort": ("breadcrumbs_ties", {"tie_break": "argsort"})}
 RANDOM = {"dare_ties", "della"}
 # timed, not compared: arcee_fusion's quartiles come from mergekit's unseeded sample at this size
 NO_PARITY = RANDOM | {"arcee_fusion"}
@@ -75,12 +77,15 @@ NO_PARITY = RANDOM | {"arcee_fusion"}
 
 
 def build_models(root: Path, args: argparse.Namespace) -> dict[str, Path]:
-    """A random base Llama and three "fine-tunes" (base + small noise), float32 safetensors."""
+    """A random base Llama (or ``--base-model``) and three "fine-tunes" (base + small noise),
+    float32 safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mergeflow.zoo.build import build_tokenizer
 
     names = ["base", "ft1", "ft2", "ft3"]
+    if args.base_model:
+        return real_models(root, Path(args.base_model), names)
     if all((root / name / "config.json").is_file() for name in names):
         for name in names:  # models built before the bench saved a tokenizer: mergeflow needs one
             if not (root / name / "tokenizer.json").is_file():
@@ -103,6 +108,29 @@ def build_models(root: Path, args: argparse.Namespace) -> dict[str, Path]:
         paths[name] = root / name
         model.save_pretrained(paths[name], safe_serialization=True)
         build_tokenizer().save_pretrained(paths[name])  # copied with the merge, never used here
+    return paths
+
+
+def real_models(root: Path, source: Path, names: list[str]) -> dict[str, Path]:
+    """``source`` (an HF directory, e.g. SmolLM2-135M converted from its GGUF) as the base, in
+    float32, and three fine-tunes of it (base + noise of sd 0.002), as a new user would merge."""
+    from safetensors.torch import load_file, save_file
+
+    paths = {name: root / name for name in names}
+    if all((path / "config.json").is_file() for path in paths.values()):
+        return paths
+    tensors = {}
+    for file in sorted(source.glob("*.safetensors")):
+        tensors.update({key: value.float() for key, value in load_file(file).items()})
+    for index, name in enumerate(names):
+        paths[name].mkdir(parents=True, exist_ok=True)
+        for extra in source.iterdir():
+            if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name != "model.safetensors.index.json":
+                shutil.copyfile(extra, paths[name] / extra.name)
+        generator = torch.Generator().manual_seed(index)
+        weights = tensors if not index else {
+            key: value + 0.002 * torch.randn(value.shape, generator=generator) for key, value in tensors.items()}
+        save_file(weights, paths[name] / "model.safetensors", metadata={"format": "pt"})
     return paths
 
 
@@ -152,7 +180,6 @@ tool, args = sys.argv[2], sys.argv[3:]
 import torch
 if tool == "mergeflow":
     from mergeflow import cli
-    cli.COMMAND_MODULES = ["mergeflow.commands.merge"]  # only the command under test
     run = lambda: cli.main(["merge", *args]) == 0 or sys.exit("mergeflow merge failed")
 else:
     from mergekit.scripts.run_yaml import main as mergekit_main
@@ -355,8 +382,74 @@ def parity_only(args, python: Path, recipes: dict, root: Path) -> None:
               f"mergeflow {ours['wall']:.1f} s", flush=True)
 
 
+# Float64 references of the spherical methods, written from their definitions as vectors (not
+# mergeflow's coefficient form): where the two tools differ on a large tensor, which is right.
+def _multislerp64(models: list[torch.Tensor], base: torch.Tensor, weights: list[float], eps: float = 1e-8) -> torch.Tensor:
+    deltas = [m - base for m in models]
+    total = sum(weights)
+    weights = [w / total for w in weights]
+    norms = [torch.linalg.vector_norm(d) for d in deltas]
+    units = [d / (n + eps) for d, n in zip(deltas, norms)]
+    mean = sum(w * u for w, u in zip(weights, units))
+    mean = mean / torch.linalg.vector_norm(mean)
+    tangent = sum(w * (u - torch.dot(u, mean) * mean) for w, u in zip(weights, units))
+    length = torch.linalg.vector_norm(tangent) + eps
+    direction = mean * torch.cos(length) + tangent * (torch.sin(length) / length)
+    return direction * sum(w * n for w, n in zip(weights, norms)) + base
+
+
+def _karcher64(models: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    norms = [torch.linalg.vector_norm(m) for m in models]
+    units = [m / n for m, n in zip(models, norms)]
+    mean = sum(units) / len(units)
+    mean = mean / torch.linalg.vector_norm(mean)
+    for _ in range(max_iter):
+        step = torch.zeros_like(mean)
+        for unit in units:
+            cosine = torch.dot(mean, unit).clamp(-1.0, 1.0)
+            theta = torch.acos(cosine)
+            if theta < tol:
+                continue
+            step += (theta / torch.sin(theta)) * (unit - cosine * mean) / len(units)
+        length = torch.linalg.vector_norm(step)
+        if length < tol:
+            break
+        mean = mean * torch.cos(length) + step * (torch.sin(length) / length)
+        mean = mean / torch.linalg.vector_norm(mean)
+    return mean * (sum(norms) / len(norms))
+
+
+REFERENCES = {"multislerp": lambda t: _multislerp64([t["ft1"], t["ft2"], t["ft3"]], t["base"], [0.5, 0.3, 0.2]),
+              "karcher": lambda t: _karcher64([t["ft1"], t["ft2"], t["ft3"]])}
+
+
+def reference_rows(args, python: Path, recipes: dict, root: Path, paths: dict[str, Path]) -> None:
+    """For the spherical methods, both tools' embedding matrix against a float64 reference."""
+    from safetensors import safe_open
+
+    name = "model.embed_tokens.weight"
+    print(f"\n## against float64 references ({name}, the largest tensor)")
+    for method in args.reference:
+        run_side("mergekit", python, recipes[("mergekit", method)], root / "out-mergekit", args.mergekit_args)
+        run_side("mergeflow", Path(sys.executable), recipes[("mergeflow", method)], root / "out-mergeflow", [])
+        sources = {}
+        for model, path in paths.items():
+            with safe_open(tensor_files(path)[name], framework="pt") as handle:
+                sources[model] = handle.get_tensor(name).double().reshape(-1)
+        reference = REFERENCES[method](sources)
+        errors = {}
+        for tool in ("mergeflow", "mergekit"):
+            out = root / f"out-{tool}"
+            with safe_open(tensor_files(out)[name], framework="pt") as handle:
+                errors[tool] = float((handle.get_tensor(name).double().reshape(-1) - reference).abs().max())
+        print(f"  {method:<18} max |x - float64 reference|: mergeflow {errors['mergeflow']:.1e}, "
+              f"mergekit {errors['mergekit']:.1e}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-model", default=None,
+                        help="an HF model directory to merge fine-tunes of (default: a random Llama of the shape below)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--intermediate", type=int, default=2048)
@@ -365,6 +458,8 @@ def main() -> None:
     parser.add_argument("--timed", type=lambda s: [m for m in s.split(",") if m], default=TIMED)
     parser.add_argument("--parity", type=lambda s: [m for m in s.split(",") if m], default=PARITY_ONLY)
     parser.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["quiet", "busy"])
+    parser.add_argument("--reference", type=lambda s: [m for m in s.split(",") if m], default=list(REFERENCES),
+                        help="spherical methods compared with a float64 reference on the embedding matrix")
     parser.add_argument("--busy", type=int, default=1, help="spinning processes in the busy mode")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-in-memory", action="store_true", help="skip the in-memory merger's figures")
@@ -381,14 +476,15 @@ def main() -> None:
         start = time.perf_counter()
         paths = build_models(root, args)
         size = model_bytes(paths["base"])
+        shape = (f"{args.base_model}" if args.base_model else
+                 f"vocabulary {args.vocab}, hidden {args.hidden}, {args.layers} layers")
         print(f"models: base + 3 fine-tunes, {size // 4 / 1e6:.0f}M parameters, float32, "
-              f"{size / 1e6:.0f} MB each (ready in {time.perf_counter() - start:.0f}s); "
-              f"vocabulary {args.vocab}, hidden {args.hidden}, {args.layers} layers")
+              f"{size / 1e6:.0f} MB each (ready in {time.perf_counter() - start:.0f}s); {shape}")
         print(f"peer: {versions(python)} in {args.peer_venv}; mergekit-yaml {' '.join(args.mergekit_args)}")
         print(f"mergeflow: torch {torch.__version__}; both at torch's default threads "
               f"({torch.get_num_threads()}), {os.cpu_count()} cores")
         recipes = {}
-        for method in args.timed + args.parity:
+        for method in dict.fromkeys(args.timed + args.parity + args.reference):
             base_method, ours = VARIANTS.get(method, (method, {}))
             data = recipe_for(base_method, paths)
             sides = {"mergeflow": {**data, "seed": 1}, "mergekit": data}
@@ -411,6 +507,8 @@ def main() -> None:
               "methods: speed only)")
         if args.parity:
             parity_only(args, python, recipes, root)
+        if args.reference:
+            reference_rows(args, python, recipes, root, paths)
         if not args.no_in_memory:
             in_memory({m: recipe_for(m, paths) | {"seed": 1} for m in IN_MEMORY_TARGETS}, args.repeats)
     finally:

@@ -66,7 +66,7 @@ def test_tokenizer_mismatch_is_named(tiny_zoo, tmp_path):
     vocab["\u2581zzz"] = vocab.pop("\u2581tom")
     (bad / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(MergeflowError, match=r"model 'othertok': token '\u2581zzz' \(id \d+\) is not in the base "
-                                             r"'base' vocabulary; a pipeline's models must share"):
+                                             r"'base' vocabulary; set the config's tokenizer_source"):
         run_check(_models(tiny_zoo, othertok=bad), "base", tmp_path / "c.json")
 
 

@@ -40,10 +40,18 @@ def test_fit_anchors_estimate_end_to_end(tmp_path):
     assert all(0 <= row["estimate"] <= 1 for row in rows)
 
 
-def test_the_irt_commands_are_registered_with_the_cli():
-    from mergeflow.cli import COMMAND_MODULES
+def test_the_irt_commands_are_registered_with_the_cli_and_merge_starts_without_them():
+    import subprocess
+    import sys
 
-    assert "mergeflow.commands.irt" in COMMAND_MODULES
+    from mergeflow.cli import COMMAND_MODULES, build_parser
+
+    assert {COMMAND_MODULES[c] for c in ("irt", "anchors", "estimate")} == {"mergeflow.commands.irt"}
+    assert {"merge", "irt", "anchors", "estimate"} <= set(build_parser().format_help().split("{")[1].split("}")[0].split(","))
+    # a merge's start: its own module only, not the IRT stack (pandas, pyro)
+    code = ("import sys; from mergeflow.cli import build_parser; build_parser('merge'); "
+            "sys.exit(', '.join(m for m in ('pandas', 'pyro', 'mergeflow.commands.irt') if m in sys.modules) or None)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr == ""
 
 
 def test_a_missing_fit_directory_is_a_clear_error(tmp_path):

@@ -75,6 +75,10 @@ def new_recipe(zoo, case):
     return data
 
 
+# Variants of the task-vector methods' recipes, by suffix: mergekit's options
+VARIANTS = {"-int8-mask": {"int8_mask": True}, "-rescale": {"rescale": True}}
+
+
 def recipe(zoo, method):
     if method in NEW_CASES:
         return new_recipe(zoo, method)
@@ -83,16 +87,18 @@ def recipe(zoo, method):
                 "models": [{"model": zoo["base"]}, {"model": zoo["math"]}]}
     models = [{"model": zoo[name], "parameters": {"weight": weight, "density": 0.5}}
               for name, weight in (("math", 0.5), ("lang", 0.3), ("code", 0.2))]
-    int8_mask = method.endswith("-int8-mask")
-    method = method.removesuffix("-int8-mask")
+    parameters = {}
+    for suffix, options in VARIANTS.items():  # a method's variant: its options added
+        if method.endswith(suffix):
+            method, parameters = method.removesuffix(suffix), options
     if method in ("linear", "task_arithmetic", "model_stock"):
         for model in models:
             model["parameters"].pop("density")
             if method == "model_stock":
                 model.pop("parameters")
     data = {"merge_method": method, "models": models}
-    if int8_mask:
-        data["parameters"] = {"int8_mask": True}
+    if parameters:
+        data["parameters"] = dict(parameters)
     if method != "linear":
         data["base_model"] = zoo["base"]
     return data
@@ -105,8 +111,8 @@ def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return result
 
 
-METHODS = ["linear", "task_arithmetic", "ties", "ties-int8-mask", "breadcrumbs", "breadcrumbs_ties", "slerp",
-           "model_stock", *NEW_CASES]
+METHODS = ["linear", "task_arithmetic", "ties", "ties-int8-mask", "ties-rescale", "breadcrumbs", "breadcrumbs-rescale",
+           "breadcrumbs_ties", "slerp", "model_stock", *NEW_CASES]
 
 # mergekit-yaml's own two calls, for several recipes in one process (each start costs seconds)
 RUN_MERGES = """
@@ -152,10 +158,12 @@ def test_matches_mergekit(zoo, mergekit_outputs, tmp_path, method):
 
 
 @pytest.mark.slow
-def test_ties_with_argsort_tie_break_matches_mergekit_at_tied_cuts(zoo, tmp_path):
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_argsort_tie_break_matches_mergekit_at_tied_cuts(zoo, tmp_path, method):
     """Fine-tunes whose task vectors sit on a coarse grid tie in magnitude at most cuts; with
-    ``tie_break: argsort`` mergeflow keeps the tied entries mergekit keeps, so every entry
-    matches (with the default, the tied entries kept by flat index differ)."""
+    ``tie_break: argsort`` mergeflow keeps the tied entries mergekit keeps (TIES: the first of a
+    descending sort; Breadcrumbs: a run of an ascending one), so every entry matches (with the
+    default, the tied entries kept by flat index differ)."""
     from safetensors.torch import save_file
 
     base = tensors(Path(zoo["base"]))
@@ -171,9 +179,9 @@ def test_ties_with_argsort_tie_break_matches_mergekit_at_tied_cuts(zoo, tmp_path
                     for key, t in load_file(file).items()}
             save_file(grid, file, metadata={"format": "pt"})
         models[name] = str(out)
-    data = recipe({**zoo, **models}, "ties")
-    (tmp_path / "ties.yaml").write_text(yaml.safe_dump(data))
-    run_mergekit([(tmp_path / "ties.yaml", tmp_path / "mergekit")])
+    data = recipe({**zoo, **models}, method)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    run_mergekit([(tmp_path / "recipe.yaml", tmp_path / "mergekit")])
     theirs = tensors(tmp_path / "mergekit")
     by_index = tensors(merge_to_dir(recipe_from_dict(data), tmp_path / "index"))
     assert any(not torch.equal(by_index[name], theirs[name]) for name in theirs)

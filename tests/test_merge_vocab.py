@@ -3,6 +3,7 @@
 parity with mergekit 0.1.5 (slow; skipped without its virtualenv, as ``test_merge_peer``)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -156,11 +157,30 @@ def test_without_a_tokenizer_source_the_first_differing_token_is_named(vzoo, tmp
     check_merge_sources(recipe.model_paths(), vzoo["base"], vocabularies_may_differ=True)  # rows may differ
 
 
-def test_the_in_memory_merger_refuses_differing_vocabularies(vzoo):
+def test_the_in_memory_merger_merges_over_the_output_vocabulary_as_the_cli(vzoo, union_out, tmp_path):
+    """Built from a union recipe, the merger holds the sources seen through the output vocabulary:
+    every merge with that tokenizer and base (here TIES with other weights, and a merge of two of
+    the models, as a search's candidates vary) is bit for bit the CLI's, its tokenizer is the
+    output's, and its model's logits cover every added token. A recipe of another tokenizer, or a
+    merger built without one, is refused."""
     recipe = recipe_from_dict(linear(vzoo))
+    merger = InMemoryMerger(recipe)
+    assert merger.tokenizer.get_vocab() == vocab_of(union_out)
+    ties = {**linear(vzoo), "merge_method": "ties", "models": [
+        {"model": vzoo[name], "parameters": {"weight": weight, "density": 0.6}} for name, weight in (("a", 0.7), ("b", 0.4))]}
+    pair = {**linear(vzoo), "models": linear(vzoo)["models"][1:]}  # a and b: other models merged into the rows
+    for data in (linear(vzoo), ties, pair, linear(vzoo)):
+        state = merger.merge(recipe_from_dict(data)).state_dict()
+        streamed = tensors(merge_to_dir(recipe_from_dict(data), tmp_path / f"{data['merge_method']}-{len(data['models'])}",
+                                        force=True))
+        assert set(streamed) <= set(state) and all(torch.equal(state[k], v) for k, v in streamed.items())
+    logits = merger.model(**merger.tokenizer("tom <tool> has <think> 3", return_tensors="pt")).logits
+    assert logits.shape[-1] == 84 and bool(torch.isfinite(logits).all())
+    with pytest.raises(MergeflowError, match="its tokenizer or base model differ from those of the recipe"):
+        merger.merge(recipe_from_dict(linear(vzoo, "base")))
     with pytest.raises(MergeflowError, match=r"tokenizer_source 'union' reconciles vocabularies \(model .*'<tool>'.*"
-                                             r"in-memory merger does not do; merge the recipe with mergeflow merge"):
-        InMemoryMerger(recipe).merge(recipe)
+                                             r"build the in-memory merger from such a recipe"):
+        InMemoryMerger(recipe.model_paths(), base_model=recipe.base_model).merge(recipe)
 
 
 def test_cli(vzoo, tmp_path, capsys):
@@ -250,3 +270,22 @@ def test_an_aligned_source_reads_any_window_of_its_rows(vzoo):
     for start, size in [(0, 1), (5, 64), (63, 130), (64 * 80 + 7, 64 * 3), (64 * 83 + 1, 63), (0, flat.numel())]:
         out = torch.empty(size, dtype=flat.dtype)
         assert torch.equal(a.read_range(HEAD, start, out), flat[start:start + size]), (start, size)
+
+
+def test_the_evaluator_scores_a_union_merge_on_prompts_with_the_added_tokens(union_out, tmp_path):
+    """The respond stage on the union output: prompts holding the added tokens are tokenized to
+    their own ids and every item gets a finite log-likelihood per choice."""
+    import pandas as pd
+
+    from mergeflow.evaluate import respond
+
+    items = pd.DataFrame({"item_id": ["q0", "q1", "q2"],
+                          "prompt": ["tom <tool> has 3 apples", "<think> tom has", "<call> 2 plus 2 is"],
+                          "choices": [["3", "4"], ["3", "4"], ["3", "4"]], "answer": [0, 1, 1],
+                          "target": ["3", "4", "4"]})
+    items.to_parquet(tmp_path / "split.parquet", index=False)
+    responses = respond({"path": str(union_out)}, tmp_path / "split.parquet", "mc_loglik", " ",
+                        {"batch_size": 4, "max_length": 32, "max_new_tokens": 2}, tmp_path / "responses.parquet")
+    assert list(responses["item_id"]) == ["q0", "q1", "q2"]
+    assert set(responses["correct"]) <= {0, 1}
+    assert all(len(c) == 2 and all(math.isfinite(v) for v in c) for c in responses["choice_logliks"])

@@ -13,6 +13,7 @@ def baseline_model(baseline: dict, base: str, sources: list[str], recipe_out: st
         "base_model": base,
         "models": [{"model": s, "parameters": {"weight": baseline["weight"]}} for s in sources],
         "dtype": "float32",
+        **({"tokenizer_source": baseline["tokenizer_source"]} if baseline.get("tokenizer_source") else {}),
     })
     save_recipe(recipe, recipe_out)
     merge_to_dir(recipe, model_out)

@@ -30,8 +30,9 @@ def random_merge_responses(base_path: str, source_paths: list[str], space_cfg: d
     """Responses of ``count`` random merges (uniform genomes in the search space), merged in memory."""
     space = build_space({**space_cfg, "base_model": base_path, "models": source_paths},
                         where="irt.calibration.search_space")
-    merger = InMemoryMerger([base_path, *source_paths], device=settings.device, dtype=settings.dtype)
-    tokenizer = load_tokenizer(base_path)
+    merger = InMemoryMerger(space.merger_template() or [base_path, *source_paths], device=settings.device,
+                            dtype=settings.dtype)
+    tokenizer = merger.tokenizer or load_tokenizer(base_path)
     rng = np.random.default_rng([seed, 7])
     frames = []
     meter = Progress("calibration: random merges", count, "merge")

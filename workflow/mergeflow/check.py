@@ -25,8 +25,8 @@ from mergeflow.merge.vocab import RECIPE_HINT, is_vocabulary_tensor, vocabulary_
 from mergeflow.weights import INDEX_FILE, file_problem, weight_files
 
 # What the pipeline's check stage says of a model whose vocabulary is not the base's.
-PIPELINE_VOCABULARY_HINT = ("a pipeline's models must share the base's vocabulary (mergeflow merge merges others "
-                            "with a recipe's tokenizer_source: union or base)")
+PIPELINE_VOCABULARY_HINT = ("set the config's tokenizer_source (union, base or a model) to merge models whose "
+                            "vocabularies differ")
 # Config fields that must agree for two models to be merged tensor by tensor.
 ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "intermediate_size", "vocab_size")
@@ -149,14 +149,15 @@ def _by_role(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     return {name if layer_index(name) is None else with_layer_index(name, 0): shape for name, shape in shapes.items()}
 
 
-def check_model(name: str, spec: dict, ref: BaseReference) -> dict:
-    """One model against the base (:func:`compare_to_base`), then every tensor finite; returns its
-    summary with the fingerprint of its weights (:func:`weights_fingerprint`)."""
+def check_model(name: str, spec: dict, ref: BaseReference, vocabularies_may_differ: bool = False) -> dict:
+    """One model against the base (:func:`compare_to_base`; ``vocabularies_may_differ``: the
+    config's merges reconcile them, its ``tokenizer_source``), then every tensor finite; returns
+    its summary with the fingerprint of its weights (:func:`weights_fingerprint`)."""
     from mergeflow.evaluate import load_tokenizer  # heavy: transformers
 
     model_dir = resolve_model_dir(name, spec)
     trust = spec.get("trust_remote_code", False)
-    source, cfg, vocab = compare_to_base(name, model_dir, ref, trust)
+    source, cfg, vocab = compare_to_base(name, model_dir, ref, trust, vocabularies_may_differ=vocabularies_may_differ)
     # the evaluation loads both through transformers: so must the check
     _load_config(name, str(model_dir), trust)
     load_tokenizer(model_dir, trust, name)
@@ -195,11 +196,14 @@ def run_check(models: dict[str, dict], base: str, out: Path) -> dict:
     return report
 
 
-def run_model_check(name: str, models: dict[str, dict], base: str, out: str | Path) -> dict:
+def run_model_check(name: str, models: dict[str, dict], base: str, out: str | Path,
+                    tokenizer_source: str | None = None) -> dict:
     """The check stage, per model: check ``name`` against the base and write its report
     (``check/{name}/{digest}.json``), which every job that reads the model depends on. Written only
     when the check passes, and atomically."""
-    report = {"model": name, "base_model": base, **check_model(name, models[name], BaseReference.load(models, base))}
+    ref = BaseReference.load(models, base)
+    report = {"model": name, "base_model": base,
+              **check_model(name, models[name], ref, vocabularies_may_differ=tokenizer_source is not None)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")  # whole or not at all: a report is only ever a pass

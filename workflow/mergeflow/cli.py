@@ -1,8 +1,8 @@
 """The ``mergeflow`` command line: one sub-command per library entry point.
 
 Each command module exposes ``register(subparsers)`` which adds its parser and sets
-``func`` (called with the parsed namespace). Modules are imported lazily so that
-``mergeflow --help`` stays fast.
+``func`` (called with the parsed namespace). Only the module of the command given is imported
+(all of them for ``mergeflow --help``), so ``mergeflow merge`` starts without the IRT stack.
 """
 
 from __future__ import annotations
@@ -14,23 +14,29 @@ import sys
 
 from mergeflow.errors import MergeflowError
 
-# Modules that register sub-commands; each has ``register(subparsers)``.
-COMMAND_MODULES = [
-    "mergeflow.commands.merge",
-    "mergeflow.commands.irt",
-]
+# The module registering each sub-command; each has ``register(subparsers)``.
+COMMAND_MODULES = {
+    "merge": "mergeflow.commands.merge",
+    "irt": "mergeflow.commands.irt",
+    "anchors": "mergeflow.commands.irt",
+    "estimate": "mergeflow.commands.irt",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``command``'s module alone, or of every command (None, or unknown: then
+    argparse names the choices)."""
     parser = argparse.ArgumentParser(prog="mergeflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
+    modules = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else COMMAND_MODULES.values()
+    for name in dict.fromkeys(modules):
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     # the library's warnings (an absurd recipe weight, ...) reach the user as the errors do
     warnings = logging.StreamHandler(sys.stderr)
     warnings.setLevel(logging.WARNING)

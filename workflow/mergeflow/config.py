@@ -28,7 +28,7 @@ from mergeflow.lm_eval_tasks import resolve_tasks
 from mergeflow.locations import local_model_dir, zoo_model_dirs, zoo_task_files
 from mergeflow.schema import check_instance, fill_defaults, load_schema
 from mergeflow.scorers import get_scorer
-from mergeflow.spaces import ModelConfigs, check_space, space_models
+from mergeflow.spaces import SPACES, ModelConfigs, check_space, space_models
 from mergeflow.yamlio import load_yaml
 
 
@@ -147,6 +147,24 @@ def check_finetuned_models(config: dict) -> None:
             raise MergeflowError(f"{where}.source: file {source['path']!r} does not exist")
 
 
+def check_tokenizer_source(config: dict) -> None:
+    """``tokenizer_source`` is base, union or a model; every search space's candidates are recipes
+    (layer paths take their embeddings from one model: no vocabulary to reconcile)."""
+    source = config.get("tokenizer_source")
+    if source is None:
+        return
+    if source not in ("base", "union") and source not in config["models"]:
+        raise MergeflowError(f"config: tokenizer_source {source!r} is neither base, union nor one of models "
+                             f"{sorted(config['models'])}")
+    spaces = {"irt.calibration.search_space": config["irt"]["calibration"]["search_space"]}
+    spaces.update({f"runs.{run}.evolve.search_space": rcfg["evolve"]["search_space"]
+                   for run, rcfg in config["runs"].items() if "evolve" in rcfg})
+    for where, space in spaces.items():
+        if SPACES[space["kind"]].candidates != "recipe":
+            raise MergeflowError(f"config: {where}.kind is {space['kind']!r}: tokenizer_source reconciles the "
+                                 "vocabularies of parameter merges only (a layer path's embeddings are one model's)")
+
+
 def check_config(config: dict) -> None:
     """Raise ``MergeflowError`` naming the first key whose reference cannot be resolved."""
     models = config["models"]
@@ -164,6 +182,7 @@ def check_config(config: dict) -> None:
             raise MergeflowError(f"config: model {name!r}: directory {str(path)!r} does not exist")
     check_gguf_models(config)
     check_finetuned_models(config)
+    check_tokenizer_source(config)
     written = {str(p) for p in zoo_task_files(config).values()}
     for task, tcfg in config["tasks"].items():
         if "lm_eval" in tcfg:  # checked when resolved (resolve_lm_eval_tasks)

@@ -86,3 +86,12 @@ def local_model_dir(spec: dict) -> Path:
 def model_location(spec: dict) -> str:
     """What the merger and ``from_pretrained`` are given: always a local directory."""
     return str(local_model_dir(spec))
+
+
+def merge_tokenizer_source(config: dict) -> str | None:
+    """The config's ``tokenizer_source`` as a recipe names it: ``base``, ``union`` or a model's
+    directory; None when unset."""
+    source = config.get("tokenizer_source")
+    if source is None or source in ("base", "union"):
+        return source
+    return model_location(config["models"][source])

@@ -34,6 +34,7 @@ rule check_model:
         models=lambda wc: check_inputs(wc.model)["models"],
         base=config["base_model"],
         fingerprints=lambda wc: check_inputs(wc.model)["fingerprints"],
+        tokenizer_source=lambda wc: check_inputs(wc.model).get("tokenizer_source"),
     wildcard_constraints:
         model="|".join(re.escape(m) for m in MODELS),
         # only the digest of the current config: an old report's path is never rewritten

@@ -17,7 +17,9 @@ os.environ.update(PYTHONPATH=os.pathsep.join(
 
 from mergeflow.config import run_tasks, search_model_names, task_evaluation, validate_config
 from mergeflow.data import task_files
-from mergeflow.locations import hub_model_dir, local_model_dir, model_check_file, model_location, zoo_task_files
+from mergeflow.locations import (
+    hub_model_dir, local_model_dir, merge_tokenizer_source, model_check_file, model_location, zoo_task_files,
+)
 from mergeflow.errors import MergeflowError
 from mergeflow.evaluate import ANSWER_NEUTRAL, chat_keys
 from mergeflow.evolve.stages import EvolveConfig
@@ -87,6 +89,9 @@ TABLE_MODELS = EVAL_MODELS + ([BASELINE] if EVOLVE else [])
 # Where merges read their sources: the base and the endpoints (always local directories).
 BASE_LOCATION = model_location(config["models"][config["base_model"]])
 SOURCE_LOCATIONS = [model_location(config["models"][m]) for m in config["endpoints"]]
+# The vocabulary parameter merges write (config tokenizer_source): {} when unset, so the params
+# of the merging rules are those of before.
+MERGE_TOKENIZER = {"tokenizer_source": merge_tokenizer_source(config)} if config.get("tokenizer_source") else {}
 CONDA_ENV = "../../envs/mergeflow.yaml"
 
 

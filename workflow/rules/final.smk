@@ -20,7 +20,7 @@ rule baseline_model:
         recipe="results/baseline/recipe.yaml",
         model=directory("results/baseline/model"),
     params:
-        baseline=canonical(config["baseline"]),
+        baseline=canonical({**config["baseline"], **MERGE_TOKENIZER}),
         base=BASE_LOCATION,
         sources=SOURCE_LOCATIONS,
     resources:

@@ -17,7 +17,8 @@ rule calibrate:
         task=lambda wc: canonical(config["tasks"][wc.task]),
         base=BASE_LOCATION,
         sources=SOURCE_LOCATIONS,
-        calibration=canonical(config["irt"]["calibration"]),
+        calibration=canonical({**config["irt"]["calibration"], "search_space": {
+            **config["irt"]["calibration"]["search_space"], **MERGE_TOKENIZER}}),
         seed=config["seed"],
         evaluation=answer_settings(config["evaluation"]),
     threads: 1

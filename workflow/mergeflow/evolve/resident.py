@@ -34,19 +34,22 @@ def _fingerprint(path: str) -> tuple:
 
 
 @contextmanager
-def resident_merger(paths: Sequence[str], device: str, dtype: str | None, candidates: str = "recipe") -> Iterator[tuple]:
+def resident_merger(paths: Sequence[str], device: str, dtype: str | None, candidates: str = "recipe",
+                    template=None) -> Iterator[tuple]:
     """``(merger, tokenizer)`` for ``paths`` (the first is the template), held for the duration;
     ``candidates``: the candidate type (a key of :data:`~mergeflow.merge.candidates.CANDIDATE_TYPES`),
     whose executor makes the merger: a resident :class:`~mergeflow.merge.InMemoryMerger` for
     recipes, a :class:`~mergeflow.merge.assemble.PathAssembler` (its shell the first path's) for
-    layer paths."""
+    layer paths. ``template``: the candidate to build it from instead (the space's
+    ``merger_template``: models whose vocabularies differ), whose tokenizer it then is."""
     with _LOCK:
-        key = (tuple(_fingerprint(p) for p in paths), device, dtype, candidates)
+        key = (tuple(_fingerprint(p) for p in paths), device, dtype, candidates,
+               None if template is None else template.to_yaml())
         if key not in _RESIDENT:
             _RESIDENT.clear()  # free the old sources before loading new ones
             log.info("loading %d source models onto %s", len(paths), device)
-            merger = CANDIDATE_TYPES[candidates].executor(list(paths), device=device, dtype=dtype)
-            _RESIDENT[key] = (merger, load_tokenizer(paths[0]))
+            merger = CANDIDATE_TYPES[candidates].executor(template or list(paths), device=device, dtype=dtype)
+            _RESIDENT[key] = (merger, getattr(merger, "tokenizer", None) or load_tokenizer(paths[0]))
         else:
             log.info("source models already resident")
         yield _RESIDENT[key]

@@ -39,7 +39,7 @@ from mergeflow.evolve.search import (
     tell_generation,
 )
 from mergeflow.fitness import FITNESS, FitnessContext, FitnessKind, ScoredCandidate, evaluate_candidate
-from mergeflow.locations import model_location
+from mergeflow.locations import merge_tokenizer_source, model_location
 from mergeflow.merge.candidates import candidate_from_yaml
 from mergeflow.merge.recipe import recipe_hash
 from mergeflow.progress import Progress
@@ -93,6 +93,8 @@ class EvolveConfig:
                                      f"which is not one of models {sorted(models)}")
         paths = {name: model_location(models[name]) for name in names}
         space.update({"base_model": model_location(models[base]), "models": list(paths.values())})
+        if config.get("tokenizer_source"):
+            space["tokenizer_source"] = merge_tokenizer_source(config)
         return cls(run=run, objectives=dict(ecfg["objectives"]), multi_objective=ecfg["multi_objective"],
                    fitness=dict(ecfg["fitness"]), optimizer=ecfg["optimizer"], sigma=ecfg["sigma"],
                    learning_rate=ecfg["learning_rate"], population=ecfg["population"],
@@ -229,7 +231,7 @@ def fitness(cfg: EvolveConfig, tasks: dict[str, dict], evaluation: dict, files: 
     rows, answers = [], []
     space = cfg.space()
     with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], settings.device,
-                         settings.dtype, space.candidates) as (merger, tokenizer):
+                         settings.dtype, space.candidates, space.merger_template()) as (merger, tokenizer):
         meter = Progress(f"generation {job.generation} rung {job.rung} shard {job.shard}", len(mine), "candidate")
         for _, cand in mine.iterrows():
             known = hist.known_answers(earlier, cand["recipe_hash"])

@@ -19,7 +19,7 @@ from mergeflow.merge.recipe import Recipe
 from mergeflow.dtypes import dtype_name, torch_dtype
 from mergeflow.merge.sources import ModelSource
 from mergeflow.merge.sparsify import Workspace
-from mergeflow.merge.vocab import first_difference, plan_vocabulary
+from mergeflow.merge.vocab import align_sources, fill_rows, first_difference, is_vocabulary_tensor, plan_vocabulary
 
 
 def find_nonfinite(model: torch.nn.Module) -> list[str]:
@@ -29,6 +29,18 @@ def find_nonfinite(model: torch.nn.Module) -> list[str]:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad.append(name)
     return bad
+
+
+def _tokenizer_spec(recipe: Recipe) -> tuple:
+    return (recipe.tokenizer_source, tuple(sorted((t, str(o.to_dict())) for t, o in recipe.tokens.items())),
+            recipe.pad_to_multiple_of)
+
+
+def _rows_key(tensor_plan: TensorPlan) -> tuple:
+    """A vocabulary tensor and the models merged into it: what its filled rows depend on (given
+    the output vocabulary and the recipe's base)."""
+    refs = [*tensor_plan.sources, *([tensor_plan.base] if tensor_plan.base else [])]
+    return tensor_plan.name, frozenset(model for model, _ in refs)
 
 
 class InMemoryMerger:
@@ -41,6 +53,13 @@ class InMemoryMerger:
     (default float32, as the CLI). ``sort_magnitudes`` keeps each trimmed task vector's sorted
     magnitudes so TIES trims need no selection per candidate (one float32 copy per source
     model's tensor; turn off when device memory is short).
+
+    Models whose vocabularies differ: given a recipe with a ``tokenizer_source``, the sources are
+    held seen through its output vocabulary (each model's embedding rows permuted, the rows it
+    lacks filled, as ``merge_to_dir`` does: :mod:`mergeflow.merge.vocab`), the preallocated model
+    has that vocabulary's rows, and :attr:`tokenizer` is its tokenizer (None otherwise: the
+    template's). Every recipe merged must then name the same tokenizer and merge the same models
+    into the vocabulary tensors: a search's candidates do.
     """
 
     def __init__(self, models: Recipe | Sequence[str], base_model: str | None = None,
@@ -54,6 +73,9 @@ class InMemoryMerger:
         self.device = torch.device(device)
         self.compute_dtype = torch_dtype(compute_dtype or "float32", "compute dtype")
         self.sources = {path: ModelSource(path) for path in self.paths}
+        self.vocabulary, self.tokenizer = None, None
+        if isinstance(models, Recipe) and models.tokenizer_source:
+            self._align_vocabularies(models)
         self.resident = {path: self._load(source) for path, source in self.sources.items()}
         self.template = self.paths[0]
         self.out_dtype = torch_dtype(dtype, "dtype") if dtype else None
@@ -62,9 +84,47 @@ class InMemoryMerger:
         self.workspace = Workspace(cache=True, sort_cache=sort_magnitudes)
         self.merged: Recipe | None = None  # the recipe the model holds, None before a merge or after a failed one
 
+    def _align_vocabularies(self, recipe: Recipe) -> None:
+        """See the sources through ``recipe``'s output vocabulary, when it reconciles any: the
+        other tensors are held as they are, the vocabulary tensors per set of models merged into
+        them (the rows a model lacks are filled from those models: :meth:`_vocabulary_rows`)."""
+        vocabulary = plan_vocabulary(recipe, self.sources)
+        if vocabulary is None:
+            return
+        self.vocabulary, self.tokenizer = vocabulary, vocabulary.tokenizer
+        self._vocabulary_merge = (_tokenizer_spec(recipe), recipe.base_model)
+        self._rows: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._aligned = align_sources(self.sources, vocabulary)
+
+    def _vocabulary_rows(self, plan: MergePlan, recipe: Recipe) -> None:
+        """The aligned vocabulary tensors of every set of models ``plan`` merges into one, loaded
+        once per set."""
+        missing = [t for t in plan.tensors if is_vocabulary_tensor(t.name) and _rows_key(t) not in self._rows]
+        if not missing:
+            return
+        sources = align_sources(self.sources, self.vocabulary)  # fresh fills, for this plan's sets
+        fill_rows(plan, recipe, sources, self.vocabulary)
+        for tensor_plan in missing:
+            rows = {}
+            for model, _ in [*tensor_plan.sources, *([tensor_plan.base] if tensor_plan.base else [])]:
+                tensor = sources[model].read(tensor_plan.name)
+                check_finite(tensor, tensor_plan.name, model)
+                rows[model] = tensor.to(device=self.device, dtype=self.compute_dtype)
+            self._rows[_rows_key(tensor_plan)] = rows
+
+    def _fetcher(self, tensor_plan: TensorPlan):
+        """``fetch(model, name)`` for one tensor's plan: a vocabulary tensor seen through the output
+        vocabulary when the merger aligns vocabularies."""
+        if self.vocabulary is None or not is_vocabulary_tensor(tensor_plan.name):
+            return self._fetch
+        rows = self._rows[_rows_key(tensor_plan)]
+        return lambda model, name: rows[model]
+
     def _load(self, source: ModelSource) -> dict[str, torch.Tensor]:
         tensors = {}
         for name in source.tensors:
+            if self.vocabulary is not None and is_vocabulary_tensor(name):
+                continue  # held through the output vocabulary (:meth:`_vocabulary_rows`)
             tensor = source.read(name)
             check_finite(tensor, name, str(source.path))
             tensors[name] = tensor.to(device=self.device, dtype=self.compute_dtype)
@@ -79,6 +139,8 @@ class InMemoryMerger:
             self.out_dtype = first if first.is_floating_point else torch.float32
         model = AutoModelForCausalLM.from_pretrained(
             template.path, dtype=self.out_dtype, device_map=None)
+        if self.vocabulary is not None:  # the output vocabulary's rows (tied embeddings stay tied)
+            model.resize_token_embeddings(self.vocabulary.size)
         model.to(self.device)
         model.eval()
         model.requires_grad_(False)
@@ -105,12 +167,21 @@ class InMemoryMerger:
         missing = [p for p in recipe.model_paths() if p not in self.resident]
         if missing:
             raise MergeflowError(f"model {missing[0]!r} was not loaded into the in-memory merger")
-        vocab = plan_vocabulary(recipe, self.sources) if recipe.tokenizer_source else None
-        if vocab is not None:
-            raise MergeflowError(
-                f"recipe: tokenizer_source {recipe.tokenizer_source!r} reconciles vocabularies ({first_difference(vocab)}), "
-                "which the in-memory merger does not do; merge the recipe with mergeflow merge (merge_to_dir)")
-        plan = plan_merge(recipe, self.sources, out_dtype=dtype_name(self.out_dtype))
+        if self.vocabulary is not None:
+            if (_tokenizer_spec(recipe), recipe.base_model) != self._vocabulary_merge:
+                raise MergeflowError(
+                    "recipe: its tokenizer or base model differ from those of the recipe this merger aligned the "
+                    f"vocabularies for ({self._vocabulary_merge}); build a merger for it")
+            plan = plan_merge(recipe, self._aligned, out_dtype=dtype_name(self.out_dtype))
+            self._vocabulary_rows(plan, recipe)
+        else:
+            vocab = plan_vocabulary(recipe, self.sources) if recipe.tokenizer_source else None
+            if vocab is not None:
+                raise MergeflowError(
+                    f"recipe: tokenizer_source {recipe.tokenizer_source!r} reconciles vocabularies "
+                    f"({first_difference(vocab)}); build the in-memory merger from such a recipe "
+                    "(InMemoryMerger(recipe)) to merge it in memory")
+            plan = plan_merge(recipe, self.sources, out_dtype=dtype_name(self.out_dtype))
         if plan.num_layers != self.sources[self.template].num_layers:
             raise MergeflowError(
                 f"recipe produces {plan.num_layers} layers; the preallocated model has "
@@ -122,7 +193,7 @@ class InMemoryMerger:
         merged model's dtype, bit for bit what :meth:`merge` writes into the model: a merge read
         tensor by tensor, without touching the model (a gradient's directions, one at a time)."""
         with torch.no_grad():
-            return merge_tensor(tensor_plan, self._fetch, self.device, self.workspace).to(self.out_dtype)
+            return merge_tensor(tensor_plan, self._fetcher(tensor_plan), self.device, self.workspace).to(self.out_dtype)
 
     def merge(self, recipe: Recipe) -> torch.nn.Module:
         """Merge ``recipe`` into the preallocated model in place and return the model
@@ -138,7 +209,7 @@ class InMemoryMerger:
                 # Write straight into the parameter when it has the compute dtype; otherwise
                 # merge into scratch and cast on the copy, as the CLI casts on writing.
                 direct = target.dtype == self.compute_dtype and target.is_contiguous()
-                merged = merge_tensor(tensor_plan, self._fetch, self.device, self.workspace,
+                merged = merge_tensor(tensor_plan, self._fetcher(tensor_plan), self.device, self.workspace,
                                       out=target if direct else None)
                 if merged is not target:
                     target.copy_(merged)

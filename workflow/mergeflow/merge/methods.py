@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -177,7 +177,7 @@ def _merge_block(tensors, base, model_params, variant, params, trims, generators
         if rescale and density < 1.0:
             if variant.sparsify == "random":
                 scale /= density
-            elif variant.sparsify == "outliers":
+            elif variant.trimmed and trims[index] is not None:
                 scale *= trims[index].scale
         if scale < 0.0:  # the election below needs non-negative scales
             delta.mul_(scale)
@@ -196,16 +196,42 @@ def _merge_block(tensors, base, model_params, variant, params, trims, generators
     return torch.add(base, result, alpha=float(params["lambda"]), out=result)
 
 
-def _trims(variant: _TaskArithmeticVariant, model_params, params, numel: int,
+def _trims(variant: _TaskArithmeticVariant, model_params, params, numel: int, passes: BlockPass,
            magnitudes: Callable[[int], Tensor], ws: Workspace, keys: list[tuple] | None = None) -> list:
     """Per model, the whole-tensor trim of its task vector: TIES's ``Trim`` or Breadcrumbs'
     ``OutlierTrim`` (see ``sparsify.outlier_trims``); ``magnitudes(i)``: model ``i``'s flat float32
-    |task vector|."""
+    |task vector|. With ``rescale``, each with mergekit's rescale (:func:`_l1_rescaled`)."""
     if variant.sparsify == "magnitude":
-        return magnitude_trims(model_params, numel, magnitudes, ws, keys, params["tie_break"])
-    return [outlier_trims(float(model["density"]), float(model["gamma"]), numel,
-                          lambda index=index: magnitudes(index), ws, keys[index] if keys else None)
-            for index, model in enumerate(model_params)]
+        trims = magnitude_trims(model_params, numel, magnitudes, ws, keys, params["tie_break"])
+    else:
+        trims = [outlier_trims(float(model["density"]), float(model["gamma"]), numel,
+                               lambda index=index: magnitudes(index), ws, keys[index] if keys else None,
+                               params["tie_break"])
+                 for index, model in enumerate(model_params)]
+    return _l1_rescaled(trims, passes) if params["rescale"] else trims
+
+
+def _l1_rescaled(trims: list, passes: BlockPass) -> list:
+    """The trims with mergekit's rescale: a kept task vector scaled to the L1 norm of the whole
+    (none where either norm is below 1e-7); sums of float64 per ``CPU_BLOCK`` run."""
+    rescaled = []
+    scratch = Workspace()
+    for index, trim in enumerate(trims):
+        if trim is None:
+            rescaled.append(trim)
+            continue
+        sums = None
+        for offset, blocks, base in passes([index]):
+            for start, (run_base, run) in chunks(base, blocks[0]):
+                delta = run - run_base
+                whole = delta.abs().sum(dtype=torch.float64)
+                cut = trim.block(offset + start, offset + start + delta.numel())
+                kept = (apply_trim(delta, cut, scratch) if isinstance(cut, Trim) else drop_outliers(delta, cut, scratch))
+                pair = torch.stack([whole, kept.abs().sum(dtype=torch.float64)])
+                sums = pair if sums is None else sums.add_(pair)
+        before, after = sums.tolist()
+        rescaled.append(replace(trim, scale=1.0 if before < 1e-7 or after < 1e-7 else before / after))
+    return rescaled
 
 
 def _generalized_task_arithmetic(*, sparsify: str | None, sign_consensus: bool) -> tuple[MethodFunction, Callable]:
@@ -231,7 +257,7 @@ def _generalized_task_arithmetic(*, sparsify: str | None, sign_consensus: bool) 
             buffer[:] = [fill_flat(passes, numel, fill, [index], out=buffer[0] if buffer else None)]
             return buffer[0]
 
-        return _trims(variant, model_params, params, numel, magnitudes, Workspace())
+        return _trims(variant, model_params, params, numel, passes, magnitudes, Workspace())
 
     def merge(tensors, base, model_params, params, rng, ws=None, out=None, prepared=None, offset=0) -> Tensor:
         ws = ws or Workspace()
@@ -242,7 +268,7 @@ def _generalized_task_arithmetic(*, sparsify: str | None, sign_consensus: bool) 
                                     bool(params["normalize"]), result)
         if prepared is None and variant.trimmed:
             keys = [(t.data_ptr(), base.data_ptr(), tuple(base.shape), base.dtype) for t in tensors]
-            prepared = _trims(variant, model_params, params, base.numel(),
+            prepared = _trims(variant, model_params, params, base.numel(), whole_tensor_pass(tensors, base),
                               lambda i: torch.sub(tensors[i], base).abs_().reshape(-1).float(), ws, keys)
         trims = prepared or [None] * len(tensors)
         random = variant.sparsify in ("random", "magnitude_rank")
@@ -600,14 +626,30 @@ def karcher_merge(tensors, base, model_params, params, rng, ws=None, out=None, p
 # arcee_fusion: computed in the compute dtype, as mergekit does.
 
 
-def _sce_deltas(tensors, base, selection: Trim | None, start: int) -> Tensor:
-    """The models' task vectors, stacked, zero outside ``selection`` (the entries of highest
-    variance across the models; None: all); ``start``: the flat offset of these entries."""
-    deltas = torch.stack([x - base for x in tensors])
+def _population_variance(deltas: list[Tensor]) -> Tensor:
+    """Per entry, the population variance of the models' values, summed in float64 and rounded
+    to their dtype (what ``torch.var(stacked, dim=0, correction=0)`` gives on CPU, at a twentieth
+    of its time: its reduction across a stacked axis is strided)."""
+    wide = [d.double() for d in deltas]
+    mean = wide[0].clone()
+    for d in wide[1:]:
+        mean.add_(d)
+    mean.div_(len(wide))
+    total = torch.zeros_like(mean)
+    for d in wide:
+        total.add_(d.sub_(mean).square_())
+    return total.div_(len(wide)).to(deltas[0].dtype)
+
+
+def _sce_deltas(tensors, base, selection: Trim | None, start: int) -> list[Tensor]:
+    """The models' task vectors, zero outside ``selection`` (the entries of highest variance
+    across the models; None: all); ``start``: the flat offset of these entries."""
+    deltas = [x - base for x in tensors]
     if selection is not None:
-        variance = torch.var(deltas, dim=0, correction=0)
-        kept = apply_trim(variance, selection.block(start, start + variance.numel()), Workspace())
-        deltas.mul_(torch.ne(kept, 0.0).to(deltas.dtype))
+        variance = _population_variance(deltas)
+        kept = torch.ne(apply_trim(variance, selection.block(start, start + variance.numel()), Workspace()), 0.0)
+        for delta in deltas:
+            delta.mul_(kept)
     return deltas
 
 
@@ -622,7 +664,7 @@ def sce_prepare(passes: BlockPass, shape, model_params, params) -> tuple[Trim | 
     if fraction < 1.0:
         def fill(blocks, base, out):
             for start, runs in chunks(base, *blocks):
-                variance = torch.var(torch.stack([x - runs[0] for x in runs[1:]]), dim=0, correction=0)
+                variance = _population_variance([x - runs[0] for x in runs[1:]])
                 out[start:start + variance.numel()].copy_(variance)
 
         variances = fill_flat(passes, numel, fill)
@@ -634,8 +676,8 @@ def sce_prepare(passes: BlockPass, shape, model_params, params) -> tuple[Trim | 
     sums: Tensor | None = None
     for offset, blocks, base in passes():
         for start, runs in chunks(base, *blocks):
-            deltas = _sce_deltas(runs[1:], runs[0], selection, offset + start).reshape(len(blocks), -1)
-            squares = _geometric(deltas).square().sum(dim=1, dtype=torch.float64)
+            deltas = _sce_deltas(runs[1:], runs[0], selection, offset + start)
+            squares = torch.stack([_geometric(d).square().sum(dtype=torch.float64) for d in deltas])
             sums = squares if sums is None else sums.add_(squares)
     energy = [value / numel for value in sums.tolist()]
     total = sum(energy)
@@ -645,11 +687,16 @@ def sce_prepare(passes: BlockPass, shape, model_params, params) -> tuple[Trim | 
 
 def _sce_block(tensors, base, selection: Trim | None, weights: list[float], start: int, result: Tensor) -> None:
     deltas = _sce_deltas(tensors, base, selection, start)
-    shares = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).reshape(-1, *([1] * base.dim()))
-    elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
-    agreeing = shares * (torch.sign(deltas) == elected)
-    merged = (deltas * agreeing).sum(dim=0) / agreeing.sum(dim=0).clamp_min(1e-6)
-    torch.add(base, merged, out=result)
+    total = deltas[0].clone()
+    for delta in deltas[1:]:
+        total.add_(delta)
+    elected = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    merged, shares = torch.zeros_like(total), torch.zeros_like(total)
+    for delta, weight in zip(deltas, weights):
+        agreeing = torch.eq(torch.sign(delta), elected).to(delta.dtype).mul_(weight)  # zeros never agree
+        merged.add_(delta.mul_(agreeing))
+        shares.add_(agreeing)
+    torch.add(base, merged.div_(shares.clamp_min_(1e-6)), out=result)
 
 
 @_one_cpu_thread
@@ -709,10 +756,9 @@ def arcee_fusion_prepare(passes: BlockPass, shape, model_params, params) -> Tens
 
     importances = fill_flat(passes, numel, fill)
     last = numel - 1
-    # exact order statistics of the float32 copy (exact for every compute dtype)
     quartiles = torch.tensor([kth_largest(importances, numel - index) for index in (last // 4, last // 2, 3 * last // 4)],
                              dtype=dtypes[0], device=importances.device)
-    return quartiles[1] + 1.5 * (quartiles[2] - quartiles[0])  # in the compute dtype
+    return importances, quartiles[1] + 1.5 * (quartiles[2] - quartiles[0])  # in the compute dtype
 
 
 @_one_cpu_thread
@@ -728,7 +774,8 @@ def arcee_fusion_merge(tensors, base, model_params, params, rng, ws=None, out=No
         row = model.shape[-1] if model.dim() == 2 else None
         prepared = arcee_fusion_prepare(whole_tensor_pass(tensors, base, row), tuple(model.shape),
                                         model_params, params)
-    keep = _fusion_importance(model, base) >= prepared
+    importances, threshold = prepared
+    keep = importances[offset:offset + model.numel()].view(model.shape) >= threshold
     return torch.where(keep, model, base, out=_destination(out, ws or Workspace(), base))
 
 
@@ -772,11 +819,15 @@ def ramplus_tl_prepare(passes: BlockPass, shape, model_params, params) -> list[f
     unique = [0] * len(model_params)
     kept = [0] * len(model_params)
     for _, blocks, base in passes():
-        masks = [torch.gt(torch.abs(x - base), epsilon) for x in blocks]
-        alone = torch.eq(sum(m.to(torch.int32) for m in masks), 1)
-        for index, mask in enumerate(masks):
-            unique[index] += int(torch.count_nonzero(mask & alone))
-            kept[index] += int(torch.count_nonzero(mask))
+        for _, runs in chunks(base, *blocks):  # runs of CPU_BLOCK: the passes stay in cache
+            masks = [torch.gt(torch.sub(x, runs[0]).abs_(), epsilon) for x in runs[1:]]
+            count = masks[0].to(torch.int16)
+            for mask in masks[1:]:
+                count.add_(mask)
+            alone = torch.eq(count, 1)
+            for index, mask in enumerate(masks):
+                unique[index] += int(torch.count_nonzero(mask & alone))
+                kept[index] += int(torch.count_nonzero(mask))
     boosts = []
     for alone_count, kept_count in zip(unique, kept):
         shared = kept_count - alone_count
@@ -795,11 +846,15 @@ def ramplus_tl_merge(tensors, base, model_params, params, rng, ws=None, out=None
     ws = ws or Workspace()
     boosts = _whole(ramplus_tl_prepare, tensors, base, model_params, params, prepared)
     result = _destination(out, ws, base)
-    count, deltas, _ = _ram_sums(tensors, base, float(params["epsilon"]), ws, result)
-    alone = torch.eq(count, 1.0, out=ws.empty("alone", base))
-    boost = ws.empty("boost", base).zero_()
-    for delta, factor in zip(deltas, boosts):
-        boost.add_(delta, alpha=factor)
-    # where one model changes an entry the mean is that change: add its boost there
-    result.div_(count.clamp_min_(1.0))
-    return result.add_(boost.mul_(alone)).add_(base)
+    epsilon = float(params["epsilon"])
+    for _, runs in chunks(base, result, *tensors):  # runs of CPU_BLOCK: the passes stay in cache
+        run_base, run_result, run_models = runs[0], runs[1], runs[2:]
+        count, deltas, _ = _ram_sums(run_models, run_base, epsilon, ws, run_result)
+        alone = torch.eq(count, 1.0, out=ws.empty("alone", run_base))
+        boost = ws.empty("boost", run_base).zero_()
+        for delta, factor in zip(deltas, boosts):
+            boost.add_(delta, alpha=factor)
+        # where one model changes an entry the mean is that change: add its boost there
+        run_result.div_(count.clamp_min_(1.0))
+        run_result.add_(boost.mul_(alone)).add_(run_base)
+    return result

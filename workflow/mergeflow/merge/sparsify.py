@@ -150,21 +150,24 @@ def keep_count(density: float, numel: int) -> int:
 class Trim:
     """The entries a magnitude trim keeps: those with ``|x| >= threshold``; when entries tied
     at the threshold straddle the cut, those with ``|x| > threshold`` and, of the tied ones,
-    only those at the sorted flat indices ``tied``."""
+    only those at the sorted flat indices ``tied``. ``scale``: the rescale of what it keeps
+    (``rescale``: the L1 norm of the whole task vector over that of its kept entries)."""
 
     threshold: float
     tied: Tensor | None = None
+    scale: float = 1.0
 
     def block(self, start: int, stop: int) -> "Trim":
         """This trim for the flat entries ``[start, stop)`` of the tensor, indexed from 0."""
         if self.tied is None:
             return self
         low, high = torch.searchsorted(self.tied, torch.tensor([start, stop], device=self.tied.device)).tolist()
-        return Trim(self.threshold, self.tied[low:high] - start)
+        return Trim(self.threshold, self.tied[low:high] - start, self.scale)
 
 
 TIE_BREAKS = ("index", "argsort")
-"""How a TIES trim picks among entries tied in magnitude at its cut (the ``tie_break`` parameter)."""
+"""How a magnitude trim picks among entries tied in magnitude at its cut (the ``tie_break``
+parameter of TIES and Breadcrumbs): the first by flat index, or mergekit's sort order."""
 
 
 def _exact_trim(threshold: float, above: int, tied: int, keep: int,
@@ -175,13 +178,19 @@ def _exact_trim(threshold: float, above: int, tied: int, keep: int,
     ``argsort`` keeps those mergekit keeps: the first in torch's unstable descending
     ``argsort`` of the magnitudes, an order with no rule short of that sort of the whole tensor
     (deterministic for one torch build and device, and most of a TIES merge's time when it runs,
-    so it runs only where ties straddle the cut). Zeros are never chosen among: kept or not, a
-    zero delta adds nothing."""
+    so it runs only where ties straddle the cut); ``ascending`` those last in torch's ascending
+    sort (mergekit's Breadcrumbs keeps a run of that order). Zeros are never chosen among: kept
+    or not, a zero delta adds nothing."""
     if above + tied == keep or threshold <= 0.0:
         return Trim(threshold)
     if tie_break == "argsort":
         # a descending sort puts the ``above`` larger entries first, then the tied ones
         ranked = torch.argsort(magnitudes(), descending=True)[above:keep]
+        return Trim(threshold, torch.sort(ranked).values)
+    if tie_break == "ascending":
+        # an ascending sort puts the tied entries just below the ``above`` larger ones
+        values = magnitudes()
+        ranked = torch.sort(values, descending=False).indices[values.numel() - keep:values.numel() - above]
         return Trim(threshold, torch.sort(ranked).values)
     at_cut, needed = [], keep - above
     for number, chunk in enumerate(_chunks(magnitudes())):
@@ -258,11 +267,11 @@ def _float32_away_from_zero(value: float) -> float:
 @dataclass(frozen=True)
 class OutlierTrim:
     """Model Breadcrumbs' cut of one task vector: the entries ``kept`` keeps (None: none) that
-    ``outliers`` does not (None: no outliers); ``scale``: the rescale, entries / entries kept."""
+    ``outliers`` does not (None: no outliers); ``scale`` as ``Trim.scale``."""
 
     kept: Trim | None
     outliers: Trim | None
-    scale: float
+    scale: float = 1.0
 
     def block(self, start: int, stop: int) -> "OutlierTrim":
         """This cut for the flat entries ``[start, stop)`` of the tensor, indexed from 0."""
@@ -271,13 +280,13 @@ class OutlierTrim:
 
 
 def outlier_trims(density: float, gamma: float, numel: int, magnitudes: Callable[[], Tensor],
-                  ws: Workspace, key: tuple | None = None) -> OutlierTrim | None:
+                  ws: Workspace, key: tuple | None = None, tie_break: str = "index") -> OutlierTrim | None:
     """Model Breadcrumbs: drop the top ``gamma`` fraction by magnitude (outliers) and the
     smallest entries, keeping ``int(density * n)`` entries in between (with ``gamma + density``
     above 1, fewer outliers); None with density 1 (nothing dropped). Of entries tied in
-    magnitude at a cut, those first by flat index count as larger (mergekit: its unstable
-    argsort's order; ties that matter are rare in trained weights, zeros among them add nothing
-    either way). ``magnitudes()``: the flat float32 |task vector| (called at most once)."""
+    magnitude at a cut, ``tie_break`` ``index`` counts those first by flat index as larger;
+    ``argsort`` keeps mergekit's run of torch's ascending sort. ``magnitudes()``: the flat
+    float32 |task vector| (called at most once)."""
     if density >= 1.0:
         return None
     keep = int(numel * density)
@@ -286,9 +295,10 @@ def outlier_trims(density: float, gamma: float, numel: int, magnitudes: Callable
     if n_bottom < 0:  # gamma + density > 1: keep the density, drop fewer outliers
         n_bottom, n_top = 0, numel - keep
     values = functools.cache(magnitudes)
-    kept = None if keep == 0 else Trim(0.0) if n_bottom == 0 else ws.trim(values, numel - n_bottom, key)
-    outliers = None if n_top == 0 or kept is None else ws.trim(values, n_top, key)
-    return OutlierTrim(kept, outliers, numel / keep if keep else 1.0)
+    order = "ascending" if tie_break == "argsort" else tie_break
+    kept = None if keep == 0 else Trim(0.0) if n_bottom == 0 else ws.trim(values, numel - n_bottom, key, order)
+    outliers = None if n_top == 0 or kept is None else ws.trim(values, n_top, key, order)
+    return OutlierTrim(kept, outliers)
 
 
 def drop_outliers(delta: Tensor, trim: OutlierTrim | None, ws: Workspace) -> Tensor:

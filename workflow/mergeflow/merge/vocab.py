@@ -101,13 +101,13 @@ def plan_vocabulary(recipe: Recipe, sources: dict[str, ModelSource]) -> Vocabula
     its embedding rows; without ``tokenizer_source``, models whose vocabulary tensors differ in
     shape from the base's (the first differing token named; the vocabularies themselves are the
     check's to compare, :func:`mergeflow.check.compare_to_base`)."""
-    from mergeflow.evaluate import load_tokenizer  # heavy: transformers
-
     base = recipe.base_model or recipe.model_paths()[0]
     if not recipe.tokenizer_source:
         if not _same_shapes(sources, base):
             _refuse_differing_vocabularies(recipe, base)
         return None
+    from mergeflow.evaluate import load_tokenizer  # heavy (transformers): only where vocabularies are reconciled
+
     tokenizers = {path: load_tokenizer(path) for path in dict.fromkeys([base, *recipe.model_paths()])}
     vocabs = {path: tokenizer.get_vocab() for path, tokenizer in tokenizers.items()}
     source = recipe.tokenizer_model
@@ -242,7 +242,8 @@ def fill_rows(plan: MergePlan, recipe: Recipe, sources: dict[str, AlignedSource]
         if not is_vocabulary_tensor(tensor.name):
             continue
         refs = tensor.sources + ([tensor.base] if tensor.base else [])
-        models = list(dict.fromkeys(model for model, _ in refs))
+        merged = {model for model, _ in refs}
+        models = [model for model in vocab.rows if model in merged]  # one order (a mean's) for one set
         shared = _shared_rows(tensor.name, models, _tensor_base(recipe, tensor.name), vocab, sources,
                               plan.compute_dtype)
         for model in models:

@@ -48,7 +48,8 @@ class Space(Protocol):
     ``initial_genome(init)`` (source path -> weight, or None: the optimizer's own start);
     ``genome_table(genome)`` (long table ``panel``, ``row``, ``column``, ``value`` for the
     best-genome figure); ``problem(candidate)``: why a candidate gets the worst loss without
-    evaluation (e.g. a path deeper than ``max_layers``), None by default.
+    evaluation (e.g. a path deeper than ``max_layers``), None by default; ``merger_template()``:
+    the candidate the resident merger is built from, None by default (from the paths).
     """
 
     candidates: ClassVar[str] = "recipe"
@@ -69,6 +70,11 @@ class Space(Protocol):
     def from_recipe(self, recipe: Recipe | LayerPath) -> np.ndarray: ...
 
     def initial_genome(self, init: dict[str, float] | None) -> tuple[float, ...] | None: ...
+
+    def merger_template(self) -> Recipe | None:
+        """A candidate to build the resident merger from (models whose vocabularies differ: see
+        ``InMemoryMerger``); None: the merger is built from the models' paths."""
+        return None
 
     def genome_table(self, genome: np.ndarray) -> pd.DataFrame: ...
 

@@ -123,6 +123,7 @@ class ParameterSpace(Space):
     method_ranges: dict[str, Range]
     method_fixed: dict[str, Any]
     dtype: str | None = None
+    tokenizer_source: str | None = None  # the recipes' (base, union or a model's path)
     kinds: list[str | None] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -165,7 +166,7 @@ class ParameterSpace(Space):
         method_ranges, method_fixed = _split(cfg["method_parameters"], f"{where}.method_parameters")
         return cls(methods, cfg.get("base_model"), models, num_layers,
                    layer_groups(num_layers, int(cfg["layer_groups"])), [str(f) for f in cfg["filters"]],
-                   model_ranges, model_fixed, method_ranges, method_fixed, cfg.get("dtype"))
+                   model_ranges, model_fixed, method_ranges, method_fixed, cfg.get("dtype"), cfg.get("tokenizer_source"))
 
     # ---- layout
 
@@ -267,7 +268,8 @@ class ParameterSpace(Space):
             entries.append(ModelEntry(path, {**self.model_fixed, **parameters}))
         parameters = {key: self._setting(method_values, key, layered) for key in self.method_ranges}
         return Recipe(method, models=entries, base_model=self.base_model,
-                      parameters={**self.method_fixed, **parameters}, dtype=self.dtype, seed=seed)
+                      parameters={**self.method_fixed, **parameters}, dtype=self.dtype, seed=seed,
+                      tokenizer_source=self.tokenizer_source)
 
     def _slices_recipe(self, methods, model_values, method_values, seed) -> Recipe:
         slices = []
@@ -282,7 +284,12 @@ class ParameterSpace(Space):
             slices.append(SliceSpec(sources, {**self.method_fixed, **parameters},
                                     merge_method=methods[group]))
         return Recipe(methods[0], slices=slices, base_model=self.base_model, dtype=self.dtype,
-                      seed=seed)
+                      seed=seed, tokenizer_source=self.tokenizer_source)
+
+    def merger_template(self) -> Recipe | None:
+        """With a ``tokenizer_source``, a recipe of the space (the centre genome's) to build the
+        in-memory merger from: it holds the sources through the output vocabulary."""
+        return self.to_recipe(np.full(self.dim, 0.5)) if self.tokenizer_source else None
 
     def initial_genome(self, init: dict[str, float] | None) -> tuple[float, ...] | None:
         """The genome of ``init`` (source path -> weight; other genes at the middle of their

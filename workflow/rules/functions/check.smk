@@ -32,11 +32,14 @@ def external_fingerprint(name):
 
 @lru_cache(maxsize=None)
 def check_inputs(name):
-    """What a model's check depends on: its and the base's config entries (key order aside) and
-    the fingerprints of their weights where the workflow does not write them. It names the
+    """What a model's check depends on: its and the base's config entries (key order aside), the
+    fingerprints of their weights where the workflow does not write them and tokenizer_source. It names the
     check's report (model_check), so a changed model is checked into a new file. Computed once
     per invocation: every job that reads a model asks for its check."""
     names = (name, config["base_model"])
-    return {"models": canonical({n: config["models"][n] for n in names}),
-            "fingerprints": {n: external_fingerprint(n) for n in names}}
+    inputs = {"models": canonical({n: config["models"][n] for n in names}),
+              "fingerprints": {n: external_fingerprint(n) for n in names}}
+    if config.get("tokenizer_source"):  # vocabularies may differ (absent: the digests of before)
+        inputs["tokenizer_source"] = config["tokenizer_source"]
+    return inputs
 
