@@ -25,6 +25,7 @@ from mergeflow.evaluate import ANSWER_NEUTRAL, chat_keys
 from mergeflow.evolve.stages import EvolveConfig
 from mergeflow.fitness import NEED_PATHS, need_paths
 from mergeflow.runlock import live_run, record_run, release_run
+from mergeflow.scheduling import one_pending_reevaluation
 
 # One live run per working directory (mergeflow.runlock): `snakemake --unlock` while a run is
 # live would let a second start beside it and rewrite its files; refused (the unlock parses the
@@ -44,6 +45,7 @@ if workflow.is_main_process and "--unlock" in sys.argv:
 onstart:
     refuse_beside_live_run("a second run would rewrite its files")
     record_run()
+    one_pending_reevaluation(workflow.scheduler)  # Snakemake's timer chains (mergeflow/scheduling.py)
 
 
 onsuccess:
