@@ -1,0 +1,93 @@
+"""A search's wall time through Snakemake against the same search in-process.
+
+    python bench/gradient_wall.py --workdir WORKDIR [--run cheap] [--rerun-triggers mtime params input]
+
+WORKDIR holds a finished default (its zoo, data, checks and IRT fits). The search ``--run`` is run
+twice from those files, each in a scratch directory:
+- in-process, through the library's stage functions (``ask``, ``fitness``, ``promote``, ``tell``: the
+  ones the Snakemake jobs call), as ``bench/search_sweep.py`` runs a search;
+- through Snakemake: a copy of WORKDIR's results without ``results/runs/RUN``, then
+  ``snakemake results/runs/RUN/evolve/history.parquet --cores 1`` (the default profile).
+Both end in the same history (checked: genomes, fitness, items). Printed: each side's wall time,
+the ratio, the Snakemake process's peak thread count and own CPU time (sampled from /proc), and the
+time its jobs' bodies took by their benchmark files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow"))
+
+from search_sweep import search  # noqa: E402  (same directory)
+
+
+def through_snakemake(workdir: Path, scratch: Path, run: str, triggers: list[str] | None) -> dict:
+    """The search run by Snakemake in a copy of ``workdir``'s results; wall, own CPU, peak threads."""
+    shutil.copytree(workdir / "results", scratch / "results",
+                    ignore=lambda d, names: [n for n in names if Path(d, n) == workdir / "results" / "runs" / run])
+    target = f"results/runs/{run}/evolve/history.parquet"
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(scratch), target,
+               "--cores", "1", "--quiet", *(["--rerun-triggers", *triggers] if triggers else [])]
+    planned = subprocess.run([*command, "-n"], capture_output=True, text=True, check=True).stdout
+    tick = os.sysconf("SC_CLK_TCK")
+    start = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    threads, cpu = [], 0.0
+    while process.poll() is None:
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            stat = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            break
+        threads.append(int(next(line for line in status.splitlines() if line.startswith("Threads:")).split()[1]))
+        cpu = (int(stat[11]) + int(stat[12])) / tick
+        time.sleep(0.2)
+    stderr = process.communicate()[1]
+    wall = time.monotonic() - start
+    if process.returncode != 0:
+        raise RuntimeError(f"snakemake failed:\n{stderr[-3000:]}")
+    bodies = sum(pd.read_csv(f, sep="\t")["s"].iloc[0]
+                 for f in (scratch / "results" / "runs" / run / "evolve").glob("gen_*/benchmark/*.tsv"))
+    return {"wall": wall, "cpu": cpu, "peak_threads": max(threads, default=0), "bodies": bodies,
+            "planned": planned, "history": pd.read_parquet(scratch / target)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--run", default="cheap")
+    parser.add_argument("--configfile", type=Path, default=REPO / "config" / "config.yaml")
+    parser.add_argument("--rerun-triggers", nargs="+", default=None,
+                        help="passed to Snakemake, e.g. 'mtime params input' for a WORKDIR made by another commit")
+    args = parser.parse_args()
+    from mergeflow.config import validate_config
+
+    config = validate_config(yaml.safe_load(args.configfile.read_text()))
+    workdir = args.workdir.resolve()
+    with tempfile.TemporaryDirectory(prefix="mergeflow-gradient-wall-") as tmp:
+        history, inproc = search(config, args.run, workdir / "results", Path(tmp) / "in-process")
+        snake = through_snakemake(workdir, Path(tmp) / "snakemake", args.run, args.rerun_triggers)
+    same = [c for c in ("generation", "genome", "fitness", "items") if c in history.columns]
+    equal = history[same].astype(str).equals(snake["history"][same].astype(str))
+    jobs = sum(1 for line in snake["planned"].splitlines() if line.strip().startswith(("ask ", "fitness ", "tell ")))
+    print(f"run {args.run}: {len(history)} generations; load average at the end {os.getloadavg()[0]:.1f}")
+    print(f"in-process {inproc:.1f} s; through Snakemake {snake['wall']:.1f} s (jobs' bodies {snake['bodies']:.1f} s, "
+          f"Snakemake's own CPU {snake['cpu']:.1f} s, peak {snake['peak_threads']} threads); "
+          f"ratio {snake['wall'] / inproc:.2f}x")
+    print(f"same history ({', '.join(same)}): {equal}")
+
+
+if __name__ == "__main__":
+    main()
