@@ -4,13 +4,13 @@
 
 WORKDIR holds a finished default (its zoo, data, checks and IRT fits). The search ``--run`` is run
 twice from those files, each in a scratch directory:
-- in-process, through the library's stage functions (``ask``, ``fitness``, ``promote``, ``tell``: the
+- in-process (torch on one thread, as the fitness jobs are), through the library's stage functions (``ask``, ``fitness``, ``promote``, ``tell``: the
   ones the Snakemake jobs call), as ``bench/search_sweep.py`` runs a search;
 - through Snakemake: a copy of WORKDIR's results without ``results/runs/RUN``, then
   ``snakemake results/runs/RUN/evolve/history.parquet --cores 1`` (the default profile).
 Both end in the same history (checked: genomes, fitness, items). Printed: each side's wall time,
-the ratio, the Snakemake process's peak thread count and own CPU time (sampled from /proc), and the
-time its jobs' bodies took by their benchmark files.
+the ratio, the Snakemake process's peak thread count and own CPU time (sampled from /proc), the
+time its jobs' bodies took by their benchmark files, and what importing Snakemake costs here.
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ sys.path.insert(0, str(REPO / "workflow"))
 from search_sweep import search  # noqa: E402  (same directory)
 
 
-def through_snakemake(workdir: Path, scratch: Path, run: str, triggers: list[str] | None) -> dict:
+def through_snakemake(workdir: Path, scratch: Path, run: str, configfile: Path, triggers: list[str] | None) -> dict:
     """The search run by Snakemake in a copy of ``workdir``'s results; wall, own CPU, peak threads."""
     shutil.copytree(workdir / "results", scratch / "results",
                     ignore=lambda d, names: [n for n in names if Path(d, n) == workdir / "results" / "runs" / run])
     target = f"results/runs/{run}/evolve/history.parquet"
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(scratch), target,
-               "--cores", "1", "--quiet", *(["--rerun-triggers", *triggers] if triggers else [])]
-    planned = subprocess.run([*command, "-n"], capture_output=True, text=True, check=True).stdout
+               "--configfile", str(configfile), "--cores", "1", "--quiet", *(["--rerun-triggers", *triggers] if triggers else [])]
     tick = os.sysconf("SC_CLK_TCK")
     start = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -58,10 +57,10 @@ def through_snakemake(workdir: Path, scratch: Path, run: str, triggers: list[str
     wall = time.monotonic() - start
     if process.returncode != 0:
         raise RuntimeError(f"snakemake failed:\n{stderr[-3000:]}")
-    bodies = sum(pd.read_csv(f, sep="\t")["s"].iloc[0]
-                 for f in (scratch / "results" / "runs" / run / "evolve").glob("gen_*/benchmark/*.tsv"))
+    benchmarks = list((scratch / "results" / "runs" / run / "evolve").glob("gen_*/benchmark/*.tsv"))
+    bodies = sum(pd.read_csv(f, sep="\t")["s"].iloc[0] for f in benchmarks)
     return {"wall": wall, "cpu": cpu, "peak_threads": max(threads, default=0), "bodies": bodies,
-            "planned": planned, "history": pd.read_parquet(scratch / target)}
+            "jobs": len(benchmarks) + 1, "history": pd.read_parquet(scratch / target)}  # + history's copy
 
 
 def main() -> None:
@@ -76,16 +75,25 @@ def main() -> None:
 
     config = validate_config(yaml.safe_load(args.configfile.read_text()))
     workdir = args.workdir.resolve()
+    from mergeflow.logs import pin_threads
+
+    pin_threads(1)  # as the fitness job pins torch to its rule's one thread
+    os.chdir(workdir)  # the config names models by paths relative to it
     with tempfile.TemporaryDirectory(prefix="mergeflow-gradient-wall-") as tmp:
         history, inproc = search(config, args.run, workdir / "results", Path(tmp) / "in-process")
-        snake = through_snakemake(workdir, Path(tmp) / "snakemake", args.run, args.rerun_triggers)
+        snake = through_snakemake(workdir, Path(tmp) / "snakemake", args.run, args.configfile.resolve(), args.rerun_triggers)
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import snakemake.api"], check=True)
+    imports = time.monotonic() - start
     same = [c for c in ("generation", "genome", "fitness", "items") if c in history.columns]
     equal = history[same].astype(str).equals(snake["history"][same].astype(str))
-    jobs = sum(1 for line in snake["planned"].splitlines() if line.strip().startswith(("ask ", "fitness ", "tell ")))
-    print(f"run {args.run}: {len(history)} generations; load average at the end {os.getloadavg()[0]:.1f}")
+    print(f"run {args.run}: {len(history)} generations, {snake['jobs']} Snakemake jobs; load average at the end {os.getloadavg()[0]:.1f}")
     print(f"in-process {inproc:.1f} s; through Snakemake {snake['wall']:.1f} s (jobs' bodies {snake['bodies']:.1f} s, "
           f"Snakemake's own CPU {snake['cpu']:.1f} s, peak {snake['peak_threads']} threads); "
           f"ratio {snake['wall'] / inproc:.2f}x")
+    print(f"of which importing Snakemake (with its executor plugins) took {imports:.1f} s: the Slurm plugin runs "
+          "sacct/squeue when it is imported, which wait for their timeouts where Slurm's tools are installed "
+          "but no controller answers")
     print(f"same history ({', '.join(same)}): {equal}")
 
 
