@@ -5,8 +5,8 @@ files of config/examples/data/gsm8k_steps.py, for a pair of experts that know on
     python config/examples/data/gsm8k_forms.py config/examples/data/gsm8k_steps
 
 Writes beside them `train_add_spoken.parquet` (every add/subtract train step of two whole numbers,
-spoken: column `spoken`) and `test_forms.parquet` (the target's 450 add/subtract steps; a seeded half
-in calculator form `48+24 =`, the rest spoken, column `prompt`, the form in `form`). GSM8K is
+spoken: column `spoken`) and `test_forms.parquet` (the target's 450 add/subtract steps, every other one
+in calculator form `48+24 =` and the rest spoken; column `prompt`, the form in `form`). GSM8K is
 MIT-licensed (openai/grade-school-math); these files are derived from it.
 """
 
@@ -38,8 +38,9 @@ def main(steps: Path) -> None:
     train.reset_index(drop=True).to_parquet(steps / "train_add_spoken.parquet", index=False)
     test = pd.read_parquet(steps / "test.parquet")
     test = test[(test["kind"] == "add") & test["expr"].map(spoken).notna()].reset_index(drop=True)
-    calculator = np.zeros(len(test), dtype=bool)
-    calculator[np.random.default_rng(0).permutation(len(test))[: len(test) // 2]] = True
+    # every other step in each form: a seeded draw here would repeat the data stage's own
+    # permutation (seed 0) and put one form in the test split and the other in the search split
+    calculator = np.arange(len(test)) % 2 == 0
     test["form"] = np.where(calculator, "calculator", "spoken")
     test["prompt"] = [f"{e} =" if c else spoken(e) for e, c in zip(test["expr"], calculator)]
     test.to_parquet(steps / "test_forms.parquet", index=False)
