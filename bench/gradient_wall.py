@@ -4,8 +4,9 @@
 
 WORKDIR holds a finished default (its zoo, data, checks and IRT fits). The search ``--run`` is run
 twice from those files, each in a scratch directory:
-- in-process (torch on one thread, as the fitness jobs are), through the library's stage functions (``ask``, ``fitness``, ``promote``, ``tell``: the
-  ones the Snakemake jobs call), as ``bench/search_sweep.py`` runs a search;
+- in-process, with torch on one thread as the fitness jobs pin it, through the library's stage
+  functions (``ask``, ``fitness``, ``promote``, ``tell``: the ones the Snakemake jobs call), as
+  ``bench/search_sweep.py`` runs a search;
 - through Snakemake: a copy of WORKDIR's results without ``results/runs/RUN``, then
   ``snakemake results/runs/RUN/evolve/history.parquet --cores 1`` (the default profile).
 Both end in the same history (checked: genomes, fitness, items). Printed: each side's wall time,
@@ -31,36 +32,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 
 from search_sweep import search  # noqa: E402  (same directory)
+from snakemake_scheduler import watch  # noqa: E402
 
 
 def through_snakemake(workdir: Path, scratch: Path, run: str, configfile: Path, triggers: list[str] | None) -> dict:
-    """The search run by Snakemake in a copy of ``workdir``'s results; wall, own CPU, peak threads."""
+    """The search run by Snakemake in a copy of ``workdir``'s results: ``watch``'s figures, the jobs'
+    time by their benchmark files, their number and the history."""
     shutil.copytree(workdir / "results", scratch / "results",
                     ignore=lambda d, names: [n for n in names if Path(d, n) == workdir / "results" / "runs" / run])
     target = f"results/runs/{run}/evolve/history.parquet"
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(scratch), target,
-               "--configfile", str(configfile), "--cores", "1", "--quiet", *(["--rerun-triggers", *triggers] if triggers else [])]
-    tick = os.sysconf("SC_CLK_TCK")
-    start = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    threads, cpu = [], 0.0
-    while process.poll() is None:
-        try:
-            status = Path(f"/proc/{process.pid}/status").read_text()
-            stat = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            break
-        threads.append(int(next(line for line in status.splitlines() if line.startswith("Threads:")).split()[1]))
-        cpu = (int(stat[11]) + int(stat[12])) / tick
-        time.sleep(0.2)
-    stderr = process.communicate()[1]
-    wall = time.monotonic() - start
-    if process.returncode != 0:
-        raise RuntimeError(f"snakemake failed:\n{stderr[-3000:]}")
+               "--configfile", str(configfile), "--cores", "1", "--quiet",
+               *(["--rerun-triggers", *triggers] if triggers else [])]
+    watched = watch(command)
     benchmarks = list((scratch / "results" / "runs" / run / "evolve").glob("gen_*/benchmark/*.tsv"))
     bodies = sum(pd.read_csv(f, sep="\t")["s"].iloc[0] for f in benchmarks)
-    return {"wall": wall, "cpu": cpu, "peak_threads": max(threads, default=0), "bodies": bodies,
-            "jobs": len(benchmarks) + 1, "history": pd.read_parquet(scratch / target)}  # + history's copy
+    return {**watched, "bodies": bodies, "jobs": len(benchmarks) + 1,  # and history's copy
+            "history": pd.read_parquet(scratch / target)}
 
 
 def main() -> None:
@@ -81,13 +69,15 @@ def main() -> None:
     os.chdir(workdir)  # the config names models by paths relative to it
     with tempfile.TemporaryDirectory(prefix="mergeflow-gradient-wall-") as tmp:
         history, inproc = search(config, args.run, workdir / "results", Path(tmp) / "in-process")
-        snake = through_snakemake(workdir, Path(tmp) / "snakemake", args.run, args.configfile.resolve(), args.rerun_triggers)
+        snake = through_snakemake(workdir, Path(tmp) / "snakemake", args.run, args.configfile.resolve(),
+                                  args.rerun_triggers)
     start = time.monotonic()
     subprocess.run([sys.executable, "-c", "import snakemake.api"], check=True)
     imports = time.monotonic() - start
     same = [c for c in ("generation", "genome", "fitness", "items") if c in history.columns]
     equal = history[same].astype(str).equals(snake["history"][same].astype(str))
-    print(f"run {args.run}: {len(history)} generations, {snake['jobs']} Snakemake jobs; load average at the end {os.getloadavg()[0]:.1f}")
+    print(f"run {args.run}: {len(history)} generations, {snake['jobs']} Snakemake jobs; "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
     print(f"in-process {inproc:.1f} s; through Snakemake {snake['wall']:.1f} s (jobs' bodies {snake['bodies']:.1f} s, "
           f"Snakemake's own CPU {snake['cpu']:.1f} s, peak {snake['peak_threads']} threads); "
           f"ratio {snake['wall'] / inproc:.2f}x")
