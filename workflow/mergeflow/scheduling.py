@@ -5,8 +5,8 @@ with ``JobScheduler._schedule_reevalutation(timespan)`` when its job rate limite
 by default (``--max-jobs-per-timespan 100/1s``). That starts a ``threading.Timer`` which, a second
 later, releases the scheduler's semaphore, which runs another pass, which starts another timer. Each
 finished job releases the semaphore once more, so each one starts a chain of its own that lives as
-long as jobs wait. On 600 jobs of 0.2 s (``bench/snakemake_scheduler.py``) the Snakemake process
-held 529 threads near the end and spent 2.5x the CPU time of the same run with one timer; the
+long as jobs wait. On 1,200 jobs of 0.2 s (``bench/snakemake_scheduler.py``) the Snakemake
+process reached 1,202 threads and spent 2.9x the CPU time of the same run with one timer; the
 default plus four more seeds of every search (1,255 jobs) ran with about 1,000 threads and a load
 average of 796 on 2 cores.
 
@@ -29,22 +29,24 @@ def one_pending_reevaluation(scheduler: Any) -> bool:
     semaphore = getattr(scheduler, "_open_jobs", None)
     if semaphore is None or not callable(getattr(scheduler, "_schedule_reevalutation", None)):
         return False
-    pending: list[threading.Timer] = []
+    pending = False
     lock = threading.Lock()
 
     def fire() -> None:
+        nonlocal pending
         with lock:
-            pending.clear()  # before the release: the pass it runs may need a timer of its own
+            pending = False  # before the release: the pass it runs may need a timer of its own
         semaphore.release()
 
     def schedule_reevaluation(delay: float) -> None:
+        nonlocal pending
         with lock:
             if pending:
                 return  # its pass re-evaluates everything this one would
-            timer = threading.Timer(delay, fire)
-            timer.daemon = True
-            pending.append(timer)
-            timer.start()
+            pending = True
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        timer.start()
 
     scheduler._schedule_reevalutation = schedule_reevaluation
     return True
