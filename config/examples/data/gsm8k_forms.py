@@ -1,6 +1,6 @@
 """Derive a second form of GSM8K's add/subtract calculator steps, spoken (`48 plus 24 is`), from the
 files of config/examples/data/gsm8k_steps.py, for a pair of experts that know one skill in two forms
-(bench/smollm2_forms.yaml):
+(config/examples/smollm2-math.yaml):
 
     python config/examples/data/gsm8k_forms.py config/examples/data/gsm8k_steps
 

@@ -1,5 +1,6 @@
 """Derive the calculator steps of GSM8K's worked solutions (the `<<48/2=24>>` annotations) as data
-for config/examples/smollm2-math.yaml:
+for config/examples/smollm2-math.yaml (its calculator expert trains on `train_add.parquet`; the
+spoken form and the target come from these files by gsm8k_forms.py):
 
     python config/examples/data/gsm8k_steps.py ../shared/data/gsm8k config/examples/data/gsm8k_steps
 
