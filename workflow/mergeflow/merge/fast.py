@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 
 from mergeflow.errors import MergeflowError
-from mergeflow.merge.plan import MergePlan, TensorPlan, check_finite, merge_tensor, plan_merge
+from mergeflow.merge.methods import MaskedTerms
+from mergeflow.merge.plan import MergePlan, TensorPlan, check_finite, masked_terms, merge_tensor, plan_merge
 from mergeflow.merge.recipe import Recipe
 from mergeflow.dtypes import dtype_name, torch_dtype
 from mergeflow.merge.sources import ModelSource
@@ -194,6 +195,12 @@ class InMemoryMerger:
         tensor by tensor, without touching the model (a gradient's directions, one at a time)."""
         with torch.no_grad():
             return merge_tensor(tensor_plan, self._fetcher(tensor_plan), self.device, self.workspace).to(self.out_dtype)
+
+    def masked_terms(self, tensor_plan: TensorPlan) -> MaskedTerms:
+        """One tensor of a plan as its merge with every mask held (:func:`~mergeflow.merge.plan.masked_terms`),
+        in the compute dtype, without touching the model (a gradient's slopes, one tensor at a time)."""
+        with torch.no_grad():
+            return masked_terms(tensor_plan, self._fetcher(tensor_plan), self.device, self.workspace)
 
     def merge(self, recipe: Recipe) -> torch.nn.Module:
         """Merge ``recipe`` into the preallocated model in place and return the model
