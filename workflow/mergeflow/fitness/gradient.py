@@ -50,12 +50,11 @@ from mergeflow.evaluate import context_length, differentiable_logliks, encode_re
 from mergeflow.evolve.search import GRADIENT_OPTIMIZERS
 from mergeflow.fitness.base import FitnessContext, FitnessKind, ScoredCandidate, TaskFitness
 from mergeflow.scorers import get_scorer
+from mergeflow.merge.methods import SMOOTH_PARAMETERS, smooth_parameters
+from mergeflow.merge.registry import MERGE_METHODS
 from mergeflow.spaces.parameter import space_methods
 
 log = logging.getLogger(__name__)
-
-# Merges the genome gradient trusts: those whose merged weights are affine in the weights.
-AFFINE_METHODS = ("task_arithmetic",)
 
 
 def batch_items(task: str, fitness_cfg: dict, split: pd.DataFrame, generation: int) -> pd.DataFrame:
@@ -157,41 +156,58 @@ def genome_gradient(merger, tokenizer, space, genome: np.ndarray, tasks: list[Ta
     finally:
         model.zero_grad(set_to_none=True)
         model.requires_grad_(False)
-    # ∂loss/∂x_k = <G, θ(e_k) - θ(0)>, taken tensor by tensor from the basis merges' plans: one
-    # tensor of θ(0) and one of θ(e_k) at a time, never a second model; the merger's model keeps
-    # θ(x), against which the affine form is checked along the first task's gradient:
-    # <G, θ(x) - θ(0)> must be Σ_k x_k <G, θ(e_k) - θ(0)>.
+    # ∂loss/∂x_j = Σ over tensors and their smooth parameters p (each model's weight, lambda) of
+    # <G, ∂θ/∂p> ∂p/∂x_j, the masks held at x (MaskedTerms): one tensor's terms at a time, never a
+    # second model. ∂p/∂x_j is what gene j moves p by, read from the plans of the basis genomes
+    # (the space's own mapping; a range gene is linear). The terms at x must give the merger's θ(x)
+    # (the same trims, draws and elected signs), checked along the first task's gradient.
+    here = merger.plan(recipe)
     zero = merger.plan(space.to_recipe(np.zeros(space.dim), seed=seed))
     basis = [merger.plan(space.to_recipe(np.eye(space.dim)[k], seed=seed)) for k in range(space.dim)]
-    at = {plan.name: i for i, plan in enumerate(zero.tensors)}
-    probe, first = grads[tasks[0].task], tasks[0].task
+    at = {plan.name: i for i, plan in enumerate(here.tensors)}
+    probe = grads[tasks[0].task]
     out = {fit.task: np.zeros(space.dim) for fit in tasks}
-    moved = scale = 0.0
-    for n, p in params.items():  # the model's order: each gene's sum adds its terms as before
-        origin = merger.merged_tensor(zero.tensors[at[n]]).clone()
-        for k, plan in enumerate(basis):
-            direction = merger.merged_tensor(plan.tensors[at[n]]) - origin
-            if not torch.any(direction):
-                continue
-            for task, g in grads.items():
-                if n in g:
-                    out[task][k] += _dot(g[n], direction)
+    missed = scale = 0.0
+    for n, p in params.items():  # in the model's order, as each gene's sum has always added its terms
+        i = at[n]
+        origin = np.array(_smooth(zero.tensors[i]))
+        moves = [(k, np.array(_smooth(plan.tensors[i])) - origin) for k, plan in enumerate(basis)]
+        moves = [(k, move) for k, move in moves if np.any(move)]
+        if not moves or not any(n in g for g in grads.values()):
+            continue
+        terms = merger.masked_terms(here.tensors[i])
         if n in probe:
-            g, now = probe[n], p.detach()
-            moved += _dot(g, now - origin)
-            scale += _dot(g.abs(), now.abs() + origin.abs())
-    worst = abs(moved - float(genome @ out[first])) / (scale + 1e-30)
-    # each of the dim + 2 merges rounds on its own (in a 16-bit merge, coarsely)
-    tolerance = 4 * (space.dim + 2) * torch.finfo(next(iter(params.values())).dtype).eps
+            g, held = probe[n], terms.at().to(p.dtype)
+            missed += _dot(g.abs(), (held - p.detach()).abs())
+            scale += _dot(g.abs(), held.abs() + p.detach().abs())
+        weight_slopes, lambda_slope = terms.slopes()
+        slopes = [*weight_slopes, lambda_slope]
+        for task, g in grads.items():
+            if n in g:
+                dots = np.array([_dot(g[n], slope) for slope in slopes])
+                for k, move in moves:
+                    out[task][k] += float(dots @ move)
+        del terms, weight_slopes, lambda_slope, slopes
+    worst = missed / (scale + 1e-30)
+    # the terms sum in another order than the merge, and a 16-bit model rounds them once more
+    dtype = next(iter(params.values())).dtype
+    tolerance = 16 * max(torch.finfo(dtype).eps, torch.finfo(merger.compute_dtype).eps)
     if not math.isfinite(worst) or worst > tolerance:
-        raise MergeflowError(f"fitness kind 'gradient': the search space's merge is not affine in its genome (relative "
-                             f"difference {worst:.2g}); it needs a {' or '.join(AFFINE_METHODS)} space")
+        raise MergeflowError(f"fitness kind 'gradient': the merge with its masks held is not the candidate's merge "
+                             f"(relative difference {worst:.2g})")
     return out, losses
 
 
+def _smooth(tensor_plan) -> list[float]:
+    """A tensor's smooth parameters, as the gradient orders them: each model's weight, then lambda."""
+    weights, lam = smooth_parameters(tensor_plan.model_params, tensor_plan.params)
+    return [*weights, lam]
+
+
 def check(config: dict, run: str) -> None:
-    """One candidate per generation, a gradient optimizer, a task-arithmetic parameter space and
-    batches that fit every objective's search split."""
+    """One candidate per generation, a gradient optimizer, a parameter space of one method with a
+    held form (``MergeMethod.masked``) whose searched genes are weights and lambda, and batches that
+    fit every objective's search split."""
     evolve = config["runs"][run]["evolve"]
     where = f"config: runs.{run}.evolve"
     if evolve["optimizer"] not in GRADIENT_OPTIMIZERS:
@@ -204,11 +220,24 @@ def check(config: dict, run: str) -> None:
         raise MergeflowError(f"{where}.multi_objective: fitness kind 'gradient' follows one loss, the objectives' "
                              "weighted sum")
     space = evolve["search_space"]
+    if space.get("kind", "parameter") != "parameter":
+        raise MergeflowError(f"{where}.search_space.kind: fitness kind 'gradient' needs a parameter space, not "
+                             f"{space['kind']!r} (a data-flow or layer path has no weights to differentiate)")
     methods = space_methods(space)
-    if space.get("kind", "parameter") != "parameter" or any(m not in AFFINE_METHODS for m in methods):
-        raise MergeflowError(f"{where}.search_space: fitness kind 'gradient' needs a parameter space whose merge is "
-                             f"affine in the genome (method {' or '.join(AFFINE_METHODS)}), not "
-                             f"{space.get('kind', 'parameter')} / {methods}")
+    if len(methods) > 1:
+        raise MergeflowError(f"{where}.search_space.method: fitness kind 'gradient' takes one method; a choice "
+                             f"among {methods} is a categorical gene, with no gradient")
+    method = MERGE_METHODS.get(methods[0]) if methods else None  # a missing or unknown one: the space's check
+    if method is not None and method.masked is None:
+        held = [name for name, known in MERGE_METHODS.items() if known.masked is not None]
+        raise MergeflowError(f"{where}.search_space.method: fitness kind 'gradient' needs a merge that is smooth in "
+                             f"its weights once its masks are held ({', '.join(held)}), not {methods[0]!r}")
+    for level, key in (("model", "parameters"), ("method", "method_parameters")):
+        for name, value in space.get(key, {}).items():
+            if isinstance(value, dict) and name not in SMOOTH_PARAMETERS[level]:
+                raise MergeflowError(f"{where}.search_space.{key}.{name}: fitness kind 'gradient' moves only "
+                                     f"{' and '.join(SMOOTH_PARAMETERS[level])}; {name} chooses the masks (which "
+                                     f"entries are kept): give it a value, or search it with an evolutionary run")
     for task in evolve["objectives"]:
         size = config["tasks"][task]["splits"]["search"]
         if evolve["fitness"]["batch"] > size:
