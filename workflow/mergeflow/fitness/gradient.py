@@ -15,13 +15,31 @@ For generation the loss is the gold answer's negative log-likelihood. Adam, told
 takes the next step (:class:`mergeflow.evolve.search.Adam`).
 
 A genome gene is not a model parameter, so the gradient is taken in two parts. One backward
-pass gives the loss's gradient G with respect to the merged weights θ(x). The space's merge
-must be affine in the genome (task arithmetic: θ(x) = θ(0) + Σ_k x_k (θ(e_k) − θ(0))), so
-∂loss/∂x_k = ⟨G, θ(e_k) − θ(0)⟩, from the plans of dim + 1 basis merges read tensor by tensor
-(:meth:`mergeflow.merge.InMemoryMerger.merged_tensor`): beyond the merged model and G a step
-holds one tensor of θ(0) and one of θ(e_k) at a time, never a second model (for a 7B model and
-three sources in float32: the sources, the merge and one G per objective, 28 GB each, plus
-activations). The job checks the affine form along the gradient before it hands it on.
+pass gives the loss's gradient G with respect to the merged weights θ(x). Then, tensor by tensor,
+the merge's masks are held as the candidate's merge made them (AdaMerging++'s move:
+:class:`mergeflow.merge.methods.MaskedTerms`, the method's ``masked`` form in the registry): the
+entries each model's sparsification keeps (TIES's and breadcrumbs' trims, DARE's and DELLA's drops
+drawn with the candidate's seed, and their rescales) and, under sign consensus, the elected sign.
+Held, the merge is smooth in each model's weight w_k and in lambda,
+θ = base + λ Σ_k w_k u_k / D(w), with D = Σ_k w_k a_k under ``normalize`` (a_k: where model k
+agrees with the elected sign; 1 without sign consensus) and 1 without: a ratio in the weights
+with ``normalize`` (TIES's and DELLA's default), affine without. So ∂loss/∂x_j = Σ over tensors
+and their weights and lambda p of ⟨G, ∂θ/∂p⟩ ∂p/∂x_j, where ∂p/∂x_j is what gene j moves p by,
+read from the plans of the basis genomes (the space's own mapping). Task arithmetic is the case
+with nothing to hold. The merges it takes: ``task_arithmetic``, ``ties``, ``dare_ties``,
+``dare_linear``, ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``, in a
+``parameter`` space of one method. Its genes may be the weights and ``lambda`` only: densities,
+``gamma`` and ``epsilon`` choose the masks and are discrete in effect (a density moves which
+entries are kept, not how much), so they stay fixed (a value, not a range) and ``check`` refuses
+them by key; search them with an evolutionary run, or run one gradient search per density. A
+per-group method choice is categorical and refused too.
+
+Beyond the merged model and G a step holds one tensor's held terms at a time (per model its
+kept task vector and, with ``normalize`` under sign consensus, its agreement, then the slopes
+∂θ/∂p: at most about 3K + 3 tensors of that tensor's size for K models), never a second model (for a 7B model and three sources in
+float32: the sources, the merge and one G per objective, 28 GB each, plus activations). The job
+checks, along the first task's gradient, that the held terms give the candidate's merge (the
+same trims, draws and signs) before it hands the gradient on.
 
 Every step costs ``batch`` items per task, like a multi-fidelity rung: 40 steps of 60 items are
 the cheap search's 2,400 items. Where each candidate of an evolutionary search yields one noisy
