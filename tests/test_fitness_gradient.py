@@ -79,6 +79,9 @@ HELD_SPACES = {
     "breadcrumbs_ties": {"parameters": {"weight": {"min": 0.0, "max": 1.5}, "density": 0.6},
                          "method_parameters": {"normalize": True}},
     "della": {"parameters": {"weight": {"min": 0.0, "max": 1.5}, "density": 0.5, "epsilon": 0.1}},
+    # per module kind: the mlp's weights and the rest's are genes of their own
+    "dare_linear_filtered": {"method": "dare_linear", "filters": ["mlp"],
+                             "parameters": {"weight": {"min": 0.0, "max": 1.5}, "density": 0.5}},
 }
 
 

@@ -36,32 +36,35 @@ def test_the_methods_with_a_held_form_are_the_task_vector_ones():
     assert sorted(n for n, m in MERGE_METHODS.items() if m.masked is not None) == sorted(MASKED)
 
 
+@pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("name", MASKED)
-def test_the_held_merge_is_the_merge(name, normalize):
-    """At the weights it was held at, negative ones and lambda included, with each method's rescale."""
+def test_the_held_merge_is_the_merge(name, normalize, rescale):
+    """At the weights it was held at, negative ones and lambda included, with and without the
+    rescale of what the masks keep."""
     tensors, base = sources()
-    models, params, rng = arguments(name, [0.7, -0.4, 1.1], normalize=normalize, **{"lambda": 1.3})
+    models, params, rng = arguments(name, [0.7, -0.4, 1.1], normalize=normalize, rescale=rescale, **{"lambda": 1.3})
     method = get_method(name)
     merged = method.function(tensors, base, models, params, rng)
     terms = method.masked(tensors, base, models, params, arguments(name, [])[2])
     torch.testing.assert_close(terms.at(), merged, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("name", MASKED)
-def test_the_slopes_are_the_merge_s_derivatives(name, normalize):
+def test_the_slopes_are_the_merge_s_derivatives(name, normalize, rescale):
     """Against central differences of the merge itself at w ± h: the masks that move with the
     weights (the elected signs) stay put for so small an h, the others never move with them."""
     tensors, base = sources()
     weights, h = [0.7, 0.4, 1.1], 1e-6
     method = get_method(name)
-    models, params, rng = arguments(name, weights, normalize=normalize, **{"lambda": 1.3})
+    models, params, rng = arguments(name, weights, normalize=normalize, rescale=rescale, **{"lambda": 1.3})
     terms = method.masked(tensors, base, models, params, rng)
     slopes, along_lambda = terms.slopes()
 
     def merged(weights, lam=1.3):
-        models, params, rng = arguments(name, weights, normalize=normalize, **{"lambda": lam})
+        models, params, rng = arguments(name, weights, normalize=normalize, rescale=rescale, **{"lambda": lam})
         return method.function(tensors, base, models, params, rng)
 
     for k in range(3):
