@@ -52,7 +52,8 @@ def main() -> None:
     assembler, tokenizer = PathAssembler([a, b]), AutoTokenizer.from_pretrained(a)
     settings, tcfg = EvalSettings.from_config(config["evaluation"]), config["tasks"]["math_l2"]
     items = read_split(Path("results/data/math_l2/search.parquet")).iloc[:60].reset_index(drop=True)
-    fit, fitness_cfg = TaskFitness("math_l2", items, tcfg["scorer"], tcfg["target_delimiter"]), {"loss": "sigmoid", "temperature": 0.5}
+    fit = TaskFitness("math_l2", items, tcfg["scorer"], tcfg["target_delimiter"])
+    fitness_cfg = {"loss": "sigmoid", "temperature": 0.5}
     sequence, _ = space.decode(x)
     model = assembler.merge(space.to_recipe(x))
     max_length = context_length(model, settings)
@@ -79,7 +80,8 @@ def main() -> None:
         step = np.eye(space.dim)[gene] * h
         numeric = (loss_at(x + step) - loss_at(x - step)) / (2 * h)
         i, j = divmod(gene - space.slots, space.layers)
-        print(f"W[{space.label(i)} -> {space.label(j)}]: autograd {gradient[gene]:+.5f}, central difference {numeric:+.5f}")
+        print(f"W[{space.label(i)} -> {space.label(j)}]: autograd {gradient[gene]:+.5f}, "
+              f"central difference {numeric:+.5f}")
 
 
 if __name__ == "__main__":

@@ -196,7 +196,8 @@ def test_a_gradient_search_steps_on_minibatches_and_replays_from_its_history(sta
      r"once its masks are held \(task_arithmetic, ties, .*\), not 'slerp'"),
     ({"search_space": {"method": ["ties", "task_arithmetic"], "parameters": {"weight": {"min": 0.0, "max": 1.0}}}},
      r"grad\.evolve\.search_space\.method: fitness kind 'gradient' takes one method"),
-    ({"search_space": {"kind": "dfs", "a": "math", "b": "lang"}}, r"grad\.evolve\.search_space\.kind: fitness kind 'gradient' needs a parameter space"),
+    ({"search_space": {"kind": "dfs", "a": "math", "b": "lang"}},
+     r"grad\.evolve\.search_space\.kind: fitness kind 'gradient' needs a parameter space"),
     ({"learning_rate": 0}, r"evolve\.learning_rate: 0 is less than or equal to the minimum"),
     # the older spelling, under fitness, is read as the run's learning_rate
     ({"fitness": {"kind": "gradient", "batch": 16, "learning_rate": 0}},
