@@ -16,7 +16,7 @@ from mergeflow.evolve import history as hist
 from mergeflow.evolve.resident import resident_merger
 from mergeflow.evolve.search import replay
 from mergeflow.evolve.stages import EvolveConfig, restore_optimizer
-from mergeflow.fitness.gradient import genome_gradient, task_loss
+from mergeflow.fitness.gradient import genome_gradient, path_gradient, task_loss
 from mergeflow.merge.methods import smooth_parameters
 from mergeflow.spaces import build_space
 from stage_runs import run_generations, with_run
@@ -178,6 +178,64 @@ def test_a_gradient_search_steps_on_minibatches_and_replays_from_its_history(sta
     np.testing.assert_array_equal(pickled.ask().value, replayed.ask().value)
 
 
+# DFS over the tiny zoo's experts: the hybrid's space (2 repeats of 2 + 2 layers: 8 slots, 16 W genes)
+DFS = {"kind": "dfs", "a": "math", "b": "lang", "repeats": 2, "max_layers": 8}
+
+
+def test_the_path_gradient_in_the_scale_genes_is_the_loss_s_derivative(stages):
+    """A DFS genome's gradient in its W genes, the path held (W moves scales only), against central
+    differences of the loss; an indicator gene and a W gene off the path get 0."""
+    config = with_run(stages[0], "hybrid", optimizer="CMA", population=2, generations=1, search_space=DFS,
+                      fitness={"kind": "gradient", "batch": 16})
+    cfg = EvolveConfig.from_config(config, "hybrid")
+    space, settings = cfg.space(), EvalSettings.from_config(config["evaluation"])
+    fit = cfg.kind.task_fitness(cfg.fitness_context("math_l2", config["tasks"]["math_l2"], stages[2]))
+    x = np.array(space.initial_genome(None))
+    x[[2, 3, 4]] = 0.6  # A0 A1, then B0 B1, then A0 (and the closing A1) again: through both models
+    x[space.slots:] = np.random.default_rng(0).uniform(0.3, 0.7, space.layers ** 2)
+    with resident_merger([space.a, space.b], "cpu", "float32", "path") as (assembler, tok):
+        gradient, losses = path_gradient(assembler, tok, space, x, [fit], settings, cfg.fitness)
+        max_length = context_length(assembler.merge(space.to_recipe(x)), settings)
+
+        def loss_at(genome):
+            return task_loss(assembler.merge(space.to_recipe(genome)), tok, fit, settings, max_length, cfg.fitness,
+                             backward=False)
+        with torch.no_grad():
+            assert loss_at(x) == pytest.approx(losses["math_l2"])
+            on_path = np.flatnonzero(gradient["math_l2"])
+            assert set(on_path) <= set(space.scale_genes()) and len(on_path) == 4  # A0>A1 twice, A1>B0, B0>B1, B1>A0
+            h, numeric = 1e-2, []
+            for k in on_path:
+                step = np.eye(space.dim)[k] * h
+                numeric.append((loss_at(x + step) - loss_at(x - step)) / (2 * h))
+    assert np.abs(numeric).max() > 1e-3  # the loss does depend on the scales
+    np.testing.assert_allclose(gradient["math_l2"][on_path], numeric, rtol=0.02, atol=2e-4)
+
+
+def test_a_hybrid_search_evolves_the_path_and_steps_the_scales(stages, tmp_path):
+    """CMA on the indicators, Adam on the scales: a generation's candidates share their scales, the
+    scales move between generations by at most the learning rate, and the optimizer rebuilt from
+    the history asks what the pickle asks."""
+    config = with_run(stages[0], "hybrid", optimizer="CMA", population=3, generations=3, search_space=DFS,
+                      learning_rate=0.1, fitness={"kind": "gradient", "batch": 16})
+    cfg = EvolveConfig.from_config(config, "hybrid")
+    previous = run_generations(cfg, config, {"math_l2": stages[2]}, tmp_path, 3)
+    history = pd.read_parquet(previous)
+    genomes = np.stack(history["genome"].to_list())
+    scales = list(cfg.space().scale_genes())
+    for g in range(3):
+        rows = genomes[history["generation"] == g]
+        assert (rows[:, scales] == rows[0, scales]).all() and not (rows[:, :scales[0]] == rows[0, :scales[0]]).all()
+    moved = np.abs(genomes[history["generation"] == 2][0, scales] - genomes[0, scales])
+    assert moved.max() > 0 and moved.max() <= 2 * 0.1 + 1e-9
+    assert np.isfinite(np.stack(history["gradient"].to_list())).all()
+    last = history[history["generation"] == 2]
+    assert hist.best_row(history, cfg.result)["index"] == last.sort_values("loss")["index"].iloc[0]
+    pickled = restore_optimizer(cfg, cfg.search_settings(), str(tmp_path / "gen_2" / "optimizer.pkl"), previous)
+    replayed = replay(cfg.search_settings(), history, None, cfg.kind.extra_columns)
+    np.testing.assert_array_equal(pickled.ask().value, replayed.ask().value)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"optimizer": "CMA"}, r"grad\.evolve\.optimizer: fitness kind 'gradient' needs a gradient optimizer \(Adam\)"),
     ({"population": 4}, r"grad\.evolve\.population: fitness kind 'gradient' takes one candidate per generation"),
@@ -197,7 +255,9 @@ def test_a_gradient_search_steps_on_minibatches_and_replays_from_its_history(sta
     ({"search_space": {"method": ["ties", "task_arithmetic"], "parameters": {"weight": {"min": 0.0, "max": 1.0}}}},
      r"grad\.evolve\.search_space\.method: fitness kind 'gradient' takes one method"),
     ({"search_space": {"kind": "dfs", "a": "math", "b": "lang"}},
-     r"grad\.evolve\.search_space\.kind: fitness kind 'gradient' needs a parameter space"),
+     r"grad\.evolve\.optimizer: fitness kind 'gradient' on a dfs space is a hybrid: its layer indicators"),
+    ({"search_space": {"kind": "dis"}},
+     r"grad\.evolve\.search_space\.kind: fitness kind 'gradient' needs a parameter space \(or a dfs space"),
     ({"learning_rate": 0}, r"evolve\.learning_rate: 0 is less than or equal to the minimum"),
     # the older spelling, under fitness, is read as the run's learning_rate
     ({"fitness": {"kind": "gradient", "batch": 16, "learning_rate": 0}},

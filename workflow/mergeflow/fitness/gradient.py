@@ -68,9 +68,11 @@ from mergeflow.errors import MergeflowError
 from mergeflow.evaluate import context_length, differentiable_logliks, encode_requests, item_prompts
 from mergeflow.evolve.search import GRADIENT_OPTIMIZERS
 from mergeflow.fitness.base import FitnessContext, FitnessKind, ScoredCandidate, TaskFitness
+from mergeflow.merge.assemble import ScaledHop
 from mergeflow.merge.methods import SMOOTH_PARAMETERS, smooth_parameters
 from mergeflow.merge.registry import MERGE_METHODS
 from mergeflow.scorers import get_scorer
+from mergeflow.spaces.dfs import DfsSpace
 from mergeflow.spaces.parameter import space_methods
 
 log = logging.getLogger(__name__)
@@ -224,25 +226,68 @@ def _smooth(tensor_plan) -> list[float]:
     return [*weights, lam]
 
 
+def path_gradient(assembler, tokenizer, space: DfsSpace, genome: np.ndarray, tasks: list[TaskFitness], settings,
+                  fitness_cfg: dict) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Per task, the gradient of its training loss in a data-flow space's scale genes W (0 in its
+    indicator genes), the path held, and the loss. A W gene moves only the scales of the hops
+    entering layer j from layer i, never the path, and a hop's scale multiplies its input
+    (:class:`mergeflow.merge.assemble.ScaledHop`), so one backward pass with the scales as leaves
+    gives ∂loss/∂s_k, and ∂loss/∂W_ij = (max − min) Σ over those hops of ∂loss/∂s_k. The weights
+    take no gradient: the step holds only the activations."""
+    sequence, _ = space.decode(genome)
+    model = assembler.merge(space.to_recipe(genome))
+    hops = [module for module in model.modules() if isinstance(module, ScaledHop)]
+    max_length = context_length(model, settings)
+    out, losses = {}, {}
+    for fit in tasks:
+        leaves = [hop.leaf() for hop in hops]
+        losses[fit.task] = task_loss(model, tokenizer, fit, settings, max_length, fitness_cfg)
+        gradient = np.zeros(space.dim)
+        for k in range(1, len(sequence)):
+            if leaves[k].grad is not None:
+                gradient[space.slots + sequence[k - 1] * space.layers + sequence[k]] += (
+                    float(leaves[k].grad) * (space.scale.high - space.scale.low))
+        out[fit.task] = gradient
+    return out, losses
+
+
 def check(config: dict, run: str) -> None:
-    """One candidate per generation, a gradient optimizer, a parameter space of one method with a
-    held form (``MergeMethod.masked``) whose searched genes are weights and lambda, and batches that
-    fit every objective's search split."""
+    """One loss; a dfs space with an evolutionary optimizer (the hybrid), or Adam on a parameter
+    space (:func:`check_parameter_space`); batches that fit every objective's search split."""
     evolve = config["runs"][run]["evolve"]
     where = f"config: runs.{run}.evolve"
-    if evolve["optimizer"] not in GRADIENT_OPTIMIZERS:
-        raise MergeflowError(f"{where}.optimizer: fitness kind 'gradient' needs a gradient optimizer "
-                             f"({', '.join(GRADIENT_OPTIMIZERS)}), not {evolve['optimizer']!r}")
-    if evolve["population"] != 1:
-        raise MergeflowError(f"{where}.population: fitness kind 'gradient' takes one candidate per generation "
-                             f"(population 1), not {evolve['population']}")
+    space = evolve["search_space"]
     if evolve["multi_objective"]:
         raise MergeflowError(f"{where}.multi_objective: fitness kind 'gradient' follows one loss, the objectives' "
                              "weighted sum")
+    if space.get("kind") == "dfs":
+        if evolve["optimizer"] in GRADIENT_OPTIMIZERS:
+            raise MergeflowError(f"{where}.optimizer: fitness kind 'gradient' on a dfs space is a hybrid: its layer "
+                                 f"indicators (steps in the loss) need an evolutionary optimizer (a Nevergrad one, "
+                                 f"e.g. CMA) while the gradient moves its scales, not {evolve['optimizer']!r}")
+    else:
+        check_parameter_space(evolve, where)
+    for task in evolve["objectives"]:
+        size = config["tasks"][task]["splits"]["search"]
+        if evolve["fitness"]["batch"] > size:
+            raise MergeflowError(f"{where}.fitness.batch: {evolve['fitness']['batch']} items, more than task {task!r}'s "
+                                 f"search split ({size}, tasks.{task}.splits.search)")
+
+
+def check_parameter_space(evolve: dict, where: str) -> None:
+    """Adam moving one candidate through a parameter space of one held-mask method, whose searched
+    genes are weights and lambda."""
+    if evolve["optimizer"] not in GRADIENT_OPTIMIZERS:
+        raise MergeflowError(f"{where}.optimizer: fitness kind 'gradient' needs a gradient optimizer "
+                             f"({', '.join(GRADIENT_OPTIMIZERS)}), not {evolve['optimizer']!r} (an evolutionary "
+                             "optimizer takes a dfs space's layer indicators beside the gradient: the hybrid)")
+    if evolve["population"] != 1:
+        raise MergeflowError(f"{where}.population: fitness kind 'gradient' takes one candidate per generation "
+                             f"(population 1), not {evolve['population']}")
     space = evolve["search_space"]
     if space.get("kind", "parameter") != "parameter":
-        raise MergeflowError(f"{where}.search_space.kind: fitness kind 'gradient' needs a parameter space, not "
-                             f"{space['kind']!r} (a data-flow or layer path has no weights to differentiate)")
+        raise MergeflowError(f"{where}.search_space.kind: fitness kind 'gradient' needs a parameter space (or a dfs "
+                             f"space, its scales), not {space['kind']!r}")
     methods = space_methods(space)
     if len(methods) > 1:
         raise MergeflowError(f"{where}.search_space.method: fitness kind 'gradient' takes one method; a choice "
@@ -258,11 +303,6 @@ def check(config: dict, run: str) -> None:
                 raise MergeflowError(f"{where}.search_space.{key}.{name}: fitness kind 'gradient' moves only "
                                      f"{' and '.join(SMOOTH_PARAMETERS[level])}; {name} chooses the masks (which "
                                      f"entries are kept): give it a value, or search it with an evolutionary run")
-    for task in evolve["objectives"]:
-        size = config["tasks"][task]["splits"]["search"]
-        if evolve["fitness"]["batch"] > size:
-            raise MergeflowError(f"{where}.fitness.batch: {evolve['fitness']['batch']} items, more than task {task!r}'s "
-                                 f"search split ({size}, tasks.{task}.splits.search)")
 
 
 # The column of a step's shard and history row that the gradient optimizer is told.
@@ -274,8 +314,12 @@ def extras(fitness_cfg: dict, scored: ScoredCandidate) -> dict[str, dict[str, An
     candidate with a problem: the optimizer keeps its step and tries the next batch)."""
     if scored.result.problem:
         return {fit.task: {GRADIENT_COLUMN: [float("nan")] * scored.space.dim} for fit in scored.tasks}
-    gradient, losses = genome_gradient(scored.merger, scored.tokenizer, scored.space, scored.genome, scored.tasks,
-                                       scored.settings, fitness_cfg, scored.seed)
+    if isinstance(scored.space, DfsSpace):
+        gradient, losses = path_gradient(scored.merger, scored.tokenizer, scored.space, scored.genome, scored.tasks,
+                                         scored.settings, fitness_cfg)
+    else:
+        gradient, losses = genome_gradient(scored.merger, scored.tokenizer, scored.space, scored.genome,
+                                           scored.tasks, scored.settings, fitness_cfg, scored.seed)
     log.info("training loss %s", {t: round(v, 4) for t, v in losses.items()})
     return {task: {GRADIENT_COLUMN: g.tolist()} for task, g in gradient.items()}
 
@@ -283,4 +327,5 @@ def extras(fitness_cfg: dict, scored: ScoredCandidate) -> dict[str, dict[str, An
 KIND = FitnessKind("gradient", needs=lambda fitness_cfg: ("split",), estimates=lambda fitness_cfg, split_size: True,
                    task_fitness=task_fitness, check=check, extra_columns=(GRADIENT_COLUMN,), extras=extras,
                    result="last", seeded_keys=(("seed",),),
+                   gradient_genes=lambda space: tuple(space.scale_genes()) if isinstance(space, DfsSpace) else (),
                    batch_invariant=False)  # its float sums follow the evaluation's batches
