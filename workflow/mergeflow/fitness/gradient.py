@@ -1,7 +1,7 @@
 """``gradient`` fitness: a search that follows the gradient of the merge's loss in its genome.
 
-Each generation has one candidate (``population: 1``, ``optimizer: Adam``). It answers a
-minibatch of the search split, ``batch`` items per task drawn without replacement from seeded
+On a parameter space each generation has one candidate (``population: 1``, ``optimizer: Adam``).
+It answers a minibatch of the search split, ``batch`` items per task drawn without replacement from seeded
 permutations of the split (one per pass over it), and its fitness is its accuracy on them.
 The same items also give the gradient of a training loss with respect to the genome (``loss``,
 :data:`LOSSES`). For multiple choice (choices' log-likelihoods per character with
@@ -41,6 +41,15 @@ kept task vector and, with ``normalize`` under sign consensus, its agreement, th
 28 GB each, plus activations). The job
 checks, along the first task's gradient, that the held terms give the candidate's merge (the
 same trims, draws and signs) before it hands the gradient on.
+
+On a ``dfs`` space the search is a hybrid (:class:`mergeflow.evolve.search.Hybrid`): its layer
+indicators are steps in the loss, so an evolutionary optimizer (any Nevergrad one, e.g. CMA, with
+a population) moves them, while Adam moves its scales W. A generation's candidates share the
+scales and differ in their paths; each answers the generation's minibatch and gives its loss
+(told to the evolutionary optimizer) and its gradient in W, the path held (:func:`path_gradient`:
+one backward pass with each hop's scale a leaf, no gradient of the weights); Adam steps once a
+generation on their mean. The search ends on its last generation's best candidate on that
+minibatch (``result: last``).
 
 Every step costs ``batch`` items per task, like a multi-fidelity rung: 40 steps of 60 items are
 the cheap search's 2,400 items. Where each candidate of an evolutionary search yields one noisy
