@@ -1,13 +1,10 @@
-"""A check for the DFS hybrid (issue 30, part 3; not yet built): the loss's gradient in a data-flow
-space's scale genes W, the path (indicator genes) held, by autograd through the assembled path,
-against central differences of the loss along each W gene the path uses.
+"""The DFS hybrid's gradient in a data-flow space's scale genes W, the path (indicator genes)
+held (:func:`mergeflow.fitness.gradient.path_gradient`), against central differences of the loss
+along each W gene the path uses, on a seeded random path of a finished default's zoo.
 
     python bench/dfs_scale_gradient.py --workdir DIR   # DIR: a finished default's results/ (its zoo and data)
 
-A W gene moves only the scale of the hops that enter layer j from layer i, so the path is held by
-construction, and ∂loss/∂W_ij = (max - min) Σ over those hops k of ∂loss/∂s_k. The check makes each
-hop's scale (``ScaledHop.scale``, a float) a leaf tensor for the one backward pass: no gradient of the
-model's weights is taken. Output and findings: bench/results/gradient_masks.txt (last section).
+Output and findings: bench/results/gradient_masks.txt (last section).
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ def main() -> None:
     from mergeflow.data import read_split
     from mergeflow.evaluate import EvalSettings, context_length
     from mergeflow.fitness.base import TaskFitness
-    from mergeflow.fitness.gradient import task_loss
+    from mergeflow.fitness.gradient import path_gradient, task_loss
     from mergeflow.merge.assemble import PathAssembler
     from mergeflow.spaces.dfs import DfsSpace
 
@@ -55,18 +52,10 @@ def main() -> None:
     fit = TaskFitness("math_l2", items, tcfg["scorer"], tcfg["target_delimiter"])
     fitness_cfg = {"loss": "sigmoid", "temperature": 0.5}
     sequence, _ = space.decode(x)
-    model = assembler.merge(space.to_recipe(x))
-    max_length = context_length(model, settings)
-    hops = list(model.model.layers)
-    for hop in hops:
-        hop.scale = torch.tensor(float(hop.scale), requires_grad=True)
+    max_length = context_length(assembler.merge(space.to_recipe(x)), settings)
     start = time.perf_counter()
-    loss = task_loss(model, tokenizer, fit, settings, max_length, fitness_cfg)
-    wall = time.perf_counter() - start
-    gradient = np.zeros(space.dim)
-    for k in range(1, len(sequence)):
-        gradient[space.slots + sequence[k - 1] * space.layers + sequence[k]] += (
-            float(hops[k].scale.grad) * (space.scale.high - space.scale.low))
+    gradients, losses = path_gradient(assembler, tokenizer, space, x, [fit], settings, fitness_cfg)
+    wall, gradient, loss = time.perf_counter() - start, gradients["math_l2"], losses["math_l2"]
 
     def loss_at(genome: np.ndarray) -> float:
         with torch.no_grad():
