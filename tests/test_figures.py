@@ -86,7 +86,7 @@ def test_per_run_figures_are_written_and_deterministic(run, tmp_path):
 def stepped_history(fitness: list[float], problem: dict[int, str] | None = None) -> pd.DataFrame:
     """One candidate per generation (a search that ends on its last step), on one objective."""
     return pd.DataFrame({"generation": range(len(fitness)), "index": 0, "fitness_a": fitness, "sd_a": 0.05,
-                         "problem": [(problem or {}).get(g, "") for g in range(len(fitness))]})
+                         "loss": [-f for f in fitness], "problem": [(problem or {}).get(g, "") for g in range(len(fitness))]})
 
 
 def test_the_progress_line_of_a_best_result_is_the_best_so_far_at_the_top_rung():
