@@ -112,6 +112,15 @@ def test_the_progress_figure_draws_a_last_result_s_line(tmp_path):
     assert written_png(figures.search_progress("g", tmp_path / "h.parquet", "last", tmp_path / "g.png"))
 
 
+def test_the_progress_line_of_a_hybrid_search_follows_each_step_s_mean(tmp_path):
+    """A hybrid's generations hold several candidates on one minibatch: the line is each step's mean."""
+    history = pd.concat([stepped_history([0.1, 0.3, 0.2]), stepped_history([0.3, 0.5, 0.4]).assign(index=1)])
+    generations, line, _ = figures.progress_line(history, "a", "last")
+    assert generations.tolist() == [0, 1, 2] and np.allclose(line, [0.2, 0.3, 0.3])
+    history.to_parquet(tmp_path / "h.parquet", index=False)
+    assert written_png(figures.search_progress("g", tmp_path / "h.parquet", "last", tmp_path / "g.png"))
+
+
 def test_genome_table_has_a_cell_per_model_and_layer_group():
     table = space().genome_table(np.array([0.0, 1.0, 0.5, 0.2]))
     assert table["column"].tolist() == ["layers 0-1", "layers 0-1", "layers 2-3", "layers 2-3"]
