@@ -1,8 +1,9 @@
 """``gradient`` fitness: a search that follows the gradient of the merge's loss in its genome.
 
 On a parameter space each generation has one candidate (``population: 1``, ``optimizer: Adam``).
-It answers a minibatch of the search split, ``batch`` items per task drawn without replacement from seeded
-permutations of the split (one per pass over it), and its fitness is its accuracy on them.
+It answers a minibatch of the search split, ``batch`` items per task drawn without replacement
+from seeded permutations of the split (one per pass over it), and its fitness is its accuracy on
+them.
 The same items also give the gradient of a training loss with respect to the genome (``loss``,
 :data:`LOSSES`). For multiple choice (choices' log-likelihoods per character with
 ``mc_loglik_norm``) it is by default ``sigmoid``: σ(−margin / temperature) per item, where the
@@ -38,9 +39,9 @@ Beyond the merged model and G a step holds one tensor's held terms at a time (pe
 kept task vector and, with ``normalize`` under sign consensus, its agreement, then the slopes
 ∂θ/∂p: at most about 3K + 3 tensors of that tensor's size for K models), never a second model
 (for a 7B model and three sources in float32: the sources, the merge and one G per objective,
-28 GB each, plus activations). The job
-checks, along the first task's gradient, that the held terms give the candidate's merge (the
-same trims, draws and signs) before it hands the gradient on.
+28 GB each, plus activations). The job checks, along the first task's gradient, that the held
+terms give the candidate's merge (the same trims, draws and signs) before it hands the gradient
+on.
 
 On a ``dfs`` space the search is a hybrid (:class:`mergeflow.evolve.search.Hybrid`): its layer
 indicators are steps in the loss, so an evolutionary optimizer (any Nevergrad one, e.g. CMA, with
@@ -58,7 +59,8 @@ number from its items, a step here yields one number per gene from the same item
 Keys (schema ``fitness_gradient``): ``batch``, ``loss``, ``temperature`` (the sigmoid's, in nats
 of margin), ``seed``. Adam's step is the run's ``learning_rate`` (an optimizer setting, beside
 ``optimizer``). Each step's shard and history row hold the gradient (column ``gradient``, the
-kind's ``extras``), and the run's result is its last step (``result: last``).
+kind's ``extras``), and the run's result is its last step (``result: last``; the hybrid's: its
+last generation's best).
 """
 
 from __future__ import annotations
