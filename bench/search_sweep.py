@@ -41,12 +41,13 @@ from search_quality import endpoints_best, seed_table, seeded_runs  # noqa: E402
 
 
 def deep_update(base: dict, overlay: dict) -> dict:
-    """``overlay`` merged into ``base``; a mapping of another ``kind`` (a fitness or search space
-    of another kind) replaces the mapping instead."""
+    """``overlay`` merged into ``base``; a mapping that names another ``kind`` (a fitness or search
+    space of another kind, or a kind where the base's mapping leaves its default) replaces the
+    mapping instead."""
     for key, value in overlay.items():
         old = base.get(key)
         if isinstance(value, dict):
-            same_kind = isinstance(old, dict) and old.get("kind", value.get("kind")) == value.get("kind", old.get("kind"))
+            same_kind = isinstance(old, dict) and ("kind" not in value or old.get("kind") == value["kind"])
             base[key] = deep_update(dict(old) if same_kind else {}, value)
         else:
             base[key] = value
@@ -122,7 +123,7 @@ def main() -> None:
     from mergeflow.evolve import history as hist
     from mergeflow.evolve.resident import resident_merger
     from mergeflow.evolve.stages import EvolveConfig
-    from mergeflow.merge import recipe_from_yaml
+    from mergeflow.merge.candidates import candidate_from_yaml
 
     torch.set_num_threads(1)
     os.chdir(args.workdir)  # the config's model and data paths are relative to it
@@ -133,11 +134,10 @@ def main() -> None:
     variants = yaml.safe_load(args.variants.read_text())
     base = validate_config(copy.deepcopy(raw))
     task = next(iter(base["runs"][args.run]["evolve"]["objectives"]))
-    best_name, best = endpoints_best(results, args.run, list(base["endpoints"]), task)
+    best_name, best, _ = endpoints_best(results, args.run, list(base["endpoints"]), task)
     settings = EvalSettings.from_config(base["evaluation"])
     tcfg = base["tasks"][task]
     splits = {s: read_split(results / "data" / task / f"{s}.parquet") for s in ("search", "test")}
-    sources = EvolveConfig.from_config(base, args.run)
 
     rows = []
     for name, overlay in variants.items():
@@ -148,10 +148,13 @@ def main() -> None:
             config = validate_config({**copy.deepcopy(raw), "runs": {name: rcfg}})
             with tempfile.TemporaryDirectory(prefix="sweep-") as scratch:
                 history, wall = search(config, name, results, Path(scratch))
-            chosen = hist.best_row(history, EvolveConfig.from_config(config, name).result)
-            # the searches' fitness jobs hold the same resident sources between calls
-            with resident_merger([sources.base_path, *sources.endpoint_paths.values()], "cpu", "float32") as (merger, tok):
-                model = merger.merge(recipe_from_yaml(chosen["recipe"]))
+            run_cfg = EvolveConfig.from_config(config, name)
+            chosen = hist.best_row(history, run_cfg.result)
+            # the sources as the search's fitness jobs hold them (the same ones between calls)
+            space = run_cfg.space()
+            with resident_merger([run_cfg.base_path, *run_cfg.endpoint_paths.values()], "cpu", "float32",
+                                 space.candidates, space.merger_template()) as (merger, tok):
+                model = merger.merge(candidate_from_yaml(chosen["recipe"]))
                 acc = {s: float(evaluate_items(model, tok, items, tcfg["scorer"], settings,
                                                tcfg["target_delimiter"])["correct"].mean())
                        for s, items in splits.items()}

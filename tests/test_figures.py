@@ -86,7 +86,7 @@ def test_per_run_figures_are_written_and_deterministic(run, tmp_path):
 def stepped_history(fitness: list[float], problem: dict[int, str] | None = None) -> pd.DataFrame:
     """One candidate per generation (a search that ends on its last step), on one objective."""
     return pd.DataFrame({"generation": range(len(fitness)), "index": 0, "fitness_a": fitness, "sd_a": 0.05,
-                         "problem": [(problem or {}).get(g, "") for g in range(len(fitness))]})
+                         "loss": [-f for f in fitness], "problem": [(problem or {}).get(g, "") for g in range(len(fitness))]})
 
 
 def test_the_progress_line_of_a_best_result_is_the_best_so_far_at_the_top_rung():
@@ -108,6 +108,15 @@ def test_the_progress_line_of_a_last_result_is_the_mean_of_the_last_steps():
 
 def test_the_progress_figure_draws_a_last_result_s_line(tmp_path):
     history = stepped_history([0.1, 0.3, 0.2, 0.6])
+    history.to_parquet(tmp_path / "h.parquet", index=False)
+    assert written_png(figures.search_progress("g", tmp_path / "h.parquet", "last", tmp_path / "g.png"))
+
+
+def test_the_progress_line_of_a_hybrid_search_follows_each_step_s_mean(tmp_path):
+    """A hybrid's generations hold several candidates on one minibatch: the line is each step's mean."""
+    history = pd.concat([stepped_history([0.1, 0.3, 0.2]), stepped_history([0.3, 0.5, 0.4]).assign(index=1)])
+    generations, line, _ = figures.progress_line(history, "a", "last")
+    assert generations.tolist() == [0, 1, 2] and np.allclose(line, [0.2, 0.3, 0.3])
     history.to_parquet(tmp_path / "h.parquet", index=False)
     assert written_png(figures.search_progress("g", tmp_path / "h.parquet", "last", tmp_path / "g.png"))
 

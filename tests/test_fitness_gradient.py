@@ -2,6 +2,7 @@
 loss on one minibatch (its ``extras``), and the last step as the search's result."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,8 @@ from mergeflow.evolve import history as hist
 from mergeflow.evolve.resident import resident_merger
 from mergeflow.evolve.search import replay
 from mergeflow.evolve.stages import EvolveConfig, restore_optimizer
-from mergeflow.fitness.gradient import genome_gradient, task_loss
+from mergeflow.fitness.gradient import genome_gradient, path_gradient, task_loss
+from mergeflow.merge.methods import smooth_parameters
 from mergeflow.spaces import build_space
 from stage_runs import run_generations, with_run
 
@@ -54,7 +56,7 @@ def test_the_genome_gradient_is_the_training_loss_s_derivative(stages, loss):
 
 
 def test_a_bfloat16_merge_gives_about_the_float32_genome_gradient(stages):
-    """The GPU path's dtype: the affine check allows bf16 rounding, and the gradient stays close."""
+    """The GPU path's dtype: the masks check allows bf16 rounding, and the gradient stays close."""
     config = gradient_run(stages[0])
     cfg = EvolveConfig.from_config(config, "grad")
     space, settings = cfg.space(), EvalSettings.from_config(config["evaluation"])
@@ -66,16 +68,91 @@ def test_a_bfloat16_merge_gives_about_the_float32_genome_gradient(stages):
     assert np.corrcoef(out["float32"], out["bfloat16"])[0, 1] > 0.95
 
 
-def test_a_merge_not_affine_in_the_genome_is_refused_by_the_gradient(stages):
+# Spaces beyond task arithmetic: densities (and gamma, epsilon) fixed, weights and lambda searched.
+HELD_SPACES = {
+    "ties": {"parameters": {"weight": {"min": 0.0, "max": 1.5}, "density": 0.5},
+             "method_parameters": {"lambda": {"min": 0.5, "max": 1.5}}},
+    "ties_unnormalized": {"method": "ties", "parameters": {"weight": {"min": 0.0, "max": 1.5}, "density": 0.5},
+                          "method_parameters": {"normalize": False}},
+    "dare_ties": {"parameters": {"weight": {"min": 0.0, "max": 1.5}, "density": 0.5}},
+    "breadcrumbs": {"parameters": {"weight": {"min": 0.0, "max": 1.5}, "density": 0.6, "gamma": 0.05}},
+    "breadcrumbs_ties": {"parameters": {"weight": {"min": 0.0, "max": 1.5}, "density": 0.6},
+                         "method_parameters": {"normalize": True}},
+    "della": {"parameters": {"weight": {"min": 0.0, "max": 1.5}, "density": 0.5, "epsilon": 0.1}},
+    # per module kind: the mlp's weights and the rest's are genes of their own
+    "dare_linear_filtered": {"method": "dare_linear", "filters": ["mlp"],
+                             "parameters": {"weight": {"min": 0.0, "max": 1.5}, "density": 0.5}},
+}
+
+
+def held_space(cfg: EvolveConfig, name: str):
+    return build_space({**cfg.search_space, "method": name, **HELD_SPACES[name]})  # a spec's own method wins
+
+
+def held_merge(merger, space, x: np.ndarray, genome: np.ndarray, seed: int):
+    """The merge at ``genome`` with every mask (trims, seeded drops, elected signs) held as the merge
+    at ``x`` makes it, written into the merger's model."""
+    here, there = (merger.plan(space.to_recipe(g, seed=seed)) for g in (x, genome))
+    with torch.no_grad():
+        for plan, moved in zip(here.tensors, there.tensors):
+            merger.parameters[plan.name].copy_(merger.masked_terms(plan).at(*smooth_parameters(moved.model_params,
+                                                                                              moved.params)))
+    return merger.model
+
+
+@pytest.mark.parametrize("name", list(HELD_SPACES))
+def test_the_genome_gradient_with_masks_held_is_the_held_merge_s_derivative(stages, name):
+    """TIES, DARE-TIES (its drops seeded by the candidate's seed), breadcrumbs and DELLA, normalized
+    or not, with lambda as a gene: against central differences of the loss of the merge at x ± h
+    along each gene with its masks held at x."""
     config = gradient_run(stages[0])
     cfg = EvolveConfig.from_config(config, "grad")
-    ties = build_space({**cfg.search_space, "method": "ties",
-                        "parameters": {"weight": {"min": 0.0, "max": 1.5}, "density": 0.5}})
+    space, settings = held_space(cfg, name), EvalSettings.from_config(config["evaluation"])
+    fit = cfg.kind.task_fitness(cfg.fitness_context("math_l2", config["tasks"]["math_l2"], stages[2], generation=1))
+    x, seed = np.linspace(0.2, 0.7, space.dim), 3
+    with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], "cpu", "float32") as (merger, tok):
+        gradient, losses = genome_gradient(merger, tok, space, x, [fit], settings, cfg.fitness, seed)
+        max_length = context_length(merger.model, settings)
+
+        def loss_at(genome):
+            return task_loss(held_merge(merger, space, x, genome, seed), tok, fit, settings, max_length, cfg.fitness,
+                             backward=False)
+        with torch.no_grad():
+            assert loss_at(x) == pytest.approx(losses["math_l2"])
+            h, numeric = 1e-2, []
+            for k in range(space.dim):
+                step = np.eye(space.dim)[k] * h
+                up, down = (loss_at(x + s) for s in (step, -step))
+                numeric.append((up - down) / (2 * h))
+    assert np.abs(gradient["math_l2"]).max() > 0.01  # the loss does depend on the genes
+    np.testing.assert_allclose(gradient["math_l2"], numeric, rtol=0.02, atol=2e-3)
+
+
+def test_a_bfloat16_ties_merge_gives_about_the_float32_genome_gradient(stages):
+    """The masks check allows bf16 rounding of the held merge, and the gradient stays close."""
+    config = gradient_run(stages[0])
+    cfg = EvolveConfig.from_config(config, "grad")
+    space, settings = held_space(cfg, "ties"), EvalSettings.from_config(config["evaluation"])
+    fit = cfg.kind.task_fitness(cfg.fitness_context("math_l2", config["tasks"]["math_l2"], stages[2]))
+    x, out = np.linspace(0.2, 0.7, space.dim), {}
+    for dtype in ("float32", "bfloat16"):
+        with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], "cpu", dtype) as (merger, tok):
+            out[dtype] = genome_gradient(merger, tok, space, x, [fit], settings, cfg.fitness)[0]["math_l2"]
+    assert np.corrcoef(out["float32"], out["bfloat16"])[0, 1] > 0.95
+
+
+def test_held_masks_that_are_not_the_merge_s_are_refused(stages, monkeypatch):
+    """A held merge drawn with another seed than the candidate's (DARE's drops) is caught."""
+    config = gradient_run(stages[0])
+    cfg = EvolveConfig.from_config(config, "grad")
+    space = held_space(cfg, "dare_ties")
     fit = cfg.kind.task_fitness(cfg.fitness_context("math_l2", config["tasks"]["math_l2"], stages[2]))
     with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], "cpu", "float32") as (merger, tok):
-        with pytest.raises(MergeflowError, match="not affine in its genome"):
-            genome_gradient(merger, tok, ties, np.full(ties.dim, 0.5), [fit], EvalSettings.from_config(config["evaluation"]),
-                            cfg.fitness)
+        held = merger.masked_terms
+        monkeypatch.setattr(merger, "masked_terms", lambda plan: held(dataclasses.replace(plan, seed=plan.seed + 1)))
+        with pytest.raises(MergeflowError, match="the merge with its masks held is not the candidate's merge"):
+            genome_gradient(merger, tok, space, np.full(space.dim, 0.5), [fit],
+                            EvalSettings.from_config(config["evaluation"]), cfg.fitness)
 
 
 def test_a_gradient_search_steps_on_minibatches_and_replays_from_its_history(stages, tmp_path):
@@ -101,12 +178,86 @@ def test_a_gradient_search_steps_on_minibatches_and_replays_from_its_history(sta
     np.testing.assert_array_equal(pickled.ask().value, replayed.ask().value)
 
 
+# DFS over the tiny zoo's experts: the hybrid's space (2 repeats of 2 + 2 layers: 8 slots, 16 W genes)
+DFS = {"kind": "dfs", "a": "math", "b": "lang", "repeats": 2, "max_layers": 8}
+
+
+def test_the_path_gradient_in_the_scale_genes_is_the_loss_s_derivative(stages):
+    """A DFS genome's gradient in its W genes, the path held (W moves scales only), against central
+    differences of the loss; an indicator gene and a W gene off the path get 0."""
+    config = with_run(stages[0], "hybrid", optimizer="CMA", population=2, generations=1, search_space=DFS,
+                      fitness={"kind": "gradient", "batch": 16})
+    cfg = EvolveConfig.from_config(config, "hybrid")
+    space, settings = cfg.space(), EvalSettings.from_config(config["evaluation"])
+    fit = cfg.kind.task_fitness(cfg.fitness_context("math_l2", config["tasks"]["math_l2"], stages[2]))
+    x = np.array(space.initial_genome(None))
+    x[[2, 3, 4]] = 0.6  # A0 A1, then B0 B1, then A0 (and the closing A1) again: through both models
+    x[space.slots:] = np.random.default_rng(0).uniform(0.3, 0.7, space.layers ** 2)
+    with resident_merger([space.a, space.b], "cpu", "float32", "path") as (assembler, tok):
+        gradient, losses = path_gradient(assembler, tok, space, x, [fit], settings, cfg.fitness)
+        max_length = context_length(assembler.merge(space.to_recipe(x)), settings)
+
+        def loss_at(genome):
+            return task_loss(assembler.merge(space.to_recipe(genome)), tok, fit, settings, max_length, cfg.fitness,
+                             backward=False)
+        with torch.no_grad():
+            assert loss_at(x) == pytest.approx(losses["math_l2"])
+            on_path = np.flatnonzero(gradient["math_l2"])
+            assert set(on_path) <= set(space.scale_genes()) and len(on_path) == 4  # A0>A1 twice, A1>B0, B0>B1, B1>A0
+            h, numeric = 1e-2, []
+            for k in on_path:
+                step = np.eye(space.dim)[k] * h
+                numeric.append((loss_at(x + step) - loss_at(x - step)) / (2 * h))
+    assert np.abs(numeric).max() > 1e-3  # the loss does depend on the scales
+    np.testing.assert_allclose(gradient["math_l2"][on_path], numeric, rtol=0.02, atol=2e-4)
+
+
+def test_a_hybrid_search_evolves_the_path_and_steps_the_scales(stages, tmp_path):
+    """CMA on the indicators, Adam on the scales: a generation's candidates share their scales, the
+    scales move between generations by at most the learning rate, and the optimizer rebuilt from
+    the history asks what the pickle asks."""
+    config = with_run(stages[0], "hybrid", optimizer="CMA", population=3, generations=3, search_space=DFS,
+                      learning_rate=0.1, fitness={"kind": "gradient", "batch": 16})
+    cfg = EvolveConfig.from_config(config, "hybrid")
+    previous = run_generations(cfg, config, {"math_l2": stages[2]}, tmp_path, 3)
+    history = pd.read_parquet(previous)
+    genomes = np.stack(history["genome"].to_list())
+    scales = list(cfg.space().scale_genes())
+    for g in range(3):
+        rows = genomes[history["generation"] == g]
+        assert (rows[:, scales] == rows[0, scales]).all() and not (rows[:, :scales[0]] == rows[0, :scales[0]]).all()
+    moved = np.abs(genomes[history["generation"] == 2][0, scales] - genomes[0, scales])
+    assert moved.max() > 0 and moved.max() <= 2 * 0.1 + 1e-9
+    assert np.isfinite(np.stack(history["gradient"].to_list())).all()
+    last = history[history["generation"] == 2]
+    assert hist.best_row(history, cfg.result)["index"] == last.sort_values("loss")["index"].iloc[0]
+    pickled = restore_optimizer(cfg, cfg.search_settings(), str(tmp_path / "gen_2" / "optimizer.pkl"), previous)
+    replayed = replay(cfg.search_settings(), history, None, cfg.kind.extra_columns)
+    np.testing.assert_array_equal(pickled.ask().value, replayed.ask().value)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"optimizer": "CMA"}, r"grad\.evolve\.optimizer: fitness kind 'gradient' needs a gradient optimizer \(Adam\)"),
     ({"population": 4}, r"grad\.evolve\.population: fitness kind 'gradient' takes one candidate per generation"),
     ({"fitness": {"kind": "gradient", "batch": 50}}, r"grad\.evolve\.fitness\.batch: 50 items, more than task 'math_l2'"),
-    ({"search_space": {"method": "ties", "parameters": {"weight": {"min": 0.0, "max": 1.0}, "density": 0.5}}},
-     r"grad\.evolve\.search_space: fitness kind 'gradient' needs a parameter space whose merge is affine"),
+    ({"search_space": {"method": "ties", "parameters": {"weight": {"min": 0.0, "max": 1.0},
+                                                         "density": {"min": 0.1, "max": 1.0}}}},
+     r"grad\.evolve\.search_space\.parameters\.density: fitness kind 'gradient' moves only weight; density chooses"),
+    ({"search_space": {"method": "breadcrumbs", "parameters": {"weight": 1.0, "density": 0.5,
+                                                                "gamma": {"min": 0.0, "max": 0.1}}}},
+     r"grad\.evolve\.search_space\.parameters\.gamma: fitness kind 'gradient' moves only weight"),
+    ({"search_space": {"method": "ties", "parameters": {"weight": 1.0},
+                       "method_parameters": {"normalize": True, "rescale": {"min": 0, "max": 1}}}},
+     r"grad\.evolve\.search_space\.method_parameters\.rescale: fitness kind 'gradient' moves only lambda"),
+    ({"search_space": {"method": "slerp", "parameters": {}, "method_parameters": {"t": {"min": 0, "max": 1}}}},
+     r"grad\.evolve\.search_space\.method: fitness kind 'gradient' needs a merge that is smooth in its weights "
+     r"once its masks are held \(task_arithmetic, ties, .*\), not 'slerp'"),
+    ({"search_space": {"method": ["ties", "task_arithmetic"], "parameters": {"weight": {"min": 0.0, "max": 1.0}}}},
+     r"grad\.evolve\.search_space\.method: fitness kind 'gradient' takes one method"),
+    ({"search_space": {"kind": "dfs", "a": "math", "b": "lang"}},
+     r"grad\.evolve\.optimizer: fitness kind 'gradient' on a dfs space is a hybrid: its layer indicators"),
+    ({"search_space": {"kind": "dis"}},
+     r"grad\.evolve\.search_space\.kind: fitness kind 'gradient' needs a parameter space \(or a dfs space"),
     ({"learning_rate": 0}, r"evolve\.learning_rate: 0 is less than or equal to the minimum"),
     # the older spelling, under fitness, is read as the run's learning_rate
     ({"fitness": {"kind": "gradient", "batch": 16, "learning_rate": 0}},
@@ -123,6 +274,17 @@ def test_bad_gradient_settings_are_named(stages, change, message):
     config["runs"] = {"grad": {"evolve": evolve}}
     with pytest.raises(MergeflowError, match=message):
         validate_config(config)
+
+
+@pytest.mark.parametrize("space", [{"method": name, **spec} for name, spec in HELD_SPACES.items()] + [
+    {"method": "dare_linear", **HELD_SPACES["dare_ties"]}, {"method": "della_linear", **HELD_SPACES["della"]}])
+def test_spaces_with_held_masks_are_accepted(stages, space):
+    config = copy.deepcopy(stages[0])
+    evolve = copy.deepcopy(config["runs"]["full"]["evolve"])
+    evolve.update({"optimizer": "Adam", "population": 1, "fitness": {"kind": "gradient", "batch": 16},
+                   "search_space": {**evolve["search_space"], **space}})
+    config["runs"] = {"grad": {"evolve": evolve}}
+    validate_config(config)
 
 
 def test_the_learning_rate_under_fitness_is_read_as_the_optimizer_s():

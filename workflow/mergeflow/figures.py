@@ -74,15 +74,16 @@ TREND_STEPS = 5
 def progress_line(history: pd.DataFrame, task: str, result: str) -> tuple[np.ndarray, np.ndarray, str]:
     """The line the progress figure draws through a search's fitness on ``task``, per generation:
     for a search that ends on its best candidate (``result: best``), the best fitness so far at
-    the highest rung reached; for one that ends on its last (``last``: one candidate a generation,
-    each scored on one minibatch), the mean of its last :data:`TREND_STEPS` steps. Returns the
+    the highest rung reached; for one that ends on its last step (``last``: each generation scored on
+    one minibatch), the mean of its last :data:`TREND_STEPS` steps' mean fitness. Returns the
     generations, the line's values and its legend label."""
     rung = history["rung"] if "rung" in history.columns else pd.Series(0, index=history.index)
     fitness = history[hist.fitness_column(task)]
     top = history[(rung == rung.max()) & np.isfinite(fitness)]
     generations = np.arange(history["generation"].max() + 1)
     if result == "last":
-        trend = top.set_index("generation")[hist.fitness_column(task)].reindex(generations)
+        # a generation's mean (a hybrid's candidates share its minibatch; Adam's one candidate is its own)
+        trend = top.groupby("generation")[hist.fitness_column(task)].mean().reindex(generations)
         return (generations, trend.rolling(TREND_STEPS, min_periods=1).mean().to_numpy(),
                 f"mean of the last {TREND_STEPS} steps")
     best = top.groupby("generation")[hist.fitness_column(task)].max().cummax().reindex(generations).ffill()

@@ -158,12 +158,15 @@ def best_row(history: pd.DataFrame, result: str) -> pd.Series:
 
     - ``best``: the lowest-loss candidate among those scored at the highest rung any reached (its
       most exact fitness); ties go to the earliest (generation, index);
-    - ``last``: the last candidate told without a problem (a search that moves one candidate,
-      one step at a time: each step's fitness rests on one minibatch, too noisy to pick by).
+    - ``last``: the lowest-loss candidate of the last generation with one told without a problem
+      (a search that moves its candidates a step at a time, on minibatches too noisy to pick
+      across steps by: with one candidate a step, the last one told without a problem).
     """
     if result == "last":
         valid = history[history["problem"] == ""]
-        return (valid if len(valid) else history).sort_values(["generation", "index"], kind="mergesort").iloc[-1]
+        valid = valid if len(valid) else history
+        last = valid[valid["generation"] == valid["generation"].max()]
+        return last.sort_values(["loss", "index"], kind="mergesort").iloc[0]
     if result != "best":
         raise MergeflowError(f"unknown search result {result!r}: one of {', '.join(RESULTS)}")
     if "rung" in history.columns:

@@ -10,7 +10,7 @@ the source of truth, and :func:`replay` rebuilds the optimizer from it alone.
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,8 @@ class SearchSettings:
     init: tuple[float, ...] | None = None  # the genome the search starts from (default: the centre)
     sigma: float | None = None  # the genome's mutation scale (Nevergrad's parametrization sigma)
     learning_rate: float | None = None  # a gradient optimizer's step size, in genome units
+    # the genes Adam moves beside a Nevergrad optimizer (:class:`Hybrid`); empty: none
+    smooth: tuple[int, ...] = ()
 
 
 @dataclass
@@ -82,6 +84,54 @@ class Adam:
         self.x = np.clip(candidate.value - self.lr * m_hat / (np.sqrt(v_hat) + self.eps), 0.0, 1.0)
 
 
+@dataclass
+class HybridStep:
+    """A :class:`Hybrid` candidate: the whole genome (``value``) and the Nevergrad candidate of its
+    other genes, which is told their loss."""
+
+    value: np.ndarray
+    evolved: object
+
+
+class Hybrid:
+    """A Nevergrad optimizer over the genes a gradient cannot move (a data-flow space's layer
+    indicators, steps in the loss) and :class:`Adam` over those it can (``settings.smooth``: the
+    scales). A generation's candidates share Adam's genes and differ in the others; each is told
+    its loss (Nevergrad, on its own genes) and its gradient, and once the whole population has
+    been told Adam steps on their mean gradient (the gradient of the generation's mean loss over
+    the paths it tried; candidates with a problem, NaN, sit it out)."""
+
+    def __init__(self, settings: SearchSettings):
+        self.smooth = np.asarray(settings.smooth, dtype=int)
+        self.rough = np.setdiff1d(np.arange(settings.dim), self.smooth)
+        init = None if settings.init is None else np.asarray(settings.init, dtype=np.float64)
+        self.evolution = make_optimizer(replace(settings, dim=len(self.rough), smooth=(),
+                                                init=None if init is None else tuple(init[self.rough])))
+        self.adam = Adam(replace(settings, dim=len(self.smooth), smooth=(),
+                                 init=None if init is None else tuple(init[self.smooth])))
+        self.population = settings.population
+        self.dim = settings.dim
+        self.told: list[np.ndarray] = []
+
+    def ask(self) -> HybridStep:
+        evolved = self.evolution.ask()
+        value = np.empty(self.dim)
+        value[self.rough], value[self.smooth] = evolved.value, self.adam.x
+        return HybridStep(value, evolved)
+
+    def tell(self, candidate: HybridStep, loss: float, gradient: np.ndarray | None = None) -> None:
+        if gradient is None:
+            raise MergeflowError("a hybrid search needs each candidate's gradient (fitness kind 'gradient')")
+        self.evolution.tell(candidate.evolved, loss)
+        self.told.append(np.asarray(gradient, dtype=np.float64)[self.smooth])
+        if len(self.told) < self.population:
+            return
+        finite = [g for g in self.told if np.all(np.isfinite(g))]
+        self.told = []
+        if finite:
+            self.adam.tell(self.adam.ask(), loss, np.mean(finite, axis=0))
+
+
 # Optimizers that follow gradients, mergeflow's own (every other name is a Nevergrad optimizer).
 GRADIENT_OPTIMIZERS = {"Adam": Adam}
 
@@ -101,11 +151,13 @@ def check_optimizer(name: str, where: str = "optimizer") -> None:
 
 def make_optimizer(settings: SearchSettings):
     """A fresh Nevergrad optimizer over [0, 1]^dim, seeded, told the population as its workers
-    (or a gradient optimizer)."""
+    (or a gradient optimizer; or, with ``smooth`` genes, a :class:`Hybrid` of the two)."""
     import nevergrad as ng  # see check_optimizer
     check_optimizer(settings.optimizer)
     if settings.optimizer in GRADIENT_OPTIMIZERS:
         return GRADIENT_OPTIMIZERS[settings.optimizer](settings)
+    if settings.smooth:
+        return Hybrid(settings)
     if settings.init is not None:
         param = ng.p.Array(init=np.asarray(settings.init, dtype=float), lower=0.0, upper=1.0)
     else:

@@ -128,9 +128,10 @@ class EvolveConfig:
 
     def search_settings(self) -> SearchSettings:
         space = self.space()
+        smooth = tuple(self.kind.gradient_genes(space)) if self.kind.gradient_genes else ()
         return SearchSettings(self.optimizer, space.dim, self.population, self.seed,
                               len(self.objectives) if self.multi_objective else 1, self.budget,
-                              space.initial_genome(self.init), self.sigma, self.learning_rate)
+                              space.initial_genome(self.init), self.sigma, self.learning_rate, smooth)
 
     def candidate_seed(self, generation: int, index: int) -> int:
         """The recipe seed of candidate (g, i): drawn from (run seed, g, i), for DARE / DELLA."""

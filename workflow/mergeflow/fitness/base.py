@@ -128,8 +128,11 @@ class FitnessKind:
       its shard, the history keeps the objectives' weighted mean of each, and the tell hands
       them to the optimizer by column name (``optimizer.tell(candidate, loss, **extras)``).
     - ``result``: what the search ends on (:data:`mergeflow.evolve.history.RESULTS`): ``best``, the
-      candidate of lowest loss at the highest rung reached, or ``last``, the last one told (a
-      search that moves one candidate, each of whose fitnesses rests on too few items to pick by).
+      candidate of lowest loss at the highest rung reached, or ``last``, the best of the last
+      generation (a search that moves its candidates a step at a time, each of whose fitnesses
+      rests on too few items to pick across steps by).
+    - ``gradient_genes(space)``: the genes of ``space`` its gradients move beside an evolutionary
+      optimizer that moves the rest (:class:`mergeflow.evolve.search.Hybrid`); None or empty: none.
     - ``seeded_keys``: the keys of its mapping (paths of keys) that a run's seed should move
       when a search is repeated over seeds (anchor sets, rung items, minibatches).
     - ``flat_keys``: the keys the older flat spelling ``fitness: KIND`` set beside it, read into
@@ -151,6 +154,7 @@ class FitnessKind:
     extra_columns: tuple[str, ...] = ()
     extras: Callable[[dict, ScoredCandidate], dict[str, dict[str, Any]]] | None = None
     result: str = "best"
+    gradient_genes: Callable[[Any], tuple[int, ...]] | None = None
     seeded_keys: tuple[tuple[str, ...], ...] = ()
     flat_keys: tuple[str, ...] = ()
     batch_invariant: bool = True

@@ -1,8 +1,9 @@
 """``gradient`` fitness: a search that follows the gradient of the merge's loss in its genome.
 
-Each generation has one candidate (``population: 1``, ``optimizer: Adam``). It answers a
-minibatch of the search split, ``batch`` items per task drawn without replacement from seeded
-permutations of the split (one per pass over it), and its fitness is its accuracy on them.
+On a parameter space each generation has one candidate (``population: 1``, ``optimizer: Adam``).
+It answers a minibatch of the search split, ``batch`` items per task drawn without replacement
+from seeded permutations of the split (one per pass over it), and its fitness is its accuracy on
+them.
 The same items also give the gradient of a training loss with respect to the genome (``loss``,
 :data:`LOSSES`). For multiple choice (choices' log-likelihoods per character with
 ``mc_loglik_norm``) it is by default ``sigmoid``: σ(−margin / temperature) per item, where the
@@ -15,13 +16,41 @@ For generation the loss is the gold answer's negative log-likelihood. Adam, told
 takes the next step (:class:`mergeflow.evolve.search.Adam`).
 
 A genome gene is not a model parameter, so the gradient is taken in two parts. One backward
-pass gives the loss's gradient G with respect to the merged weights θ(x). The space's merge
-must be affine in the genome (task arithmetic: θ(x) = θ(0) + Σ_k x_k (θ(e_k) − θ(0))), so
-∂loss/∂x_k = ⟨G, θ(e_k) − θ(0)⟩, from the plans of dim + 1 basis merges read tensor by tensor
-(:meth:`mergeflow.merge.InMemoryMerger.merged_tensor`): beyond the merged model and G a step
-holds one tensor of θ(0) and one of θ(e_k) at a time, never a second model (for a 7B model and
-three sources in float32: the sources, the merge and one G per objective, 28 GB each, plus
-activations). The job checks the affine form along the gradient before it hands it on.
+pass gives the loss's gradient G with respect to the merged weights θ(x). Then, tensor by tensor,
+the merge's masks are held as the candidate's merge made them (AdaMerging++'s move:
+:class:`mergeflow.merge.methods.MaskedTerms`, the method's ``masked`` form in the registry): the
+entries each model's sparsification keeps (TIES's and breadcrumbs' trims, DARE's and DELLA's drops
+drawn with the candidate's seed, and their rescales) and, under sign consensus, the elected sign.
+Held, the merge is smooth in each model's weight w_k and in lambda,
+θ = base + λ Σ_k w_k u_k / D(w), with D = Σ_k w_k a_k under ``normalize`` (a_k: where model k
+agrees with the elected sign; 1 without sign consensus) and 1 without: a ratio in the weights
+with ``normalize`` (TIES's and DELLA's default), affine without. So ∂loss/∂x_j = Σ over tensors
+and their weights and lambda p of ⟨G, ∂θ/∂p⟩ ∂p/∂x_j, where ∂p/∂x_j is what gene j moves p by,
+read from the plans of the basis genomes (the space's own mapping). Task arithmetic is the case
+with nothing to hold. The merges it takes: ``task_arithmetic``, ``ties``, ``dare_ties``,
+``dare_linear``, ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``, in a
+``parameter`` space of one method. Its genes may be the weights and ``lambda`` only: densities,
+``gamma`` and ``epsilon`` choose the masks and are discrete in effect (a density moves which
+entries are kept, not how much), so they stay fixed (a value, not a range) and ``check`` refuses
+them by key; search them with an evolutionary run, or run one gradient search per density. A
+per-group method choice is categorical and refused too.
+
+Beyond the merged model and G a step holds one tensor's held terms at a time (per model its
+kept task vector and, with ``normalize`` under sign consensus, its agreement, then the slopes
+∂θ/∂p: at most about 3K + 3 tensors of that tensor's size for K models), never a second model
+(for a 7B model and three sources in float32: the sources, the merge and one G per objective,
+28 GB each, plus activations). The job checks, along the first task's gradient, that the held
+terms give the candidate's merge (the same trims, draws and signs) before it hands the gradient
+on.
+
+On a ``dfs`` space the search is a hybrid (:class:`mergeflow.evolve.search.Hybrid`): its layer
+indicators are steps in the loss, so an evolutionary optimizer (any Nevergrad one, e.g. CMA, with
+a population) moves them, while Adam moves its scales W. A generation's candidates share the
+scales and differ in their paths; each answers the generation's minibatch and gives its loss
+(told to the evolutionary optimizer) and its gradient in W, the path held (:func:`path_gradient`:
+one backward pass with each hop's scale a leaf, no gradient of the weights); Adam steps once a
+generation on their mean. The search ends on its last generation's best candidate on that
+minibatch (``result: last``).
 
 Every step costs ``batch`` items per task, like a multi-fidelity rung: 40 steps of 60 items are
 the cheap search's 2,400 items. Where each candidate of an evolutionary search yields one noisy
@@ -30,7 +59,8 @@ number from its items, a step here yields one number per gene from the same item
 Keys (schema ``fitness_gradient``): ``batch``, ``loss``, ``temperature`` (the sigmoid's, in nats
 of margin), ``seed``. Adam's step is the run's ``learning_rate`` (an optimizer setting, beside
 ``optimizer``). Each step's shard and history row hold the gradient (column ``gradient``, the
-kind's ``extras``), and the run's result is its last step (``result: last``).
+kind's ``extras``), and the run's result is its last step (``result: last``; the hybrid's: its
+last generation's best).
 """
 
 from __future__ import annotations
@@ -49,13 +79,14 @@ from mergeflow.errors import MergeflowError
 from mergeflow.evaluate import context_length, differentiable_logliks, encode_requests, item_prompts
 from mergeflow.evolve.search import GRADIENT_OPTIMIZERS
 from mergeflow.fitness.base import FitnessContext, FitnessKind, ScoredCandidate, TaskFitness
+from mergeflow.merge.assemble import ScaledHop
+from mergeflow.merge.methods import SMOOTH_PARAMETERS, smooth_parameters
+from mergeflow.merge.registry import MERGE_METHODS
 from mergeflow.scorers import get_scorer
+from mergeflow.spaces.dfs import DfsSpace
 from mergeflow.spaces.parameter import space_methods
 
 log = logging.getLogger(__name__)
-
-# Merges the genome gradient trusts: those whose merged weights are affine in the weights.
-AFFINE_METHODS = ("task_arithmetic",)
 
 
 def batch_items(task: str, fitness_cfg: dict, split: pd.DataFrame, generation: int) -> pd.DataFrame:
@@ -157,63 +188,132 @@ def genome_gradient(merger, tokenizer, space, genome: np.ndarray, tasks: list[Ta
     finally:
         model.zero_grad(set_to_none=True)
         model.requires_grad_(False)
-    # ∂loss/∂x_k = <G, θ(e_k) - θ(0)>, taken tensor by tensor from the basis merges' plans: one
-    # tensor of θ(0) and one of θ(e_k) at a time, never a second model; the merger's model keeps
-    # θ(x), against which the affine form is checked along the first task's gradient:
-    # <G, θ(x) - θ(0)> must be Σ_k x_k <G, θ(e_k) - θ(0)>.
+    # ∂loss/∂x_j = Σ over tensors and their smooth parameters p (each model's weight, lambda) of
+    # <G, ∂θ/∂p> ∂p/∂x_j, the masks held at x (MaskedTerms): one tensor's terms at a time, never a
+    # second model. ∂p/∂x_j is what gene j moves p by, read from the plans of the basis genomes
+    # (the space's own mapping; a range gene is linear). The terms at x must give the merger's θ(x)
+    # (the same trims, draws and elected signs), checked along the first task's gradient.
+    here = merger.plan(recipe)
     zero = merger.plan(space.to_recipe(np.zeros(space.dim), seed=seed))
     basis = [merger.plan(space.to_recipe(np.eye(space.dim)[k], seed=seed)) for k in range(space.dim)]
-    at = {plan.name: i for i, plan in enumerate(zero.tensors)}
-    probe, first = grads[tasks[0].task], tasks[0].task
+    at = {plan.name: i for i, plan in enumerate(here.tensors)}
+    probe = grads[tasks[0].task]
     out = {fit.task: np.zeros(space.dim) for fit in tasks}
-    moved = scale = 0.0
-    for n, p in params.items():  # the model's order: each gene's sum adds its terms as before
-        origin = merger.merged_tensor(zero.tensors[at[n]]).clone()
-        for k, plan in enumerate(basis):
-            direction = merger.merged_tensor(plan.tensors[at[n]]) - origin
-            if not torch.any(direction):
-                continue
-            for task, g in grads.items():
-                if n in g:
-                    out[task][k] += _dot(g[n], direction)
+    missed = scale = 0.0
+    for n, p in params.items():  # in the model's order, as each gene's sum has always added its terms
+        i = at[n]
+        origin = np.array(_smooth(zero.tensors[i]))
+        moves = [(k, np.array(_smooth(plan.tensors[i])) - origin) for k, plan in enumerate(basis)]
+        moves = [(k, move) for k, move in moves if np.any(move)]
+        if not moves or not any(n in g for g in grads.values()):
+            continue
+        terms = merger.masked_terms(here.tensors[i])
         if n in probe:
-            g, now = probe[n], p.detach()
-            moved += _dot(g, now - origin)
-            scale += _dot(g.abs(), now.abs() + origin.abs())
-    worst = abs(moved - float(genome @ out[first])) / (scale + 1e-30)
-    # each of the dim + 2 merges rounds on its own (in a 16-bit merge, coarsely)
-    tolerance = 4 * (space.dim + 2) * torch.finfo(next(iter(params.values())).dtype).eps
+            g, held = probe[n], terms.at().to(p.dtype)
+            missed += _dot(g.abs(), (held - p.detach()).abs())
+            scale += _dot(g.abs(), held.abs() + p.detach().abs())
+        weight_slopes, lambda_slope = terms.slopes()
+        slopes = [*weight_slopes, lambda_slope]
+        for task, g in grads.items():
+            if n in g:
+                dots = np.array([_dot(g[n], slope) for slope in slopes])
+                for k, move in moves:
+                    out[task][k] += float(dots @ move)
+        del terms, weight_slopes, lambda_slope, slopes
+    worst = missed / (scale + 1e-30)
+    # the terms sum in another order than the merge; a 16-bit model rounds both the same way but
+    # where they straddle a rounding boundary, which the compute dtype's eps bounds as well
+    tolerance = 16 * torch.finfo(merger.compute_dtype).eps
+    log.debug("held masks against the merge: relative difference %.3g", worst)
     if not math.isfinite(worst) or worst > tolerance:
-        raise MergeflowError(f"fitness kind 'gradient': the search space's merge is not affine in its genome (relative "
-                             f"difference {worst:.2g}); it needs a {' or '.join(AFFINE_METHODS)} space")
+        raise MergeflowError(f"fitness kind 'gradient': the merge with its masks held is not the candidate's merge "
+                             f"(relative difference {worst:.2g})")
+    return out, losses
+
+
+def _smooth(tensor_plan) -> list[float]:
+    """A tensor's smooth parameters, as the gradient orders them: each model's weight, then lambda."""
+    weights, lam = smooth_parameters(tensor_plan.model_params, tensor_plan.params)
+    return [*weights, lam]
+
+
+def path_gradient(assembler, tokenizer, space: DfsSpace, genome: np.ndarray, tasks: list[TaskFitness], settings,
+                  fitness_cfg: dict) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Per task, the gradient of its training loss in a data-flow space's scale genes W (0 in its
+    indicator genes), the path held, and the loss. A W gene moves only the scales of the hops
+    entering layer j from layer i, never the path, and a hop's scale multiplies its input
+    (:class:`mergeflow.merge.assemble.ScaledHop`), so one backward pass with the scales as leaves
+    gives ∂loss/∂s_k, and ∂loss/∂W_ij = (max − min) Σ over those hops of ∂loss/∂s_k. The weights
+    take no gradient: the step holds only the activations."""
+    sequence, _ = space.decode(genome)
+    model = assembler.merge(space.to_recipe(genome))
+    hops = [module for module in model.modules() if isinstance(module, ScaledHop)]
+    max_length = context_length(model, settings)
+    out, losses = {}, {}
+    for fit in tasks:
+        leaves = [hop.leaf() for hop in hops]
+        losses[fit.task] = task_loss(model, tokenizer, fit, settings, max_length, fitness_cfg)
+        gradient = np.zeros(space.dim)
+        for k in range(1, len(sequence)):
+            if leaves[k].grad is not None:
+                gradient[space.slots + sequence[k - 1] * space.layers + sequence[k]] += (
+                    float(leaves[k].grad) * (space.scale.high - space.scale.low))
+        out[fit.task] = gradient
     return out, losses
 
 
 def check(config: dict, run: str) -> None:
-    """One candidate per generation, a gradient optimizer, a task-arithmetic parameter space and
-    batches that fit every objective's search split."""
+    """One loss; a dfs space with an evolutionary optimizer (the hybrid), or Adam on a parameter
+    space (:func:`check_parameter_space`); batches that fit every objective's search split."""
     evolve = config["runs"][run]["evolve"]
     where = f"config: runs.{run}.evolve"
-    if evolve["optimizer"] not in GRADIENT_OPTIMIZERS:
-        raise MergeflowError(f"{where}.optimizer: fitness kind 'gradient' needs a gradient optimizer "
-                             f"({', '.join(GRADIENT_OPTIMIZERS)}), not {evolve['optimizer']!r}")
-    if evolve["population"] != 1:
-        raise MergeflowError(f"{where}.population: fitness kind 'gradient' takes one candidate per generation "
-                             f"(population 1), not {evolve['population']}")
+    space = evolve["search_space"]
     if evolve["multi_objective"]:
         raise MergeflowError(f"{where}.multi_objective: fitness kind 'gradient' follows one loss, the objectives' "
                              "weighted sum")
-    space = evolve["search_space"]
-    methods = space_methods(space)
-    if space.get("kind", "parameter") != "parameter" or any(m not in AFFINE_METHODS for m in methods):
-        raise MergeflowError(f"{where}.search_space: fitness kind 'gradient' needs a parameter space whose merge is "
-                             f"affine in the genome (method {' or '.join(AFFINE_METHODS)}), not "
-                             f"{space.get('kind', 'parameter')} / {methods}")
+    if space.get("kind") == "dfs":
+        if evolve["optimizer"] in GRADIENT_OPTIMIZERS:
+            raise MergeflowError(f"{where}.optimizer: fitness kind 'gradient' on a dfs space is a hybrid: its layer "
+                                 f"indicators (steps in the loss) need an evolutionary optimizer (a Nevergrad one, "
+                                 f"e.g. CMA) while the gradient moves its scales, not {evolve['optimizer']!r}")
+    else:
+        check_parameter_space(evolve, where)
     for task in evolve["objectives"]:
         size = config["tasks"][task]["splits"]["search"]
         if evolve["fitness"]["batch"] > size:
             raise MergeflowError(f"{where}.fitness.batch: {evolve['fitness']['batch']} items, more than task {task!r}'s "
                                  f"search split ({size}, tasks.{task}.splits.search)")
+
+
+def check_parameter_space(evolve: dict, where: str) -> None:
+    """Adam moving one candidate through a parameter space of one held-mask method, whose searched
+    genes are weights and lambda."""
+    if evolve["optimizer"] not in GRADIENT_OPTIMIZERS:
+        raise MergeflowError(f"{where}.optimizer: fitness kind 'gradient' needs a gradient optimizer "
+                             f"({', '.join(GRADIENT_OPTIMIZERS)}), not {evolve['optimizer']!r} (an evolutionary "
+                             "optimizer takes a dfs space's layer indicators beside the gradient: the hybrid)")
+    if evolve["population"] != 1:
+        raise MergeflowError(f"{where}.population: fitness kind 'gradient' takes one candidate per generation "
+                             f"(population 1), not {evolve['population']}")
+    space = evolve["search_space"]
+    if space.get("kind", "parameter") != "parameter":
+        raise MergeflowError(f"{where}.search_space.kind: fitness kind 'gradient' needs a parameter space (or a dfs "
+                             f"space, its scales), not {space['kind']!r}")
+    methods = space_methods(space)
+    if len(methods) > 1:
+        raise MergeflowError(f"{where}.search_space.method: fitness kind 'gradient' takes one method; a choice "
+                             f"among {methods} is a categorical gene, with no gradient")
+    method = MERGE_METHODS.get(methods[0]) if methods else None  # a missing or unknown one: the space's check
+    if method is not None and method.masked is None:
+        held = [name for name, known in MERGE_METHODS.items() if known.masked is not None]
+        raise MergeflowError(f"{where}.search_space.method: fitness kind 'gradient' needs a merge that is smooth in "
+                             f"its weights once its masks are held ({', '.join(held)}), not {methods[0]!r}")
+    for level, key in (("model", "parameters"), ("method", "method_parameters")):
+        for name, value in space.get(key, {}).items():
+            if isinstance(value, dict) and name not in SMOOTH_PARAMETERS[level]:
+                raise MergeflowError(f"{where}.search_space.{key}.{name}: fitness kind 'gradient' moves only "
+                                     f"{' and '.join(SMOOTH_PARAMETERS[level])}; {name} chooses the masks (which "
+                                     f"entries are kept): give it a value, or search it with an evolutionary run")
 
 
 # The column of a step's shard and history row that the gradient optimizer is told.
@@ -225,8 +325,12 @@ def extras(fitness_cfg: dict, scored: ScoredCandidate) -> dict[str, dict[str, An
     candidate with a problem: the optimizer keeps its step and tries the next batch)."""
     if scored.result.problem:
         return {fit.task: {GRADIENT_COLUMN: [float("nan")] * scored.space.dim} for fit in scored.tasks}
-    gradient, losses = genome_gradient(scored.merger, scored.tokenizer, scored.space, scored.genome, scored.tasks,
-                                       scored.settings, fitness_cfg, scored.seed)
+    if isinstance(scored.space, DfsSpace):
+        gradient, losses = path_gradient(scored.merger, scored.tokenizer, scored.space, scored.genome, scored.tasks,
+                                         scored.settings, fitness_cfg)
+    else:
+        gradient, losses = genome_gradient(scored.merger, scored.tokenizer, scored.space, scored.genome,
+                                           scored.tasks, scored.settings, fitness_cfg, scored.seed)
     log.info("training loss %s", {t: round(v, 4) for t, v in losses.items()})
     return {task: {GRADIENT_COLUMN: g.tolist()} for task, g in gradient.items()}
 
@@ -234,4 +338,5 @@ def extras(fitness_cfg: dict, scored: ScoredCandidate) -> dict[str, dict[str, An
 KIND = FitnessKind("gradient", needs=lambda fitness_cfg: ("split",), estimates=lambda fitness_cfg, split_size: True,
                    task_fitness=task_fitness, check=check, extra_columns=(GRADIENT_COLUMN,), extras=extras,
                    result="last", seeded_keys=(("seed",),),
+                   gradient_genes=lambda space: tuple(space.scale_genes()) if isinstance(space, DfsSpace) else (),
                    batch_invariant=False)  # its float sums follow the evaluation's batches

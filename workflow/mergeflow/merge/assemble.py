@@ -33,11 +33,17 @@ class ScaledHop(torch.nn.Module):
         self.scale = float(scale)
         self.index = index
 
+    def leaf(self) -> torch.Tensor:
+        """The scale as a fresh leaf tensor, which a backward pass through the hop reaches (the
+        hop then multiplies by it even at 1): a gradient in the path's scales."""
+        self.scale = torch.tensor(float(self.scale), requires_grad=True)
+        return self.scale
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         attention = getattr(self.layer, "self_attn", None)
         if attention is not None and hasattr(attention, "layer_idx"):
             attention.layer_idx = self.index  # this hop's KV-cache slot
-        if self.scale != 1.0:
+        if torch.is_tensor(self.scale) or self.scale != 1.0:
             hidden_states = hidden_states * self.scale
         return self.layer(hidden_states, *args, **kwargs)
 
@@ -46,7 +52,8 @@ def _load(path: str, device: torch.device, dtype: torch.dtype | None):
     from transformers import AutoModelForCausalLM  # heavy import, only where a path is assembled
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None, use_safetensors=True)
-    return model.to(device).eval()
+    # no weight is trained: a backward pass through a path (its scales' gradient) reaches none of them
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _decoder(model):

@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 
 from mergeflow.errors import MergeflowError
-from mergeflow.merge.plan import MergePlan, TensorPlan, check_finite, merge_tensor, plan_merge
+from mergeflow.merge.methods import MaskedTerms
+from mergeflow.merge.plan import MergePlan, TensorPlan, check_finite, masked_terms, merge_tensor, plan_merge
 from mergeflow.merge.recipe import Recipe
 from mergeflow.dtypes import dtype_name, torch_dtype
 from mergeflow.merge.sources import ModelSource
@@ -188,12 +189,11 @@ class InMemoryMerger:
                 f"{self.sources[self.template].num_layers}")
         return plan
 
-    def merged_tensor(self, tensor_plan: TensorPlan) -> torch.Tensor:
-        """One tensor of a plan, merged into scratch (the next call may reuse it) and cast to the
-        merged model's dtype, bit for bit what :meth:`merge` writes into the model: a merge read
-        tensor by tensor, without touching the model (a gradient's directions, one at a time)."""
+    def masked_terms(self, tensor_plan: TensorPlan) -> MaskedTerms:
+        """One tensor of a plan as its merge with every mask held (:func:`~mergeflow.merge.plan.masked_terms`),
+        in the compute dtype, without touching the model (a gradient's slopes, one tensor at a time)."""
         with torch.no_grad():
-            return merge_tensor(tensor_plan, self._fetcher(tensor_plan), self.device, self.workspace).to(self.out_dtype)
+            return masked_terms(tensor_plan, self._fetcher(tensor_plan), self.device, self.workspace)
 
     def merge(self, recipe: Recipe) -> torch.nn.Module:
         """Merge ``recipe`` into the preallocated model in place and return the model

@@ -20,6 +20,10 @@ Every method has the same signature::
   params)``, given when the call merges one block of the tensor (``plan.merge_tensor_blocks``)
   that starts at flat entry ``offset``; None, computed from ``tensors`` (see ``passes``).
 
+The task-vector methods also give their ``masked`` terms (same arguments, no ``out``): the merge
+with every mask held as this call makes it, smooth in the weights and lambda, and its
+derivatives in them (:class:`MaskedTerms`: what the gradient search follows).
+
 Source tensors are never modified. The same operations run whether or not ``ws`` caches and
 whether or not ``out`` is given, so results are bitwise identical either way.
 
@@ -86,6 +90,16 @@ def _task_vector_sum(tensors, base, weights, lam: float, normalize: bool, result
 
 
 
+def _elected(deltas: list[Tensor], scales: list[float], ws: Workspace, like: Tensor) -> Tensor:
+    """TIES's elected sign per entry (+-1): the sign of ``sum(scales[i] * deltas[i])``, zero
+    counting as positive (in ``ws``'s ``total`` slot)."""
+    total = torch.mul(deltas[0], scales[0], out=ws.empty("total", like))
+    for delta, scale in zip(deltas[1:], scales[1:]):
+        total.add_(delta, alpha=scale)
+    # copysign gives +1 for +0.0; a -0.0 total only arises when every delta is zero there
+    return torch.copysign(ws.ones(like), total, out=total)
+
+
 def _elect_and_merge(deltas: list[Tensor], scales: list[float], weights: list[float],
                      normalize: bool, ws: Workspace, result: Tensor) -> Tensor:
     """TIES sign election and disjoint merge of ``scales[i] * deltas[i]`` (scales >= 0), into
@@ -96,11 +110,7 @@ def _elect_and_merge(deltas: list[Tensor], scales: list[float], weights: list[fl
     Float-only formulation (bool masks are slow on CPU): with ``s = +-1`` the elected sign,
     a delta agrees iff ``delta * s > 0``, so ``sum of agreeing = s * sum(c_i relu(delta_i s))``.
     """
-    total = torch.mul(deltas[0], scales[0], out=ws.empty("total", result))
-    for delta, scale in zip(deltas[1:], scales[1:]):
-        total.add_(delta, alpha=scale)
-    # copysign gives +1 for +0.0; a -0.0 total only arises when every delta is zero there
-    elected = torch.copysign(ws.ones(result), total, out=total)
+    elected = _elected(deltas, scales, ws, result)
     agreeing = ws.empty("agreeing", result)
     weight_sum = ws.empty("weight_sum", result) if normalize else None
     for index, (delta, scale, weight) in enumerate(zip(deltas, scales, weights)):
@@ -161,29 +171,45 @@ def _sparsify_block(delta: Tensor, variant: _TaskArithmeticVariant, model: dict,
     return delta
 
 
-def _merge_block(tensors, base, model_params, variant, params, trims, generators,
-                 ws: Workspace, result: Tensor) -> Tensor:
-    """The task-vector merge of one block (or a whole tensor), into ``result``."""
-    weights = [float(p["weight"]) for p in model_params]
+def _kept_scale(weight: float, model: dict, variant: _TaskArithmeticVariant, trim, rescale: bool) -> float:
+    """A model's scale on its sparsified task vector: its weight with DARE's ``1/density`` or
+    the trim's L1 rescale (``rescale``; DELLA's rescale is in the entries themselves)."""
+    scale = weight
+    density = float(model["density"])
+    if rescale and density < 1.0:
+        if variant.sparsify == "random":
+            scale /= density
+        elif variant.trimmed and trim is not None:
+            scale *= trim.scale
+    return scale
+
+
+def _scaled_deltas(tensors, base, model_params, variant, params, trims, generators,
+                   ws: Workspace) -> tuple[list[Tensor], list[float]]:
+    """Each model's sparsified task vector of one block (in ``ws``) and its scale, both as the
+    merge sums them: a negative scale is folded into its vector (the election needs
+    non-negative scales)."""
     rescale = bool(params["rescale"])
-    normalize = bool(params["normalize"])
     deltas, scales = [], []
     for index, (tensor, model) in enumerate(zip(tensors, model_params)):
         delta = torch.sub(tensor, base, out=ws.empty(f"delta{index}", base))
         delta = _sparsify_block(delta, variant, model, trims[index], rescale,
                                 generators[index], ws)
-        scale = weights[index]
-        density = float(model["density"])
-        if rescale and density < 1.0:
-            if variant.sparsify == "random":
-                scale /= density
-            elif variant.trimmed and trims[index] is not None:
-                scale *= trims[index].scale
+        scale = _kept_scale(float(model["weight"]), model, variant, trims[index], rescale)
         if scale < 0.0:  # the election below needs non-negative scales
             delta.mul_(scale)
             scale = 1.0
         deltas.append(delta)
         scales.append(scale)
+    return deltas, scales
+
+
+def _merge_block(tensors, base, model_params, variant, params, trims, generators,
+                 ws: Workspace, result: Tensor) -> Tensor:
+    """The task-vector merge of one block (or a whole tensor), into ``result``."""
+    weights = [float(p["weight"]) for p in model_params]
+    normalize = bool(params["normalize"])
+    deltas, scales = _scaled_deltas(tensors, base, model_params, variant, params, trims, generators, ws)
     if variant.sign_consensus:
         _elect_and_merge(deltas, scales, weights, normalize, ws, result)
     else:
@@ -194,6 +220,100 @@ def _merge_block(tensors, base, model_params, variant, params, trims, generators
         if normalize and abs(total) > _TINY:
             result.div_(total)
     return torch.add(base, result, alpha=float(params["lambda"]), out=result)
+
+
+def smooth_parameters(model_params: list[dict], params: dict) -> tuple[list[float], float]:
+    """What a task-vector merge is smooth in once its masks are held (:class:`MaskedTerms`): each
+    model's ``weight``, and ``lambda``."""
+    return [float(p["weight"]) for p in model_params], float(params["lambda"])
+
+
+# The parameters :func:`smooth_parameters` reads, per level: the only ones a gradient may move.
+SMOOTH_PARAMETERS = {"model": ("weight",), "method": ("lambda",)}
+
+
+@dataclass
+class MaskedTerms:
+    """A task-vector merge of one tensor with its masks held as the merge at ``weights`` and
+    ``lam`` makes them: the entries each model's sparsification keeps (trims, seeded drops and
+    their rescales, which depend on densities and seeds, never on weights) and, under sign
+    consensus, the elected sign (which does depend on the weights). Held, the merge is smooth in
+    the weights w and lambda (AdaMerging++'s move):
+
+        θ(w, λ) = base + λ Σ_k w_k u_k / D(w),
+
+    ``vectors`` u_k: each model's kept task vector with its rescale, zero where it disagrees with
+    the elected sign; D = Σ_k w_k a_k under ``normalize`` (``agree`` a_k: 1 where the model agrees
+    with the elected sign; 1 everywhere without sign consensus, ``agree`` None), and 1 where that is
+    0 (or, without sign consensus, below 1e-8 in magnitude), as the merge divides; D = 1 without
+    ``normalize``."""
+
+    base: Tensor
+    vectors: list[Tensor]
+    agree: list[Tensor] | None
+    normalize: bool
+    weights: list[float]
+    lam: float
+
+    def _divisor(self, weights: list[float]) -> tuple[Tensor | float, Tensor | float]:
+        """D(w), and 1 where the merge divides by it (0 where it does not)."""
+        if not self.normalize:
+            return 1.0, 0.0
+        if self.agree is None:
+            total = sum(weights)
+            return (total, 1.0) if abs(total) > _TINY else (1.0, 0.0)
+        total = torch.zeros_like(self.base)
+        for agree, weight in zip(self.agree, weights):
+            total.add_(agree, alpha=weight)
+        unused = torch.eq(total, 0.0).to(total.dtype)
+        return total.add_(unused), 1.0 - unused
+
+    def at(self, weights: list[float] | None = None, lam: float | None = None) -> Tensor:
+        """θ at other weights and lambda (default: the held ones), the masks held."""
+        weights = self.weights if weights is None else weights
+        lam = self.lam if lam is None else lam
+        summed = torch.zeros_like(self.base)
+        for vector, weight in zip(self.vectors, weights):
+            summed.add_(vector, alpha=weight)
+        divisor, _ = self._divisor(weights)
+        return torch.add(self.base, summed.div_(divisor), alpha=lam)
+
+    def slopes(self) -> tuple[list[Tensor], Tensor]:
+        """∂θ/∂w_k per model and ∂θ/∂λ at the held weights and lambda: λ (u_k − a_k Σ_i w_i u_i / D) / D
+        where the merge divides by D, else λ u_k; and Σ_i w_i u_i / D."""
+        divisor, divides = self._divisor(self.weights)
+        mean = torch.zeros_like(self.base)
+        for vector, weight in zip(self.vectors, self.weights):
+            mean.add_(vector, alpha=weight)
+        mean.div_(divisor)
+        pulled = mean * divides  # what D's own change takes back, per unit of a_k
+        slopes = []
+        for index, vector in enumerate(self.vectors):
+            agree = 1.0 if self.agree is None else self.agree[index]
+            slopes.append((vector - pulled * agree).div_(divisor).mul_(self.lam))
+        return slopes, mean
+
+
+def _masked_block(tensors, base, model_params, variant, params, trims, generators, ws: Workspace,
+                  vectors: list[Tensor], agree: list[Tensor] | None) -> None:
+    """One block's :class:`MaskedTerms` ``vectors`` and ``agree``, written into them, from the
+    sparsified task vectors and the elected sign exactly as :func:`_merge_block` computes them."""
+    deltas, scales = _scaled_deltas(tensors, base, model_params, variant, params, trims, generators, ws)
+    elected = _elected(deltas, scales, ws, base) if variant.sign_consensus else None
+    rescale = bool(params["rescale"])
+    for index, (delta, model) in enumerate(zip(deltas, model_params)):
+        weight = float(model["weight"])
+        factor = _kept_scale(1.0, model, variant, trims[index], rescale)
+        scale = _kept_scale(weight, model, variant, trims[index], rescale)
+        if scale < 0.0:  # unfold the scale folded into the vector
+            factor /= scale
+        torch.mul(delta, factor, out=vectors[index])
+        if elected is not None:
+            # the merge's test: the (folded) vector times the elected sign is positive
+            agrees = torch.gt(torch.mul(delta, elected, out=ws.empty("agreeing", base)), 0.0).to(base.dtype)
+            vectors[index].mul_(agrees)
+            if agree is not None:
+                agree[index].copy_(agrees)
 
 
 def _trims(variant: _TaskArithmeticVariant, model_params, params, numel: int, passes: BlockPass,
@@ -234,7 +354,8 @@ def _l1_rescaled(trims: list, passes: BlockPass) -> list:
     return rescaled
 
 
-def _generalized_task_arithmetic(*, sparsify: str | None, sign_consensus: bool) -> tuple[MethodFunction, Callable]:
+def _generalized_task_arithmetic(*, sparsify: str | None,
+                                  sign_consensus: bool) -> tuple[MethodFunction, Callable, Callable]:
     """Build a task-vector method and its ``prepare``: sparsify each ``x_i - base`` (see
     ``_TaskArithmeticVariant``), optionally elect signs, sum with weights, optionally normalize
     by the (agreeing) weights, scale by lambda, add base."""
@@ -259,6 +380,29 @@ def _generalized_task_arithmetic(*, sparsify: str | None, sign_consensus: bool) 
 
         return _trims(variant, model_params, params, numel, passes, magnitudes, Workspace())
 
+    def blocks(tensors, base, model_params, params, outputs: list[Tensor], prepared, offset: int, ws: Workspace):
+        """The blocks the merge runs on: (sources, base, outputs, trims) of the whole tensor, or
+        of each ``CPU_BLOCK`` run of its flat entries (CPU, elementwise, large)."""
+        if prepared is None and variant.trimmed:
+            keys = [(t.data_ptr(), base.data_ptr(), tuple(base.shape), base.dtype) for t in tensors]
+            prepared = _trims(variant, model_params, params, base.numel(),
+                              whole_tensor_pass(tensors, base),
+                              lambda i: torch.sub(tensors[i], base).abs_().reshape(-1).float(), ws, keys)
+        trims = prepared or [None] * len(tensors)
+        if not variant.elementwise or base.device.type != "cpu" or base.numel() <= CPU_BLOCK:
+            yield tensors, base, outputs, [None if t is None else t.block(offset, offset + base.numel()) for t in trims]
+            return
+        flat_sources = [t.reshape(-1) for t in tensors]
+        flat_base, flat_outputs = base.reshape(-1), [o.view(-1) for o in outputs]
+        for start in range(0, base.numel(), CPU_BLOCK):
+            block = slice(start, start + CPU_BLOCK)
+            yield ([t[block] for t in flat_sources], flat_base[block], [o[block] for o in flat_outputs],
+                   [None if t is None else t.block(offset + start, offset + start + CPU_BLOCK) for t in trims])
+
+    def generators(rng, count: int) -> list:
+        random = variant.sparsify in ("random", "magnitude_rank")
+        return [rng(i) if random else None for i in range(count)]
+
     def merge(tensors, base, model_params, params, rng, ws=None, out=None, prepared=None, offset=0) -> Tensor:
         ws = ws or Workspace()
         result = _destination(out, ws, base)
@@ -266,39 +410,41 @@ def _generalized_task_arithmetic(*, sparsify: str | None, sign_consensus: bool) 
             weights = [float(p["weight"]) for p in model_params]
             return _task_vector_sum(tensors, base, weights, float(params["lambda"]),
                                     bool(params["normalize"]), result)
-        if prepared is None and variant.trimmed:
-            keys = [(t.data_ptr(), base.data_ptr(), tuple(base.shape), base.dtype) for t in tensors]
-            prepared = _trims(variant, model_params, params, base.numel(), whole_tensor_pass(tensors, base),
-                              lambda i: torch.sub(tensors[i], base).abs_().reshape(-1).float(), ws, keys)
-        trims = prepared or [None] * len(tensors)
-        random = variant.sparsify in ("random", "magnitude_rank")
-        generators = [rng(i) if random else None for i in range(len(tensors))]
-        if not variant.elementwise or base.device.type != "cpu" or base.numel() <= CPU_BLOCK:
-            block_trims = [None if t is None else t.block(offset, offset + base.numel()) for t in trims]
-            return _merge_block(tensors, base, model_params, variant, params, block_trims,
-                                generators, ws, result)
-        flat_sources = [t.reshape(-1) for t in tensors]
-        flat_base, flat_result = base.reshape(-1), result.view(-1)
-        for start in range(0, base.numel(), CPU_BLOCK):
-            block = slice(start, start + CPU_BLOCK)
-            block_trims = [None if t is None else t.block(offset + start, offset + start + CPU_BLOCK)
-                           for t in trims]
-            _merge_block([t[block] for t in flat_sources], flat_base[block], model_params,
-                         variant, params, block_trims, generators, ws, flat_result[block])
+        draws = generators(rng, len(tensors))
+        for sources, block_base, (block_result,), trims in blocks(tensors, base, model_params, params, [result],
+                                                                 prepared, offset, ws):
+            _merge_block(sources, block_base, model_params, variant, params, trims, draws, ws, block_result)
         return result
 
-    return merge, prepare
+    def masked(tensors, base, model_params, params, rng, ws=None, prepared=None, offset=0) -> MaskedTerms:
+        """The merge's :class:`MaskedTerms`: its masks, as ``merge`` with these arguments makes them."""
+        ws = ws or Workspace()
+        count = len(tensors)
+        vectors = [torch.empty_like(base) for _ in range(count)]
+        sign_normalize = variant.sign_consensus and bool(params["normalize"])
+        agree = [torch.empty_like(base) for _ in range(count)] if sign_normalize else None
+        draws = generators(rng, count)
+        for sources, block_base, outputs, trims in blocks(tensors, base, model_params, params,
+                                                          vectors + (agree or []), prepared, offset, ws):
+            _masked_block(sources, block_base, model_params, variant, params, trims, draws, ws,
+                          outputs[:count], outputs[count:] if agree is not None else None)
+        weights, lam = smooth_parameters(model_params, params)
+        return MaskedTerms(base, vectors, agree, bool(params["normalize"]), weights, lam)
+
+    return merge, prepare, masked
 
 
-task_arithmetic_merge, _ = _generalized_task_arithmetic(sparsify=None, sign_consensus=False)
-ties_merge, ties_prepare = _generalized_task_arithmetic(sparsify="magnitude", sign_consensus=True)
-dare_linear_merge, _ = _generalized_task_arithmetic(sparsify="random", sign_consensus=False)
-dare_ties_merge, _ = _generalized_task_arithmetic(sparsify="random", sign_consensus=True)
-breadcrumbs_merge, breadcrumbs_prepare = _generalized_task_arithmetic(sparsify="outliers", sign_consensus=False)
-breadcrumbs_ties_merge, breadcrumbs_ties_prepare = _generalized_task_arithmetic(sparsify="outliers",
-                                                                                sign_consensus=True)
-della_merge, _ = _generalized_task_arithmetic(sparsify="magnitude_rank", sign_consensus=True)
-della_linear_merge, _ = _generalized_task_arithmetic(sparsify="magnitude_rank", sign_consensus=False)
+task_arithmetic_merge, _, task_arithmetic_masked = _generalized_task_arithmetic(sparsify=None, sign_consensus=False)
+ties_merge, ties_prepare, ties_masked = _generalized_task_arithmetic(sparsify="magnitude", sign_consensus=True)
+dare_linear_merge, _, dare_linear_masked = _generalized_task_arithmetic(sparsify="random", sign_consensus=False)
+dare_ties_merge, _, dare_ties_masked = _generalized_task_arithmetic(sparsify="random", sign_consensus=True)
+breadcrumbs_merge, breadcrumbs_prepare, breadcrumbs_masked = _generalized_task_arithmetic(sparsify="outliers",
+                                                                                          sign_consensus=False)
+breadcrumbs_ties_merge, breadcrumbs_ties_prepare, breadcrumbs_ties_masked = _generalized_task_arithmetic(
+    sparsify="outliers", sign_consensus=True)
+della_merge, _, della_masked = _generalized_task_arithmetic(sparsify="magnitude_rank", sign_consensus=True)
+della_linear_merge, _, della_linear_masked = _generalized_task_arithmetic(sparsify="magnitude_rank",
+                                                                          sign_consensus=False)
 
 
 def _one_cpu_thread(method: MethodFunction) -> MethodFunction:

@@ -18,6 +18,7 @@ import torch
 
 from mergeflow.errors import MergeflowError, RecipeError
 from mergeflow.merge.passes import CPU_BLOCK, one_cpu_thread
+from mergeflow.merge.methods import MaskedTerms
 from mergeflow.merge.params import (
     is_pre_layer_tensor, layer_index, layer_position, resolve_value, with_layer_index,
 )
@@ -282,6 +283,18 @@ def merge_tensor(plan: TensorPlan, fetch: Fetch, device: torch.device | str,
                                     _rng_factory(plan, device), ws, out)
     except MergeflowError as err:  # a method's own refusal (multislerp's cancelling directions)
         raise MergeflowError(f"tensor {plan.name!r}: {err}") from None
+
+
+def masked_terms(plan: TensorPlan, fetch: Fetch, device: torch.device | str,
+                 ws: Workspace | None = None) -> MaskedTerms:
+    """One tensor's :class:`~mergeflow.merge.methods.MaskedTerms`: its merge with every mask held as
+    :func:`merge_tensor` makes it (the same trims, and the same seeded draws), as a smooth function
+    of the weights and lambda. MergeflowError for a method without that form."""
+    if plan.method.masked is None:
+        raise MergeflowError(f"tensor {plan.name!r}: merge method {plan.method.name!r} has no form with its masks held")
+    tensors = [fetch(model, name) for model, name in plan.sources]
+    return plan.method.masked(tensors, fetch(*plan.base), plan.model_params, plan.params,
+                              _rng_factory(plan, device), ws)
 
 
 def _rng_factory(plan: TensorPlan, device: torch.device | str) -> Callable[[int], torch.Generator]:

@@ -14,12 +14,13 @@ from typing import Any, Callable
 
 from mergeflow.errors import MergeflowError, RecipeError
 from mergeflow.merge.methods import (
-    MethodFunction, arcee_fusion_layout, arcee_fusion_merge, arcee_fusion_prepare, breadcrumbs_merge,
-    breadcrumbs_prepare, breadcrumbs_ties_merge, breadcrumbs_ties_prepare, dare_linear_merge, dare_ties_merge,
-    della_linear_merge, della_merge, karcher_merge, karcher_prepare, linear_merge, model_stock_layout, model_stock_merge,
+    MethodFunction, arcee_fusion_layout, arcee_fusion_merge, arcee_fusion_prepare, breadcrumbs_masked,
+    breadcrumbs_merge, breadcrumbs_prepare, breadcrumbs_ties_masked, breadcrumbs_ties_merge, breadcrumbs_ties_prepare,
+    dare_linear_masked, dare_linear_merge, dare_ties_masked, dare_ties_merge, della_linear_masked, della_linear_merge,
+    della_masked, della_merge, karcher_merge, karcher_prepare, linear_merge, model_stock_layout, model_stock_merge,
     model_stock_prepare, multislerp_merge, multislerp_prepare, nearswap_merge, nuslerp_merge, nuslerp_prepare,
     ram_merge, ramplus_tl_merge, ramplus_tl_prepare, sce_merge, sce_prepare, slerp_merge, slerp_prepare,
-    task_arithmetic_merge, ties_merge, ties_prepare,
+    task_arithmetic_masked, task_arithmetic_merge, ties_masked, ties_merge, ties_prepare,
 )
 
 
@@ -53,6 +54,10 @@ class MergeMethod:
     # (trims, angles, weights) from passes over the blocks (``passes``), given to it as
     # ``prepared`` for each block; None: the method needs none.
     prepare: Callable | None = None
+    # ``masked(tensors, base, model_params, params, rng, ws, prepared, offset)``: the merge's
+    # ``methods.MaskedTerms``, its masks held as the merge makes them (a merge smooth in the
+    # weights and lambda, with its derivatives in them); None: no such form, no gradient search.
+    masked: Callable | None = None
 
     def layout(self, params: dict, shape: tuple) -> str | None:
         """How the streaming writer may split a tensor of ``shape`` (see ``blocks``)."""
@@ -73,35 +78,35 @@ MERGE_METHODS: dict[str, MergeMethod] = {
         MergeMethod(name="linear", function=linear_merge, uses_base=False,
                     model_defaults={"weight": 1.0}, method_defaults={"normalize": True}, blocks="flat"),
         MergeMethod(name="task_arithmetic", function=task_arithmetic_merge, uses_base=True,
-                    model_defaults={**_TASK_VECTOR_MODEL},
+                    masked=task_arithmetic_masked, model_defaults={**_TASK_VECTOR_MODEL},
                     method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": False, "rescale": False}, blocks="flat"),
-        MergeMethod(name="ties", function=ties_merge, uses_base=True,
+        MergeMethod(name="ties", function=ties_merge, uses_base=True, masked=ties_masked,
                     model_defaults={**_TASK_VECTOR_MODEL},
                     method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": True, "rescale": False, "tie_break": "index"},
                     blocks="flat", prepare=ties_prepare),
-        MergeMethod(name="dare_linear", function=dare_linear_merge, uses_base=True,
+        MergeMethod(name="dare_linear", function=dare_linear_merge, uses_base=True, masked=dare_linear_masked,
                     model_defaults={**_TASK_VECTOR_MODEL},
                     method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": False, "rescale": True},
                     random=True, blocks="flat"),
-        MergeMethod(name="dare_ties", function=dare_ties_merge, uses_base=True,
+        MergeMethod(name="dare_ties", function=dare_ties_merge, uses_base=True, masked=dare_ties_masked,
                     model_defaults={**_TASK_VECTOR_MODEL},
                     method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": False, "rescale": True},
                     random=True, blocks="flat"),
-        MergeMethod(name="breadcrumbs", function=breadcrumbs_merge, uses_base=True,
+        MergeMethod(name="breadcrumbs", function=breadcrumbs_merge, uses_base=True, masked=breadcrumbs_masked,
                     model_defaults={**_TASK_VECTOR_MODEL, "gamma": 0.01},
                     method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": False, "rescale": False,
                                      "tie_break": "index"},
                     blocks="flat", prepare=breadcrumbs_prepare),
         MergeMethod(name="breadcrumbs_ties", function=breadcrumbs_ties_merge, uses_base=True,
-                    model_defaults={**_TASK_VECTOR_MODEL, "gamma": 0.01},
+                    masked=breadcrumbs_ties_masked, model_defaults={**_TASK_VECTOR_MODEL, "gamma": 0.01},
                     method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": False, "rescale": False,
                                      "tie_break": "index"},
                     blocks="flat", prepare=breadcrumbs_ties_prepare),
-        MergeMethod(name="della", function=della_merge, uses_base=True,
+        MergeMethod(name="della", function=della_merge, uses_base=True, masked=della_masked,
                     model_defaults={**_TASK_VECTOR_MODEL, "epsilon": 0.15},
                     method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": True, "rescale": True},
                     random=True, blocks="rows"),
-        MergeMethod(name="della_linear", function=della_linear_merge, uses_base=True,
+        MergeMethod(name="della_linear", function=della_linear_merge, uses_base=True, masked=della_linear_masked,
                     model_defaults={**_TASK_VECTOR_MODEL, "epsilon": 0.15},
                     method_defaults={**_MASK_OPTION, "lambda": 1.0, "normalize": False, "rescale": True},
                     random=True, blocks="rows"),

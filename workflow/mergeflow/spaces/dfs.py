@@ -125,6 +125,11 @@ class DfsSpace(Space):
     def dim(self) -> int:
         return self.slots + self.layers * self.layers
 
+    def scale_genes(self) -> range:
+        """The genes of W: smooth in the loss (a hop's scale multiplies its input), where the
+        indicator genes are steps."""
+        return range(self.slots, self.dim)
+
     def source(self, m: int) -> tuple[str, int]:
         """Model path and layer of index m in the layer sequence (A's layers, then B's)."""
         return (self.a, m) if m < self.layers_a else (self.b, m - self.layers_a)
