@@ -15,18 +15,20 @@ from mergeflow.evolve import history as hist
 from mergeflow.evolve.resident import resident_merger
 from mergeflow.evolve.search import replay
 from mergeflow.evolve.stages import EvolveConfig, restore_optimizer
-from mergeflow.fitness.gradient import genome_gradient, task_loss
+from mergeflow.fitness.gradient import LABEL_FREE, genome_gradient, task_loss
 from mergeflow.spaces import build_space
 from stage_runs import run_generations, with_run
 
 
 def gradient_run(config: dict, **fitness) -> dict:
-    """The stages' config with a gradient run (Adam, one candidate per step) named ``grad``."""
+    """The stages' config with a gradient run (Adam, one candidate per step) named ``grad``; a
+    label-free loss's run checks no estimate."""
+    label_free = fitness.get("loss") in LABEL_FREE
     return with_run(config, "grad", optimizer="Adam", population=1, generations=3,
-                    fitness={"kind": "gradient", "batch": 16, **fitness})
+                    fitness={"kind": "gradient", "batch": 16, **fitness}, **({"check_estimate": False} if label_free else {}))
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "cross_entropy"])
+@pytest.mark.parametrize("loss", ["sigmoid", "cross_entropy", "entropy"])
 def test_the_genome_gradient_is_the_training_loss_s_derivative(stages, loss):
     """Against central differences of the loss itself, merged at x ± h along each gene."""
     config = gradient_run(stages[0], loss=loss)
@@ -111,7 +113,13 @@ def test_a_gradient_search_steps_on_minibatches_and_replays_from_its_history(sta
     # the older spelling, under fitness, is read as the run's learning_rate
     ({"fitness": {"kind": "gradient", "batch": 16, "learning_rate": 0}},
      r"evolve\.learning_rate: 0 is less than or equal to the minimum"),
-    ({"fitness": {"kind": "gradient", "loss": "hinge"}}, r"fitness\.loss: 'hinge' is not one of \['sigmoid', 'cross_entropy'\]"),
+    ({"fitness": {"kind": "gradient", "loss": "hinge"}},
+     r"fitness\.loss: 'hinge' is not one of \['sigmoid', 'cross_entropy', 'entropy'\]"),
+    # a label-free search has no accuracy estimate to check against the split's answers
+    ({"fitness": {"kind": "gradient", "batch": 16, "loss": "entropy"}},
+     r"grad\.evolve\.check_estimate: a search on the label-free loss 'entropy' \(fitness\.loss\)"),
+    # the loss is the gradient kind's own key
+    ({"fitness": {"kind": "full", "loss": "entropy"}}, r"fitness.*loss"),
     ({"fitness": {"kind": "gradient", "temperature": 0}}, r"temperature: 0 is less than or equal to the minimum"),
 ])
 def test_bad_gradient_settings_are_named(stages, change, message):
@@ -129,3 +137,34 @@ def test_the_learning_rate_under_fitness_is_read_as_the_optimizer_s():
     config = {"runs": {"g": {"evolve": {"optimizer": "Adam", "fitness": {"kind": "gradient", "learning_rate": 0.1}}}}}
     assert upgrade_config(config)["runs"]["g"]["evolve"] == {"optimizer": "Adam", "learning_rate": 0.1,
                                                               "fitness": {"kind": "gradient"}}
+
+
+def test_a_label_free_search_reads_no_answer_and_records_its_negative_entropy(stages, tmp_path):
+    """``loss: entropy`` on a search split whose file holds no ``answer`` or ``target`` column at
+    all: two Adam steps run, each history fitness is the negative mean entropy of the minibatch's
+    softmax over the choices (in [-log 4, 0]), no item is answered right or wrong, and the final
+    merge is not checked against the split (there is no accuracy to check)."""
+    prompts = tmp_path / "search.parquet"
+    pd.read_parquet(stages[2]["split"]).drop(columns=["answer", "target"]).to_parquet(prompts)
+    config = gradient_run(stages[0], loss="entropy")
+    cfg = EvolveConfig.from_config(config, "grad")
+    assert not cfg.kind.estimates(cfg.fitness, 40)
+    previous = run_generations(cfg, config, {"math_l2": {**stages[2], "split": str(prompts)}}, tmp_path, 2)
+    history = pd.read_parquet(previous)
+    fitness = history[hist.fitness_column("math_l2")]
+    assert ((fitness < 0) & (fitness > -np.log(4))).all() and (history[hist.sd_column("math_l2")] > 0).all()
+    assert np.isfinite(np.stack(history["gradient"].to_list())).all()
+    assert len(pd.read_parquet(tmp_path / "gen_0" / "responses_0.parquet")) == 0
+    # the labelled losses do need the answers: the same file is refused, naming the missing column
+    labelled = EvolveConfig.from_config(gradient_run(stages[0]), "grad")
+    with pytest.raises(MergeflowError, match=r"lacks columns \['answer', 'target'\]"):
+        labelled.kind.task_fitness(labelled.fitness_context("math_l2", config["tasks"]["math_l2"],
+                                                            {"split": str(prompts)}))
+
+
+def test_a_label_free_loss_on_a_generative_objective_is_refused(stages):
+    config = copy.deepcopy(stages[0])
+    config["tasks"]["math_l2"]["scorer"] = "exact_match"
+    with pytest.raises(MergeflowError, match=r"grad\.evolve\.fitness\.loss: the label-free loss 'entropy' scores "
+                                             r"multiple choice only, and objective 'math_l2' is scored by 'exact_match'"):
+        gradient_run(config, loss="entropy")

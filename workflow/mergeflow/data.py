@@ -292,16 +292,23 @@ def write_splits(parts: dict[str, pd.DataFrame], out: dict[str, str | Path]) -> 
 
 
 SPLIT_COLUMNS = ("item_id", "prompt", "choices", "answer", "target")
+# The columns a split's items are presented to a model from, without their gold answers.
+PROMPT_COLUMNS = ("item_id", "prompt", "choices")
 
 
-def read_split(path: str | Path) -> pd.DataFrame:
-    """A rendered split, checked: it exists, has the data stage's columns, and is not empty."""
+def read_split(path: str | Path, columns: tuple[str, ...] = SPLIT_COLUMNS) -> pd.DataFrame:
+    """A rendered split, checked: it exists, has the data stage's columns, and is not empty.
+    Given ``columns`` (e.g. :data:`PROMPT_COLUMNS`), only those are read and required."""
     if not Path(path).exists():
         raise MergeflowError(f"split file {str(path)!r} does not exist")
-    frame = pd.read_parquet(path)
-    missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
+    import pyarrow.parquet as pq  # its schema alone: which columns there are
+
+    present = pq.read_schema(path).names
+    missing = [c for c in columns if c not in present]
     if missing:
         raise MergeflowError(f"split file {str(path)!r} lacks columns {missing}")
+    # the data stage's columns not asked for stay unread (what else the split holds is read)
+    frame = pd.read_parquet(path, columns=[c for c in present if c in columns or c not in SPLIT_COLUMNS])
     if len(frame) == 0:
         raise MergeflowError(f"split file {str(path)!r} is empty")
     return frame

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 class TaskFitness:
     """One task's fitness at one rung: the items a candidate answers there and, for estimated
     fitness, the estimator (answers by item id -> an ``Estimate`` with ``value`` and ``sd``);
-    without one, the fitness is the accuracy on the items."""
+    without one, the fitness is the accuracy on the items. A label-free fitness has ``score``
+    instead, (model, tokenizer, settings) -> (fitness, sd) on the items: then no item is answered
+    right or wrong, and no gold answer is read."""
 
     task: str
     items: pd.DataFrame
@@ -37,6 +39,7 @@ class TaskFitness:
     delimiter: str = " "
     estimator: Callable | None = None
     chat: dict = field(default_factory=dict)  # the task's own chat keys (see EvalSettings.for_task)
+    score: Callable[[Any, Any, EvalSettings], tuple[float, float]] | None = None
 
     @classmethod
     def of(cls, ctx: "FitnessContext", items: pd.DataFrame, estimator: Callable | None = None) -> "TaskFitness":
@@ -211,8 +214,11 @@ def evaluate_candidate(merger, tokenizer, recipe, tasks: list[TaskFitness], sett
     else:
         problem = None
         for task in tasks:
-            answers[task.task] = task.answer(model, tokenizer, settings, known.get(task.task, {}))
-            fitness[task.task], sd[task.task] = task.estimate(answers[task.task])
+            if task.score is not None:  # label-free: no answers
+                fitness[task.task], sd[task.task] = task.score(model, tokenizer, settings)
+            else:
+                answers[task.task] = task.answer(model, tokenizer, settings, known.get(task.task, {}))
+                fitness[task.task], sd[task.task] = task.estimate(answers[task.task])
             if not math.isfinite(fitness[task.task]):
                 problem = f"fitness on task {task.task!r} is not finite"
     if problem:

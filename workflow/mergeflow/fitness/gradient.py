@@ -35,6 +35,7 @@ kind's ``extras``), and the run's result is its last step (``result: last``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import zlib
@@ -44,7 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mergeflow.data import read_split
+from mergeflow.data import PROMPT_COLUMNS, SPLIT_COLUMNS, read_split
 from mergeflow.errors import MergeflowError
 from mergeflow.evaluate import context_length, differentiable_logliks, encode_requests, item_prompts
 from mergeflow.evolve.search import GRADIENT_OPTIMIZERS
@@ -70,8 +71,15 @@ def batch_items(task: str, fitness_cfg: dict, split: pd.DataFrame, generation: i
 
 
 def task_fitness(ctx: FitnessContext) -> TaskFitness:
-    items = batch_items(ctx.task, ctx.fitness, read_split(ctx.files["split"]), ctx.generation)
-    return TaskFitness.of(ctx, items)
+    """The step's minibatch; under a label-free loss read without its answers (only
+    :data:`mergeflow.data.PROMPT_COLUMNS`), its fitness the negative mean loss on it."""
+    label_free = ctx.fitness["loss"] in LABEL_FREE
+    split = read_split(ctx.files["split"], PROMPT_COLUMNS if label_free else SPLIT_COLUMNS)
+    items = batch_items(ctx.task, ctx.fitness, split, ctx.generation)
+    fit = TaskFitness.of(ctx, items)
+    if label_free:
+        fit.score = functools.partial(label_free_fitness, ctx.fitness, fit)
+    return fit
 
 
 def sigmoid_loss(scores: torch.Tensor, gold: int, temperature: float) -> torch.Tensor:
@@ -86,24 +94,39 @@ def cross_entropy_loss(scores: torch.Tensor, gold: int, temperature: float) -> t
     return torch.logsumexp(scores, 0) - scores[gold]
 
 
+def entropy_loss(scores: torch.Tensor, gold: int, temperature: float) -> torch.Tensor:
+    """The entropy of the softmax over the choices' scores, the merge's predictive distribution
+    (AdaMerging's label-free loss; ``gold`` and ``temperature`` unused)."""
+    logp = torch.log_softmax(scores, 0)
+    return -(logp.exp() * logp).sum()
+
+
 # A multiple-choice item's training loss from its choices' scores (``fitness.loss``).
-LOSSES = {"sigmoid": sigmoid_loss, "cross_entropy": cross_entropy_loss}
+LOSSES = {"sigmoid": sigmoid_loss, "cross_entropy": cross_entropy_loss, "entropy": entropy_loss}
+# The losses that read no gold answer: a search with one is label-free (its fitness is the
+# negative mean loss on the minibatch, and only the split's prompts and choices are read).
+LABEL_FREE = ("entropy",)
 
 
 def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fitness_cfg: dict,
-              backward: bool = True) -> float:
+              backward: bool = True, item_losses: list[float] | None = None) -> float:
     """The task's mean training loss over its items (``fitness_cfg``'s ``loss`` and ``temperature``
     for multiple choice; the gold answer's negative log-likelihood for generation); with
-    ``backward``, its gradient is also accumulated into the model's parameters. Items go in chunks
-    of about ``settings.batch_size`` requests."""
+    ``backward``, its gradient is also accumulated into the model's parameters; each item's loss
+    is appended to ``item_losses`` where one is given. Items go in chunks of about
+    ``settings.batch_size`` requests. A label-free loss (:data:`LABEL_FREE`) reads no answer."""
     how = get_scorer(fit.scorer)
     choice_loss, temperature = LOSSES[fitness_cfg["loss"]], fitness_cfg["temperature"]
     items, n = fit.items, len(fit.items)
     # the items as the evaluator presents them (evaluate_items), chat template included
     prompts, delimiter, settings = item_prompts(tokenizer, items, fit.delimiter, settings.for_task(fit.chat))
+    label_free = fitness_cfg["loss"] in LABEL_FREE
     if how.choices:
         options = [[str(c) for c in cs] for cs in items["choices"]]
-        golds = [int(a) for a in items["answer"]]
+        golds = [-1] * n if label_free else [int(a) for a in items["answer"]]
+    elif label_free:
+        raise MergeflowError(f"task {fit.task!r}: loss {fitness_cfg['loss']!r} scores multiple choice only, not "
+                             f"scorer {fit.scorer!r}")
     else:
         options = [[str(t)] for t in items["target"]]
         golds = [0] * n
@@ -122,10 +145,23 @@ def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fit
                 scores = scores / torch.tensor([len(c) for c in options[i]], dtype=scores.dtype, device=scores.device)
             losses.append(choice_loss(scores, golds[i], temperature) if how.choices else -scores[0])
         loss = torch.stack(losses).sum() / n
+        if item_losses is not None:
+            item_losses += [float(v) for v in torch.stack(losses).detach()]
         if backward:
             loss.backward()
         total += float(loss.detach())
     return total
+
+
+def label_free_fitness(fitness_cfg: dict, fit: TaskFitness, model, tokenizer, settings) -> tuple[float, float]:
+    """A label-free step's fitness on its minibatch: the negative mean of the items' losses, and
+    its sd."""
+    losses: list[float] = []
+    with torch.no_grad():
+        task_loss(model, tokenizer, fit, settings, context_length(model, settings), fitness_cfg, backward=False,
+                  item_losses=losses)
+    sd = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else 0.0
+    return -float(np.mean(losses)), sd
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -191,7 +227,8 @@ def genome_gradient(merger, tokenizer, space, genome: np.ndarray, tasks: list[Ta
 
 def check(config: dict, run: str) -> None:
     """One candidate per generation, a gradient optimizer, a task-arithmetic parameter space and
-    batches that fit every objective's search split."""
+    batches that fit every objective's search split; a label-free loss only on multiple-choice
+    objectives, and with no accuracy to check the search's fitness against."""
     evolve = config["runs"][run]["evolve"]
     where = f"config: runs.{run}.evolve"
     if evolve["optimizer"] not in GRADIENT_OPTIMIZERS:
@@ -214,6 +251,16 @@ def check(config: dict, run: str) -> None:
         if evolve["fitness"]["batch"] > size:
             raise MergeflowError(f"{where}.fitness.batch: {evolve['fitness']['batch']} items, more than task {task!r}'s "
                                  f"search split ({size}, tasks.{task}.splits.search)")
+    loss = evolve["fitness"]["loss"]
+    if loss in LABEL_FREE:
+        if evolve["check_estimate"]:
+            raise MergeflowError(f"{where}.check_estimate: a search on the label-free loss {loss!r} (fitness.loss) has "
+                                 "no accuracy estimate to check against the search split's answers; leave it false")
+        for task in evolve["objectives"]:
+            scorer = config["tasks"][task]["scorer"]
+            if not get_scorer(scorer).choices:
+                raise MergeflowError(f"{where}.fitness.loss: the label-free loss {loss!r} scores multiple choice only, "
+                                     f"and objective {task!r} is scored by {scorer!r} (tasks.{task}.scorer)")
 
 
 # The column of a step's shard and history row that the gradient optimizer is told.
@@ -231,7 +278,8 @@ def extras(fitness_cfg: dict, scored: ScoredCandidate) -> dict[str, dict[str, An
     return {task: {GRADIENT_COLUMN: g.tolist()} for task, g in gradient.items()}
 
 
-KIND = FitnessKind("gradient", needs=lambda fitness_cfg: ("split",), estimates=lambda fitness_cfg, split_size: True,
+KIND = FitnessKind("gradient", needs=lambda fitness_cfg: ("split",),
+                   estimates=lambda fitness_cfg, split_size: fitness_cfg["loss"] not in LABEL_FREE,
                    task_fitness=task_fitness, check=check, extra_columns=(GRADIENT_COLUMN,), extras=extras,
                    result="last", seeded_keys=(("seed",),),
                    batch_invariant=False)  # its float sums follow the evaluation's batches
