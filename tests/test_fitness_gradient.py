@@ -15,6 +15,7 @@ from mergeflow.evolve import history as hist
 from mergeflow.evolve.resident import resident_merger
 from mergeflow.evolve.search import replay
 from mergeflow.evolve.stages import EvolveConfig, restore_optimizer
+from mergeflow.figures import search_progress
 from mergeflow.fitness.gradient import LABEL_FREE, genome_gradient, task_loss
 from mergeflow.spaces import build_space
 from stage_runs import run_generations, with_run
@@ -119,7 +120,8 @@ def test_a_gradient_search_steps_on_minibatches_and_replays_from_its_history(sta
     ({"fitness": {"kind": "gradient", "batch": 16, "loss": "entropy"}},
      r"grad\.evolve\.check_estimate: a search on the label-free loss 'entropy' \(fitness\.loss\)"),
     # the loss is the gradient kind's own key
-    ({"fitness": {"kind": "full", "loss": "entropy"}}, r"fitness.*loss"),
+    ({"fitness": {"kind": "full", "loss": "entropy"}},
+     r"runs\.grad\.evolve\.fitness: Additional properties are not allowed \('loss' was unexpected\)"),
     ({"fitness": {"kind": "gradient", "temperature": 0}}, r"temperature: 0 is less than or equal to the minimum"),
 ])
 def test_bad_gradient_settings_are_named(stages, change, message):
@@ -155,6 +157,9 @@ def test_a_label_free_search_reads_no_answer_and_records_its_negative_entropy(st
     assert ((fitness < 0) & (fitness > -np.log(4))).all() and (history[hist.sd_column("math_l2")] > 0).all()
     assert np.isfinite(np.stack(history["gradient"].to_list())).all()
     assert len(pd.read_parquet(tmp_path / "gen_0" / "responses_0.parquet")) == 0
+    # the progress figure names what the fitness is and draws it on its own scale, not in percent
+    assert cfg.fitness_label == "negative mean entropy on the minibatch, no labels"
+    assert search_progress("grad", previous, cfg.result, tmp_path / "progress.png", None, cfg.fitness_label).exists()
     # the labelled losses do need the answers: the same file is refused, naming the missing column
     labelled = EvolveConfig.from_config(gradient_run(stages[0]), "grad")
     with pytest.raises(MergeflowError, match=r"lacks columns \['answer', 'target'\]"):

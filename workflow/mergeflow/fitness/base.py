@@ -137,6 +137,9 @@ class FitnessKind:
       when a search is repeated over seeds (anchor sets, rung items, minibatches).
     - ``flat_keys``: the keys the older flat spelling ``fitness: KIND`` set beside it, read into
       the mapping by ``mergeflow.config.upgrade_config``.
+    - ``fitness_label(fitness_cfg)``: what the fitness is where it is not an accuracy (or an
+      estimate of one) but, say, a label-free loss's negative, as figures name it; None for an
+      accuracy (figures then draw it in percent).
     - ``batch_invariant``: whether what its jobs write follows from the answers alone, not from the
       evaluation's batch size (:data:`mergeflow.evaluate.ANSWER_NEUTRAL`); then the batch size is
       not among their parameters.
@@ -157,6 +160,7 @@ class FitnessKind:
     seeded_keys: tuple[tuple[str, ...], ...] = ()
     flat_keys: tuple[str, ...] = ()
     batch_invariant: bool = True
+    fitness_label: Callable[[dict], str | None] = lambda fitness_cfg: None
 
     def __post_init__(self) -> None:
         if self.result not in RESULTS:

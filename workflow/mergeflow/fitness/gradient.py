@@ -282,4 +282,6 @@ KIND = FitnessKind("gradient", needs=lambda fitness_cfg: ("split",),
                    estimates=lambda fitness_cfg, split_size: fitness_cfg["loss"] not in LABEL_FREE,
                    task_fitness=task_fitness, check=check, extra_columns=(GRADIENT_COLUMN,), extras=extras,
                    result="last", seeded_keys=(("seed",),),
-                   batch_invariant=False)  # its float sums follow the evaluation's batches
+                   batch_invariant=False,  # its float sums follow the evaluation's batches
+                   fitness_label=lambda fitness_cfg: (f"negative mean {fitness_cfg['loss']} on the minibatch, no labels"
+                                                      if fitness_cfg["loss"] in LABEL_FREE else None))
