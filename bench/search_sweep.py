@@ -133,7 +133,7 @@ def main() -> None:
     variants = yaml.safe_load(args.variants.read_text())
     base = validate_config(copy.deepcopy(raw))
     task = next(iter(base["runs"][args.run]["evolve"]["objectives"]))
-    best_name, best = endpoints_best(results, args.run, list(base["endpoints"]), task)
+    best_name, best, _ = endpoints_best(results, args.run, list(base["endpoints"]), task)
     settings = EvalSettings.from_config(base["evaluation"])
     tcfg = base["tasks"][task]
     splits = {s: read_split(results / "data" / task / f"{s}.parquet") for s in ("search", "test")}
