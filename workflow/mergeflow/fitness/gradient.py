@@ -14,6 +14,13 @@ accuracy falls: on two zoos it chose merges below the math expert (bench/results
 For generation the loss is the gold answer's negative log-likelihood. Adam, told the gradient,
 takes the next step (:class:`mergeflow.evolve.search.Adam`).
 
+``entropy`` (:data:`LABEL_FREE`) needs no answers: AdaMerging's loss, the entropy of the
+softmax over the choices' scores, the merge's own predictive distribution (multiple choice
+only). The minibatch is then read without its answers (the split's ``item_id``, ``prompt`` and
+``choices``), its fitness is the negative mean entropy with its standard error (no accuracy to
+estimate: ``check_estimate`` is refused), and figures say so (``fitness_label``). On the zoo it
+steers the merge to confident and wrong answers (bench/results/label_free.txt).
+
 A genome gene is not a model parameter, so the gradient is taken in two parts. One backward
 pass gives the loss's gradient G with respect to the merged weights θ(x). The space's merge
 must be affine in the genome (task arithmetic: θ(x) = θ(0) + Σ_k x_k (θ(e_k) − θ(0))), so
