@@ -137,6 +137,9 @@ class FitnessKind:
       when a search is repeated over seeds (anchor sets, rung items, minibatches).
     - ``flat_keys``: the keys the older flat spelling ``fitness: KIND`` set beside it, read into
       the mapping by ``mergeflow.config.upgrade_config``.
+    - ``reads_answers(fitness_cfg)``: whether it reads the search split's gold answers; only a
+      fitness that does not can search a task whose search prompts come without them
+      (``tasks.<task>.search_source``).
     - ``fitness_label(fitness_cfg)``: what the fitness is where it is not an accuracy (or an
       estimate of one) but, say, a label-free loss's negative, as figures name it; None for an
       accuracy (figures then draw it in percent).
@@ -160,6 +163,7 @@ class FitnessKind:
     seeded_keys: tuple[tuple[str, ...], ...] = ()
     flat_keys: tuple[str, ...] = ()
     batch_invariant: bool = True
+    reads_answers: Callable[[dict], bool] = lambda fitness_cfg: True
     fitness_label: Callable[[dict], str | None] = lambda fitness_cfg: None
 
     def __post_init__(self) -> None:

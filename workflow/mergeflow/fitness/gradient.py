@@ -290,5 +290,6 @@ KIND = FitnessKind("gradient", needs=lambda fitness_cfg: ("split",),
                    task_fitness=task_fitness, check=check, extra_columns=(GRADIENT_COLUMN,), extras=extras,
                    result="last", seeded_keys=(("seed",),),
                    batch_invariant=False,  # its float sums follow the evaluation's batches
+                   reads_answers=lambda fitness_cfg: fitness_cfg["loss"] not in LABEL_FREE,
                    fitness_label=lambda fitness_cfg: (f"negative mean {fitness_cfg['loss']} on the minibatch, no labels"
                                                       if fitness_cfg["loss"] in LABEL_FREE else None))
