@@ -17,8 +17,9 @@ takes the next step (:class:`mergeflow.evolve.search.Adam`).
 ``entropy`` (:data:`LABEL_FREE`) needs no answers: AdaMerging's loss, the entropy of the
 softmax over the choices' scores, the merge's own predictive distribution (multiple choice
 only). The minibatch is then read without its answers (the split's ``item_id``, ``prompt`` and
-``choices``), its fitness is the negative mean entropy with its standard error (no accuracy to
-estimate: ``check_estimate`` is refused), and figures say so (``fitness_label``). On the zoo it
+``choices``; a task's ``search_source`` gives prompts that have none), its fitness is the
+negative mean entropy with its standard error (no accuracy to estimate: ``check_estimate`` is
+refused), and figures say so (``fitness_label``). On the zoo it
 steers the merge to confident and wrong answers (bench/results/label_free.txt).
 
 A genome gene is not a model parameter, so the gradient is taken in two parts. One backward
