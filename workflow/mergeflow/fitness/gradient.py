@@ -19,8 +19,8 @@ softmax over the choices' scores, the merge's own predictive distribution (multi
 only). The minibatch is then read without its answers (the split's ``item_id``, ``prompt`` and
 ``choices``; a task's ``search_source`` gives prompts that have none), its fitness is the
 negative mean entropy with its standard error (no accuracy to estimate: ``check_estimate`` is
-refused), and figures say so (``fitness_label``). On the zoo it
-steers the merge to confident and wrong answers (bench/results/label_free.txt).
+refused), and figures say so (``fitness_label``). On the zoo it steers the merge to confident
+and wrong answers (bench/results/label_free.txt).
 
 A genome gene is not a model parameter, so the gradient is taken in two parts. One backward
 pass gives the loss's gradient G with respect to the merged weights θ(x). The space's merge
@@ -263,7 +263,7 @@ def check(config: dict, run: str) -> None:
     if loss in LABEL_FREE:
         if evolve["check_estimate"]:
             raise MergeflowError(f"{where}.check_estimate: a search on the label-free loss {loss!r} (fitness.loss) has "
-                                 "no accuracy estimate to check against the search split's answers; leave it false")
+                                 "no accuracy estimate to check against the search split's answers; set it false")
         for task in evolve["objectives"]:
             scorer = config["tasks"][task]["scorer"]
             if not get_scorer(scorer).choices:
