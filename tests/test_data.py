@@ -213,3 +213,24 @@ def test_template_syntax_is_named_by_its_key(tmp_path, template, match):
     cfg = {k: v for k, v in _cfg("unused", template=template).items() if k != "subscenario"}
     with pytest.raises(MergeflowError, match=rf"tasks\.t\.template: .*{match}"):
         split_task("t", cfg, seed=0, frame=_frame())
+
+
+def test_a_search_source_without_answers_gives_the_search_split_its_prompts(tmp_path):
+    """``search_source``: a file with no answer column at all becomes the search split (prompts
+    and choices, no ``answer`` or ``target``, with few-shot prefixes from the labelled pool); the
+    labelled source gives the test split, the same items as without it."""
+    labelled = _source(tmp_path)
+    prompts = tmp_path / "prompts.parquet"
+    frame = pd.read_parquet(labelled).drop(columns=["label"])
+    frame.assign(qid=[f"p{i}" for i in range(len(frame))]).to_parquet(prompts)
+    cfg = _cfg(labelled, search_source={"path": str(prompts)}, fewshot={"k": 1, "pool": 5})
+    parts = split_task("t", cfg, seed=3)
+    search = parts["search"]
+    assert len(search) == 30 and search["item_id"].str.startswith("p").all()
+    assert {"answer", "target"}.isdisjoint(search.columns) and {"prompt", "choices", "subscenario"} <= set(search.columns)
+    assert search["prompt"].str.count("Q: ").eq(2).all()  # one shot from the labelled pool
+    assert list(parts["test"]["item_id"]) == list(split_task("t", _cfg(labelled, fewshot={"k": 1, "pool": 5}),
+                                                                seed=3)["test"]["item_id"])
+    with pytest.raises(MergeflowError, match=r"task 't': search_source has 50 prompts but tasks\.t\.splits\.search "
+                                             r"asks for 60"):
+        split_task("t", {**cfg, "splits": {"search": 60, "test": 10}}, seed=3)

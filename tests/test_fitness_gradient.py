@@ -10,25 +10,29 @@ import pytest
 import torch
 
 from mergeflow.config import upgrade_config, validate_config
+from mergeflow.data import split_task, write_splits
 from mergeflow.errors import MergeflowError
 from mergeflow.evaluate import EvalSettings, context_length
 from mergeflow.evolve import history as hist
 from mergeflow.evolve.resident import resident_merger
 from mergeflow.evolve.search import replay
 from mergeflow.evolve.stages import EvolveConfig, restore_optimizer
-from mergeflow.fitness.gradient import genome_gradient, path_gradient, task_loss
+from mergeflow.figures import search_progress
+from mergeflow.fitness.gradient import LABEL_FREE, genome_gradient, path_gradient, task_loss
 from mergeflow.merge.methods import smooth_parameters
 from mergeflow.spaces import build_space
 from stage_runs import run_generations, with_run
 
 
 def gradient_run(config: dict, **fitness) -> dict:
-    """The stages' config with a gradient run (Adam, one candidate per step) named ``grad``."""
+    """The stages' config with a gradient run (Adam, one candidate per step) named ``grad``; a
+    label-free loss's run checks no estimate."""
+    label_free = fitness.get("loss") in LABEL_FREE
     return with_run(config, "grad", optimizer="Adam", population=1, generations=3,
-                    fitness={"kind": "gradient", "batch": 16, **fitness})
+                    fitness={"kind": "gradient", "batch": 16, **fitness}, **({"check_estimate": False} if label_free else {}))
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "cross_entropy"])
+@pytest.mark.parametrize("loss", ["sigmoid", "cross_entropy", "entropy"])
 def test_the_genome_gradient_is_the_training_loss_s_derivative(stages, loss):
     """Against central differences of the loss itself, merged at x ± h along each gene."""
     config = gradient_run(stages[0], loss=loss)
@@ -262,7 +266,14 @@ def test_a_hybrid_search_evolves_the_path_and_steps_the_scales(stages, tmp_path)
     # the older spelling, under fitness, is read as the run's learning_rate
     ({"fitness": {"kind": "gradient", "batch": 16, "learning_rate": 0}},
      r"evolve\.learning_rate: 0 is less than or equal to the minimum"),
-    ({"fitness": {"kind": "gradient", "loss": "hinge"}}, r"fitness\.loss: 'hinge' is not one of \['sigmoid', 'cross_entropy'\]"),
+    ({"fitness": {"kind": "gradient", "loss": "hinge"}},
+     r"fitness\.loss: 'hinge' is not one of \['sigmoid', 'cross_entropy', 'entropy'\]"),
+    # a label-free search has no accuracy estimate to check against the split's answers
+    ({"fitness": {"kind": "gradient", "batch": 16, "loss": "entropy"}},
+     r"grad\.evolve\.check_estimate: a search on the label-free loss 'entropy' \(fitness\.loss\)"),
+    # the loss is the gradient kind's own key
+    ({"fitness": {"kind": "full", "loss": "entropy"}},
+     r"runs\.grad\.evolve\.fitness: Additional properties are not allowed \('loss' was unexpected\)"),
     ({"fitness": {"kind": "gradient", "temperature": 0}}, r"temperature: 0 is less than or equal to the minimum"),
 ])
 def test_bad_gradient_settings_are_named(stages, change, message):
@@ -291,3 +302,61 @@ def test_the_learning_rate_under_fitness_is_read_as_the_optimizer_s():
     config = {"runs": {"g": {"evolve": {"optimizer": "Adam", "fitness": {"kind": "gradient", "learning_rate": 0.1}}}}}
     assert upgrade_config(config)["runs"]["g"]["evolve"] == {"optimizer": "Adam", "learning_rate": 0.1,
                                                               "fitness": {"kind": "gradient"}}
+
+
+def unlabelled_run(config: dict, tmp_path, fitness: dict) -> dict:
+    """The stages' config whose math_l2 search prompts come from a file without its ``answer`` and
+    ``target`` columns (``search_source``: the source's rows, answers dropped), with one run, a
+    gradient search named ``grad`` of fitness ``fitness`` (the runs that read answers go)."""
+    prompts = tmp_path / "prompts.parquet"
+    source = pd.read_parquet(config["tasks"]["math_l2"]["source"]["path"])
+    source.drop(columns=["answer", "target"]).to_parquet(prompts)
+    config = copy.deepcopy(config)
+    config["tasks"]["math_l2"]["search_source"] = {"path": str(prompts)}
+    search = {**config["runs"]["full"]["evolve"], "optimizer": "Adam", "population": 1, "generations": 3,
+              "check_estimate": False, "fitness": fitness}
+    config["runs"] = {"grad": {"evolve": search}}
+    return validate_config(config)
+
+
+def test_a_label_free_search_reads_no_answer_and_records_its_negative_entropy(stages, tmp_path):
+    """``loss: entropy`` on a task whose search prompts come without answers (``search_source``,
+    a file with no ``answer`` or ``target`` column, split by the data stage): two Adam steps run,
+    each history fitness is the negative mean entropy of the minibatch's softmax over the choices
+    (in [-log 4, 0]), no item is answered right or wrong, and the final merge is not checked
+    against the split (there is no accuracy to check)."""
+    config = unlabelled_run(stages[0], tmp_path, {"kind": "gradient", "batch": 16, "loss": "entropy"})
+    split = tmp_path / "data" / "search.parquet"
+    write_splits(split_task("math_l2", config["tasks"]["math_l2"], config["seed"]),
+                 {"search": split, "test": tmp_path / "data" / "test.parquet"})
+    assert {"answer", "target"}.isdisjoint(pd.read_parquet(split).columns)
+    cfg = EvolveConfig.from_config(config, "grad")
+    assert not cfg.kind.estimates(cfg.fitness, 40) and not cfg.kind.reads_answers(cfg.fitness)
+    previous = run_generations(cfg, config, {"math_l2": {**stages[2], "split": str(split)}}, tmp_path, 2)
+    history = pd.read_parquet(previous)
+    fitness = history[hist.fitness_column("math_l2")]
+    assert ((fitness < 0) & (fitness > -np.log(4))).all() and (history[hist.sd_column("math_l2")] > 0).all()
+    assert np.isfinite(np.stack(history["gradient"].to_list())).all()
+    assert len(pd.read_parquet(tmp_path / "gen_0" / "responses_0.parquet")) == 0
+    # the progress figure names what the fitness is and draws it on its own scale, not in percent
+    assert cfg.fitness_label == "negative mean entropy on the minibatch, no labels"
+    assert search_progress("grad", previous, cfg.result, tmp_path / "progress.png", None, cfg.fitness_label).exists()
+    # the labelled losses do need the answers: the same file is refused, naming the missing columns
+    labelled = EvolveConfig.from_config(gradient_run(stages[0]), "grad")
+    with pytest.raises(MergeflowError, match=r"lacks columns \['answer', 'target'\]"):
+        labelled.kind.task_fitness(labelled.fitness_context("math_l2", config["tasks"]["math_l2"], {"split": str(split)}))
+
+
+@pytest.mark.parametrize("fitness", [{"kind": "full"}, {"kind": "gradient", "batch": 16, "loss": "sigmoid"}])
+def test_a_search_that_reads_answers_is_refused_on_prompts_without_them(stages, tmp_path, fitness):
+    with pytest.raises(MergeflowError, match=r"runs\.grad\.evolve\.fitness: task 'math_l2''s search prompts have no "
+                                             r"answers \(tasks\.math_l2\.search_source\)"):
+        unlabelled_run(stages[0], tmp_path, fitness)
+
+
+def test_a_label_free_loss_on_a_generative_objective_is_refused(stages):
+    config = copy.deepcopy(stages[0])
+    config["tasks"]["math_l2"]["scorer"] = "exact_match"
+    with pytest.raises(MergeflowError, match=r"grad\.evolve\.fitness\.loss: the label-free loss 'entropy' scores "
+                                             r"multiple choice only, and objective 'math_l2' is scored by 'exact_match'"):
+        gradient_run(config, loss="entropy")

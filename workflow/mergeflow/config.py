@@ -189,9 +189,10 @@ def check_config(config: dict) -> None:
             continue
         if get_scorer(tcfg["scorer"]).choices and "choices" not in tcfg:
             raise MergeflowError(f"config: task {task!r} uses scorer {tcfg['scorer']} but names no 'choices' column")
-        src = tcfg["source"]
-        if "path" in src and src["path"] not in written and not Path(src["path"]).exists():
-            raise MergeflowError(f"config: task {task!r}: source file {src['path']!r} does not exist")
+        for key in ("source", "search_source"):
+            src = tcfg.get(key, {})
+            if "path" in src and src["path"] not in written and not Path(src["path"]).exists():
+                raise MergeflowError(f"config: task {task!r}: {key} file {src['path']!r} does not exist")
     for run, rcfg in config["runs"].items():
         for task in rcfg.get("tasks") or []:
             if task not in config["tasks"]:
@@ -201,6 +202,12 @@ def check_config(config: dict) -> None:
                 if task not in config["tasks"]:
                     raise MergeflowError(f"config: runs.{run}.evolve.objectives names task {task!r}, which is not one of "
                                          f"tasks {sorted(config['tasks'])}")
+                fitness = rcfg["evolve"]["fitness"]
+                if "search_source" in config["tasks"][task] and FITNESS[fitness["kind"]].reads_answers(fitness):
+                    raise MergeflowError(f"config: runs.{run}.evolve.fitness: task {task!r}'s search prompts have no "
+                                         f"answers (tasks.{task}.search_source), and fitness kind {fitness['kind']!r} "
+                                         "as configured reads them; search it with a label-free fitness "
+                                         "(config/README.md: gradient's loss: entropy)")
             FITNESS[rcfg["evolve"]["fitness"]["kind"]].check(config, run)
     check_run_sources(config)
     check_before_jobs(config)

@@ -4,7 +4,9 @@ A task's source is a local parquet / jsonl / csv file or a hub dataset (id, conf
 stage writes ``data/{task}/{split}.parquet`` for the disjoint splits ``search`` (fitness during
 the search) and ``test`` (the final table), with the columns the evaluator reads: ``item_id``,
 ``prompt``, ``choices``, ``answer`` (gold index; -1 for generative tasks), ``target`` (gold text),
-and ``subscenario`` where the source has one.
+and ``subscenario`` where the source has one. A task with a ``search_source`` (prompts without
+answers) draws its search split from it, without ``answer`` and ``target`` (:data:`PROMPT_COLUMNS`),
+and its test split from ``source``.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def task_files(tcfg: dict) -> list[str]:
     lm-evaluation-harness task (as the config named them; filled in when the config was read)."""
     if "lm_eval" in tcfg:
         return list(tcfg["resolved"]["files"])
-    return [tcfg["source"]["path"]] if "path" in tcfg["source"] else []
+    return [tcfg[key]["path"] for key in ("source", "search_source") if "path" in tcfg.get(key, {})]
 
 
 def _local_rows(task: str, path: Path, fmt: str) -> int | None:
@@ -176,13 +178,15 @@ def _gold_index(task: str, item_id: str, answer, choices: list[str]) -> int:
     raise MergeflowError(f"task {task!r}, item {item_id!r}: answer {answer!r} is neither an index nor one of the choices")
 
 
-def render_items(task: str, frame: pd.DataFrame, cfg: dict) -> pd.DataFrame:
-    """Turn source rows into evaluator items (without few-shot context)."""
+def render_items(task: str, frame: pd.DataFrame, cfg: dict, labelled: bool = True) -> pd.DataFrame:
+    """Turn source rows into evaluator items (without few-shot context); not ``labelled``, their
+    prompts and choices only (no answer column is read)."""
     template = cfg["template"]
     multiple_choice = get_scorer(cfg["scorer"]).choices
     fields = template_fields(template, f"tasks.{task}.template")
+    answer = [cfg["answer"]] if labelled else []
     _require_columns(task, frame, fields, f"template {template!r}")
-    _require_columns(task, frame, [cfg["answer"]], "'answer'")
+    _require_columns(task, frame, answer, "'answer'")
     if multiple_choice:
         _require_columns(task, frame, [cfg["choices"]], "'choices'")
     id_col = cfg.get("id_column")
@@ -197,21 +201,22 @@ def render_items(task: str, frame: pd.DataFrame, cfg: dict) -> pd.DataFrame:
         if id_col and _missing(rec[id_col]):
             raise DataError(f"task {task!r}, row {pos}: id column {id_col!r} is null")
         item_id = str(rec[id_col]) if id_col else f"{task}-{pos:06d}"
-        for column in [*fields, cfg["answer"]]:
+        for column in [*fields, *answer]:
             if why := _unusable(rec[column]):
-                what = "answer" if column == cfg["answer"] and column not in fields else "template field"
+                what = "answer" if column in answer and column not in fields else "template field"
                 raise DataError(f"task {task!r}, item {item_id!r}: {what} {column!r} {why}")
         prompt = template.format(**{f: rec[f] for f in fields})
-        if multiple_choice:
-            choices = _choices_list(task, item_id, cfg["choices"], rec[cfg["choices"]])
+        choices = _choices_list(task, item_id, cfg["choices"], rec[cfg["choices"]]) if multiple_choice else []
+        row = {"item_id": item_id, "prompt": prompt, "choices": choices}
+        if labelled and multiple_choice:
             gold = _gold_index(task, item_id, rec[cfg["answer"]], choices)
-            target = choices[gold]
-        else:
-            choices, gold, target = [], -1, str(rec[cfg["answer"]])
+            row.update(answer=gold, target=choices[gold])
+        elif labelled:
+            target = str(rec[cfg["answer"]])
             if extract_number(target) is None:
                 raise DataError(f"task {task!r}, item {item_id!r}: answer column {cfg['answer']!r} holds "
                                 f"{target!r}, which has no number for exact_match to compare with")
-        row = {"item_id": item_id, "prompt": prompt, "choices": choices, "answer": gold, "target": target}
+            row.update(answer=-1, target=target)
         if sub_col is not None:
             row["subscenario"] = str(rec[sub_col])
         rows.append(row)
@@ -259,7 +264,12 @@ def split_task(task: str, cfg: dict, seed: int, frame: pd.DataFrame | None = Non
     items = render_items(task, frame, cfg)
     shots = cfg["fewshot"]
     k = shots["k"]
-    parts, pool_items = seeded_splits(task, items, sizes, seed, shots.get("pool", 4 * k) if k else 0)
+    unlabelled = "search_source" in cfg  # the search split's prompts come without answers
+    parts, pool_items = seeded_splits(task, items, {**sizes, "search": 0} if unlabelled else sizes, seed,
+                                      shots.get("pool", 4 * k) if k else 0)
+    if unlabelled:
+        parts["search"] = prompt_split(task, render_items(task, load_source(task, cfg["search_source"]), cfg,
+                                                          labelled=False), sizes["search"], seed)
     if k:
         shot_rng = np.random.default_rng([seed, 1])
         for split, part in parts.items():
@@ -285,6 +295,15 @@ def seeded_splits(task: str, items: pd.DataFrame, sizes: dict[str, int], seed: i
     return parts, items.iloc[order[sizes["test"] + sizes["search"]: need]]
 
 
+def prompt_split(task: str, prompts: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
+    """A search split of ``size`` prompts without answers, drawn by a seeded permutation."""
+    if len(prompts) < size:
+        raise MergeflowError(f"task {task!r}: search_source has {len(prompts)} prompts but tasks.{task}.splits.search "
+                             f"asks for {size}")
+    order = np.random.default_rng([seed, 2]).permutation(len(prompts))
+    return prompts.iloc[order[:size]].reset_index(drop=True)
+
+
 def write_splits(parts: dict[str, pd.DataFrame], out: dict[str, str | Path]) -> None:
     for split, path in out.items():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -292,16 +311,23 @@ def write_splits(parts: dict[str, pd.DataFrame], out: dict[str, str | Path]) -> 
 
 
 SPLIT_COLUMNS = ("item_id", "prompt", "choices", "answer", "target")
+# The columns a split's items are presented to a model from, without their gold answers.
+PROMPT_COLUMNS = ("item_id", "prompt", "choices")
 
 
-def read_split(path: str | Path) -> pd.DataFrame:
-    """A rendered split, checked: it exists, has the data stage's columns, and is not empty."""
+def read_split(path: str | Path, columns: tuple[str, ...] = SPLIT_COLUMNS) -> pd.DataFrame:
+    """A rendered split, checked: it exists, has the data stage's columns, and is not empty.
+    Given ``columns`` (e.g. :data:`PROMPT_COLUMNS`), only those are read and required."""
     if not Path(path).exists():
         raise MergeflowError(f"split file {str(path)!r} does not exist")
-    frame = pd.read_parquet(path)
-    missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
+    import pyarrow.parquet as pq  # its schema alone: which columns there are
+
+    present = pq.read_schema(path).names
+    missing = [c for c in columns if c not in present]
     if missing:
         raise MergeflowError(f"split file {str(path)!r} lacks columns {missing}")
+    # the data stage's columns not asked for stay unread (what else the split holds is read)
+    frame = pd.read_parquet(path, columns=[c for c in present if c in columns or c not in SPLIT_COLUMNS])
     if len(frame) == 0:
         raise MergeflowError(f"split file {str(path)!r} is empty")
     return frame

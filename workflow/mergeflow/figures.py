@@ -91,11 +91,12 @@ def progress_line(history: pd.DataFrame, task: str, result: str) -> tuple[np.nda
 
 
 def search_progress(run: str, history_path: str | Path, result: str, out: str | Path,
-                    table_path: str | Path | None = None) -> Path:
+                    table_path: str | Path | None = None, fitness_label: str | None = None) -> Path:
     """Fitness of every candidate per generation (a point each; ±1.96 sd where the fitness is an
     estimate), the search's progress as a line (:func:`progress_line`; ``result``: what the
     search ends on, its fitness kind's), and the final merge's accuracy on the whole search split
-    where it was measured after the search (``table_path``: the run's ``test.parquet``)."""
+    where it was measured after the search (``table_path``: the run's ``test.parquet``). A fitness
+    that is not an accuracy is drawn on its own scale, named by ``fitness_label`` (its kind's)."""
     plt = _pyplot()
     history = pd.read_parquet(history_path)
     tasks = hist.objectives_of(history)
@@ -130,10 +131,11 @@ def search_progress(run: str, history_path: str | Path, result: str, out: str | 
                            s=160, color="#238b45", zorder=5, edgecolors="black", linewidths=0.5,
                            label="final merge, whole search split")
         ax.set_xlabel("generation")
-        ax.set_ylabel(f"{task} fitness (search split accuracy)")
+        ax.set_ylabel(f"{task} fitness ({fitness_label or 'search split accuracy'})")
         if len(generations) <= 20:
             ax.set_xticks(generations)
-        _percent(ax)
+        if fitness_label is None:
+            _percent(ax)
         ax.set_title(f"run {run}: {task}")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _save(fig, out)

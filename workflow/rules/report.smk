@@ -29,6 +29,7 @@ rule search_progress:
         ),
     params:
         result=lambda wc: EVOLVE[wc.run].result,
+        fitness_label=lambda wc: EVOLVE[wc.run].fitness_label,
     log:
         "results/logs/figures/{run}/search_progress.log",
     conda:

@@ -117,6 +117,11 @@ class EvolveConfig:
         """What the search ends on: its best candidate or its last (the fitness kind's ``result``)."""
         return self.kind.result
 
+    @property
+    def fitness_label(self) -> str | None:
+        """What the search's fitness is where it is not an accuracy (the fitness kind's ``fitness_label``)."""
+        return self.kind.fitness_label(self.fitness)
+
     def fitness_context(self, task: str, task_config: dict, files: dict[str, str], generation: int = 0,
                         rung: int = 0) -> FitnessContext:
         """What the fitness kind builds ``task``'s scorer from at a rung of a generation."""

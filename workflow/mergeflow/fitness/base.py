@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 class TaskFitness:
     """One task's fitness at one rung: the items a candidate answers there and, for estimated
     fitness, the estimator (answers by item id -> an ``Estimate`` with ``value`` and ``sd``);
-    without one, the fitness is the accuracy on the items."""
+    without one, the fitness is the accuracy on the items. A label-free fitness has ``score``
+    instead, (model, tokenizer, settings) -> (fitness, sd) on the items: then no item is answered
+    right or wrong, and no gold answer is read."""
 
     task: str
     items: pd.DataFrame
@@ -37,6 +39,7 @@ class TaskFitness:
     delimiter: str = " "
     estimator: Callable | None = None
     chat: dict = field(default_factory=dict)  # the task's own chat keys (see EvalSettings.for_task)
+    score: Callable[[Any, Any, EvalSettings], tuple[float, float]] | None = None
 
     @classmethod
     def of(cls, ctx: "FitnessContext", items: pd.DataFrame, estimator: Callable | None = None) -> "TaskFitness":
@@ -137,6 +140,12 @@ class FitnessKind:
       when a search is repeated over seeds (anchor sets, rung items, minibatches).
     - ``flat_keys``: the keys the older flat spelling ``fitness: KIND`` set beside it, read into
       the mapping by ``mergeflow.config.upgrade_config``.
+    - ``reads_answers(fitness_cfg)``: whether it reads the search split's gold answers; only a
+      fitness that does not can search a task whose search prompts come without them
+      (``tasks.<task>.search_source``).
+    - ``fitness_label(fitness_cfg)``: what the fitness is where it is not an accuracy (or an
+      estimate of one) but, say, a label-free loss's negative, as figures name it; None for an
+      accuracy (figures then draw it in percent).
     - ``batch_invariant``: whether what its jobs write follows from the answers alone, not from the
       evaluation's batch size (:data:`mergeflow.evaluate.ANSWER_NEUTRAL`); then the batch size is
       not among their parameters.
@@ -158,6 +167,8 @@ class FitnessKind:
     seeded_keys: tuple[tuple[str, ...], ...] = ()
     flat_keys: tuple[str, ...] = ()
     batch_invariant: bool = True
+    reads_answers: Callable[[dict], bool] = lambda fitness_cfg: True
+    fitness_label: Callable[[dict], str | None] = lambda fitness_cfg: None
 
     def __post_init__(self) -> None:
         if self.result not in RESULTS:
@@ -215,8 +226,11 @@ def evaluate_candidate(merger, tokenizer, recipe, tasks: list[TaskFitness], sett
     else:
         problem = None
         for task in tasks:
-            answers[task.task] = task.answer(model, tokenizer, settings, known.get(task.task, {}))
-            fitness[task.task], sd[task.task] = task.estimate(answers[task.task])
+            if task.score is not None:  # label-free: no answers
+                fitness[task.task], sd[task.task] = task.score(model, tokenizer, settings)
+            else:
+                answers[task.task] = task.answer(model, tokenizer, settings, known.get(task.task, {}))
+                fitness[task.task], sd[task.task] = task.estimate(answers[task.task])
             if not math.isfinite(fitness[task.task]):
                 problem = f"fitness on task {task.task!r} is not finite"
     if problem:

@@ -15,6 +15,14 @@ accuracy falls: on two zoos it chose merges below the math expert (bench/results
 For generation the loss is the gold answer's negative log-likelihood. Adam, told the gradient,
 takes the next step (:class:`mergeflow.evolve.search.Adam`).
 
+``entropy`` (:data:`LABEL_FREE`) needs no answers: AdaMerging's loss, the entropy of the
+softmax over the choices' scores, the merge's own predictive distribution (multiple choice
+only). The minibatch is then read without its answers (the split's ``item_id``, ``prompt`` and
+``choices``; a task's ``search_source`` gives prompts that have none), its fitness is the
+negative mean entropy with its standard error (no accuracy to estimate: ``check_estimate`` is
+refused), and figures say so (``fitness_label``). On the zoo it steers the merge to confident
+and wrong answers (bench/results/label_free.txt).
+
 A genome gene is not a model parameter, so the gradient is taken in two parts. One backward
 pass gives the loss's gradient G with respect to the merged weights θ(x). Then, tensor by tensor,
 the merge's masks are held as the candidate's merge made them (AdaMerging++'s move:
@@ -65,6 +73,7 @@ last generation's best).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import zlib
@@ -74,7 +83,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mergeflow.data import read_split
+from mergeflow.data import PROMPT_COLUMNS, SPLIT_COLUMNS, read_split
 from mergeflow.errors import MergeflowError
 from mergeflow.evaluate import context_length, differentiable_logliks, encode_requests, item_prompts
 from mergeflow.evolve.search import GRADIENT_OPTIMIZERS
@@ -101,8 +110,15 @@ def batch_items(task: str, fitness_cfg: dict, split: pd.DataFrame, generation: i
 
 
 def task_fitness(ctx: FitnessContext) -> TaskFitness:
-    items = batch_items(ctx.task, ctx.fitness, read_split(ctx.files["split"]), ctx.generation)
-    return TaskFitness.of(ctx, items)
+    """The step's minibatch; under a label-free loss read without its answers (only
+    :data:`mergeflow.data.PROMPT_COLUMNS`), its fitness the negative mean loss on it."""
+    label_free = ctx.fitness["loss"] in LABEL_FREE
+    split = read_split(ctx.files["split"], PROMPT_COLUMNS if label_free else SPLIT_COLUMNS)
+    items = batch_items(ctx.task, ctx.fitness, split, ctx.generation)
+    fit = TaskFitness.of(ctx, items)
+    if label_free:
+        fit.score = functools.partial(label_free_fitness, ctx.fitness, fit)
+    return fit
 
 
 def sigmoid_loss(scores: torch.Tensor, gold: int, temperature: float) -> torch.Tensor:
@@ -117,24 +133,39 @@ def cross_entropy_loss(scores: torch.Tensor, gold: int, temperature: float) -> t
     return torch.logsumexp(scores, 0) - scores[gold]
 
 
+def entropy_loss(scores: torch.Tensor, gold: int, temperature: float) -> torch.Tensor:
+    """The entropy of the softmax over the choices' scores, the merge's predictive distribution
+    (AdaMerging's label-free loss; ``gold`` and ``temperature`` unused)."""
+    logp = torch.log_softmax(scores, 0)
+    return -(logp.exp() * logp).sum()
+
+
 # A multiple-choice item's training loss from its choices' scores (``fitness.loss``).
-LOSSES = {"sigmoid": sigmoid_loss, "cross_entropy": cross_entropy_loss}
+LOSSES = {"sigmoid": sigmoid_loss, "cross_entropy": cross_entropy_loss, "entropy": entropy_loss}
+# The losses that read no gold answer: a search with one is label-free (its fitness is the
+# negative mean loss on the minibatch, and only the split's prompts and choices are read).
+LABEL_FREE = ("entropy",)
 
 
 def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fitness_cfg: dict,
-              backward: bool = True) -> float:
+              backward: bool = True, item_losses: list[float] | None = None) -> float:
     """The task's mean training loss over its items (``fitness_cfg``'s ``loss`` and ``temperature``
     for multiple choice; the gold answer's negative log-likelihood for generation); with
-    ``backward``, its gradient is also accumulated into the model's parameters. Items go in chunks
-    of about ``settings.batch_size`` requests."""
+    ``backward``, its gradient is also accumulated into the model's parameters; each item's loss
+    is appended to ``item_losses`` where one is given. Items go in chunks of about
+    ``settings.batch_size`` requests. A label-free loss (:data:`LABEL_FREE`) reads no answer."""
     how = get_scorer(fit.scorer)
     choice_loss, temperature = LOSSES[fitness_cfg["loss"]], fitness_cfg["temperature"]
     items, n = fit.items, len(fit.items)
     # the items as the evaluator presents them (evaluate_items), chat template included
     prompts, delimiter, settings = item_prompts(tokenizer, items, fit.delimiter, settings.for_task(fit.chat))
+    label_free = fitness_cfg["loss"] in LABEL_FREE
     if how.choices:
         options = [[str(c) for c in cs] for cs in items["choices"]]
-        golds = [int(a) for a in items["answer"]]
+        golds = [-1] * n if label_free else [int(a) for a in items["answer"]]
+    elif label_free:
+        raise MergeflowError(f"task {fit.task!r}: loss {fitness_cfg['loss']!r} scores multiple choice only, not "
+                             f"scorer {fit.scorer!r}")
     else:
         options = [[str(t)] for t in items["target"]]
         golds = [0] * n
@@ -153,10 +184,23 @@ def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fit
                 scores = scores / torch.tensor([len(c) for c in options[i]], dtype=scores.dtype, device=scores.device)
             losses.append(choice_loss(scores, golds[i], temperature) if how.choices else -scores[0])
         loss = torch.stack(losses).sum() / n
+        if item_losses is not None:
+            item_losses += [float(v) for v in torch.stack(losses).detach()]
         if backward:
             loss.backward()
         total += float(loss.detach())
     return total
+
+
+def label_free_fitness(fitness_cfg: dict, fit: TaskFitness, model, tokenizer, settings) -> tuple[float, float]:
+    """A label-free step's fitness on its minibatch: the negative mean of the items' losses, and
+    its sd."""
+    losses: list[float] = []
+    with torch.no_grad():
+        task_loss(model, tokenizer, fit, settings, context_length(model, settings), fitness_cfg, backward=False,
+                  item_losses=losses)
+    sd = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else 0.0
+    return -float(np.mean(losses)), sd
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -264,7 +308,9 @@ def path_gradient(assembler, tokenizer, space: DfsSpace, genome: np.ndarray, tas
 
 def check(config: dict, run: str) -> None:
     """One loss; a dfs space with an evolutionary optimizer (the hybrid), or Adam on a parameter
-    space (:func:`check_parameter_space`); batches that fit every objective's search split."""
+    space (:func:`check_parameter_space`); batches that fit every objective's search split; a
+    label-free loss only on multiple-choice objectives, and with no accuracy to check the search's
+    fitness against."""
     evolve = config["runs"][run]["evolve"]
     where = f"config: runs.{run}.evolve"
     space = evolve["search_space"]
@@ -283,6 +329,16 @@ def check(config: dict, run: str) -> None:
         if evolve["fitness"]["batch"] > size:
             raise MergeflowError(f"{where}.fitness.batch: {evolve['fitness']['batch']} items, more than task {task!r}'s "
                                  f"search split ({size}, tasks.{task}.splits.search)")
+    loss = evolve["fitness"]["loss"]
+    if loss in LABEL_FREE:
+        if evolve["check_estimate"]:
+            raise MergeflowError(f"{where}.check_estimate: a search on the label-free loss {loss!r} (fitness.loss) has "
+                                 "no accuracy estimate to check against the search split's answers; set it false")
+        for task in evolve["objectives"]:
+            scorer = config["tasks"][task]["scorer"]
+            if not get_scorer(scorer).choices:
+                raise MergeflowError(f"{where}.fitness.loss: the label-free loss {loss!r} scores multiple choice only, "
+                                     f"and objective {task!r} is scored by {scorer!r} (tasks.{task}.scorer)")
 
 
 def check_parameter_space(evolve: dict, where: str) -> None:
@@ -335,8 +391,12 @@ def extras(fitness_cfg: dict, scored: ScoredCandidate) -> dict[str, dict[str, An
     return {task: {GRADIENT_COLUMN: g.tolist()} for task, g in gradient.items()}
 
 
-KIND = FitnessKind("gradient", needs=lambda fitness_cfg: ("split",), estimates=lambda fitness_cfg, split_size: True,
+KIND = FitnessKind("gradient", needs=lambda fitness_cfg: ("split",),
+                   estimates=lambda fitness_cfg, split_size: fitness_cfg["loss"] not in LABEL_FREE,
                    task_fitness=task_fitness, check=check, extra_columns=(GRADIENT_COLUMN,), extras=extras,
                    result="last", seeded_keys=(("seed",),),
                    gradient_genes=lambda space: tuple(space.scale_genes()) if isinstance(space, DfsSpace) else (),
-                   batch_invariant=False)  # its float sums follow the evaluation's batches
+                   batch_invariant=False,  # its float sums follow the evaluation's batches
+                   reads_answers=lambda fitness_cfg: fitness_cfg["loss"] not in LABEL_FREE,
+                   fitness_label=lambda fitness_cfg: (f"negative mean {fitness_cfg['loss']} on the minibatch, no labels"
+                                                      if fitness_cfg["loss"] in LABEL_FREE else None))
