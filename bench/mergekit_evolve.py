@@ -5,8 +5,11 @@ On the zoo of a finished workdir (its base, math and lang models) the bench runs
 task arithmetic of the config's two endpoints on its base (``layer_groups`` groups of layers, one
 weight per expert and group: 8 genes on the default), fitness = lm-eval's ``acc`` on the target
 task's search split (1,000 items). Its budget is mergeflow's: ``--budget-items`` (default 48,000)
-/ search items = 48 evaluations, CMA-ES population 8 (``--force-population-size``, as ``full``'s
-8 x 6 generations) and ``--max-fevals 48``. Each run's best merge (mergekit's ``final_model``) is
+/ search items = 48 evaluations, CMA-ES population 8 (``--force-population-size``) x 6
+generations, as ``full``'s. pycma stops once ``countevals - 1 >= maxfevals``, so the bench passes
+``--max-fevals 47`` to stop after the 6th generation (48 would run a 7th); then ``fmin2`` scores
+the final mean once more (its ``eval_final_mean``, kept: it is how mergekit-evolve runs), so a run
+evaluates 49 candidates, 49,000 items, 2% above mergeflow's; the table counts them from the log. Each run's best merge (mergekit's ``final_model``) is
 then scored on the test split twice, each side in its own process through bench/evaluate.py:
 by mergeflow's evaluator and by lm-eval 0.4.13 (its own virtualenv, ``--lm-eval-venv``), with the
 items whose correctness differs between the two. It prints per run: both test accuracies, the
@@ -40,8 +43,9 @@ are never edited.
    schedules on a machine without GPUs. The bench starts Ray itself with one CPU and one logical
    GPU (``ray.init(num_cpus=1, num_gpus=1)``: a resource count, no device behind it) before
    mergekit's main, and passes ``--num-gpus 1`` (a pool of one evaluating actor).
-3. ``--in-memory`` is not used: issue 17 found it broken on CPU (its evaluator builds the model in
-   bfloat16 from a config and hands lm-eval a model without a tokenizer). The bench runs the
+3. ``--in-memory`` is not used: issue 17 found it broken (not rerun here; in the code, its
+   evaluator makes a bfloat16 model from a config and hands lm-eval's ``HFLM`` no tokenizer, so
+   HFLM loads one from the model's empty ``name_or_path``). The bench runs mergekit-evolve's
    default on-disk pool strategy: each candidate is merged to disk, loaded and scored by lm-eval,
    then deleted; on this zoo (0.6M parameters) that costs well under a second a candidate.
 4. CUDA-only cache call: the on-disk evaluator calls the accelerator module's ``empty_cache``
@@ -188,9 +192,10 @@ def genome_config(workdir: Path, run: str, task: str, search_split: Path, limit:
     }
 
 
-def run_evolve(python: Path, out: Path, config: dict, task_yaml: str, task: str, evaluations: int,
+def run_evolve(python: Path, out: Path, config: dict, task_yaml: str, task: str, max_fevals: int,
                population: int, batch_size: int) -> dict:
-    """One mergekit-evolve run in ``out``: its log, evaluations, best fitness and wall time."""
+    """One mergekit-evolve run in ``out``: its log, evaluations (counted from the log), best fitness
+    and wall time."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "patches").mkdir(exist_ok=True)
     (out / "patches" / "sitecustomize.py").write_text(PATCHES)
@@ -200,7 +205,7 @@ def run_evolve(python: Path, out: Path, config: dict, task_yaml: str, task: str,
     env = {**os.environ, **bench_module("evaluate").SINGLE_THREAD, "MERGEFLOW_MKE_PATCHES": "1",
            "PYTHONPATH": str(out / "patches"), "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "disabled"}
     cmd = [str(python), "-c", DRIVER, str(out / "genome.yaml"), "--storage-path", str(out / "storage"),
-           "--task-search-path", str(out / "tasks"), "--max-fevals", str(evaluations),
+           "--task-search-path", str(out / "tasks"), "--max-fevals", str(max_fevals),
            "--force-population-size", str(population), "--num-gpus", "1", "--no-merge-cuda", "--no-reshard",
            "--batch-size", str(batch_size), "--strategy", "pool", "--no-in-memory"]
     t0 = time.perf_counter()
@@ -260,8 +265,10 @@ def main() -> None:
     import pandas as pd
 
     search_items = len(pd.read_parquet(search_split, columns=["item_id"]))
-    evaluations = max(2, round(args.budget_items / search_items))
-    population = min(int(evolve_cfg["population"]), evaluations)
+    # generations x population candidates within the budget (48 = 6 x 8 on the default), as ``full``
+    population = min(int(evolve_cfg["population"]), max(2, round(args.budget_items / search_items)))
+    generations = max(1, round(args.budget_items / search_items / population))
+    evaluations = generations * population
 
     python = evolve_python(args.evolve_venv)
     peer = evaluate.peer_python(args.lm_eval_venv)
@@ -270,7 +277,7 @@ def main() -> None:
     load = os.getloadavg()
     rows = []
     for r in range(args.runs):
-        run = run_evolve(python, out / f"run_{r}", genome, task_yaml, task, evaluations, population,
+        run = run_evolve(python, out / f"run_{r}", genome, task_yaml, task, evaluations - 1, population,
                          args.batch_size)
         scores = score_test(evaluate, peer, run["model"], task, test_split, args.batch_size)
         rows.append({**run, **scores, "items_evaluated": run["evaluations"] * search_items})
@@ -279,7 +286,8 @@ def main() -> None:
               flush=True)
     load_after = os.getloadavg()
 
-    print(f"\nmergekit-evolve 0.1.5 (CMA-ES, population {population}, --max-fevals {evaluations}) on the zoo of "
+    print(f"\nmergekit-evolve 0.1.5 (CMA-ES, population {population} x {generations} generations, --max-fevals "
+          f"{evaluations - 1}, then its evaluation of the final mean) on the zoo of "
           f"{workdir}: {len(genome['genome']['models'])} experts x "
           f"{config['runs'][args.search_run]['evolve']['search_space']['layer_groups']} layer groups, task "
           f"arithmetic; fitness lm-eval acc on {search_items} {task} search items; best merge scored on "
