@@ -47,7 +47,9 @@ are never edited.
    evaluator makes a bfloat16 model from a config and hands lm-eval's ``HFLM`` no tokenizer, so
    HFLM loads one from the model's empty ``name_or_path``). The bench runs mergekit-evolve's
    default on-disk pool strategy: each candidate is merged to disk, loaded and scored by lm-eval,
-   then deleted; on this zoo (0.6M parameters) that costs well under a second a candidate.
+   then deleted. On this zoo (0.6M parameters) a candidate takes about 8 s on the 2-core machine
+   of bench/results/mergekit_evolve.txt, of which lm-eval's 4,000 log-likelihood requests are
+   about 2 s (the rest, not broken down: the merge to disk, the load, lm-eval's task set-up).
 4. CUDA-only cache call: the on-disk evaluator calls the accelerator module's ``empty_cache``
    before each merge, which for the device "cpu" is ``torch.cpu.empty_cache``, absent from torch;
    the patch adds it as a no-op.
