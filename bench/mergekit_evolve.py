@@ -20,7 +20,8 @@ mergekit-evolve cannot be seeded: ``--random-seed`` seeds the merge, and CMA-ES 
 called without a ``seed`` option) draws its seed from the clock. Its runs differ, so the bench
 reports their spread, never one run.
 
-    PYTHONPATH=workflow python bench/mergekit_evolve.py --workdir DIR [--runs 4] [--budget-items 48000]
+    PYTHONPATH=workflow python bench/mergekit_evolve.py --workdir DIR [--configfile FILE] [--runs 4]
+        [--budget-items 48000] [--search-run full]
         [--out DIR/results/bench/mergekit_evolve] [--evolve-venv ~/.cache/mergeflow/bench/mergekit-0.1.5-evolve]
         [--lm-eval-venv bench/.peer-venv]
 
@@ -173,10 +174,10 @@ def evolve_python(venv: Path) -> Path:
     return python
 
 
-def genome_config(workdir: Path, run: str, task: str, search_split: Path, limit: int | None) -> dict:
-    """mergekit-evolve's configuration for the workdir's search ``run``: its per-layer task
-    arithmetic over the config's endpoints on its base, fitness acc on the task's search split."""
-    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+def genome_config(workdir: Path, config: dict, run: str, task: str) -> dict:
+    """mergekit-evolve's configuration for the config's search ``run``: its per-layer task
+    arithmetic over the config's endpoints on its base (model paths relative to ``workdir``),
+    fitness lm-eval's acc on the task ``bench_<task>`` (the search split)."""
     space = config["runs"][run]["evolve"]["search_space"]
     assert space["method"] == "task_arithmetic", f"run {run!r} searches {space['method']}, not task_arithmetic"
     model_path = {name: str((workdir / spec["path"]).resolve()) for name, spec in config["models"].items()
@@ -188,7 +189,6 @@ def genome_config(workdir: Path, run: str, task: str, search_split: Path, limit:
                    "base_model": model_path[config["base_model"]],
                    "layer_granularity": layers // space["layer_groups"], "normalize": False},
         "tasks": [{"name": f"bench_{task}", "metric": "acc,none"}],
-        "limit": limit,
         "apply_chat_template": False,
         "fewshot_as_multiturn": False,
     }
@@ -245,6 +245,8 @@ def mean_sd(values: list[float], digits: int = 3) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=REPO, help="a finished default run (only read)")
+    parser.add_argument("--configfile", type=Path, default=None,
+                        help="the workdir's config (default: WORKDIR/config/config.yaml)")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget-items", type=int, default=48_000,
                         help="items the search may score: evaluations = this / search items")
@@ -259,7 +261,7 @@ def main() -> None:
     evaluate = bench_module("evaluate")
     workdir = args.workdir.resolve()
     out = (args.out or workdir / "results" / "bench" / "mergekit_evolve").resolve()
-    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    config = yaml.safe_load((args.configfile or workdir / "config" / "config.yaml").read_text())
     evolve_cfg = config["runs"][args.search_run]["evolve"]
     task = next(iter(evolve_cfg["objectives"]))
     search_split = (workdir / "results" / "data" / task / "search.parquet").resolve()
@@ -274,7 +276,7 @@ def main() -> None:
 
     python = evolve_python(args.evolve_venv)
     peer = evaluate.peer_python(args.lm_eval_venv)
-    genome = genome_config(workdir, args.search_run, task, search_split, None)
+    genome = genome_config(workdir, config, args.search_run, task)
     task_yaml = evaluate.peer_task_yaml(task, str(search_split), 6)
     load = os.getloadavg()
     rows = []
