@@ -310,6 +310,11 @@ def main() -> None:
           f"| {mean_sd([r['wall_s'] for r in rows], 0)} |")
     print(f"\nlargest |difference| of a choice's log-likelihood between the two evaluators: "
           f"{max(r['max_dloglik'] for r in rows):.2e}")
+    # what bench/search_quality.py --peer reads: this zoo's peer row beside mergeflow's searches
+    summary = {"name": f"mergekit-evolve 0.1.5 ({args.runs} unseeded runs)", "test": [r["mergeflow"] for r in rows],
+               "items": [r["items_evaluated"] for r in rows], "wall_s": [r["wall_s"] for r in rows]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"summary for bench/search_quality.py --peer: {out / 'summary.json'}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ best endpoint it keeps, items evaluated and wall time — beside the peer's figu
 
     python bench/search_quality.py [--workdir DIR] [--configfile FILE ...] [--seeds 5]
                                    [--reference RUN] [--runs NAME ...] [--rerun-triggers mtime]
+                                   [--peer DIR/results/bench/mergekit_evolve/summary.json]
+
+``--peer`` puts the peer's row measured on the same zoo by bench/mergekit_evolve.py beside the
+searches (without it, the embedded default's table shows issue 17's figures, from another zoo).
 
 Every later claim about search quality is judged by this, never by one seed.
 """
@@ -16,6 +20,7 @@ Every later claim about search quality is judged by this, never by one seed.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import copy
 import subprocess
@@ -102,6 +107,8 @@ def main() -> None:
                         help="the search whose gain over the best endpoint the others are measured against "
                              "(default: the one with the best mean)")
     parser.add_argument("--cores", type=int, default=1)
+    parser.add_argument("--peer", type=Path, default=None,
+                        help="summary.json of bench/mergekit_evolve.py on the same workdir's zoo")
     parser.add_argument("--rerun-triggers", nargs="+", default=None,
                         help="passed to Snakemake: e.g. 'mtime' to judge a changed search on results whose other "
                              "runs were made by an older commit (delete that search's results/runs/ first)")
@@ -135,14 +142,20 @@ def main() -> None:
     print(f"\n{task} test accuracy over {args.seeds} seeds (best endpoint: {best_name} {best:.3f}, standard "
           f"error {stderr:.3f}); gain kept = (mean - {best:.3f}) / ({reference} mean - {best:.3f})\n")
     # the peer's figures were measured on the embedded default's zoo only
-    peer = pd.DataFrame({"search": PEER["name"], "test": PEER["test"], "items": PEER["items"],
-                         "wall_s": "{}–{}".format(*PEER["wall_s"])}) if args.configfile is None else None
+    if args.peer is not None:  # measured on this zoo
+        measured = json.loads(args.peer.read_text())
+        peer = pd.DataFrame({"search": measured["name"], "test": measured["test"], "items": measured["items"],
+                             "wall_s": measured["wall_s"]})
+    else:
+        peer = pd.DataFrame({"search": PEER["name"], "test": PEER["test"], "items": PEER["items"],
+                             "wall_s": "{}–{}".format(*PEER["wall_s"])}) if args.configfile is None else None
     columns = {"beats it by > 1 se": lambda r: f"{int((r['test'] > best + stderr).sum())}/{len(r)}",
                "gain kept": lambda r: f"{(r['test'].mean() - best) / reference_gain:.0%}" if reference_gain > 0 else "n/a",
                "items evaluated": lambda r: f"{r['items'].mean():,.0f}",
                "wall time (s)": lambda r: r["wall_s"].iloc[0] if isinstance(r["wall_s"].iloc[0], str)
                else f"{r['wall_s'].mean():.0f}"}
-    print("\n".join(seed_table(pd.concat([table, peer], ignore_index=True), "search", args.seeds, best, columns)))
+    shown = max(args.seeds, 0 if peer is None else len(peer))  # a column per seed, or per peer run
+    print("\n".join(seed_table(pd.concat([table, peer], ignore_index=True), "search", shown, best, columns)))
     endpoints = pd.read_parquet(results / "runs" / runs[0] / "final" / "test.parquet")
     print("\nthe table's other models (test):", ", ".join(
         f"{r.model} {r.accuracy:.3f}" for r in endpoints[endpoints["task"] == task].itertuples()))
