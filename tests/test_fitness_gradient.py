@@ -32,6 +32,15 @@ def gradient_run(config: dict, **fitness) -> dict:
                     fitness={"kind": "gradient", "batch": 16, **fitness}, **({"check_estimate": False} if label_free else {}))
 
 
+def central_differences(loss_at, x: np.ndarray, genes, h: float = 1e-2) -> list[float]:
+    """(loss(x + h e_k) - loss(x - h e_k)) / 2h for each gene k of ``genes``."""
+    numeric = []
+    for k in genes:
+        step = np.eye(len(x))[k] * h
+        numeric.append((loss_at(x + step) - loss_at(x - step)) / (2 * h))
+    return numeric
+
+
 @pytest.mark.parametrize("loss", ["sigmoid", "cross_entropy", "entropy"])
 def test_the_genome_gradient_is_the_training_loss_s_derivative(stages, loss):
     """Against central differences of the loss itself, merged at x ± h along each gene."""
@@ -50,11 +59,7 @@ def test_the_genome_gradient_is_the_training_loss_s_derivative(stages, loss):
                              backward=False)
         with torch.no_grad():
             assert loss_at(x) == pytest.approx(losses["math_l2"])
-            h, numeric = 1e-2, []
-            for k in range(space.dim):
-                step = np.eye(space.dim)[k] * h
-                up, down = (loss_at(x + s) for s in (step, -step))
-                numeric.append((up - down) / (2 * h))
+            numeric = central_differences(loss_at, x, range(space.dim))
     assert np.abs(gradient["math_l2"]).max() > 0.01  # the loss does depend on the genes
     np.testing.assert_allclose(gradient["math_l2"], numeric, rtol=0.02, atol=2e-3)
 
@@ -123,11 +128,7 @@ def test_the_genome_gradient_with_masks_held_is_the_held_merge_s_derivative(stag
                              backward=False)
         with torch.no_grad():
             assert loss_at(x) == pytest.approx(losses["math_l2"])
-            h, numeric = 1e-2, []
-            for k in range(space.dim):
-                step = np.eye(space.dim)[k] * h
-                up, down = (loss_at(x + s) for s in (step, -step))
-                numeric.append((up - down) / (2 * h))
+            numeric = central_differences(loss_at, x, range(space.dim))
     assert np.abs(gradient["math_l2"]).max() > 0.01  # the loss does depend on the genes
     np.testing.assert_allclose(gradient["math_l2"], numeric, rtol=0.02, atol=2e-3)
 
@@ -208,10 +209,7 @@ def test_the_path_gradient_in_the_scale_genes_is_the_loss_s_derivative(stages):
             assert loss_at(x) == pytest.approx(losses["math_l2"])
             on_path = np.flatnonzero(gradient["math_l2"])
             assert set(on_path) <= set(space.scale_genes()) and len(on_path) == 4  # A0>A1 twice, A1>B0, B0>B1, B1>A0
-            h, numeric = 1e-2, []
-            for k in on_path:
-                step = np.eye(space.dim)[k] * h
-                numeric.append((loss_at(x + step) - loss_at(x - step)) / (2 * h))
+            numeric = central_differences(loss_at, x, on_path)
     assert np.abs(numeric).max() > 1e-3  # the loss does depend on the scales
     np.testing.assert_allclose(gradient["math_l2"][on_path], numeric, rtol=0.02, atol=2e-4)
 
