@@ -252,11 +252,11 @@ def genome_gradient(merger, tokenizer, space, genome: np.ndarray, tasks: list[Ta
         if not moves or not any(n in g for g in grads.values()):
             continue
         terms = merger.masked_terms(here.tensors[i])
-        if n in probe:
-            g, held = probe[n], terms.at().to(p.dtype)
+        weight_slopes, lambda_slope = terms.slopes()
+        if n in probe:  # θ at the held weights is base + λ ∂θ/∂λ, without summing the terms again
+            g, held = probe[n], torch.add(terms.base, lambda_slope, alpha=terms.lam).to(p.dtype)
             missed += _dot(g.abs(), (held - p.detach()).abs())
             scale += _dot(g.abs(), held.abs() + p.detach().abs())
-        weight_slopes, lambda_slope = terms.slopes()
         slopes = [*weight_slopes, lambda_slope]
         for task, g in grads.items():
             if n in g:

@@ -268,24 +268,24 @@ class MaskedTerms:
         unused = torch.eq(total, 0.0).to(total.dtype)
         return total.add_(unused), 1.0 - unused
 
+    def _mean(self, weights: list[float]) -> tuple[Tensor, Tensor | float, Tensor | float]:
+        """Σ_k w_k u_k / D(w), D(w) as the merge divides by it, and 1 where it does (0 where not)."""
+        summed = torch.zeros_like(self.base)
+        for vector, weight in zip(self.vectors, weights):
+            summed.add_(vector, alpha=weight)
+        divisor, divides = self._divisor(weights)
+        return summed.div_(divisor), divisor, divides
+
     def at(self, weights: list[float] | None = None, lam: float | None = None) -> Tensor:
         """θ at other weights and lambda (default: the held ones), the masks held."""
         weights = self.weights if weights is None else weights
         lam = self.lam if lam is None else lam
-        summed = torch.zeros_like(self.base)
-        for vector, weight in zip(self.vectors, weights):
-            summed.add_(vector, alpha=weight)
-        divisor, _ = self._divisor(weights)
-        return torch.add(self.base, summed.div_(divisor), alpha=lam)
+        return torch.add(self.base, self._mean(weights)[0], alpha=lam)
 
     def slopes(self) -> tuple[list[Tensor], Tensor]:
         """∂θ/∂w_k per model and ∂θ/∂λ at the held weights and lambda: λ (u_k − a_k Σ_i w_i u_i / D) / D
-        where the merge divides by D, else λ u_k; and Σ_i w_i u_i / D."""
-        divisor, divides = self._divisor(self.weights)
-        mean = torch.zeros_like(self.base)
-        for vector, weight in zip(self.vectors, self.weights):
-            mean.add_(vector, alpha=weight)
-        mean.div_(divisor)
+        where the merge divides by D, else λ u_k; and Σ_i w_i u_i / D (so θ itself is base + λ ∂θ/∂λ)."""
+        mean, divisor, divides = self._mean(self.weights)
         pulled = mean * divides  # what D's own change takes back, per unit of a_k
         slopes = []
         for index, vector in enumerate(self.vectors):
