@@ -23,7 +23,7 @@ reports their spread, never one run.
     PYTHONPATH=workflow python bench/mergekit_evolve.py --workdir DIR [--configfile FILE] [--runs 4]
         [--budget-items 48000] [--search-run full]
         [--out DIR/results/bench/mergekit_evolve] [--evolve-venv ~/.cache/mergeflow/bench/mergekit-0.1.5-evolve]
-        [--lm-eval-venv bench/.peer-venv]
+        [--lm-eval-venv bench/.peer-venv] [--append]
 
 mergekit is never a mergeflow dependency: the virtualenv is made by bench/merge.py's
 ``peer_python`` (this torch's CPU wheel and mergekit 0.1.5) in a directory of its own, and the
@@ -256,6 +256,9 @@ def main() -> None:
     parser.add_argument("--evolve-venv", type=Path, default=EVOLVE_VENV)
     parser.add_argument("--lm-eval-venv", type=Path, default=REPO / "bench" / ".peer-venv")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--append", action="store_true",
+                        help="add --runs more runs to those already in --out (numbered after them; summary.json "
+                             "then holds them all)")
     args = parser.parse_args()
 
     evaluate = bench_module("evaluate")
@@ -279,8 +282,11 @@ def main() -> None:
     genome = genome_config(workdir, config, args.search_run, task)
     task_yaml = evaluate.peer_task_yaml(task, str(search_split), 6)
     load = os.getloadavg()
+    earlier = json.loads((out / "summary.json").read_text()) if args.append and (out / "summary.json").exists() \
+        else {"test": [], "items": [], "wall_s": []}
+    first = len(earlier["test"])
     rows = []
-    for r in range(args.runs):
+    for r in range(first, first + args.runs):
         run = run_evolve(python, out / f"run_{r}", genome, task_yaml, task, evaluations - 1, population,
                          args.batch_size)
         scores = score_test(evaluate, peer, run["model"], task, test_split, args.batch_size)
@@ -301,7 +307,7 @@ def main() -> None:
     print("| run | test (mergeflow) | test (lm-eval) | items differing | search best (lm-eval acc) "
           "| items evaluated | wall time (s) |")
     print("|---|---|---|---|---|---|---|")
-    for r, row in enumerate(rows):
+    for r, row in enumerate(rows, start=first):
         print(f"| {r} | {row['mergeflow']:.3f} | {row['lm-eval']:.3f} | {row['differ']}/{row['items']} | "
               f"{row['search_best']:.3f} | {row['items_evaluated']:,} | {row['wall_s']:.0f} |")
     print(f"| mean ± sd | {mean_sd([r['mergeflow'] for r in rows])} | {mean_sd([r['lm-eval'] for r in rows])} | "
@@ -311,8 +317,10 @@ def main() -> None:
     print(f"\nlargest |difference| of a choice's log-likelihood between the two evaluators: "
           f"{max(r['max_dloglik'] for r in rows):.2e}")
     # what bench/search_quality.py --peer reads: this zoo's peer row beside mergeflow's searches
-    summary = {"name": f"mergekit-evolve 0.1.5 ({args.runs} unseeded runs)", "test": [r["mergeflow"] for r in rows],
-               "items": [r["items_evaluated"] for r in rows], "wall_s": [r["wall_s"] for r in rows]}
+    summary = {"test": earlier["test"] + [r["mergeflow"] for r in rows],
+               "items": earlier["items"] + [r["items_evaluated"] for r in rows],
+               "wall_s": earlier["wall_s"] + [r["wall_s"] for r in rows]}
+    summary = {"name": f"mergekit-evolve 0.1.5 ({len(summary['test'])} unseeded runs)", **summary}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"summary for bench/search_quality.py --peer: {out / 'summary.json'}")
 

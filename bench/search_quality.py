@@ -14,6 +14,16 @@ best endpoint it keeps, items evaluated and wall time — beside the peer's figu
 ``--peer`` puts the peer's row measured on the same zoo by bench/mergekit_evolve.py beside the
 searches (without it, the embedded default's table shows issue 17's figures, from another zoo).
 
+The zoo itself is a draw: a search that wins on one zoo may lose on the next. ``--zoos 0 1 2``
+judges the searches on each of those zoos (``zoo.seed``), each in its own workdir WORKDIR/zoo-N
+where the workflow builds it (zoo, data, IRT fits, every search), and ``--peer-runs 4`` runs
+bench/mergekit_evolve.py there until it has 4 runs. It prints one table per zoo (each with the
+peer measured on it), then a pooled table: per search, its mean on each zoo, the gain it keeps
+on each (against that zoo's reference: by default the best mean among the searches that
+evaluated the most items) and the smallest of them, and its wins over each zoo's best endpoint.
+
+    python bench/search_quality.py --zoos 0 1 2 --workdir DIR [--peer-runs 4] [--cores 2]
+
 Every later claim about search quality is judged by this, never by one seed.
 """
 
@@ -21,8 +31,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import copy
+import math
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -97,68 +108,151 @@ def endpoints_best(results: Path, run: str, endpoints: list[str], task: str) -> 
     return best, accuracy, math.sqrt(accuracy * (1 - accuracy) / int(rows.loc[best, "items"]))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=REPO)
-    parser.add_argument("--configfile", type=Path, nargs="+", default=None)
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--runs", nargs="*", default=None, help="search runs to judge (default: every one)")
-    parser.add_argument("--reference", default=None,
-                        help="the search whose gain over the best endpoint the others are measured against "
-                             "(default: the one with the best mean)")
-    parser.add_argument("--cores", type=int, default=1)
-    parser.add_argument("--peer", type=Path, default=None,
-                        help="summary.json of bench/mergekit_evolve.py on the same workdir's zoo")
-    parser.add_argument("--rerun-triggers", nargs="+", default=None,
-                        help="passed to Snakemake: e.g. 'mtime' to judge a changed search on results whose other "
-                             "runs were made by an older commit (delete that search's results/runs/ first)")
-    args = parser.parse_args()
+def judge(workdir: Path, configfiles: list[Path], seeds: int, runs: list[str] | None, cores: int,
+          rerun_triggers: list[str] | None) -> dict:
+    """Run seeds 1..S-1 of the config's searches in ``workdir`` (the workflow builds whatever is
+    missing there, the zoo included) and read every seed's test accuracy: a dict with the table
+    (search, seed, test, items, wall_s), the first objective, the best endpoint, its accuracy and
+    standard error, and the workdir's test table."""
+    from snakemake.utils import update_config
+
     from mergeflow.config import validate_config
 
-    configfiles = args.configfile or [REPO / "config" / "config.yaml"]
     raw: dict = {}
-    for path in configfiles:  # as Snakemake merges --configfile overlays (runs are added by name)
-        layer = yaml.safe_load(Path(path).read_text())
-        runs = {**raw.get("runs", {}), **layer.pop("runs", {})}
-        raw.update(layer)
-        raw["runs"] = runs
+    for path in configfiles:  # merged as Snakemake merges --configfile overlays: nested keys recursively
+        update_config(raw, yaml.safe_load(Path(path).read_text()))
     config = validate_config(copy.deepcopy(raw))
-    runs = args.runs or [r for r in config["runs"] if "evolve" in config["runs"][r]]
-    overlay_runs = seeded_runs(raw, runs, args.seeds)
-    overlay = args.workdir / "results" / "bench" / "search_quality.yaml"
+    runs = runs or [r for r in config["runs"] if "evolve" in config["runs"][r]]
+    overlay = workdir / "results" / "bench" / "search_quality.yaml"
     overlay.parent.mkdir(parents=True, exist_ok=True)
-    overlay.write_text(yaml.safe_dump({"runs": overlay_runs}, sort_keys=False))
-    subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(args.workdir),
-                    "--configfile", *map(str, configfiles), str(overlay), "--cores", str(args.cores), "--quiet",
-                    "rules", *(["--rerun-triggers", *args.rerun_triggers] if args.rerun_triggers else [])], check=True)
-
-    results = args.workdir / "results"
+    overlay.write_text(yaml.safe_dump({"runs": seeded_runs(raw, runs, seeds)}, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+                    "--configfile", *map(str, configfiles), str(overlay), "--cores", str(cores), "--quiet",
+                    "rules", *(["--rerun-triggers", *rerun_triggers] if rerun_triggers else [])], check=True)
+    results = workdir / "results"
     task = next(iter(config["runs"][runs[0]]["evolve"]["objectives"]))
     best_name, best, stderr = endpoints_best(results, runs[0], list(config["endpoints"]), task)
-    frames = [collect(results, run, [run] + [f"{run}-s{s}" for s in range(1, args.seeds)], task) for run in runs]
-    table = pd.concat(frames, ignore_index=True)
-    reference = args.reference or table.groupby("search")["test"].mean().idxmax()
+    table = pd.concat([collect(results, run, [run] + [f"{run}-s{s}" for s in range(1, seeds)], task)
+                       for run in runs], ignore_index=True)
+    return {"table": table, "task": task, "best_name": best_name, "best": best, "stderr": stderr,
+            "models": pd.read_parquet(results / "runs" / runs[0] / "final" / "test.parquet")}
+
+
+def reference_of(table: pd.DataFrame, reference: str | None) -> str:
+    """``reference``, or the search with the best mean among those that evaluated the most items
+    (the 48,000-item searches on the default)."""
+    if reference:
+        return reference
+    items = table.groupby("search")["items"].mean()
+    most = table[table["search"].isin(items[items >= items.max() * 0.99].index)]
+    return most.groupby("search")["test"].mean().idxmax()
+
+
+def peer_rows(path: Path | None) -> pd.DataFrame | None:
+    """bench/mergekit_evolve.py's summary.json as table rows (None where there is none)."""
+    if path is None or not path.exists():
+        return None
+    measured = json.loads(path.read_text())
+    return pd.DataFrame({"search": measured["name"], "test": measured["test"], "items": measured["items"],
+                         "wall_s": measured["wall_s"]})
+
+
+def print_zoo(judged: dict, reference: str, peer: pd.DataFrame | None, seeds: int) -> None:
+    table, best, stderr, task = judged["table"], judged["best"], judged["stderr"], judged["task"]
     reference_gain = table[table["search"] == reference]["test"].mean() - best
-    print(f"\n{task} test accuracy over {args.seeds} seeds (best endpoint: {best_name} {best:.3f}, standard "
+    print(f"\n{task} test accuracy over {seeds} seeds (best endpoint: {judged['best_name']} {best:.3f}, standard "
           f"error {stderr:.3f}); gain kept = (mean - {best:.3f}) / ({reference} mean - {best:.3f})\n")
-    # the peer's figures were measured on the embedded default's zoo only
-    if args.peer is not None:  # measured on this zoo
-        measured = json.loads(args.peer.read_text())
-        peer = pd.DataFrame({"search": measured["name"], "test": measured["test"], "items": measured["items"],
-                             "wall_s": measured["wall_s"]})
-    else:
-        peer = pd.DataFrame({"search": PEER["name"], "test": PEER["test"], "items": PEER["items"],
-                             "wall_s": "{}–{}".format(*PEER["wall_s"])}) if args.configfile is None else None
     columns = {"beats it by > 1 se": lambda r: f"{int((r['test'] > best + stderr).sum())}/{len(r)}",
                "gain kept": lambda r: f"{(r['test'].mean() - best) / reference_gain:.0%}" if reference_gain > 0 else "n/a",
                "items evaluated": lambda r: f"{r['items'].mean():,.0f}",
                "wall time (s)": lambda r: r["wall_s"].iloc[0] if isinstance(r["wall_s"].iloc[0], str)
                else f"{r['wall_s'].mean():.0f}"}
-    shown = max(args.seeds, 0 if peer is None else len(peer))  # a column per seed, or per peer run
+    shown = max(seeds, 0 if peer is None else len(peer))  # a column per seed, or per peer run
     print("\n".join(seed_table(pd.concat([table, peer], ignore_index=True), "search", shown, best, columns)))
-    endpoints = pd.read_parquet(results / "runs" / runs[0] / "final" / "test.parquet")
+    models = judged["models"]
     print("\nthe table's other models (test):", ", ".join(
-        f"{r.model} {r.accuracy:.3f}" for r in endpoints[endpoints["task"] == task].itertuples()))
+        f"{r.model} {r.accuracy:.3f}" for r in models[models["task"] == task].itertuples()))
+
+
+def print_pooled(zoos: dict[int, dict], references: dict[int, str], peers: dict[int, pd.DataFrame | None]) -> None:
+    """Per search over the zoos: its mean, the smallest and the mean gain kept over the zoos, and its
+    wins over each zoo's best endpoint."""
+    rows = []
+    for zoo, judged in zoos.items():
+        table = pd.concat([judged["table"], peers[zoo]], ignore_index=True)
+        best = judged["best"]
+        gain = judged["table"].loc[judged["table"]["search"] == references[zoo], "test"].mean() - best
+        for search, group in table.groupby("search", sort=False):
+            name = "mergekit-evolve" if search.startswith("mergekit-evolve") else search
+            rows.append({"search": name, "zoo": zoo, "mean": group["test"].mean(),
+                         "kept": (group["test"].mean() - best) / gain if gain > 0 else math.nan,
+                         "wins": int((group["test"] > best).sum()), "n": len(group),
+                         "items": group["items"].mean()})
+    pooled = pd.DataFrame(rows)
+    print(f"\npooled over zoo seeds {', '.join(map(str, zoos))} (gain kept against each zoo's reference: "
+          f"{', '.join(f'{z}: {r}' for z, r in references.items())})\n")
+    print("| search | mean test per zoo | gain kept per zoo | smallest gain kept | beats the best endpoint, per zoo "
+          "| items evaluated |")
+    print("|---|---|---|---|---|---|")
+    for search, group in pooled.groupby("search", sort=False):
+        print(f"| {search} | " + " / ".join(f"{v:.3f}" for v in group["mean"]) + " | "
+              + " / ".join(f"{v:.0%}" for v in group["kept"]) + f" | {group['kept'].min():.0%} | "
+              + " / ".join(f"{w}/{n}" for w, n in zip(group["wins"], group["n"]))
+              + f" | {group['items'].mean():,.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=REPO,
+                        help="the workdir; with --zoos, the directory that holds one per zoo (zoo-N)")
+    parser.add_argument("--configfile", type=Path, nargs="+", default=None)
+    parser.add_argument("--zoos", type=int, nargs="+", default=None,
+                        help="zoo seeds: judge the searches on each zoo (WORKDIR/zoo-N, with the overlay "
+                             "zoo: {seed: N}), then pool them")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--runs", nargs="*", default=None, help="search runs to judge (default: every one)")
+    parser.add_argument("--reference", default=None,
+                        help="the search whose gain over the best endpoint the others are measured against "
+                             "(default: the best mean among the searches that evaluated the most items)")
+    parser.add_argument("--cores", type=int, default=1)
+    parser.add_argument("--peer", type=Path, default=None,
+                        help="summary.json of bench/mergekit_evolve.py on the same workdir's zoo (with --zoos: "
+                             "each zoo's WORKDIR/zoo-N/results/bench/mergekit_evolve/summary.json)")
+    parser.add_argument("--peer-runs", type=int, default=0,
+                        help="with --zoos: run bench/mergekit_evolve.py on each zoo until it has this many runs")
+    parser.add_argument("--rerun-triggers", nargs="+", default=None,
+                        help="passed to Snakemake: e.g. 'mtime' to judge a changed search on results whose other "
+                             "runs were made by an older commit (delete that search's results/runs/ first)")
+    args = parser.parse_args()
+    configfiles = args.configfile or [REPO / "config" / "config.yaml"]
+
+    if args.zoos is None:
+        judged = judge(args.workdir, configfiles, args.seeds, args.runs, args.cores, args.rerun_triggers)
+        peer = peer_rows(args.peer)
+        if peer is None and args.configfile is None:  # the peer's figures were measured on another zoo
+            peer = pd.DataFrame({"search": PEER["name"], "test": PEER["test"], "items": PEER["items"],
+                                 "wall_s": "{}–{}".format(*PEER["wall_s"])})
+        print_zoo(judged, reference_of(judged["table"], args.reference), peer, args.seeds)
+        return
+
+    zoos, references, peers = {}, {}, {}
+    for zoo in args.zoos:
+        workdir = args.workdir / f"zoo-{zoo}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "zoo.yaml").write_text(yaml.safe_dump({"zoo": {"seed": zoo}}))
+        zoos[zoo] = judge(workdir, [*configfiles, workdir / "zoo.yaml"], args.seeds, args.runs, args.cores,
+                          args.rerun_triggers)
+        summary = workdir / "results" / "bench" / "mergekit_evolve" / "summary.json"
+        have = len(json.loads(summary.read_text())["test"]) if summary.exists() else 0
+        if args.peer_runs > have:
+            subprocess.run([sys.executable, str(REPO / "bench" / "mergekit_evolve.py"), "--workdir", str(workdir),
+                            "--configfile", str(configfiles[0]), "--runs", str(args.peer_runs - have), "--append"],
+                           check=True, env={**os.environ, "PYTHONPATH": str(REPO / "workflow")})
+        references[zoo], peers[zoo] = reference_of(zoos[zoo]["table"], args.reference), peer_rows(summary)
+    for zoo, judged in zoos.items():
+        print(f"\n## zoo.seed {zoo} ({args.workdir / f'zoo-{zoo}'})")
+        print_zoo(judged, references[zoo], peers[zoo], args.seeds)
+    print_pooled(zoos, references, peers)
 
 
 if __name__ == "__main__":
