@@ -183,6 +183,24 @@ def test_a_gradient_search_steps_on_minibatches_and_replays_from_its_history(sta
     np.testing.assert_array_equal(pickled.ask().value, replayed.ask().value)
 
 
+def test_adam_cosine_s_step_falls_along_a_half_cosine_over_its_budget(stages, tmp_path):
+    """AdamCosine's step at step t is lr ½(1 + cos(π (t − 1) / budget)): the full step first, then
+    less each step (Adam moves a gene at most its step); replayed from the history it asks what
+    the pickle asks."""
+    config = gradient_run(stages[0])
+    config["runs"]["grad"]["evolve"].update({"learning_rate": 0.1, "optimizer": "AdamCosine", "budget": 3})
+    cfg = EvolveConfig.from_config(config, "grad")
+    previous = run_generations(cfg, config, {"math_l2": stages[2]}, tmp_path, 3)
+    history = pd.read_parquet(previous)
+    genomes = np.stack(history["genome"].to_list())
+    steps = np.abs(np.diff(genomes, axis=0)).max(axis=1)  # steps 1 and 2: at most 0.1 and 0.075
+    assert 0 < steps[1] <= 0.1 * 0.5 * (1 + np.cos(np.pi / 3)) + 1e-9 < steps[0] <= 0.1 + 1e-9
+    pickled = restore_optimizer(cfg, cfg.search_settings(), str(tmp_path / "gen_2" / "optimizer.pkl"), previous)
+    replayed = replay(cfg.search_settings(), history, None, cfg.kind.extra_columns)
+    np.testing.assert_array_equal(pickled.ask().value, replayed.ask().value)
+    assert [round(pickled.rate(), 6) for pickled.steps in (1, 2, 3, 4)] == [0.1, 0.075, 0.025, 0.0]
+
+
 # DFS over the tiny zoo's experts: the hybrid's space (2 repeats of 2 + 2 layers: 8 slots, 16 W genes)
 DFS = {"kind": "dfs", "a": "math", "b": "lang", "repeats": 2, "max_layers": 8}
 
@@ -239,7 +257,12 @@ def test_a_hybrid_search_evolves_the_path_and_steps_the_scales(stages, tmp_path)
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"optimizer": "CMA"}, r"grad\.evolve\.optimizer: fitness kind 'gradient' needs a gradient optimizer \(Adam\)"),
+    ({"optimizer": "CMA"},
+     r"grad\.evolve\.optimizer: fitness kind 'gradient' needs a gradient optimizer \(Adam, AdamCosine\)"),
+    # the cosine's horizon is the budget, fixed when the search starts
+    ({"optimizer": "AdamCosine"}, r"grad\.evolve\.budget: optimizer AdamCosine decays its step over the run's budget"),
+    ({"optimizer": "AdamCosine", "budget": 1, "generations": 2},
+     r"grad\.evolve\.generations: 2 steps, past optimizer AdamCosine's budget \(1\), where its step is 0"),
     ({"population": 4}, r"grad\.evolve\.population: fitness kind 'gradient' takes one candidate per generation"),
     ({"fitness": {"kind": "gradient", "batch": 50}}, r"grad\.evolve\.fitness\.batch: 50 items, more than task 'math_l2'"),
     ({"search_space": {"method": "ties", "parameters": {"weight": {"min": 0.0, "max": 1.0},

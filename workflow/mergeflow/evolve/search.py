@@ -81,7 +81,42 @@ class Adam:
         self.v = self.beta2 * self.v + (1 - self.beta2) * g * g
         m_hat = self.m / (1 - self.beta1 ** self.steps)
         v_hat = self.v / (1 - self.beta2 ** self.steps)
-        self.x = np.clip(candidate.value - self.lr * m_hat / (np.sqrt(v_hat) + self.eps), 0.0, 1.0)
+        self.x = np.clip(candidate.value - self.rate() * m_hat / (np.sqrt(v_hat) + self.eps), 0.0, 1.0)
+
+    def rate(self) -> float:
+        """The step size of the step being taken (``self.steps``, from 1)."""
+        return self.lr
+
+    @classmethod
+    def check(cls, evolve: dict, where: str) -> None:
+        """Refuse what this optimizer cannot do with a run's ``evolve`` section (nothing here)."""
+
+
+class AdamCosine(Adam):
+    """Adam whose step falls from ``learning_rate`` to 0 along a half cosine over the run's
+    ``budget`` steps: lr · ½(1 + cos(π (t − 1) / budget)) at step t. Large early steps cross the
+    genome while the first gradients agree; small late ones stop the last genome wandering with
+    each minibatch's noise (a constant step keeps it moving by about the step size). The horizon is
+    the budget, not the generations, so the trajectory is fixed when the search starts; a search
+    can be extended up to its budget (a step past it would not move)."""
+
+    def __init__(self, settings: SearchSettings):
+        super().__init__(settings)
+        self.horizon = settings.budget or 100 * settings.population
+
+    def rate(self) -> float:
+        return self.lr * 0.5 * (1 + np.cos(np.pi * min(self.steps - 1, self.horizon) / self.horizon))
+
+    @classmethod
+    def check(cls, evolve: dict, where: str) -> None:
+        budget = evolve.get("budget")
+        if budget is None:
+            raise MergeflowError(f"{where}.budget: optimizer AdamCosine decays its step over the run's budget (its "
+                                 f"steps); give one (e.g. the generations, {evolve.get('generations')})")
+        if evolve.get("generations", 0) > budget:
+            raise MergeflowError(f"{where}.generations: {evolve['generations']} steps, past optimizer AdamCosine's "
+                                 f"budget ({budget}), where its step is 0; raise the budget (a new search: the "
+                                 f"step of every generation changes)")
 
 
 @dataclass
@@ -133,7 +168,7 @@ class Hybrid:
 
 
 # Optimizers that follow gradients, mergeflow's own (every other name is a Nevergrad optimizer).
-GRADIENT_OPTIMIZERS = {"Adam": Adam}
+GRADIENT_OPTIMIZERS = {"Adam": Adam, "AdamCosine": AdamCosine}
 
 
 def check_optimizer(name: str, where: str = "optimizer") -> None:

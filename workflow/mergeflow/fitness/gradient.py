@@ -60,6 +60,10 @@ one backward pass with each hop's scale a leaf, no gradient of the weights); Ada
 generation on their mean. The search ends on its last generation's best candidate on that
 minibatch (``result: last``).
 
+Adam's step is constant (``optimizer: Adam``) or falls along a half cosine to 0 over the run's
+``budget`` steps (``optimizer: AdamCosine``, :class:`mergeflow.evolve.search.AdamCosine`): with a
+constant step the last genome keeps moving by about the step with each minibatch's noise.
+
 Every step costs ``batch`` items per task, like a multi-fidelity rung: 40 steps of 60 items are
 the cheap search's 2,400 items. Where each candidate of an evolutionary search yields one noisy
 number from its items, a step here yields one number per gene from the same items.
@@ -324,6 +328,7 @@ def check(config: dict, run: str) -> None:
                                  f"e.g. CMA) while the gradient moves its scales, not {evolve['optimizer']!r}")
     else:
         check_parameter_space(evolve, where)
+        GRADIENT_OPTIMIZERS[evolve["optimizer"]].check(evolve, where)
     for task in evolve["objectives"]:
         size = config["tasks"][task]["splits"]["search"]
         if evolve["fitness"]["batch"] > size:
