@@ -18,7 +18,9 @@ mergekit-evolve process (Ray start, merges, scoring, the final merge), then mean
 
 mergekit-evolve cannot be seeded: ``--random-seed`` seeds the merge, and CMA-ES (pycma's ``fmin2``,
 called without a ``seed`` option) draws its seed from the clock. Its runs differ, so the bench
-reports their spread, never one run.
+reports their spread, never one run. ``--append`` adds runs to those already in ``--out`` (as
+bench/search_quality.py ``--peer-runs`` does, to bring each zoo to the same number of runs);
+``summary.json`` then lists them all.
 
     PYTHONPATH=workflow python bench/mergekit_evolve.py --workdir DIR [--configfile FILE] [--runs 4]
         [--budget-items 48000] [--search-run full]
