@@ -20,7 +20,8 @@ mergekit-evolve cannot be seeded: ``--random-seed`` seeds the merge, and CMA-ES 
 called without a ``seed`` option) draws its seed from the clock. Its runs differ, so the bench
 reports their spread, never one run. ``--append`` adds runs to those already in ``--out`` (as
 bench/search_quality.py ``--peer-runs`` does, to bring each zoo to the same number of runs);
-``summary.json`` then lists them all.
+``summary.json`` then lists them all. Run one at a time on a machine: a second mergekit-evolve's Ray
+cluster timed out at start beside a first.
 
     PYTHONPATH=workflow python bench/mergekit_evolve.py --workdir DIR [--configfile FILE] [--runs 4]
         [--budget-items 48000] [--search-run full]
