@@ -126,12 +126,13 @@ def main() -> None:
     from mergeflow.merge.candidates import candidate_from_yaml
 
     torch.set_num_threads(1)
+    variants_file, configfile = args.variants.resolve(), args.configfile.resolve()  # before the chdir
     os.chdir(args.workdir)  # the config's model and data paths are relative to it
     results = Path("results")
-    raw = yaml.safe_load(args.configfile.read_text())
+    raw = yaml.safe_load(configfile.read_text())
     # the variants replace the config's runs: models that are another run's final merge go too
     raw["models"] = {name: spec for name, spec in raw["models"].items() if "run" not in spec}
-    variants = yaml.safe_load(args.variants.read_text())
+    variants = yaml.safe_load(variants_file.read_text())
     base = validate_config(copy.deepcopy(raw))
     task = next(iter(base["runs"][args.run]["evolve"]["objectives"]))
     best_name, best, _ = endpoints_best(results, args.run, list(base["endpoints"]), task)
