@@ -218,7 +218,8 @@ def test_template_syntax_is_named_by_its_key(tmp_path, template, match):
 def test_a_search_source_without_answers_gives_the_search_split_its_prompts(tmp_path):
     """``search_source``: a file with no answer column at all becomes the search split (prompts
     and choices, no ``answer`` or ``target``, with few-shot prefixes from the labelled pool); the
-    labelled source gives the test split, the same items as without it."""
+    labelled source gives the test split, the same items as without it, and its prompts are left
+    out of the search split."""
     labelled = _source(tmp_path)
     prompts = tmp_path / "prompts.parquet"
     frame = pd.read_parquet(labelled).drop(columns=["label"])
@@ -231,6 +232,10 @@ def test_a_search_source_without_answers_gives_the_search_split_its_prompts(tmp_
     assert search["prompt"].str.count("Q: ").eq(2).all()  # one shot from the labelled pool
     assert list(parts["test"]["item_id"]) == list(split_task("t", _cfg(labelled, fewshot={"k": 1, "pool": 5}),
                                                                 seed=3)["test"]["item_id"])
-    with pytest.raises(MergeflowError, match=r"task 't': search_source has 50 prompts but tasks\.t\.splits\.search "
-                                             r"asks for 60"):
-        split_task("t", {**cfg, "splits": {"search": 60, "test": 10}}, seed=3)
+    # the prompts file holds every item of the source, the test split's 10 too: those are left out
+    tested = set(split_task("t", _cfg(labelled), seed=3)["test"]["prompt"])
+    assert len(tested) == 10 and not tested & set(split_task("t", _cfg(labelled, search_source={"path": str(prompts)}),
+                                                             seed=3)["search"]["prompt"])
+    with pytest.raises(MergeflowError, match=r"task 't': search_source has 40 prompts once the 10 that are test items "
+                                             r"are left out but tasks\.t\.splits\.search asks for 45"):
+        split_task("t", {**cfg, "splits": {"search": 45, "test": 10}}, seed=3)

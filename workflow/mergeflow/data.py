@@ -6,11 +6,13 @@ the search) and ``test`` (the final table), with the columns the evaluator reads
 ``prompt``, ``choices``, ``answer`` (gold index; -1 for generative tasks), ``target`` (gold text),
 and ``subscenario`` where the source has one. A task with a ``search_source`` (prompts without
 answers) draws its search split from it, without ``answer`` and ``target`` (:data:`PROMPT_COLUMNS`),
-and its test split from ``source``.
+and its test split from ``source``; a prompt of the test split found there is left out of the search
+split (logged), so the search never adapts on an item the final table scores.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from pathlib import Path
@@ -22,6 +24,8 @@ from mergeflow.errors import DataError, MergeflowError
 from mergeflow.lm_eval_tasks import lm_eval_items
 from mergeflow.schema import validate_section
 from mergeflow.scorers import get_scorer
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("search", "test")
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -268,8 +272,13 @@ def split_task(task: str, cfg: dict, seed: int, frame: pd.DataFrame | None = Non
     parts, pool_items = seeded_splits(task, items, {**sizes, "search": 0} if unlabelled else sizes, seed,
                                       shots.get("pool", 4 * k) if k else 0)
     if unlabelled:
-        parts["search"] = prompt_split(task, render_items(task, load_source(task, cfg["search_source"]), cfg,
-                                                          labelled=False), sizes["search"], seed)
+        prompts = render_items(task, load_source(task, cfg["search_source"]), cfg, labelled=False)
+        # a test item's prompt among them would be adapted on, then scored as held out: left out
+        tested = prompts["prompt"].isin(set(parts["test"]["prompt"]))
+        if tested.any():
+            log.info("task %r: %d of search_source's %d prompts are test items (tasks.%s.source): left out of the "
+                     "search split", task, int(tested.sum()), len(prompts), task)
+        parts["search"] = prompt_split(task, prompts[~tested], sizes["search"], seed, int(tested.sum()))
     if k:
         shot_rng = np.random.default_rng([seed, 1])
         for split, part in parts.items():
@@ -295,11 +304,13 @@ def seeded_splits(task: str, items: pd.DataFrame, sizes: dict[str, int], seed: i
     return parts, items.iloc[order[sizes["test"] + sizes["search"]: need]]
 
 
-def prompt_split(task: str, prompts: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
-    """A search split of ``size`` prompts without answers, drawn by a seeded permutation."""
+def prompt_split(task: str, prompts: pd.DataFrame, size: int, seed: int, tested: int = 0) -> pd.DataFrame:
+    """A search split of ``size`` prompts without answers, drawn by a seeded permutation (from those
+    left once ``tested`` prompts of the test split were left out)."""
     if len(prompts) < size:
-        raise MergeflowError(f"task {task!r}: search_source has {len(prompts)} prompts but tasks.{task}.splits.search "
-                             f"asks for {size}")
+        but = f" once the {tested} that are test items are left out" if tested else ""
+        raise MergeflowError(f"task {task!r}: search_source has {len(prompts)} prompts{but} but "
+                             f"tasks.{task}.splits.search asks for {size}")
     order = np.random.default_rng([seed, 2]).permutation(len(prompts))
     return prompts.iloc[order[:size]].reset_index(drop=True)
 
