@@ -98,7 +98,9 @@ class AdamCosine(Adam):
     genome while the first gradients agree; small late ones stop the last genome wandering with
     each minibatch's noise (a constant step keeps it moving by about the step size). The horizon is
     the budget, not the generations, so the trajectory is fixed when the search starts; a search
-    can be extended up to its budget (a step past it would not move)."""
+    can be extended up to its budget (a step past it would not move). Not the default: on three
+    zoos its gain over a constant step depended on the zoo and the draws
+    (bench/results/search_sweep.txt)."""
 
     def __init__(self, settings: SearchSettings):
         super().__init__(settings)
