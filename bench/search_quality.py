@@ -157,9 +157,15 @@ def peer_rows(path: Path | None) -> pd.DataFrame | None:
                          "wall_s": measured["wall_s"]})
 
 
+def gain_of(judged: dict, reference: str) -> float:
+    """The reference search's mean gain over the best endpoint on a judged zoo."""
+    table = judged["table"]
+    return table.loc[table["search"] == reference, "test"].mean() - judged["best"]
+
+
 def print_zoo(judged: dict, reference: str, peer: pd.DataFrame | None, seeds: int) -> None:
     table, best, stderr, task = judged["table"], judged["best"], judged["stderr"], judged["task"]
-    reference_gain = table[table["search"] == reference]["test"].mean() - best
+    reference_gain = gain_of(judged, reference)
     print(f"\n{task} test accuracy over {seeds} seeds (best endpoint: {judged['best_name']} {best:.3f}, standard "
           f"error {stderr:.3f}); gain kept = (mean - {best:.3f}) / ({reference} mean - {best:.3f})\n")
     columns = {"beats it by > 1 se": lambda r: f"{int((r['test'] > best + stderr).sum())}/{len(r)}",
@@ -181,7 +187,7 @@ def print_pooled(zoos: dict[int, dict], references: dict[int, str], peers: dict[
     for zoo, judged in zoos.items():
         table = pd.concat([judged["table"], peers[zoo]], ignore_index=True)
         best = judged["best"]
-        gain = judged["table"].loc[judged["table"]["search"] == references[zoo], "test"].mean() - best
+        gain = gain_of(judged, references[zoo])
         for search, group in table.groupby("search", sort=False):
             name = "mergekit-evolve" if search.startswith("mergekit-evolve") else search
             rows.append({"search": name, "zoo": zoo, "mean": group["test"].mean(),

@@ -41,6 +41,16 @@ def central_differences(loss_at, x: np.ndarray, genes, h: float = 1e-2) -> list[
     return numeric
 
 
+def assert_is_the_loss_derivative(gradient: np.ndarray, loss: float, loss_at, x: np.ndarray) -> None:
+    """``gradient`` (and ``loss``) at ``x`` against ``loss_at``, the loss of the merge at a genome:
+    the loss itself, then central differences along every gene."""
+    with torch.no_grad():
+        assert loss_at(x) == pytest.approx(loss)
+        numeric = central_differences(loss_at, x, range(len(x)))
+    assert np.abs(gradient).max() > 0.01  # the loss does depend on the genes
+    np.testing.assert_allclose(gradient, numeric, rtol=0.02, atol=2e-3)
+
+
 @pytest.mark.parametrize("loss", ["sigmoid", "cross_entropy", "entropy"])
 def test_the_genome_gradient_is_the_training_loss_s_derivative(stages, loss):
     """Against central differences of the loss itself, merged at x ± h along each gene."""
@@ -57,11 +67,7 @@ def test_the_genome_gradient_is_the_training_loss_s_derivative(stages, loss):
         def loss_at(genome):
             return task_loss(merger.merge(space.to_recipe(genome)), tok, fit, settings, max_length, cfg.fitness,
                              backward=False)
-        with torch.no_grad():
-            assert loss_at(x) == pytest.approx(losses["math_l2"])
-            numeric = central_differences(loss_at, x, range(space.dim))
-    assert np.abs(gradient["math_l2"]).max() > 0.01  # the loss does depend on the genes
-    np.testing.assert_allclose(gradient["math_l2"], numeric, rtol=0.02, atol=2e-3)
+        assert_is_the_loss_derivative(gradient["math_l2"], losses["math_l2"], loss_at, x)
 
 
 def test_a_bfloat16_merge_gives_about_the_float32_genome_gradient(stages):
@@ -126,11 +132,7 @@ def test_the_genome_gradient_with_masks_held_is_the_held_merge_s_derivative(stag
         def loss_at(genome):
             return task_loss(held_merge(merger, space, x, genome, seed), tok, fit, settings, max_length, cfg.fitness,
                              backward=False)
-        with torch.no_grad():
-            assert loss_at(x) == pytest.approx(losses["math_l2"])
-            numeric = central_differences(loss_at, x, range(space.dim))
-    assert np.abs(gradient["math_l2"]).max() > 0.01  # the loss does depend on the genes
-    np.testing.assert_allclose(gradient["math_l2"], numeric, rtol=0.02, atol=2e-3)
+        assert_is_the_loss_derivative(gradient["math_l2"], losses["math_l2"], loss_at, x)
 
 
 def test_a_bfloat16_ties_merge_gives_about_the_float32_genome_gradient(stages):
