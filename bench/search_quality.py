@@ -188,21 +188,27 @@ def print_pooled(zoos: dict[int, dict], references: dict[int, str], peers: dict[
         table = pd.concat([judged["table"], peers[zoo]], ignore_index=True)
         best = judged["best"]
         gain = gain_of(judged, references[zoo])
+        reference = table.loc[table["search"] == references[zoo], "test"]
         for search, group in table.groupby("search", sort=False):
             name = "mergekit-evolve" if search.startswith("mergekit-evolve") else search
             rows.append({"search": name, "zoo": zoo, "mean": group["test"].mean(),
                          "kept": (group["test"].mean() - best) / gain if gain > 0 else math.nan,
                          "wins": int((group["test"] > best).sum()), "n": len(group),
-                         "items": group["items"].mean()})
+                         "items": group["items"].mean(),
+                         # the difference of the two means over seeds (runs), and its standard error
+                         "lead": group["test"].mean() - reference.mean(),
+                         "lead_se": math.sqrt(group["test"].var() / len(group) + reference.var() / len(reference))})
     pooled = pd.DataFrame(rows)
     print(f"\npooled over zoo seeds {', '.join(map(str, zoos))} (gain kept against each zoo's reference: "
-          f"{', '.join(f'{z}: {r}' for z, r in references.items())})\n")
-    print("| search | mean test per zoo | gain kept per zoo | smallest gain kept | beats the best endpoint, per zoo "
-          "| items evaluated |")
-    print("|---|---|---|---|---|---|")
+          f"{', '.join(f'{z}: {r}' for z, r in references.items())}; mean − reference: the difference of the "
+          "means over seeds, ± its standard error from the two spreads)\n")
+    print("| search | mean test per zoo | gain kept per zoo | smallest gain kept | mean − reference, per zoo "
+          "| beats the best endpoint, per zoo | items evaluated |")
+    print("|---|---|---|---|---|---|---|")
     for search, group in pooled.groupby("search", sort=False):
         print(f"| {search} | " + " / ".join(f"{v:.3f}" for v in group["mean"]) + " | "
               + " / ".join(f"{v:.0%}" for v in group["kept"]) + f" | {group['kept'].min():.0%} | "
+              + " / ".join(f"{d:+.3f} ± {e:.3f}" for d, e in zip(group["lead"], group["lead_se"])) + " | "
               + " / ".join(f"{w}/{n}" for w, n in zip(group["wins"], group["n"]))
               + f" | {group['items'].mean():,.0f} |")
 

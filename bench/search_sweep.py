@@ -43,9 +43,12 @@ from search_quality import endpoints_best, seed_table, seeded_runs  # noqa: E402
 def deep_update(base: dict, overlay: dict) -> dict:
     """``overlay`` merged into ``base``; a mapping that names another ``kind`` (a fitness or search
     space of another kind, or a kind where the base's mapping leaves its default) replaces the
-    mapping instead."""
+    mapping instead, and a key set to null is dropped (an objective the variant does without)."""
     for key, value in overlay.items():
         old = base.get(key)
+        if value is None:
+            base.pop(key, None)
+            continue
         if isinstance(value, dict):
             same_kind = isinstance(old, dict) and ("kind" not in value or old.get("kind") == value["kind"])
             base[key] = deep_update(dict(old) if same_kind else {}, value)
@@ -72,6 +75,20 @@ def anchors_file(results: Path, task: str, fitness_cfg: dict, endpoints: list[st
     return str(path)
 
 
+def teacher_file(results: Path, task: str, model: str, config: dict) -> str:
+    """The teacher's outputs the pipeline's teach rule would write, made by the same call (under
+    results/bench/sweep/, so as not to touch the workflow's own files)."""
+    from mergeflow.config import task_evaluation
+    from mergeflow.evaluate import teach
+
+    path = results / "bench" / "sweep" / "teachers" / task / f"{model}.parquet"
+    if not path.exists():
+        tcfg = config["tasks"][task]
+        teach(config["models"][model], results / "data" / task / "search.parquet", tcfg["scorer"],
+              tcfg["target_delimiter"], task_evaluation(config, task), path)
+    return str(path)
+
+
 def search(config: dict, run: str, results: Path, scratch: Path) -> tuple[pd.DataFrame, float]:
     """Run ``run``'s search in-process through the stage functions; its history and wall time."""
     from mergeflow.evolve.stages import EvolveConfig, FitnessJob, ask, fitness, promote, tell
@@ -83,6 +100,8 @@ def search(config: dict, run: str, results: Path, scratch: Path) -> tuple[pd.Dat
     for task, paths in files.items():
         if "anchors" in paths:
             paths["anchors"] = anchors_file(results, task, cfg.fitness, list(config["endpoints"]))
+        if "teacher" in paths:
+            paths["teacher"] = teacher_file(results, task, cfg.fitness["teachers"][task], config)
     previous, start = None, time.perf_counter()
     for g in range(config["runs"][run]["evolve"]["generations"]):
         gen = scratch / f"gen_{g}"
@@ -114,6 +133,7 @@ def main() -> None:
     parser.add_argument("--configfile", type=Path, default=REPO / "config" / "config.yaml")
     parser.add_argument("--run", default="cheap", help="the search run the variants overlay")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--task", help="the task the table scores (default: the run's first objective)")
     args = parser.parse_args()
     import torch
 
@@ -123,6 +143,7 @@ def main() -> None:
     from mergeflow.evolve import history as hist
     from mergeflow.evolve.resident import resident_merger
     from mergeflow.evolve.stages import EvolveConfig
+    from mergeflow.locations import run_merge_dir
     from mergeflow.merge.candidates import candidate_from_yaml
 
     torch.set_num_threads(1)
@@ -130,11 +151,14 @@ def main() -> None:
     os.chdir(args.workdir)  # the config's model and data paths are relative to it
     results = Path("results")
     raw = yaml.safe_load(configfile.read_text())
-    # the variants replace the config's runs: models that are another run's final merge go too
-    raw["models"] = {name: spec for name, spec in raw["models"].items() if "run" not in spec}
+    # the variants replace the config's runs: a model that is another run's final merge is read from
+    # that run's finished merge in the workdir (psdfs's model A), or goes where there is none
+    raw["models"] = {name: {"path": str(run_merge_dir(spec["run"]))} if "run" in spec else spec
+                     for name, spec in raw["models"].items()
+                     if "run" not in spec or (run_merge_dir(spec["run"]) / "config.json").exists()}
     variants = yaml.safe_load(variants_file.read_text())
     base = validate_config(copy.deepcopy(raw))
-    task = next(iter(base["runs"][args.run]["evolve"]["objectives"]))
+    task = args.task or next(iter(base["runs"][args.run]["evolve"]["objectives"]))
     best_name, best, _ = endpoints_best(results, args.run, list(base["endpoints"]), task)
     settings = EvalSettings.from_config(base["evaluation"])
     tcfg = base["tasks"][task]

@@ -12,13 +12,13 @@ import torch
 from mergeflow.config import upgrade_config, validate_config
 from mergeflow.data import split_task, write_splits
 from mergeflow.errors import MergeflowError
-from mergeflow.evaluate import EvalSettings, context_length
+from mergeflow.evaluate import EvalSettings, context_length, teach
 from mergeflow.evolve import history as hist
 from mergeflow.evolve.resident import resident_merger
 from mergeflow.evolve.search import replay
 from mergeflow.evolve.stages import EvolveConfig, restore_optimizer
 from mergeflow.figures import search_progress
-from mergeflow.fitness.gradient import LABEL_FREE, genome_gradient, path_gradient, task_loss
+from mergeflow.fitness.gradient import LABEL_FREE, TEACHER_COLUMN, genome_gradient, path_gradient, task_loss
 from mergeflow.merge.methods import smooth_parameters
 from mergeflow.spaces import build_space
 from stage_runs import run_generations, with_run
@@ -68,6 +68,44 @@ def test_the_genome_gradient_is_the_training_loss_s_derivative(stages, loss):
             return task_loss(merger.merge(space.to_recipe(genome)), tok, fit, settings, max_length, cfg.fitness,
                              backward=False)
         assert_is_the_loss_derivative(gradient["math_l2"], losses["math_l2"], loss_at, x)
+
+
+def taught(config: dict, split: str, out, teacher: str = "lang") -> str:
+    """The teach stage's outputs of ``teacher`` on math_l2's search split ``split``, at ``out``."""
+    tcfg = config["tasks"]["math_l2"]
+    teach(config["models"][teacher], split, tcfg["scorer"], tcfg["target_delimiter"], config["evaluation"], out)
+    return str(out)
+
+
+@pytest.mark.parametrize("scorer", ["mc_loglik", "mc_loglik_norm", "exact_match"])
+def test_the_agreement_gradient_is_the_training_loss_s_derivative(stages, tmp_path, scorer):
+    """``loss: agreement`` (DAM's): the KL from the teacher's softmax over the choices (length-normalised
+    as the scorer says) or the negative log-likelihood of its greedy answer (generation), against
+    central differences; the minibatch carries the teacher's outputs from the teach stage's file."""
+    config = gradient_run(stages[0], loss="agreement", teachers={"math_l2": "lang"})
+    config["tasks"]["math_l2"]["scorer"] = scorer
+    cfg = EvolveConfig.from_config(config, "grad")
+    space, settings = cfg.space(), EvalSettings.from_config(config["evaluation"])
+    files = {**stages[2], "teacher": taught(config, stages[2]["split"], tmp_path / "lang.parquet")}
+    fit = cfg.kind.task_fitness(cfg.fitness_context("math_l2", config["tasks"]["math_l2"], files, generation=1))
+    outputs = fit.items[TEACHER_COLUMN]
+    assert {"answer", "target"}.isdisjoint(fit.items.columns)  # read without its answers
+    if scorer == "exact_match":  # greedy answers, not the gold targets
+        gold = pd.read_parquet(stages[2]["split"]).set_index("item_id")["target"]
+        assert all(isinstance(o, str) for o in outputs) and (outputs.to_numpy() != gold[fit.items["item_id"]]).any()
+    else:
+        assert all(len(o) == len(c) for o, c in zip(outputs, fit.items["choices"]))
+    x = np.array([0.6, 0.2, 0.5, 0.4])
+    with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], "cpu", "float32") as (merger, tok):
+        gradient, losses = genome_gradient(merger, tok, space, x, [fit], settings, cfg.fitness)
+        max_length = context_length(merger.merge(space.to_recipe(x)), settings)
+
+        def loss_at(genome):
+            return task_loss(merger.merge(space.to_recipe(genome)), tok, fit, settings, max_length, cfg.fitness,
+                             backward=False)
+        assert_is_the_loss_derivative(gradient["math_l2"], losses["math_l2"], loss_at, x)
+        if scorer != "exact_match":  # the teacher agrees with itself: KL 0 at its own merge
+            assert loss_at(np.array([0.0, 1 / 1.5, 0.0, 1 / 1.5])) == pytest.approx(0, abs=1e-5)
 
 
 def test_a_bfloat16_merge_gives_about_the_float32_genome_gradient(stages):
@@ -290,7 +328,19 @@ def test_a_hybrid_search_evolves_the_path_and_steps_the_scales(stages, tmp_path)
     ({"fitness": {"kind": "gradient", "batch": 16, "learning_rate": 0}},
      r"evolve\.learning_rate: 0 is less than or equal to the minimum"),
     ({"fitness": {"kind": "gradient", "loss": "hinge"}},
-     r"fitness\.loss: 'hinge' is not one of \['sigmoid', 'cross_entropy', 'entropy'\]"),
+     r"fitness\.loss: 'hinge' is not one of \['sigmoid', 'cross_entropy', 'entropy', 'agreement'\]"),
+    # agreement needs a teacher for each objective, a model of the config; teachers need agreement
+    ({"check_estimate": False, "fitness": {"kind": "gradient", "batch": 16, "loss": "agreement"}},
+     r"grad\.evolve\.fitness\.teachers: loss 'agreement' needs a teacher model for objective 'math_l2'"),
+    ({"check_estimate": False, "fitness": {"kind": "gradient", "batch": 16, "loss": "agreement",
+                                           "teachers": {"math_l2": "maths"}}},
+     r"grad\.evolve\.fitness\.teachers\.math_l2: 'maths' is not a model of the config \(base, math, lang\)"),
+    ({"check_estimate": False, "fitness": {"kind": "gradient", "batch": 16, "loss": "agreement",
+                                           "teachers": {"math_l2": "lang", "read_l2": "lang"}}},
+     r"grad\.evolve\.fitness\.teachers\.read_l2: not one of the run's objectives \(math_l2\)"),
+    ({"fitness": {"kind": "gradient", "batch": 16, "teachers": {"math_l2": "lang"}}},
+     r"grad\.evolve\.fitness\.teachers: only a loss that agrees with teachers \(agreement\) reads them, not loss "
+     r"'sigmoid'"),
     # a label-free search has no accuracy estimate to check against the split's answers
     ({"fitness": {"kind": "gradient", "batch": 16, "loss": "entropy"}},
      r"grad\.evolve\.check_estimate: a search on the label-free loss 'entropy' \(fitness\.loss\)"),
@@ -368,6 +418,37 @@ def test_a_label_free_search_reads_no_answer_and_records_its_negative_entropy(st
     labelled = EvolveConfig.from_config(gradient_run(stages[0]), "grad")
     with pytest.raises(MergeflowError, match=r"lacks columns \['answer', 'target'\]"):
         labelled.kind.task_fitness(labelled.fitness_context("math_l2", config["tasks"]["math_l2"], {"split": str(split)}))
+
+
+def test_an_agreement_search_reads_no_answer_and_records_its_negative_kl(stages, tmp_path):
+    """``loss: agreement`` with the language expert as math_l2's teacher, on prompts without answers:
+    the teach stage reads only the prompts, two Adam steps run, each history fitness is the negative
+    mean KL to the teacher (≤ 0), and no item is answered right or wrong."""
+    fitness = {"kind": "gradient", "batch": 16, "loss": "agreement", "teachers": {"math_l2": "lang"}}
+    config = unlabelled_run(stages[0], tmp_path, fitness)
+    split = tmp_path / "data" / "search.parquet"
+    write_splits(split_task("math_l2", config["tasks"]["math_l2"], config["seed"]),
+                 {"search": split, "test": tmp_path / "data" / "test.parquet"})
+    cfg = EvolveConfig.from_config(config, "grad")
+    assert cfg.kind.needs(cfg.fitness) == ("split", "teacher") and not cfg.kind.reads_answers(cfg.fitness)
+    files = {"split": str(split), "teacher": taught(config, str(split), tmp_path / "teachers" / "lang.parquet")}
+    previous = run_generations(cfg, config, {"math_l2": files}, tmp_path, 2)
+    history = pd.read_parquet(previous)
+    assert (history[hist.fitness_column("math_l2")] < 0).all()
+    assert np.isfinite(np.stack(history["gradient"].to_list())).all()
+    assert len(pd.read_parquet(tmp_path / "gen_0" / "responses_0.parquet")) == 0
+    assert cfg.fitness_label == "negative mean agreement on the minibatch, no labels"
+
+
+def test_teacher_outputs_from_another_split_are_named(stages, tmp_path):
+    config = gradient_run(stages[0], loss="agreement", teachers={"math_l2": "lang"})
+    cfg = EvolveConfig.from_config(config, "grad")
+    other = tmp_path / "other.parquet"
+    pd.read_parquet(stages[2]["split"]).iloc[:5].to_parquet(other)
+    files = {**stages[2], "teacher": taught(config, str(other), tmp_path / "lang.parquet")}
+    with pytest.raises(MergeflowError, match=r"teacher outputs '.*lang\.parquet' lack 35 item\(s\) of the search "
+                                             r"split, e\.g\. 'math_l2-\d+': made from another split"):
+        cfg.kind.task_fitness(cfg.fitness_context("math_l2", config["tasks"]["math_l2"], files))
 
 
 @pytest.mark.parametrize("fitness", [{"kind": "full"}, {"kind": "gradient", "batch": 16, "loss": "sigmoid"}])

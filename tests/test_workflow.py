@@ -407,17 +407,19 @@ def test_unknown_config_key_is_named(tmp_path):
         result.stdout + result.stderr)
 
 
-def test_a_label_free_search_plans_its_prompts_without_answers_as_the_search_split(tmp_path):
+@pytest.mark.parametrize("fitness", [{"loss": "entropy"}, {"loss": "agreement", "teachers": {"math_l2": "lang"}}])
+def test_a_label_free_search_plans_its_prompts_without_answers_as_the_search_split(tmp_path, fitness):
     """A task's search prompts from a file with no answer column (``search_source``), searched by
     the gradient kind's label-free loss: the data job reads that file and no job scores the
-    search split (no responses, IRT or estimate check), only the test split."""
+    search split (no responses, IRT or estimate check), only the test split; under ``agreement``
+    the teach job gives the teacher's outputs on those prompts."""
     pd.DataFrame({"item_id": ["p0", "p1"], "question": ["a", "b"],
                   "choices": [["1", "2"], ["3", "4"]]}).to_parquet(tmp_path / "prompts.parquet")
     config = micro_config()
     config["tasks"]["math_l2"]["search_source"] = {"path": "prompts.parquet"}
     config["runs"] = {"label_free": {"tasks": ["math_l2"], "evolve": {
         "objectives": {"math_l2": 1.0}, "optimizer": "Adam", "population": 1, "generations": 2,
-        "check_estimate": False, "fitness": {"kind": "gradient", "batch": 2, "loss": "entropy"},
+        "check_estimate": False, "fitness": {"kind": "gradient", "batch": 2, **fitness},
         "search_space": {"method": "task_arithmetic", "layer_groups": 2}}}}
     config["tasks"]["math_l2"]["splits"]["search"] = 2
     result = snakemake(tmp_path, config, "-n")
@@ -427,6 +429,8 @@ def test_a_label_free_search_plans_its_prompts_without_answers_as_the_search_spl
     assert "prompts.parquet" in data
     jobs = planned_jobs(result.stdout)
     assert not [j for j in jobs if "split=search" in j or j.split("[")[0] in ("fit_irt", "calibrate")], jobs
+    taught = [j for j in jobs if j.startswith("teach")]
+    assert taught == (["teach[task=math_l2, model=lang]"] if "teachers" in fitness else []), jobs
 
 
 @pytest.mark.slow

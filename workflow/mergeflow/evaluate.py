@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mergeflow.data import extract_number, read_split
+from mergeflow.data import PROMPT_COLUMNS, extract_number, read_split
 from mergeflow.dtypes import torch_dtype
 from mergeflow.errors import MergeflowError
 from mergeflow.locations import model_location
@@ -762,6 +762,32 @@ def answer_and_generate(model, tokenizer, prompts: list[str], targets: list[str]
                                     settings.max_new_tokens, _stop_ids(model, tokenizer), _reaches_stop(tokenizer, stop),
                                     frozenset(len(gold) + i for i, (_, w) in enumerate(starts) if w))
     return loglik[:len(gold)], [_cut(tokenizer.decode(t, skip_special_tokens=True), stop) for t in tokens[len(gold):]]
+
+
+def teacher_outputs(model, tokenizer, items: pd.DataFrame, scorer: str, settings: EvalSettings,
+                    delimiter: str = " ") -> pd.DataFrame:
+    """What a model answers on prompts without gold answers: per ``item_id``, its choices'
+    log-likelihoods (``choice_logliks``, multiple choice) or its greedy ``generation``, the evaluator's
+    own (:func:`evaluate_items`, given a placeholder gold whose scores are dropped)."""
+    how = get_scorer(scorer)
+    placeholder = items.assign(answer=0, target="")
+    responses = evaluate_items(model, tokenizer, placeholder, scorer, settings, delimiter)
+    return responses[["item_id", "choice_logliks" if how.choices else "generation"]]
+
+
+def teach(model_spec: dict, items_path: str | Path, scorer: str, delimiter: str, evaluation: dict,
+          out: str | Path) -> pd.DataFrame:
+    """The teach stage: a model's outputs on a split read without its answers
+    (:func:`teacher_outputs`), the targets a label-free agreement loss pulls a merge towards."""
+    settings = EvalSettings.from_config(evaluation)
+    items = read_split(items_path, PROMPT_COLUMNS)
+    model, tokenizer = load_causal_lm(model_location(model_spec), settings, model_spec.get("trust_remote_code", False))
+    t0 = time.perf_counter()
+    outputs = teacher_outputs(model, tokenizer, items, scorer, settings, delimiter)
+    log.info("%d items in %.1fs", len(items), time.perf_counter() - t0)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    outputs.to_parquet(out, index=False)
+    return outputs
 
 
 def respond(model_spec: dict, items_path: str | Path, scorer: str, delimiter: str, evaluation: dict,

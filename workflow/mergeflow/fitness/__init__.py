@@ -31,6 +31,7 @@ NEED_PATHS = {
     "anchors": lambda task, fit, results: anchors_path(task, FITNESS[fit["kind"]].anchor_set(fit), results),
     "irt": lambda task, fit, results: f"{results}/irt/{task}/items.parquet",
     "calibration": lambda task, fit, results: f"{results}/calibration/{task}.parquet",
+    "teacher": lambda task, fit, results: f"{results}/teachers/{task}/{fit['teachers'][task]}.parquet",
 }
 
 

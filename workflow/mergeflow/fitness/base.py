@@ -111,7 +111,8 @@ class FitnessKind:
       to a path in one place (:data:`mergeflow.fitness.NEED_PATHS`):
       ``split`` (the search split), ``anchors`` (the anchor set ``anchor_set`` names), ``irt``
       (the task's IRT fit, ``items.parquet``), ``calibration`` (the calibration population's
-      responses).
+      responses), ``teacher`` (a teacher model's outputs on the search split, read without its
+      answers: the teach stage's file).
     - ``estimates(fitness_cfg, split_size)``: whether the fitness the search ends on is an
       estimate of the accuracy on a search split of ``split_size`` items (then the final merge
       is checked against that split).

@@ -23,6 +23,14 @@ negative mean entropy with its standard error (no accuracy to estimate: ``check_
 refused), and figures say so (``fitness_label``). On the zoo it steers the merge to confident
 and wrong answers (bench/results/label_free.txt).
 
+``agreement`` (:data:`TAUGHT`, DAM's) needs no answers either, but a teacher per objective
+(``teachers``: task -> model, typically the expert whose own task it is): the merge is pulled
+towards the teacher's outputs on the task's search prompts, which the teach stage scores once
+(:func:`mergeflow.evaluate.teach`): for multiple choice the KL from the teacher's softmax over
+the choices to the merge's, for generation the negative log-likelihood of the teacher's greedy
+answer. The target task need not be read at all: the merge keeps each expert's skill on its own
+ground.
+
 A genome gene is not a model parameter, so the gradient is taken in two parts. One backward
 pass gives the loss's gradient G with respect to the merged weights θ(x). Then, tensor by tensor,
 the merge's masks are held as the candidate's merge made them (AdaMerging++'s move:
@@ -113,11 +121,31 @@ def batch_items(task: str, fitness_cfg: dict, split: pd.DataFrame, generation: i
     return split.iloc[np.sort(order[at * size:(at + 1) * size])].reset_index(drop=True)
 
 
+# The column of a minibatch that holds a teacher's output on each item (``loss: agreement``).
+TEACHER_COLUMN = "teacher"
+
+
+def with_teacher(split: pd.DataFrame, path: str) -> pd.DataFrame:
+    """``split`` with its teacher's output on each item (the teach stage's file: choice
+    log-likelihoods, or a greedy generation) in :data:`TEACHER_COLUMN`."""
+    outputs = pd.read_parquet(path)
+    output = next(c for c in outputs.columns if c != "item_id")
+    by_item = dict(zip(outputs["item_id"], outputs[output]))
+    missing = [item for item in split["item_id"] if item not in by_item]
+    if missing:
+        raise MergeflowError(f"teacher outputs {path!r} lack {len(missing)} item(s) of the search split, e.g. "
+                             f"{missing[0]!r}: made from another split; delete the file to remake it")
+    return split.assign(**{TEACHER_COLUMN: [by_item[item] for item in split["item_id"]]})
+
+
 def task_fitness(ctx: FitnessContext) -> TaskFitness:
     """The step's minibatch; under a label-free loss read without its answers (only
-    :data:`mergeflow.data.PROMPT_COLUMNS`), its fitness the negative mean loss on it."""
+    :data:`mergeflow.data.PROMPT_COLUMNS`, with the teacher's outputs under ``agreement``), its
+    fitness the negative mean loss on it."""
     label_free = ctx.fitness["loss"] in LABEL_FREE
     split = read_split(ctx.files["split"], PROMPT_COLUMNS if label_free else SPLIT_COLUMNS)
+    if ctx.fitness["loss"] in TAUGHT:
+        split = with_teacher(split, ctx.files["teacher"])
     items = batch_items(ctx.task, ctx.fitness, split, ctx.generation)
     fit = TaskFitness.of(ctx, items)
     if label_free:
@@ -144,11 +172,27 @@ def entropy_loss(scores: torch.Tensor, gold: int, temperature: float) -> torch.T
     return -(logp.exp() * logp).sum()
 
 
+def agreement_loss(scores: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher ‖ merge) between the softmaxes over the choices' scores: the teacher's (its
+    scores, a tensor, in place of a gold index) and the merge's (DAM's agreement with an expert;
+    ``temperature`` unused)."""
+    target = torch.log_softmax(teacher.to(scores.dtype), 0)
+    return (target.exp() * (target - torch.log_softmax(scores, 0))).sum()
+
+
 # A multiple-choice item's training loss from its choices' scores (``fitness.loss``).
-LOSSES = {"sigmoid": sigmoid_loss, "cross_entropy": cross_entropy_loss, "entropy": entropy_loss}
+LOSSES = {"sigmoid": sigmoid_loss, "cross_entropy": cross_entropy_loss, "entropy": entropy_loss,
+          "agreement": agreement_loss}
 # The losses that read no gold answer: a search with one is label-free (its fitness is the
 # negative mean loss on the minibatch, and only the split's prompts and choices are read).
-LABEL_FREE = ("entropy",)
+LABEL_FREE = ("entropy", "agreement")
+# The label-free losses that pull each objective's merge towards a teacher model's outputs on its
+# prompts (``fitness.teachers``: objective -> model), read from the teach stage's file: for
+# multiple choice the KL from the teacher's softmax over the choices, for generation the
+# negative log-likelihood of the teacher's greedy answer (sequence-level distillation).
+TAUGHT = ("agreement",)
+# The label-free losses that score multiple choice only.
+CHOICES_ONLY = ("entropy",)
 
 
 def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fitness_cfg: dict,
@@ -163,15 +207,20 @@ def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fit
     items, n = fit.items, len(fit.items)
     # the items as the evaluator presents them (evaluate_items), chat template included
     prompts, delimiter, settings = item_prompts(tokenizer, items, fit.delimiter, settings.for_task(fit.chat))
-    label_free = fitness_cfg["loss"] in LABEL_FREE
+    loss_name = fitness_cfg["loss"]
+    if loss_name in CHOICES_ONLY and not how.choices:
+        raise MergeflowError(f"task {fit.task!r}: loss {loss_name!r} scores multiple choice only, not "
+                             f"scorer {fit.scorer!r}")
     if how.choices:
         options = [[str(c) for c in cs] for cs in items["choices"]]
-        golds = [-1] * n if label_free else [int(a) for a in items["answer"]]
-    elif label_free:
-        raise MergeflowError(f"task {fit.task!r}: loss {fitness_cfg['loss']!r} scores multiple choice only, not "
-                             f"scorer {fit.scorer!r}")
-    else:
-        options = [[str(t)] for t in items["target"]]
+        if loss_name in TAUGHT:  # the teacher's scores of the choices, normalised as the merge's are
+            golds = [torch.tensor(np.asarray(t, dtype=np.float64) /
+                                  (np.array([len(c) for c in o]) if how.length_normalised else 1.0))
+                     for t, o in zip(items[TEACHER_COLUMN], options)]
+        else:
+            golds = [-1] * n if loss_name in LABEL_FREE else [int(a) for a in items["answer"]]
+    else:  # the gold answer's, or the teacher's greedy answer's, negative log-likelihood
+        options = [[str(t)] for t in items[TEACHER_COLUMN if loss_name in TAUGHT else "target"]]
         golds = [0] * n
     total = 0.0
     per_item = max(len(o) for o in options)
@@ -313,8 +362,8 @@ def path_gradient(assembler, tokenizer, space: DfsSpace, genome: np.ndarray, tas
 def check(config: dict, run: str) -> None:
     """One loss; a dfs space with an evolutionary optimizer (the hybrid), or Adam on a parameter
     space (:func:`check_parameter_space`); batches that fit every objective's search split; a
-    label-free loss only on multiple-choice objectives, and with no accuracy to check the search's
-    fitness against."""
+    label-free loss with no accuracy to check the search's fitness against, entropy only on
+    multiple-choice objectives, agreement with a teacher for each (:func:`check_teachers`)."""
     evolve = config["runs"][run]["evolve"]
     where = f"config: runs.{run}.evolve"
     space = evolve["search_space"]
@@ -335,15 +384,38 @@ def check(config: dict, run: str) -> None:
             raise MergeflowError(f"{where}.fitness.batch: {evolve['fitness']['batch']} items, more than task {task!r}'s "
                                  f"search split ({size}, tasks.{task}.splits.search)")
     loss = evolve["fitness"]["loss"]
-    if loss in LABEL_FREE:
-        if evolve["check_estimate"]:
-            raise MergeflowError(f"{where}.check_estimate: a search on the label-free loss {loss!r} (fitness.loss) has "
-                                 "no accuracy estimate to check against the search split's answers; set it false")
+    if loss in LABEL_FREE and evolve["check_estimate"]:
+        raise MergeflowError(f"{where}.check_estimate: a search on the label-free loss {loss!r} (fitness.loss) has "
+                             "no accuracy estimate to check against the search split's answers; set it false")
+    if loss in CHOICES_ONLY:
         for task in evolve["objectives"]:
             scorer = config["tasks"][task]["scorer"]
             if not get_scorer(scorer).choices:
                 raise MergeflowError(f"{where}.fitness.loss: the label-free loss {loss!r} scores multiple choice only, "
                                      f"and objective {task!r} is scored by {scorer!r} (tasks.{task}.scorer)")
+    check_teachers(config, evolve, where)
+
+
+def check_teachers(config: dict, evolve: dict, where: str) -> None:
+    """A taught loss (:data:`TAUGHT`) names a teacher model for each objective, and only then."""
+    loss, teachers = evolve["fitness"]["loss"], evolve["fitness"].get("teachers")
+    if loss not in TAUGHT:
+        if teachers:
+            raise MergeflowError(f"{where}.fitness.teachers: only a loss that agrees with teachers "
+                                 f"({', '.join(TAUGHT)}) reads them, not loss {loss!r}")
+        return
+    for task in evolve["objectives"]:
+        if task not in (teachers or {}):
+            raise MergeflowError(f"{where}.fitness.teachers: loss {loss!r} needs a teacher model for objective "
+                                 f"{task!r}, the model whose outputs on its prompts the merge should agree with "
+                                 f"(e.g. teachers: {{{task}: <an endpoint>}})")
+    for task, model in teachers.items():
+        if task not in evolve["objectives"]:
+            raise MergeflowError(f"{where}.fitness.teachers.{task}: not one of the run's objectives "
+                                 f"({', '.join(evolve['objectives'])})")
+        if model not in config["models"]:
+            raise MergeflowError(f"{where}.fitness.teachers.{task}: {model!r} is not a model of the config "
+                                 f"({', '.join(config['models'])})")
 
 
 def check_parameter_space(evolve: dict, where: str) -> None:
@@ -396,7 +468,7 @@ def extras(fitness_cfg: dict, scored: ScoredCandidate) -> dict[str, dict[str, An
     return {task: {GRADIENT_COLUMN: g.tolist()} for task, g in gradient.items()}
 
 
-KIND = FitnessKind("gradient", needs=lambda fitness_cfg: ("split",),
+KIND = FitnessKind("gradient", needs=lambda fitness_cfg: ("split", "teacher") if fitness_cfg["loss"] in TAUGHT else ("split",),
                    estimates=lambda fitness_cfg, split_size: fitness_cfg["loss"] not in LABEL_FREE,
                    task_fitness=task_fitness, check=check, extra_columns=(GRADIENT_COLUMN,), extras=extras,
                    result="last", seeded_keys=(("seed",),),
