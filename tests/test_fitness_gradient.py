@@ -440,6 +440,28 @@ def test_an_agreement_search_reads_no_answer_and_records_its_negative_kl(stages,
     assert cfg.fitness_label == "negative mean agreement on the minibatch, no labels"
 
 
+def test_a_label_free_step_runs_its_minibatch_once(stages, tmp_path, monkeypatch):
+    """The fitness hook's pass gives the step's fitness and, kept, its gradient: one pass of the
+    loss per step, and the gradient the history records is the one a fresh pass gives."""
+    import mergeflow.fitness.gradient as gradient_kind
+
+    config = unlabelled_run(stages[0], tmp_path, {"kind": "gradient", "batch": 16, "loss": "entropy"})
+    split = tmp_path / "data" / "search.parquet"
+    write_splits(split_task("math_l2", config["tasks"]["math_l2"], config["seed"]),
+                 {"search": split, "test": tmp_path / "data" / "test.parquet"})
+    cfg = EvolveConfig.from_config(config, "grad")
+    passes, task_loss_once = [], gradient_kind.task_loss
+    monkeypatch.setattr(gradient_kind, "task_loss", lambda *a, **k: passes.append(k) or task_loss_once(*a, **k))
+    history = pd.read_parquet(run_generations(cfg, config, {"math_l2": {"split": str(split)}}, tmp_path, 1))
+    assert len(passes) == 1 and passes[0].get("backward", True)
+    fit = cfg.kind.task_fitness(cfg.fitness_context("math_l2", config["tasks"]["math_l2"], {"split": str(split)}))
+    with resident_merger([cfg.base_path, *cfg.endpoint_paths.values()], "cpu", "float32") as (merger, tok):
+        fresh, loss = genome_gradient(merger, tok, cfg.space(), np.asarray(history["genome"][0]), [fit],
+                                      EvalSettings.from_config(config["evaluation"]), cfg.fitness)
+    np.testing.assert_allclose(history["gradient"][0], fresh["math_l2"], rtol=1e-6, atol=1e-9)
+    assert history[hist.fitness_column("math_l2")][0] == pytest.approx(-loss["math_l2"], rel=1e-6)
+
+
 def test_teacher_outputs_from_another_split_are_named(stages, tmp_path):
     config = gradient_run(stages[0], loss="agreement", teachers={"math_l2": "lang"})
     cfg = EvolveConfig.from_config(config, "grad")

@@ -85,10 +85,10 @@ last generation's best).
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -149,7 +149,7 @@ def task_fitness(ctx: FitnessContext) -> TaskFitness:
     items = batch_items(ctx.task, ctx.fitness, split, ctx.generation)
     fit = TaskFitness.of(ctx, items)
     if label_free:
-        fit.score = functools.partial(label_free_fitness, ctx.fitness, fit)
+        fit.score = LabelFreeStep(ctx.fitness, fit)
     return fit
 
 
@@ -245,15 +245,57 @@ def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fit
     return total
 
 
-def label_free_fitness(fitness_cfg: dict, fit: TaskFitness, model, tokenizer, settings) -> tuple[float, float]:
-    """A label-free step's fitness on its minibatch: the negative mean of the items' losses, and
-    its sd."""
-    losses: list[float] = []
-    with torch.no_grad():
-        task_loss(model, tokenizer, fit, settings, context_length(model, settings), fitness_cfg, backward=False,
-                  item_losses=losses)
-    sd = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else 0.0
-    return -float(np.mean(losses)), sd
+def loss_gradient(model, tokenizer, fit: TaskFitness, settings, fitness_cfg: dict,
+                  item_losses: list[float] | None = None) -> tuple[float, dict]:
+    """One forward and backward pass of the task's training loss over its items: the loss, and its
+    gradient in what a step moves. For a layer path (its hops :class:`ScaledHop`) that is each
+    hop's scale (hop index -> float; the weights take no gradient); for a merge, the merged
+    weights (parameter name -> tensor: the gradients themselves, not copies, which the model lets
+    go of). The model is left without gradients."""
+    max_length = context_length(model, settings)
+    hops = [module for module in model.modules() if isinstance(module, ScaledHop)]
+    if hops:
+        leaves = [hop.leaf() for hop in hops]
+        loss = task_loss(model, tokenizer, fit, settings, max_length, fitness_cfg, item_losses=item_losses)
+        return loss, {k: float(leaf.grad) for k, leaf in enumerate(leaves) if leaf.grad is not None}
+    params = dict(model.named_parameters())
+    model.requires_grad_(True)
+    try:
+        model.zero_grad(set_to_none=True)
+        loss = task_loss(model, tokenizer, fit, settings, max_length, fitness_cfg, item_losses=item_losses)
+        return loss, {n: p.grad.detach() for n, p in params.items() if p.grad is not None}
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
+
+
+@dataclass
+class LabelFreeStep:
+    """A label-free step's fitness hook (``TaskFitness.score``), which runs the step's one pass over
+    its minibatch: the items' losses give the fitness (their negative mean, and its sd), and the
+    same backward pass the loss's gradient, kept for the kind's extras hook (:func:`genome_gradient`,
+    :func:`path_gradient`) to :meth:`take`, so the minibatch is not run a second time."""
+
+    fitness_cfg: dict
+    fit: TaskFitness
+    kept: tuple | None = None  # (the model it ran, the loss, its gradient)
+
+    def __call__(self, model, tokenizer, settings) -> tuple[float, float]:
+        losses: list[float] = []
+        loss, gradient = loss_gradient(model, tokenizer, self.fit, settings, self.fitness_cfg, item_losses=losses)
+        self.kept = (model, loss, gradient)
+        sd = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else 0.0
+        return -float(np.mean(losses)), sd
+
+
+def take_pass(fit: TaskFitness, model) -> tuple[float, dict] | None:
+    """The loss and gradient ``fit``'s label-free fitness hook kept from its pass over ``model``
+    (which the fitness job scored just before its extras), handed over once; None where there is none."""
+    step = fit.score
+    if not isinstance(step, LabelFreeStep) or step.kept is None:
+        return None
+    (ran, loss, gradient), step.kept = step.kept, None
+    return (loss, gradient) if ran is model else None
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -272,19 +314,11 @@ def genome_gradient(merger, tokenizer, space, genome: np.ndarray, tasks: list[Ta
     # the fitness job has just merged this candidate to score it: no second merge
     model = merger.model if merger.merged == recipe else merger.merge(recipe)
     params = dict(model.named_parameters())
-    max_length = context_length(model, settings)
     grads: dict[str, dict[str, torch.Tensor]] = {}
     losses: dict[str, float] = {}
-    model.requires_grad_(True)
-    try:
-        for fit in tasks:
-            model.zero_grad(set_to_none=True)
-            losses[fit.task] = task_loss(model, tokenizer, fit, settings, max_length, fitness_cfg)
-            # the gradient tensors themselves, not copies: the next zero_grad lets go of them, not this dict
-            grads[fit.task] = {n: p.grad.detach() for n, p in params.items() if p.grad is not None}
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.requires_grad_(False)
+    for fit in tasks:
+        losses[fit.task], grads[fit.task] = (take_pass(fit, model)
+                                             or loss_gradient(model, tokenizer, fit, settings, fitness_cfg))
     # ∂loss/∂x_j = Σ over tensors and their smooth parameters p (each model's weight, lambda) of
     # <G, ∂θ/∂p> ∂p/∂x_j, the masks held at x (MaskedTerms): one tensor's terms at a time, never a
     # second model. ∂p/∂x_j is what gene j moves p by, read from the plans of the basis genomes
@@ -344,17 +378,14 @@ def path_gradient(assembler, tokenizer, space: DfsSpace, genome: np.ndarray, tas
     take no gradient: the step holds only the activations."""
     sequence, _ = space.decode(genome)
     model = assembler.merge(space.to_recipe(genome))
-    hops = [module for module in model.modules() if isinstance(module, ScaledHop)]
-    max_length = context_length(model, settings)
     out, losses = {}, {}
     for fit in tasks:
-        leaves = [hop.leaf() for hop in hops]
-        losses[fit.task] = task_loss(model, tokenizer, fit, settings, max_length, fitness_cfg)
+        losses[fit.task], scales = take_pass(fit, model) or loss_gradient(model, tokenizer, fit, settings, fitness_cfg)
         gradient = np.zeros(space.dim)
         for k in range(1, len(sequence)):
-            if leaves[k].grad is not None:
+            if k in scales:
                 gradient[space.slots + sequence[k - 1] * space.layers + sequence[k]] += (
-                    float(leaves[k].grad) * (space.scale.high - space.scale.low))
+                    scales[k] * (space.scale.high - space.scale.low))
         out[fit.task] = gradient
     return out, losses
 
@@ -457,6 +488,8 @@ def extras(fitness_cfg: dict, scored: ScoredCandidate) -> dict[str, dict[str, An
     """Per task, the gradient of its training loss with respect to the genome (NaN for a
     candidate with a problem: the optimizer keeps its step and tries the next batch)."""
     if scored.result.problem:
+        for fit in scored.tasks:  # let go of what a label-free hook kept from this candidate's pass
+            take_pass(fit, None)
         return {fit.task: {GRADIENT_COLUMN: [float("nan")] * scored.space.dim} for fit in scored.tasks}
     if isinstance(scored.space, DfsSpace):
         gradient, losses = path_gradient(scored.merger, scored.tokenizer, scored.space, scored.genome, scored.tasks,
