@@ -208,7 +208,9 @@ def print_pooled(zoos: dict[int, dict], references: dict[int, str], peers: dict[
     for search, group in pooled.groupby("search", sort=False):
         print(f"| {search} | " + " / ".join(f"{v:.3f}" for v in group["mean"]) + " | "
               + " / ".join(f"{v:.0%}" for v in group["kept"]) + f" | {group['kept'].min():.0%} | "
-              + " / ".join(f"{d:+.3f} ± {e:.3f}" for d, e in zip(group["lead"], group["lead_se"])) + " | "
+              + " / ".join("reference" if s == references[z] else f"{d:+.3f} ± {e:.3f}"
+                           for s, z, d, e in zip(group["search"], group["zoo"], group["lead"], group["lead_se"]))
+              + " | "
               + " / ".join(f"{w}/{n}" for w, n in zip(group["wins"], group["n"]))
               + f" | {group['items'].mean():,.0f} |")
 

@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--run", default="cheap", help="the search run the variants overlay")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--task", help="the task the table scores (default: the run's first objective)")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these variants of the file")
     args = parser.parse_args()
     import torch
 
@@ -157,6 +158,11 @@ def main() -> None:
                      for name, spec in raw["models"].items()
                      if "run" not in spec or (run_merge_dir(spec["run"]) / "config.json").exists()}
     variants = yaml.safe_load(variants_file.read_text())
+    if args.only:
+        unknown = sorted(set(args.only) - set(variants))
+        if unknown:
+            raise SystemExit(f"--only: {unknown} not in {variants_file}; it has {list(variants)}")
+        variants = {name: variants[name] for name in args.only}
     base = validate_config(copy.deepcopy(raw))
     task = args.task or next(iter(base["runs"][args.run]["evolve"]["objectives"]))
     best_name, best, _ = endpoints_best(results, args.run, list(base["endpoints"]), task)
