@@ -109,11 +109,11 @@ def endpoints_best(results: Path, run: str, endpoints: list[str], task: str) -> 
 
 
 def judge(workdir: Path, configfiles: list[Path], seeds: int, runs: list[str] | None, cores: int,
-          rerun_triggers: list[str] | None) -> dict:
+          rerun_triggers: list[str] | None, task: str | None = None) -> dict:
     """Run seeds 1..S-1 of the config's searches in ``workdir`` (the workflow builds whatever is
-    missing there, the zoo included) and read every seed's test accuracy: a dict with the table
-    (search, seed, test, items, wall_s), the first objective, the best endpoint, its accuracy and
-    standard error, and the workdir's test table."""
+    missing there, the zoo included) and read every seed's test accuracy on ``task`` (default: the
+    first run's first objective): a dict with the table (search, seed, test, items, wall_s), the
+    task, the best endpoint, its accuracy and standard error, and the workdir's test table."""
     from snakemake.utils import update_config
 
     from mergeflow.config import validate_config
@@ -130,7 +130,7 @@ def judge(workdir: Path, configfiles: list[Path], seeds: int, runs: list[str] | 
                     "--configfile", *map(str, configfiles), str(overlay), "--cores", str(cores), "--quiet",
                     "rules", *(["--rerun-triggers", *rerun_triggers] if rerun_triggers else [])], check=True)
     results = workdir / "results"
-    task = next(iter(config["runs"][runs[0]]["evolve"]["objectives"]))
+    task = task or next(iter(config["runs"][runs[0]]["evolve"]["objectives"]))
     best_name, best, stderr = endpoints_best(results, runs[0], list(config["endpoints"]), task)
     table = pd.concat([collect(results, run, [run] + [f"{run}-s{s}" for s in range(1, seeds)], task)
                        for run in runs], ignore_index=True)
@@ -237,11 +237,14 @@ def main() -> None:
     parser.add_argument("--rerun-triggers", nargs="+", default=None,
                         help="passed to Snakemake: e.g. 'mtime' to judge a changed search on results whose other "
                              "runs were made by an older commit (delete that search's results/runs/ first)")
+    parser.add_argument("--task", default=None,
+                        help="the task the tables score (default: the first run's first objective; a label-free "
+                             "agreement run's objectives are the experts' tasks, not the target)")
     args = parser.parse_args()
     configfiles = args.configfile or [REPO / "config" / "config.yaml"]
 
     if args.zoos is None:
-        judged = judge(args.workdir, configfiles, args.seeds, args.runs, args.cores, args.rerun_triggers)
+        judged = judge(args.workdir, configfiles, args.seeds, args.runs, args.cores, args.rerun_triggers, args.task)
         peer = peer_rows(args.peer)
         if peer is None and args.configfile is None:  # the peer's figures were measured on another zoo
             peer = pd.DataFrame({"search": PEER["name"], "test": PEER["test"], "items": PEER["items"],
@@ -255,7 +258,7 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "zoo.yaml").write_text(yaml.safe_dump({"zoo": {"seed": zoo}}))
         zoos[zoo] = judge(workdir, [*configfiles, workdir / "zoo.yaml"], args.seeds, args.runs, args.cores,
-                          args.rerun_triggers)
+                          args.rerun_triggers, args.task)
         summary = workdir / "results" / "bench" / "mergekit_evolve" / "summary.json"
         have = len(json.loads(summary.read_text())["test"]) if summary.exists() else 0
         if args.peer_runs > have:
