@@ -462,6 +462,14 @@ def test_a_label_free_step_runs_its_minibatch_once(stages, tmp_path, monkeypatch
     assert history[hist.fitness_column("math_l2")][0] == pytest.approx(-loss["math_l2"], rel=1e-6)
 
 
+def test_a_scorer_with_no_output_to_teach_is_refused(stages, tmp_path):
+    """lm-eval's loglikelihood tasks neither score choices nor generate: no teacher output."""
+    config = stages[0]
+    with pytest.raises(MergeflowError, match=r"scorer 'lm_eval_loglik' neither scores choices nor generates"):
+        teach(config["models"]["lang"], stages[2]["split"], "lm_eval_loglik", " ", config["evaluation"],
+              tmp_path / "out.parquet")
+
+
 def test_teacher_outputs_from_another_split_are_named(stages, tmp_path):
     config = gradient_run(stages[0], loss="agreement", teachers={"math_l2": "lang"})
     cfg = EvolveConfig.from_config(config, "grad")

@@ -767,11 +767,15 @@ def answer_and_generate(model, tokenizer, prompts: list[str], targets: list[str]
 def teacher_outputs(model, tokenizer, items: pd.DataFrame, scorer: str, settings: EvalSettings,
                     delimiter: str = " ") -> pd.DataFrame:
     """What a model answers on prompts without gold answers: per ``item_id``, its choices'
-    log-likelihoods (``choice_logliks``, multiple choice) or its greedy ``generation``, the evaluator's
-    own (:func:`evaluate_items`, given a placeholder gold whose scores are dropped)."""
+    log-likelihoods (``choice_logliks``, multiple choice) or its greedy ``generation`` (a generating
+    scorer), the evaluator's own (:func:`evaluate_items`, given a placeholder gold whose scores are
+    dropped; a generation is the same whichever scorer judges it, so no judge is run on the placeholder)."""
     how = get_scorer(scorer)
+    if not (how.choices or how.generates):
+        raise MergeflowError(f"scorer {scorer!r} neither scores choices nor generates: a model has no output to teach")
     placeholder = items.assign(answer=0, target="")
-    responses = evaluate_items(model, tokenizer, placeholder, scorer, settings, delimiter)
+    responses = evaluate_items(model, tokenizer, placeholder, scorer if how.choices else "exact_match", settings,
+                               delimiter)
     return responses[["item_id", "choice_logliks" if how.choices else "generation"]]
 
 

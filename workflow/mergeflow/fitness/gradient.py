@@ -447,6 +447,11 @@ def check_teachers(config: dict, evolve: dict, where: str) -> None:
         if model not in config["models"]:
             raise MergeflowError(f"{where}.fitness.teachers.{task}: {model!r} is not a model of the config "
                                  f"({', '.join(config['models'])})")
+        how = get_scorer(config["tasks"][task]["scorer"])
+        if not (how.choices or how.generates):
+            raise MergeflowError(f"{where}.fitness.teachers.{task}: task {task!r} is scored by "
+                                 f"{config['tasks'][task]['scorer']!r}, which gives a teacher no output to agree "
+                                 "with (agreement takes multiple choice or generation)")
 
 
 def check_parameter_space(evolve: dict, where: str) -> None:
