@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mergeflow.data import PROMPT_COLUMNS, extract_number, read_split
+from mergeflow.data import PROMPT_COLUMNS, SPLIT_COLUMNS, extract_number, read_split
 from mergeflow.dtypes import torch_dtype
 from mergeflow.errors import MergeflowError
 from mergeflow.locations import model_location
@@ -783,31 +783,35 @@ def teach(model_spec: dict, items_path: str | Path, scorer: str, delimiter: str,
           out: str | Path) -> pd.DataFrame:
     """The teach stage: a model's outputs on a split read without its answers
     (:func:`teacher_outputs`), the targets a label-free agreement loss pulls a merge towards."""
-    settings = EvalSettings.from_config(evaluation)
-    items = read_split(items_path, PROMPT_COLUMNS)
-    model, tokenizer = load_causal_lm(model_location(model_spec), settings, model_spec.get("trust_remote_code", False))
-    t0 = time.perf_counter()
-    outputs = teacher_outputs(model, tokenizer, items, scorer, settings, delimiter)
-    log.info("%d items in %.1fs", len(items), time.perf_counter() - t0)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    outputs.to_parquet(out, index=False)
-    return outputs
+    return _model_on_split(model_spec, items_path, PROMPT_COLUMNS, evaluation, out,
+                           lambda model, tokenizer, items, settings: teacher_outputs(model, tokenizer, items, scorer,
+                                                                                     settings, delimiter))
 
 
 def respond(model_spec: dict, items_path: str | Path, scorer: str, delimiter: str, evaluation: dict,
             out: str | Path) -> pd.DataFrame:
     """The respond stage: score one model on one split and write its responses parquet."""
+    responses = _model_on_split(model_spec, items_path, SPLIT_COLUMNS, evaluation, out,
+                                lambda model, tokenizer, items, settings: evaluate_items(
+                                    model, tokenizer, items, scorer, settings, delimiter, progress=str(items_path)))
+    log.info("accuracy %.4f", responses["correct"].mean())
+    return responses
+
+
+def _model_on_split(model_spec: dict, items_path: str | Path, columns: tuple[str, ...], evaluation: dict,
+                    out: str | Path, score: Callable) -> pd.DataFrame:
+    """A stage that runs one model over one split's items (read as ``columns``): ``score(model,
+    tokenizer, items, settings)``'s frame, written to ``out``."""
     settings = EvalSettings.from_config(evaluation)
-    items = read_split(items_path)
+    items = read_split(items_path, columns)
     location = model_location(model_spec)
     t0 = time.perf_counter()
     model, tokenizer = load_causal_lm(location, settings, model_spec.get("trust_remote_code", False))
     log.info("loaded %s in %.1fs on %s (%s)", location, time.perf_counter() - t0, settings.device, settings.dtype)
     t0 = time.perf_counter()
-    responses = evaluate_items(model, tokenizer, items, scorer, settings, delimiter, progress=str(items_path))
+    frame = score(model, tokenizer, items, settings)
     elapsed = time.perf_counter() - t0
-    log.info("%d items in %.1fs (%.1f items/s); accuracy %.4f", len(items), elapsed, len(items) / elapsed,
-             responses["correct"].mean())
+    log.info("%d items in %.1fs (%.1f items/s)", len(items), elapsed, len(items) / elapsed)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    responses.to_parquet(out, index=False)
-    return responses
+    frame.to_parquet(out, index=False)
+    return frame

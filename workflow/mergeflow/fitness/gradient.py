@@ -213,10 +213,8 @@ def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fit
                              f"scorer {fit.scorer!r}")
     if how.choices:
         options = [[str(c) for c in cs] for cs in items["choices"]]
-        if loss_name in TAUGHT:  # the teacher's scores of the choices, normalised as the merge's are
-            golds = [torch.tensor(np.asarray(t, dtype=np.float64) /
-                                  (np.array([len(c) for c in o]) if how.length_normalised else 1.0))
-                     for t, o in zip(items[TEACHER_COLUMN], options)]
+        if loss_name in TAUGHT:  # the teacher's scores of the choices (normalised below, as the merge's are)
+            golds = [torch.tensor(np.asarray(t, dtype=np.float64)) for t in items[TEACHER_COLUMN]]
         else:
             golds = [-1] * n if loss_name in LABEL_FREE else [int(a) for a in items["answer"]]
     else:  # the gold answer's, or the teacher's greedy answer's, negative log-likelihood
@@ -233,9 +231,13 @@ def task_loss(model, tokenizer, fit: TaskFitness, settings, max_length: int, fit
         for i in chunk:
             scores = ll[at:at + len(options[i])]
             at += len(options[i])
+            gold = golds[i]
             if how.length_normalised:
-                scores = scores / torch.tensor([len(c) for c in options[i]], dtype=scores.dtype, device=scores.device)
-            losses.append(choice_loss(scores, golds[i], temperature) if how.choices else -scores[0])
+                lengths = torch.tensor([len(c) for c in options[i]], dtype=scores.dtype, device=scores.device)
+                scores = scores / lengths
+                if loss_name in TAUGHT:
+                    gold = gold / lengths.to(gold.dtype)
+            losses.append(choice_loss(scores, gold, temperature) if how.choices else -scores[0])
         loss = torch.stack(losses).sum() / n
         if item_losses is not None:
             item_losses += [float(v) for v in torch.stack(losses).detach()]
@@ -274,7 +276,7 @@ class LabelFreeStep:
     """A label-free step's fitness hook (``TaskFitness.score``), which runs the step's one pass over
     its minibatch: the items' losses give the fitness (their negative mean, and its sd), and the
     same backward pass the loss's gradient, kept for the kind's extras hook (:func:`genome_gradient`,
-    :func:`path_gradient`) to :meth:`take`, so the minibatch is not run a second time."""
+    :func:`path_gradient`) to take (:func:`take_pass`), so the minibatch is not run a second time."""
 
     fitness_cfg: dict
     fit: TaskFitness
@@ -506,7 +508,8 @@ def extras(fitness_cfg: dict, scored: ScoredCandidate) -> dict[str, dict[str, An
     return {task: {GRADIENT_COLUMN: g.tolist()} for task, g in gradient.items()}
 
 
-KIND = FitnessKind("gradient", needs=lambda fitness_cfg: ("split", "teacher") if fitness_cfg["loss"] in TAUGHT else ("split",),
+KIND = FitnessKind("gradient",
+                   needs=lambda fitness_cfg: ("split", "teacher") if fitness_cfg["loss"] in TAUGHT else ("split",),
                    estimates=lambda fitness_cfg, split_size: fitness_cfg["loss"] not in LABEL_FREE,
                    task_fitness=task_fitness, check=check, extra_columns=(GRADIENT_COLUMN,), extras=extras,
                    result="last", seeded_keys=(("seed",),),
